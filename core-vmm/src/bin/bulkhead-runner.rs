@@ -1,0 +1,168 @@
+//! `bulkhead-runner`: runs one VM's vCPUs on KVM (standalone mode; the control domain will
+//! drive the same library over `ipc`).
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use core_vmm::config::DEFAULT_MEMORY;
+use core_vmm::devices::ConsoleOut;
+use core_vmm::memory::{file_from_inherited_fd, GuestRam};
+use core_vmm::vm::{open_kvm, EXIT_BAD_INPUT, EXIT_SETUP_FAILURE};
+use core_vmm::{parse_memory_size, Vm, VmConfig};
+
+/// Runs one VM on KVM: boots a kernel and connects its serial console to stdin/stdout.
+///
+/// Exit status: 0 when the guest resets (i8042, Linux `reboot=k`); V when the guest writes V to
+/// the debug-exit port 0xf4; 2 for bad input (config, kernel, initrd); 80 for a triple fault;
+/// 81 for a KVM internal or emulation error; 82 for a vCPU failure; 83 when KVM refuses a
+/// setup step.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-runner", version)]
+struct Args {
+    /// Kernel: an ELF with a PVH entry note (vmlinux, the test guest) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initrd / initramfs to load.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest RAM: 256M, 1G, or a number of MiB.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u64,
+    /// An inherited, open /dev/kvm descriptor to use instead of opening /dev/kvm.
+    #[arg(long, value_name = "N")]
+    kvm_fd: Option<i32>,
+    /// An inherited guest-RAM memfd (its size is the RAM size; overrides --memory).
+    #[arg(long, value_name = "N")]
+    memfd: Option<i32>,
+    /// Print what was loaded where, and why the VM stopped, on stderr.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+/// An error with the exit status it maps to.
+struct Failure(i32, String);
+
+fn fail<E: std::fmt::Display>(status: i32) -> impl Fn(E) -> Failure {
+    move |e| Failure(status, e.to_string())
+}
+
+fn run(args: Args) -> Result<i32, Failure> {
+    let memfd = args
+        .memfd
+        .map(|fd| file_from_inherited_fd(fd, "--memfd"))
+        .transpose()
+        .map_err(fail(EXIT_BAD_INPUT))?;
+    let memory = match &memfd {
+        Some(f) => f.metadata().map_err(fail(EXIT_BAD_INPUT))?.len(),
+        None => parse_memory_size(&args.memory).map_err(fail(EXIT_BAD_INPUT))?,
+    };
+    let vcpus = u8::try_from(args.vcpus)
+        .map_err(|_| Failure(EXIT_BAD_INPUT, format!("vcpus must be between 1 and {}, got {}", core_vmm::config::MAX_VCPUS, args.vcpus)))?;
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory,
+        vcpus,
+    };
+    config.validate().map_err(fail(EXIT_BAD_INPUT))?;
+
+    let kvm_file = args
+        .kvm_fd
+        .map(|fd| file_from_inherited_fd(fd, "--kvm-fd"))
+        .transpose()
+        .map_err(fail(EXIT_BAD_INPUT))?;
+    let kvm = open_kvm(kvm_file).map_err(|e| Failure(e.exit_status(), e.to_string()))?;
+    let ram = match memfd {
+        Some(f) => GuestRam::from_memfd(f),
+        None => GuestRam::create(config.memory),
+    }
+    .map_err(fail(EXIT_SETUP_FAILURE))?;
+
+    let stdout = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(fail(EXIT_SETUP_FAILURE))?;
+    let vm = Vm::new(kvm, ram, &config, ConsoleOut(stdout)).map_err(|e| Failure(e.exit_status(), e.to_string()))?;
+    if args.verbose {
+        let b = vm.boot_setup();
+        eprintln!(
+            "bulkhead-runner: {} loaded as {:?}, entry {:?}, kernel end {:#x}, initrd {:?}; {} vCPUs, {} MiB",
+            config.kernel.display(),
+            b.format,
+            b.entry,
+            b.kernel_end,
+            b.initrd,
+            config.vcpus,
+            config.memory >> 20
+        );
+    }
+    let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
+    let _raw = stdin.as_ref().and_then(|fd| RawTerminal::enter(fd.as_raw_fd()));
+    let outcome = vm.run(stdin).map_err(|e| Failure(e.exit_status(), e.to_string()))?;
+    drop(_raw);
+    if args.verbose || !outcome.is_guest_exit() {
+        eprintln!("bulkhead-runner: {outcome}");
+    }
+    Ok(outcome.exit_status())
+}
+
+/// Puts a terminal on stdin into raw mode so keys reach the guest; restored on drop.
+struct RawTerminal {
+    fd: i32,
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter(fd: i32) -> Option<Self> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        // SAFETY: `fd` is our stdin duplicate, open for the life of this guard's owner.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if !nix::unistd::isatty(fd).unwrap_or(false) {
+            return None;
+        }
+        let saved = tcgetattr(borrowed).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        // Keep output post-processing so guest "\n" still renders as lines.
+        raw.output_flags = saved.output_flags;
+        tcsetattr(borrowed, SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: see `enter`; the descriptor is still open.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let _ = nix::sys::termios::tcsetattr(borrowed, nix::sys::termios::SetArg::TCSANOW, &self.saved);
+    }
+}
+
+fn main() -> ExitCode {
+    // One line, never a backtrace, if something unexpected panics.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("bulkhead-runner: internal error: {info}");
+    }));
+    // A console reader that goes away must not kill the VM.
+    // SAFETY: setting SIGPIPE to ignore is async-signal-safe and done before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let _ = DEFAULT_MEMORY;
+    let args = Args::parse();
+    let status = match run(args) {
+        Ok(s) => s,
+        Err(Failure(status, msg)) => {
+            eprintln!("bulkhead-runner: error: {msg}");
+            status
+        }
+    };
+    ExitCode::from(u8::try_from(status).unwrap_or(1))
+}

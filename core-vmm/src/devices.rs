@@ -1,0 +1,116 @@
+//! The legacy devices every VM has, on the port-I/O bus: COM1 16550 serial, the i8042 reset
+//! line, and the test-guest debug-exit port.
+
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{I8042Device, Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::layout::ports;
+
+/// An eventfd as a vm-superio interrupt/reset trigger.
+#[derive(Debug)]
+pub struct EventTrigger(pub EventFd);
+
+impl Trigger for EventTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's serial output goes: a file descriptor (the runner's stdout, or a pipe
+/// the control domain holds). Write errors (a reader that went away) drop the output and
+/// never stop the guest.
+#[derive(Debug)]
+pub struct ConsoleOut(pub OwnedFd);
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match nix::unistd::write(self.0.as_fd(), buf) {
+            Ok(n) => Ok(n),
+            Err(_) => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The serial device as the vCPUs and the console input thread share it.
+pub type SharedSerial = Arc<Mutex<Serial<EventTrigger, vm_superio::serial::NoEvents, ConsoleOut>>>;
+
+/// What a port access asked the VM to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PioAction {
+    /// Nothing: keep running.
+    None,
+    /// The guest wrote V to the debug-exit port.
+    DebugExit(u8),
+}
+
+/// The port-I/O bus of one VM.
+pub struct LegacyDevices {
+    /// COM1.
+    pub serial: SharedSerial,
+    i8042: Mutex<I8042Device<EventTrigger>>,
+}
+
+impl LegacyDevices {
+    /// Builds the devices; `serial_irq` is raised for COM1 interrupts, `reset` on i8042 reset.
+    pub fn new(serial_irq: EventFd, reset: EventFd, console: ConsoleOut) -> Self {
+        Self {
+            serial: Arc::new(Mutex::new(Serial::new(EventTrigger(serial_irq), console))),
+            i8042: Mutex::new(I8042Device::new(EventTrigger(reset))),
+        }
+    }
+
+    /// A guest `in` from `port`; unclaimed ports read as all ones.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            p if (ports::COM1..ports::COM1 + 8).contains(&p) => {
+                // `rep insb` arrives as several bytes: one register read each.
+                if let Ok(mut s) = self.serial.lock() {
+                    for b in data.iter_mut() {
+                        *b = s.read((p - ports::COM1) as u8);
+                    }
+                }
+            }
+            ports::I8042_DATA | ports::I8042_COMMAND => {
+                if let (Some(first), Ok(mut k)) = (data.first_mut(), self.i8042.lock()) {
+                    *first = k.read((port - ports::I8042_DATA) as u8);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A guest `out` to `port`.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {
+        let Some(&value) = data.first() else {
+            return PioAction::None;
+        };
+        match port {
+            p if (ports::COM1..ports::COM1 + 8).contains(&p) => {
+                if let Ok(mut s) = self.serial.lock() {
+                    // `rep outsb` arrives as several bytes. A failed interrupt trigger only
+                    // delays output; never fatal.
+                    for b in data {
+                        let _ = s.write((p - ports::COM1) as u8, *b);
+                    }
+                }
+            }
+            ports::I8042_DATA | ports::I8042_COMMAND => {
+                if let Ok(mut k) = self.i8042.lock() {
+                    let _ = k.write((port - ports::I8042_DATA) as u8, value);
+                }
+            }
+            ports::DEBUG_EXIT => return PioAction::DebugExit(value),
+            _ => {}
+        }
+        PioAction::None
+    }
+}

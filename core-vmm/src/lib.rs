@@ -1,0 +1,17 @@
+//! Bulkhead's per-VM runner: one VM's vCPUs on KVM, its boot loaders and its legacy devices.
+//!
+//! The `bulkhead-runner` binary is a thin command line around [`vm::Vm`]; the control domain
+//! will drive the same library through `ipc`. Guest RAM is a memfd ([`memory::GuestRam`]) so
+//! that other processes (control domain, device backends) can map it too.
+
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod vm;
+
+pub use config::{parse_memory_size, VmConfig};
+pub use vm::{Vm, VmError, VmOutcome};

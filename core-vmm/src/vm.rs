@@ -1,0 +1,489 @@
+//! One VM: created from a `/dev/kvm` fd, booted, and run on one thread per vCPU until the
+//! guest resets, exits through the debug port, or fails.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{BootError, BootSetup};
+use crate::config::{ConfigError, VmConfig};
+use crate::cpu::{self, CpuError};
+use crate::devices::{ConsoleOut, LegacyDevices, PioAction};
+use crate::layout::{ports, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::memory::{GuestRam, MemoryError};
+
+/// Exit status: the guest reset or powered off through the i8042 (a normal shutdown).
+pub const EXIT_RESET: i32 = 0;
+/// Exit status: the runner was given something it cannot run (bad config, kernel, ...).
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit status: a vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+pub const EXIT_TRIPLE_FAULT: i32 = 80;
+/// Exit status: KVM could not run or emulate guest code (internal/emulation error).
+pub const EXIT_EMULATION_FAILURE: i32 = 81;
+/// Exit status: a vCPU thread failed (ioctl error, entry failure, unexpected exit).
+pub const EXIT_VCPU_FAILURE: i32 = 82;
+/// Exit status: the runner could not set the VM up (KVM refused a setup step).
+pub const EXIT_SETUP_FAILURE: i32 = 83;
+
+/// How long the vCPU threads get to stop once the VM is over.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest reset the machine through the i8042 (Linux `reboot=k`) or KVM reported a
+    /// guest shutdown/reset system event.
+    Reset,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u8),
+    /// A vCPU triple-faulted.
+    TripleFault {
+        /// vCPU index.
+        vcpu: u8,
+        /// Instruction pointer when it happened.
+        rip: u64,
+    },
+    /// KVM reported an internal error, e.g. an instruction it cannot emulate.
+    EmulationFailure {
+        /// vCPU index.
+        vcpu: u8,
+        /// Instruction pointer.
+        rip: u64,
+        /// KVM's suberror, decoded.
+        reason: String,
+    },
+    /// A vCPU thread could not go on.
+    VcpuFailure {
+        /// vCPU index.
+        vcpu: u8,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl VmOutcome {
+    /// The runner's exit status for this outcome.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            VmOutcome::Reset => EXIT_RESET,
+            VmOutcome::DebugExit(v) => i32::from(*v),
+            VmOutcome::TripleFault { .. } => EXIT_TRIPLE_FAULT,
+            VmOutcome::EmulationFailure { .. } => EXIT_EMULATION_FAILURE,
+            VmOutcome::VcpuFailure { .. } => EXIT_VCPU_FAILURE,
+        }
+    }
+
+    /// True when the guest ended on purpose (reset or debug exit), not by a failure.
+    pub fn is_guest_exit(&self) -> bool {
+        matches!(self, VmOutcome::Reset | VmOutcome::DebugExit(_))
+    }
+}
+
+impl std::fmt::Display for VmOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmOutcome::Reset => write!(f, "guest reset (i8042 reset line or KVM system event)"),
+            VmOutcome::DebugExit(v) => write!(f, "guest wrote {v} to the debug-exit port {:#x}", ports::DEBUG_EXIT),
+            VmOutcome::TripleFault { vcpu, rip } => write!(f, "vCPU {vcpu} triple-faulted at rip {rip:#x}"),
+            VmOutcome::EmulationFailure { vcpu, rip, reason } => {
+                write!(f, "vCPU {vcpu}: KVM internal error at rip {rip:#x}: {reason}")
+            }
+            VmOutcome::VcpuFailure { vcpu, reason } => write!(f, "vCPU {vcpu} failed: {reason}"),
+        }
+    }
+}
+
+/// A VM that could not be created.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Kernel or initrd problem.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Guest RAM problem.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// vCPU setup problem.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// A VM-level KVM ioctl failed.
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The KVM fd is not a usable /dev/kvm.
+    #[error("the KVM fd speaks API version {0}, not 12: is it /dev/kvm?")]
+    KvmApi(i32),
+    /// Threads or eventfds could not be created.
+    #[error("{what}: {source}")]
+    Host {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmError {
+    /// The runner's exit status for this error: bad input is 2, the rest are setup failures.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            VmError::Config(_) | VmError::Boot(_) => EXIT_BAD_INPUT,
+            _ => EXIT_SETUP_FAILURE,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens `/dev/kvm`, or adopts an inherited fd to it.
+pub fn open_kvm(inherited: Option<File>) -> Result<Kvm, VmError> {
+    let kvm = match inherited {
+        Some(file) => {
+            let fd: OwnedFd = file.into();
+            // SAFETY: `fd` is an open descriptor we own (moved in); `Kvm` takes it over and the
+            // API-version check below rejects anything that is not /dev/kvm.
+            unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
+        }
+        None => Kvm::new().map_err(kvm_err("opening /dev/kvm"))?,
+    };
+    let api = kvm.get_api_version();
+    if api != 12 {
+        return Err(VmError::KvmApi(api));
+    }
+    Ok(kvm)
+}
+
+/// A created, booted, not yet running VM.
+pub struct Vm {
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    ram: Arc<GuestRam>,
+    vcpus: Vec<VcpuFd>,
+    boot: BootSetup,
+    devices: Arc<LegacyDevices>,
+    reset_evt: EventFd,
+}
+
+impl Vm {
+    /// Creates the VM on `kvm`, registers `ram`, loads the kernel and prepares every vCPU.
+    /// Guest serial output goes to `console`.
+    pub fn new(kvm: Kvm, ram: GuestRam, config: &VmConfig, console: ConsoleOut) -> Result<Self, VmError> {
+        config.validate()?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        ram.register(&vm_fd)?;
+        let boot = crate::boot::load(ram.mem(), ram.size(), config)?;
+
+        let host_err = |what| move |source| VmError::Host { what, source };
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, ports::COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(host_err("reset eventfd"))?;
+        let devices = Arc::new(LegacyDevices::new(
+            serial_irq,
+            reset_evt.try_clone().map_err(host_err("reset eventfd"))?,
+            console,
+        ));
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            let vcpu = vm_fd.create_vcpu(index.into()).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&cpu::vcpu_cpuid(&supported, index, config.vcpus))
+                .map_err(|source| CpuError::Kvm {
+                    vcpu: index,
+                    what: "KVM_SET_CPUID2",
+                    source,
+                })?;
+            cpu::setup_msrs(&vcpu, index)?;
+            cpu::setup_fpu(&vcpu, index)?;
+            cpu::setup_lapic(&vcpu, index)?;
+            if index == 0 {
+                cpu::setup_boot_registers(&vcpu, boot.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(Self {
+            _kvm: kvm,
+            vm_fd,
+            ram: Arc::new(ram),
+            vcpus,
+            boot,
+            devices,
+            reset_evt,
+        })
+    }
+
+    /// Where and how the kernel was loaded.
+    pub fn boot_setup(&self) -> &BootSetup {
+        &self.boot
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The VM fd (for devices that register ioeventfds/irqfds).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Runs the guest until it stops; serial input is read from `console_in` if given.
+    /// Every vCPU thread has stopped (or been abandoned after a deadline) on return.
+    pub fn run(self, console_in: Option<OwnedFd>) -> Result<VmOutcome, VmError> {
+        install_kick_handler();
+        let exit = Arc::new(ExitLatch::default());
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (index, vcpu) in (0u8..).zip(self.vcpus) {
+            let ctx = VcpuContext {
+                index,
+                vcpu,
+                devices: self.devices.clone(),
+                reset_evt: self
+                    .reset_evt
+                    .try_clone()
+                    .map_err(|source| VmError::Host { what: "reset eventfd", source })?,
+                exit: exit.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || ctx.run())
+                .map_err(|source| VmError::Host {
+                    what: "spawning a vCPU thread",
+                    source,
+                })?;
+            threads.push(handle);
+        }
+        if let Some(input) = console_in {
+            let serial = self.devices.clone();
+            let exit2 = exit.clone();
+            // Detached: it blocks in read(2) and dies with the process.
+            let _ = std::thread::Builder::new()
+                .name("console-in".into())
+                .spawn(move || console_input(input, serial, exit2));
+        }
+
+        let outcome = exit.wait();
+        exit.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + STOP_DEADLINE;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: the pthread is alive (not finished, and its JoinHandle is held so it
+                // is not detached or joined); the signal has a no-op handler installed above.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in threads {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        drop(self.ram);
+        Ok(outcome)
+    }
+}
+
+/// The first reason to stop wins; the main thread waits for it.
+#[derive(Default)]
+struct ExitLatch {
+    outcome: Mutex<Option<VmOutcome>>,
+    cond: Condvar,
+    stop: AtomicBool,
+}
+
+impl ExitLatch {
+    fn report(&self, outcome: VmOutcome) {
+        let mut guard = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(outcome);
+            self.cond.notify_all();
+        }
+    }
+
+    fn wait(&self) -> VmOutcome {
+        let mut guard = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(o) = guard.as_ref() {
+                return o.clone();
+            }
+            guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    // A failure leaves the default action (terminate) for a signal we never send unless
+    // stopping; report it, the stop deadline still bounds the wait.
+    if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+        eprintln!("bulkhead-runner: cannot install the vCPU kick handler: {e}");
+    }
+}
+
+/// What one vCPU exit asks for, decoupled from the borrowed `kvm_run`.
+enum ExitAction {
+    Continue,
+    Stop(VmOutcome),
+    TripleFault,
+    InternalError,
+    Failed(String),
+}
+
+struct VcpuContext {
+    index: u8,
+    vcpu: VcpuFd,
+    devices: Arc<LegacyDevices>,
+    reset_evt: EventFd,
+    exit: Arc<ExitLatch>,
+}
+
+impl VcpuContext {
+    fn run(mut self) {
+        let index = self.index;
+        while !self.exit.stopping() {
+            let action = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => match self.devices.pio_write(port, data) {
+                    PioAction::DebugExit(v) => ExitAction::Stop(VmOutcome::DebugExit(v)),
+                    PioAction::None if port == ports::I8042_COMMAND && self.reset_evt.read().is_ok() => {
+                        ExitAction::Stop(VmOutcome::Reset)
+                    }
+                    PioAction::None => ExitAction::Continue,
+                },
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.devices.pio_read(port, data);
+                    ExitAction::Continue
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    ExitAction::Continue
+                }
+                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                    ExitAction::Continue
+                }
+                Ok(VcpuExit::Hlt) => ExitAction::Continue,
+                Ok(VcpuExit::Shutdown) => ExitAction::TripleFault,
+                Ok(VcpuExit::InternalError) => ExitAction::InternalError,
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                        ExitAction::Stop(VmOutcome::Reset)
+                    }
+                    other => ExitAction::Failed(format!("unexpected system event {other}")),
+                },
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    ExitAction::Failed(format!("KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on host cpu {cpu}"))
+                }
+                Ok(other) => ExitAction::Failed(format!("unexpected exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
+                Err(e) => ExitAction::Failed(format!("KVM_RUN: {e}")),
+            };
+            match action {
+                ExitAction::Continue => {}
+                ExitAction::Stop(o) => return self.exit.report(o),
+                ExitAction::TripleFault => {
+                    let rip = self.rip();
+                    return self.exit.report(VmOutcome::TripleFault { vcpu: index, rip });
+                }
+                ExitAction::InternalError => {
+                    let reason = self.internal_error();
+                    let rip = self.rip();
+                    return self.exit.report(VmOutcome::EmulationFailure { vcpu: index, rip, reason });
+                }
+                ExitAction::Failed(reason) => {
+                    return self.exit.report(VmOutcome::VcpuFailure { vcpu: index, reason });
+                }
+            }
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    fn internal_error(&mut self) -> String {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: called right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, which tells us
+        // the `internal` member of the exit union is the one the kernel filled in.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            1 => "instruction emulation failed",
+            2 => "exception while delivering an exception (simultaneous exceptions)",
+            3 => "error while delivering an event",
+            4 => "unexpected exit reason",
+            _ => "unknown suberror",
+        };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+        format!("{what} (suberror {}, data [{}])", internal.suberror, data.join(", "))
+    }
+}
+
+fn console_input(input: OwnedFd, devices: Arc<LegacyDevices>, exit: Arc<ExitLatch>) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match nix::unistd::read(input.as_raw_fd(), &mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::EAGAIN) => continue,
+            Err(_) => return,
+        };
+        let mut pending = &buf[..n];
+        while !pending.is_empty() {
+            if exit.stopping() {
+                return;
+            }
+            let taken = match devices.serial.lock() {
+                Ok(mut s) => s.enqueue_raw_bytes(pending).unwrap_or(0),
+                Err(_) => return,
+            };
+            pending = &pending[taken..];
+            if !pending.is_empty() {
+                // The guest has not drained its receive FIFO yet.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
