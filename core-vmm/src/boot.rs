@@ -9,7 +9,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -57,7 +59,9 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     /// The kernel's segments do not fit in guest RAM.
-    #[error("kernel {path} needs RAM up to {end:#x}, beyond the {ram_mib} MiB of guest RAM below 3 GiB")]
+    #[error(
+        "kernel {path} needs RAM up to {end:#x}, beyond the {ram_mib} MiB of guest RAM below 3 GiB"
+    )]
     KernelTooLarge {
         /// The path given.
         path: PathBuf,
@@ -143,12 +147,61 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
     Ok(file)
 }
 
-/// Loads kernel, initrd and command line into `mem` and writes every boot structure.
-pub fn load(mem: &GuestMemoryMmap, ram_size: u64, config: &VmConfig) -> Result<BootSetup, BootError> {
-    let path = &config.kernel;
-    let mut kernel = open("kernel", path)?;
+/// An opened kernel or initrd and the name to use for it in messages.
+#[derive(Debug)]
+pub struct ImageFile {
+    /// The open file (read-only is enough).
+    pub file: File,
+    /// Its path or name, for messages.
+    pub name: PathBuf,
+}
+
+impl ImageFile {
+    /// Opens `path`, which must be a regular file.
+    pub fn open(what: &'static str, path: &Path) -> Result<Self, BootError> {
+        Ok(Self {
+            file: open(what, path)?,
+            name: path.to_path_buf(),
+        })
+    }
+}
+
+/// Opens the kernel and initrd named in `config` and loads them (see [`load_images`]).
+pub fn load(
+    mem: &GuestMemoryMmap,
+    ram_size: u64,
+    config: &VmConfig,
+) -> Result<BootSetup, BootError> {
+    let mut kernel = ImageFile::open("kernel", &config.kernel)?;
+    let mut initrd = config
+        .initrd
+        .as_deref()
+        .map(|p| ImageFile::open("initrd", p))
+        .transpose()?;
+    load_images(
+        mem,
+        ram_size,
+        &mut kernel,
+        initrd.as_mut(),
+        &config.cmdline,
+        config.vcpus,
+    )
+}
+
+/// Loads a kernel, optional initrd and command line into `mem` and writes every boot
+/// structure (e820, PVH start info or zero page, MP table for `vcpus`, GDT, page tables).
+pub fn load_images(
+    mem: &GuestMemoryMmap,
+    ram_size: u64,
+    kernel_image: &mut ImageFile,
+    initrd_image: Option<&mut ImageFile>,
+    cmdline_text: &str,
+    vcpus: u8,
+) -> Result<BootSetup, BootError> {
+    let path = &kernel_image.name;
+    let kernel = &mut kernel_image.file;
     let mut header = vec![0u8; 0x400];
-    let n = read_up_to(&mut kernel, &mut header).map_err(|source| BootError::Open {
+    let n = read_up_to(kernel, &mut header).map_err(|source| BootError::Open {
         what: "kernel",
         path: path.clone(),
         source,
@@ -160,8 +213,10 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, config: &VmConfig) -> Result<B
         source,
     };
     let result = match format {
-        KernelFormat::Elf => Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIGH_RAM_START))),
-        KernelFormat::BzImage => BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIGH_RAM_START))),
+        KernelFormat::Elf => Elf::load(mem, None, kernel, Some(GuestAddress(HIGH_RAM_START))),
+        KernelFormat::BzImage => {
+            BzImage::load(mem, None, kernel, Some(GuestAddress(HIGH_RAM_START)))
+        }
     }
     .map_err(load_err)?;
     let low_ram_end = ram_size.min(MMIO_GAP_START);
@@ -178,16 +233,16 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, config: &VmConfig) -> Result<B
         _ => low_ram_end,
     }
     .min(low_ram_end);
-    let initrd = match &config.initrd {
-        Some(p) => Some(load_initrd(mem, p, result.kernel_end, initrd_max)?),
+    let initrd = match initrd_image {
+        Some(img) => Some(load_initrd(mem, img, result.kernel_end, initrd_max)?),
         None => None,
     };
 
-    let mut cmdline = config.cmdline.as_bytes().to_vec();
+    let mut cmdline = cmdline_text.as_bytes().to_vec();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
         .map_err(|e| BootError::Setup(format!("command line: {e}")))?;
-    crate::mptable::write(mem, config.vcpus).map_err(|e| BootError::Setup(e.to_string()))?;
+    crate::mptable::write(mem, vcpus).map_err(|e| BootError::Setup(e.to_string()))?;
 
     let entry = match (format, result.pvh_boot_cap) {
         (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(addr)) => {
@@ -195,13 +250,13 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, config: &VmConfig) -> Result<B
             EntryMode::Pvh { entry: addr.0 }
         }
         (KernelFormat::Elf, _) => {
-            write_zero_page(mem, ram_size, config, None, initrd)?;
+            write_zero_page(mem, ram_size, cmdline_text, None, initrd)?;
             EntryMode::Linux64 {
                 entry: result.kernel_load.0,
             }
         }
         (KernelFormat::BzImage, _) => {
-            write_zero_page(mem, ram_size, config, result.setup_header, initrd)?;
+            write_zero_page(mem, ram_size, cmdline_text, result.setup_header, initrd)?;
             EntryMode::Linux64 {
                 entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
             }
@@ -229,16 +284,21 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Places the initrd page-aligned at the top of low RAM (below `max`), above the kernel.
-fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, max: u64) -> Result<(u64, u64), BootError> {
-    let mut file = open("initrd", path)?;
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    img: &mut ImageFile,
+    kernel_end: u64,
+    max: u64,
+) -> Result<(u64, u64), BootError> {
+    let path = img.name.clone();
     let io_err = |source| BootError::Open {
         what: "initrd",
-        path: path.to_path_buf(),
+        path: path.clone(),
         source,
     };
-    let size = file.metadata().map_err(io_err)?.len();
+    let size = img.file.metadata().map_err(io_err)?.len();
     let too_large = || BootError::InitrdTooLarge {
-        path: path.to_path_buf(),
+        path: path.clone(),
         size,
     };
     let addr = max.checked_sub(size).ok_or_else(too_large)? & !0xfff;
@@ -246,12 +306,17 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, max: u64) ->
         return Err(too_large());
     }
     let len = usize::try_from(size).map_err(|_| too_large())?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+    img.file.seek(SeekFrom::Start(0)).map_err(&io_err)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut img.file, len)
         .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
 }
 
-fn write_pvh_start_info(mem: &GuestMemoryMmap, ram_size: u64, initrd: Option<(u64, u64)>) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    ram_size: u64,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram_size)
         .into_iter()
         .map(|(addr, size, type_)| hvm_memmap_table_entry {
@@ -261,9 +326,15 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, ram_size: u64, initrd: Option<(u6
             reserved: 0,
         })
         .collect();
-    let mut info = hvm_start_info {
+    let info = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        },
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
@@ -271,9 +342,6 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, ram_size: u64, initrd: Option<(u6
     };
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
     if let Some((paddr, size)) = initrd {
-        info.nr_modules = 1;
-        info.modlist_paddr = PVH_MODLIST_START;
-        params = BootParams::new(&info, GuestAddress(PVH_INFO_START));
         let module = hvm_modlist_entry {
             paddr,
             size,
@@ -289,7 +357,7 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, ram_size: u64, initrd: Option<(u6
 fn write_zero_page(
     mem: &GuestMemoryMmap,
     ram_size: u64,
-    config: &VmConfig,
+    cmdline: &str,
     header: Option<linux_loader::loader::bootparam::setup_header>,
     initrd: Option<(u64, u64)>,
 ) -> Result<(), BootError> {
@@ -301,7 +369,7 @@ fn write_zero_page(
     p.hdr.boot_flag = 0xaa55;
     p.hdr.header = 0x5372_6448; // "HdrS"
     p.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    p.hdr.cmdline_size = config.cmdline.len() as u32 + 1;
+    p.hdr.cmdline_size = cmdline.len() as u32 + 1;
     if p.hdr.kernel_alignment == 0 {
         p.hdr.kernel_alignment = 0x0100_0000;
     }
@@ -345,7 +413,10 @@ mod tests {
         let m = e820_map(256 << 20);
         assert_eq!(m[0], (0, EBDA_START, E820_RAM));
         assert_eq!(m[1].2, E820_RESERVED);
-        assert_eq!(m[2], (HIGH_RAM_START, (256 << 20) - HIGH_RAM_START, E820_RAM));
+        assert_eq!(
+            m[2],
+            (HIGH_RAM_START, (256 << 20) - HIGH_RAM_START, E820_RAM)
+        );
         assert_eq!(m.len(), 3);
     }
 

@@ -86,28 +86,33 @@ pub fn host_memory() -> Option<u64> {
 impl VmConfig {
     /// Checks the parts that do not need the files: memory, vCPUs, command line.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.memory < MIN_MEMORY {
-            return Err(ConfigError::MemoryTooSmall { got: self.memory });
-        }
-        if let Some(host) = host_memory() {
-            if self.memory > host {
-                return Err(ConfigError::MemoryTooLarge {
-                    got_mib: self.memory >> 20,
-                    host_mib: host >> 20,
-                });
-            }
-        }
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(ConfigError::BadVcpuCount(self.vcpus.into()));
-        }
-        if self.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
-            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
-        }
-        if self.cmdline.contains('\0') {
-            return Err(ConfigError::CmdlineNul);
-        }
-        Ok(())
+        validate_machine(self.memory, self.vcpus, &self.cmdline)
     }
+}
+
+/// Checks memory size, vCPU count and command line.
+pub fn validate_machine(memory: u64, vcpus: u8, cmdline: &str) -> Result<(), ConfigError> {
+    if memory < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall { got: memory });
+    }
+    if let Some(host) = host_memory() {
+        if memory > host {
+            return Err(ConfigError::MemoryTooLarge {
+                got_mib: memory >> 20,
+                host_mib: host >> 20,
+            });
+        }
+    }
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(ConfigError::BadVcpuCount(vcpus.into()));
+    }
+    if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
+        return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+    }
+    if cmdline.contains('\0') {
+        return Err(ConfigError::CmdlineNul);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -141,8 +146,17 @@ mod tests {
     #[test]
     fn validation() {
         assert!(cfg(256 << 20, 1).validate().is_ok());
-        assert!(matches!(cfg(1024, 1).validate(), Err(ConfigError::MemoryTooSmall { .. })));
-        assert!(matches!(cfg(1 << 50, 1).validate(), Err(ConfigError::MemoryTooLarge { .. })));
-        assert_eq!(cfg(256 << 20, 0).validate(), Err(ConfigError::BadVcpuCount(0)));
+        assert!(matches!(
+            cfg(1024, 1).validate(),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            cfg(1 << 50, 1).validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+        assert_eq!(
+            cfg(256 << 20, 0).validate(),
+            Err(ConfigError::BadVcpuCount(0))
+        );
     }
 }

@@ -6,7 +6,9 @@ use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{GDT_START, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START, ZERO_PAGE_START};
+use crate::layout::{
+    GDT_START, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START, ZERO_PAGE_START,
+};
 
 /// A vCPU register or table write that KVM or guest memory refused.
 #[derive(Debug, Error)]
@@ -81,7 +83,11 @@ fn segment(index: usize) -> kvm_segment {
     let present = ((e >> 47) & 1) as u8;
     kvm_segment {
         base: ((e >> 16) & 0x00ff_ffff) | ((e >> 32) & 0xff00_0000),
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: (index * 8) as u16,
         type_: ((e >> 40) & 0xf) as u8,
         present,
@@ -151,17 +157,17 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> CpuId {
 /// Returns how many of them KVM accepted; some KVMs refuse MSRs they do not model.
 pub fn setup_msrs(vcpu: &VcpuFd, index: u8) -> Result<usize, CpuError> {
     const MSRS: [(u32, u64); 12] = [
-        (0x174, 0),                // IA32_SYSENTER_CS
-        (0x175, 0),                // IA32_SYSENTER_ESP
-        (0x176, 0),                // IA32_SYSENTER_EIP
-        (0xc000_0081, 0),          // STAR
-        (0xc000_0082, 0),          // LSTAR
-        (0xc000_0083, 0),          // CSTAR
-        (0xc000_0084, 0),          // SYSCALL_MASK
-        (0xc000_0102, 0),          // KERNEL_GS_BASE
-        (0x10, 0),                 // IA32_TSC
-        (0x1a0, 1),                // IA32_MISC_ENABLE: fast strings
-        (0x2ff, (1 << 11) | 6),    // MTRR default type: enabled, write-back
+        (0x174, 0),                     // IA32_SYSENTER_CS
+        (0x175, 0),                     // IA32_SYSENTER_ESP
+        (0x176, 0),                     // IA32_SYSENTER_EIP
+        (0xc000_0081, 0),               // STAR
+        (0xc000_0082, 0),               // LSTAR
+        (0xc000_0083, 0),               // CSTAR
+        (0xc000_0084, 0),               // SYSCALL_MASK
+        (0xc000_0102, 0),               // KERNEL_GS_BASE
+        (0x10, 0),                      // IA32_TSC
+        (0x1a0, 1),                     // IA32_MISC_ENABLE: fast strings
+        (0x2ff, (1 << 11) | 6),         // MTRR default type: enabled, write-back
         (0x277, 0x0007_0406_0007_0406), // IA32_PAT power-on value
     ];
     let entries: Vec<kvm_msr_entry> = MSRS
@@ -202,7 +208,11 @@ pub fn setup_fpu(vcpu: &VcpuFd, index: u8) -> Result<(), CpuError> {
 pub fn setup_lapic(vcpu: &VcpuFd, index: u8) -> Result<(), CpuError> {
     const LVT_LINT0: usize = 0x350;
     const LVT_LINT1: usize = 0x360;
-    let kvm_err = |what, source| CpuError::Kvm { vcpu: index, what, source };
+    let kvm_err = |what, source| CpuError::Kvm {
+        vcpu: index,
+        what,
+        source,
+    };
     let mut lapic = vcpu.get_lapic().map_err(|e| kvm_err("KVM_GET_LAPIC", e))?;
     for (offset, mode) in [(LVT_LINT0, 7u32), (LVT_LINT1, 4u32)] {
         let mut raw = [0u8; 4];
@@ -214,7 +224,8 @@ pub fn setup_lapic(vcpu: &VcpuFd, index: u8) -> Result<(), CpuError> {
             lapic.regs[offset + i] = *b as _;
         }
     }
-    vcpu.set_lapic(&lapic).map_err(|e| kvm_err("KVM_SET_LAPIC", e))
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| kvm_err("KVM_SET_LAPIC", e))
 }
 
 /// Writes the GDT, an empty IDT and (for 64-bit entry) the identity page tables.
@@ -235,7 +246,11 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<(), C
 
 /// Sets the boot processor's registers and segments for `mode`.
 pub fn setup_boot_registers(vcpu: &VcpuFd, mode: EntryMode) -> Result<(), CpuError> {
-    let kvm_err = |what, source| CpuError::Kvm { vcpu: 0, what, source };
+    let kvm_err = |what, source| CpuError::Kvm {
+        vcpu: 0,
+        what,
+        source,
+    };
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|e| kvm_err("KVM_GET_SREGS", e))?;
     sregs.gdt.base = GDT_START;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
@@ -277,7 +292,8 @@ pub fn setup_boot_registers(vcpu: &VcpuFd, mode: EntryMode) -> Result<(), CpuErr
             }
         }
     };
-    vcpu.set_sregs(&sregs).map_err(|e| kvm_err("KVM_SET_SREGS", e))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| kvm_err("KVM_SET_SREGS", e))?;
     vcpu.set_regs(&regs).map_err(|e| kvm_err("KVM_SET_REGS", e))
 }
 
@@ -289,7 +305,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode() {
         let cs = segment(GDT_CODE64);
-        assert_eq!((cs.l, cs.db, cs.type_, cs.limit, cs.selector), (1, 0, 0xb, 0xffff_ffff, 8));
+        assert_eq!(
+            (cs.l, cs.db, cs.type_, cs.limit, cs.selector),
+            (1, 0, 0xb, 0xffff_ffff, 8)
+        );
         let cs32 = segment(GDT_CODE32);
         assert_eq!((cs32.l, cs32.db, cs32.present), (0, 1, 1));
         assert_eq!(segment(GDT_TSS).type_, 0xb);
@@ -298,8 +317,15 @@ mod tests {
     #[test]
     fn cpuid_topology() {
         let entries = [
-            kvm_cpuid_entry2 { function: 1, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
         ];
         let supported = CpuId::from_entries(&entries).expect("cpuid");
         let c = vcpu_cpuid(&supported, 3, 4);

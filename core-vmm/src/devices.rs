@@ -3,6 +3,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_superio::{I8042Device, Serial, Trigger};
@@ -21,13 +22,16 @@ impl Trigger for EventTrigger {
     }
 }
 
-/// Where the guest's serial output goes: a file descriptor (the runner's stdout, or a pipe
-/// the control domain holds). Write errors (a reader that went away) drop the output and
-/// never stop the guest.
-#[derive(Debug)]
-pub struct ConsoleOut(pub OwnedFd);
+/// Where the guest's serial output goes (stdout standalone, the control channel under
+/// `bulkheadd`). Writers must not block the vCPU for long and must not fail the guest.
+pub type ConsoleOut = Box<dyn Write + Send>;
 
-impl Write for ConsoleOut {
+/// Serial output to a file descriptor. Write errors (a reader that went away) drop the
+/// output and never stop the guest.
+#[derive(Debug)]
+pub struct FdConsole(pub OwnedFd);
+
+impl Write for FdConsole {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match nix::unistd::write(self.0.as_fd(), buf) {
             Ok(n) => Ok(n),
@@ -56,6 +60,7 @@ pub struct LegacyDevices {
     /// COM1.
     pub serial: SharedSerial,
     i8042: Mutex<I8042Device<EventTrigger>>,
+    shutdown_requested: AtomicBool,
 }
 
 impl LegacyDevices {
@@ -64,6 +69,20 @@ impl LegacyDevices {
         Self {
             serial: Arc::new(Mutex::new(Serial::new(EventTrigger(serial_irq), console))),
             i8042: Mutex::new(I8042Device::new(EventTrigger(reset))),
+            shutdown_requested: AtomicBool::new(false),
+        }
+    }
+
+    /// Raises the shutdown request that guests read from [`ports::SHUTDOWN_REQUEST`].
+    pub fn request_shutdown(&self) {
+        self.shutdown_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Feeds console input to COM1's receive FIFO; returns how many bytes fit.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        match self.serial.lock() {
+            Ok(mut s) => s.enqueue_raw_bytes(bytes).unwrap_or(0),
+            Err(_) => 0,
         }
     }
 
@@ -82,6 +101,12 @@ impl LegacyDevices {
             ports::I8042_DATA | ports::I8042_COMMAND => {
                 if let (Some(first), Ok(mut k)) = (data.first_mut(), self.i8042.lock()) {
                     *first = k.read((port - ports::I8042_DATA) as u8);
+                }
+            }
+            ports::SHUTDOWN_REQUEST => {
+                data.fill(0);
+                if let Some(first) = data.first_mut() {
+                    *first = u8::from(self.shutdown_requested.load(Ordering::SeqCst));
                 }
             }
             _ => {}

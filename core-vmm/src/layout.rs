@@ -62,4 +62,7 @@ pub mod ports {
     pub const I8042_COMMAND: u16 = 0x64;
     /// Test-guest debug-exit port (QEMU's isa-debug-exit convention).
     pub const DEBUG_EXIT: u16 = 0xf4;
+    /// Reads 1 once the control domain asked the guest to shut down (`bulkhead shutdown`),
+    /// 0 before; guests without ACPI poll it. All ones under other VMMs.
+    pub const SHUTDOWN_REQUEST: u16 = 0xf5;
 }

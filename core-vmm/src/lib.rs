@@ -6,11 +6,13 @@
 
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod sandbox;
 pub mod vm;
 
 pub use config::{parse_memory_size, VmConfig};

@@ -93,7 +93,8 @@ impl GuestRam {
         )
         .map_err(MemoryError::Memfd)?;
         let file = File::from(fd);
-        let len = i64::try_from(size).map_err(|_| MemoryError::BadMemfd("size too large".into()))?;
+        let len =
+            i64::try_from(size).map_err(|_| MemoryError::BadMemfd("size too large".into()))?;
         nix::unistd::ftruncate(&file, len).map_err(MemoryError::Memfd)?;
         seal(&file).map_err(MemoryError::Memfd)?;
         Self::from_memfd(file)
@@ -113,19 +114,24 @@ impl GuestRam {
             let clone = memfd
                 .try_clone()
                 .map_err(|e| MemoryError::BadMemfd(e.to_string()))?;
-            let len = usize::try_from(r.size).map_err(|_| MemoryError::Layout("region too large".into()))?;
+            let len = usize::try_from(r.size)
+                .map_err(|_| MemoryError::Layout("region too large".into()))?;
             let mapping = MmapRegion::build(
                 Some(FileOffset::new(clone, r.file_offset)),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_NORESERVE,
             )
-            .map_err(|source| MemoryError::Map { size: r.size, source })?;
+            .map_err(|source| MemoryError::Map {
+                size: r.size,
+                source,
+            })?;
             let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
                 .ok_or_else(|| MemoryError::Layout("region wraps the address space".into()))?;
             regions.push(region);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
         Ok(Self { memfd, size, mem })
     }
 
@@ -176,7 +182,9 @@ impl GuestRam {
 pub fn seal(file: &File) -> nix::Result<()> {
     fcntl(
         file.as_raw_fd(),
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL,
+        ),
     )
     .map(|_| ())
 }
@@ -211,11 +219,19 @@ mod tests {
     #[test]
     fn memfd_is_sealed_and_shared() {
         let ram = GuestRam::create(16 << 20).expect("create");
-        ram.mem().write_obj(0xabcdu32, GuestAddress(0x1000)).expect("write");
+        ram.mem()
+            .write_obj(0xabcdu32, GuestAddress(0x1000))
+            .expect("write");
         // Growing is refused by the seal.
         assert!(nix::unistd::ftruncate(ram.memfd(), 32 << 20).is_err());
         // A second mapping of the same memfd sees the write.
         let again = GuestRam::from_memfd(ram.memfd().try_clone().expect("dup")).expect("map");
-        assert_eq!(again.mem().read_obj::<u32>(GuestAddress(0x1000)).expect("read"), 0xabcd);
+        assert_eq!(
+            again
+                .mem()
+                .read_obj::<u32>(GuestAddress(0x1000))
+                .expect("read"),
+            0xabcd
+        );
     }
 }

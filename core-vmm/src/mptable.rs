@@ -108,13 +108,20 @@ mod tests {
         let len = u16::from_le_bytes([img[20], img[21]]) as usize;
         assert_eq!(&img[16..20], b"PCMP");
         assert_eq!(sum(&img[16..16 + len]), 0);
-        let cpus = img[16 + 44..].chunks(20).take(4).filter(|e| e[0] == 0).count();
+        let cpus = img[16 + 44..]
+            .chunks(20)
+            .take(4)
+            .filter(|e| e[0] == 0)
+            .count();
         assert_eq!(cpus, 4);
         assert_eq!(img[16 + 44 + 3] & 2, 2, "first CPU is the BSP");
     }
 
     #[test]
     fn max_vcpus_fit() {
-        assert!(MPTABLE_START + build(crate::config::MAX_VCPUS, MPTABLE_START).len() as u64 <= HIGH_RAM_START);
+        assert!(
+            MPTABLE_START + build(crate::config::MAX_VCPUS, MPTABLE_START).len() as u64
+                <= HIGH_RAM_START
+        );
     }
 }

@@ -14,7 +14,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::{BootError, BootSetup};
+use crate::boot::{BootError, BootSetup, ImageFile};
 use crate::config::{ConfigError, VmConfig};
 use crate::cpu::{self, CpuError};
 use crate::devices::{ConsoleOut, LegacyDevices, PioAction};
@@ -92,10 +92,19 @@ impl std::fmt::Display for VmOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmOutcome::Reset => write!(f, "guest reset (i8042 reset line or KVM system event)"),
-            VmOutcome::DebugExit(v) => write!(f, "guest wrote {v} to the debug-exit port {:#x}", ports::DEBUG_EXIT),
-            VmOutcome::TripleFault { vcpu, rip } => write!(f, "vCPU {vcpu} triple-faulted at rip {rip:#x}"),
+            VmOutcome::DebugExit(v) => write!(
+                f,
+                "guest wrote {v} to the debug-exit port {:#x}",
+                ports::DEBUG_EXIT
+            ),
+            VmOutcome::TripleFault { vcpu, rip } => {
+                write!(f, "vCPU {vcpu} triple-faulted at rip {rip:#x}")
+            }
             VmOutcome::EmulationFailure { vcpu, rip, reason } => {
-                write!(f, "vCPU {vcpu}: KVM internal error at rip {rip:#x}: {reason}")
+                write!(
+                    f,
+                    "vCPU {vcpu}: KVM internal error at rip {rip:#x}: {reason}"
+                )
             }
             VmOutcome::VcpuFailure { vcpu, reason } => write!(f, "vCPU {vcpu} failed: {reason}"),
         }
@@ -161,7 +170,11 @@ pub fn open_kvm(inherited: Option<File>) -> Result<Kvm, VmError> {
             let fd: OwnedFd = file.into();
             // SAFETY: `fd` is an open descriptor we own (moved in); `Kvm` takes it over and the
             // API-version check below rejects anything that is not /dev/kvm.
-            unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
+            unsafe {
+                <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+                    fd,
+                ))
+            }
         }
         None => Kvm::new().map_err(kvm_err("opening /dev/kvm"))?,
     };
@@ -186,8 +199,42 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM on `kvm`, registers `ram`, loads the kernel and prepares every vCPU.
     /// Guest serial output goes to `console`.
-    pub fn new(kvm: Kvm, ram: GuestRam, config: &VmConfig, console: ConsoleOut) -> Result<Self, VmError> {
+    pub fn new(
+        kvm: Kvm,
+        ram: GuestRam,
+        config: &VmConfig,
+        console: ConsoleOut,
+    ) -> Result<Self, VmError> {
         config.validate()?;
+        let mut kernel = ImageFile::open("kernel", &config.kernel)?;
+        let mut initrd = config
+            .initrd
+            .as_deref()
+            .map(|p| ImageFile::open("initrd", p))
+            .transpose()?;
+        Self::with_images(
+            kvm,
+            ram,
+            config.vcpus,
+            &config.cmdline,
+            &mut kernel,
+            initrd.as_mut(),
+            console,
+        )
+    }
+
+    /// Like [`Vm::new`], with the kernel and initrd already open (handed in as fds by the
+    /// control domain) and RAM already sized.
+    pub fn with_images(
+        kvm: Kvm,
+        ram: GuestRam,
+        vcpus: u8,
+        cmdline: &str,
+        kernel: &mut ImageFile,
+        initrd: Option<&mut ImageFile>,
+        console: ConsoleOut,
+    ) -> Result<Self, VmError> {
+        crate::config::validate_machine(ram.size(), vcpus, cmdline)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -195,14 +242,16 @@ impl Vm {
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         ram.register(&vm_fd)?;
-        let boot = crate::boot::load(ram.mem(), ram.size(), config)?;
+        let boot = crate::boot::load_images(ram.mem(), ram.size(), kernel, initrd, cmdline, vcpus)?;
 
         let host_err = |what| move |source| VmError::Host { what, source };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
@@ -219,10 +268,13 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(config.vcpus.into());
-        for index in 0..config.vcpus {
-            let vcpu = vm_fd.create_vcpu(index.into()).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu.set_cpuid2(&cpu::vcpu_cpuid(&supported, index, config.vcpus))
+        let count = vcpus;
+        let mut vcpus = Vec::with_capacity(count.into());
+        for index in 0..count {
+            let vcpu = vm_fd
+                .create_vcpu(index.into())
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&cpu::vcpu_cpuid(&supported, index, count))
                 .map_err(|source| CpuError::Kvm {
                     vcpu: index,
                     what: "KVM_SET_CPUID2",
@@ -265,6 +317,11 @@ impl Vm {
     /// Runs the guest until it stops; serial input is read from `console_in` if given.
     /// Every vCPU thread has stopped (or been abandoned after a deadline) on return.
     pub fn run(self, console_in: Option<OwnedFd>) -> Result<VmOutcome, VmError> {
+        Ok(self.start(console_in)?.wait())
+    }
+
+    /// Starts one thread per vCPU and returns a handle to pause, resume and wait on them.
+    pub fn start(self, console_in: Option<OwnedFd>) -> Result<RunningVm, VmError> {
         install_kick_handler();
         let exit = Arc::new(ExitLatch::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -273,10 +330,10 @@ impl Vm {
                 index,
                 vcpu,
                 devices: self.devices.clone(),
-                reset_evt: self
-                    .reset_evt
-                    .try_clone()
-                    .map_err(|source| VmError::Host { what: "reset eventfd", source })?,
+                reset_evt: self.reset_evt.try_clone().map_err(|source| VmError::Host {
+                    what: "reset eventfd",
+                    source,
+                })?,
                 exit: exit.clone(),
             };
             let handle = std::thread::Builder::new()
@@ -296,34 +353,117 @@ impl Vm {
                 .name("console-in".into())
                 .spawn(move || console_input(input, serial, exit2));
         }
+        Ok(RunningVm {
+            exit,
+            threads: Mutex::new(threads),
+            devices: self.devices,
+            _vm_fd: self.vm_fd,
+            _ram: self.ram,
+            _kvm: self._kvm,
+        })
+    }
+}
 
-        let outcome = exit.wait();
-        exit.stop.store(true, Ordering::SeqCst);
+/// A VM whose vCPU threads are running.
+pub struct RunningVm {
+    exit: Arc<ExitLatch>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    devices: Arc<LegacyDevices>,
+    _vm_fd: VmFd,
+    _ram: Arc<GuestRam>,
+    _kvm: Kvm,
+}
+
+impl RunningVm {
+    /// The legacy devices (console input, shutdown request).
+    pub fn devices(&self) -> &Arc<LegacyDevices> {
+        &self.devices
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns once all are parked (or the VM ended).
+    pub fn pause(&self) -> Result<(), String> {
+        self.exit.set_paused(true);
         let deadline = Instant::now() + STOP_DEADLINE;
-        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                // SAFETY: the pthread is alive (not finished, and its JoinHandle is held so it
-                // is not detached or joined); the signal has a no-op handler installed above.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        loop {
+            let parked = self.exit.parked.load(Ordering::SeqCst);
+            let live = self.live_threads();
+            if parked >= live || self.exit.outcome().is_some() {
+                return Ok(());
             }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{parked} of {live} vCPUs paused within {STOP_DEADLINE:?}"
+                ));
+            }
+            self.kick();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.exit.set_paused(false);
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.exit.paused()
+    }
+
+    /// The outcome, once the guest has stopped.
+    pub fn outcome(&self) -> Option<VmOutcome> {
+        self.exit.outcome()
+    }
+
+    /// Waits for the guest to stop, stops every vCPU thread and returns why it stopped.
+    pub fn wait(&self) -> VmOutcome {
+        let outcome = self.exit.wait();
+        self.exit.stop.store(true, Ordering::SeqCst);
+        self.exit.set_paused(false);
+        let deadline = Instant::now() + STOP_DEADLINE;
+        while self.live_threads() > 0 && Instant::now() < deadline {
+            self.kick();
             std::thread::sleep(Duration::from_millis(5));
         }
-        for t in threads {
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for t in std::mem::take(&mut *threads) {
             if t.is_finished() {
                 let _ = t.join();
             }
         }
-        drop(self.ram);
-        Ok(outcome)
+        outcome
+    }
+
+    /// Ends the VM from outside: the outcome is `reason` unless the guest already stopped.
+    pub fn stop(&self, reason: VmOutcome) -> VmOutcome {
+        self.exit.report(reason);
+        self.wait()
+    }
+
+    fn live_threads(&self) -> usize {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.iter().filter(|t| !t.is_finished()).count()
+    }
+
+    fn kick(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            // SAFETY: the pthread is alive (not finished, and its JoinHandle is held so it
+            // is not detached or joined); the signal has a no-op handler installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
     }
 }
 
-/// The first reason to stop wins; the main thread waits for it.
+/// The first reason to stop wins; the main thread waits for it. Also the pause gate.
 #[derive(Default)]
 struct ExitLatch {
     outcome: Mutex<Option<VmOutcome>>,
     cond: Condvar,
     stop: AtomicBool,
+    pause: Mutex<bool>,
+    pause_cond: Condvar,
+    parked: std::sync::atomic::AtomicUsize,
 }
 
 impl ExitLatch {
@@ -347,6 +487,39 @@ impl ExitLatch {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    fn outcome(&self) -> Option<VmOutcome> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_paused(&self, paused: bool) {
+        *self.pause.lock().unwrap_or_else(|e| e.into_inner()) = paused;
+        self.pause_cond.notify_all();
+    }
+
+    fn paused(&self) -> bool {
+        *self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks a vCPU thread while the VM is paused.
+    fn park_while_paused(&self) {
+        let mut paused = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+        if !*paused {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while *paused && !self.stopping() {
+            paused = self
+                .pause_cond
+                .wait_timeout(paused, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -385,10 +558,16 @@ impl VcpuContext {
     fn run(mut self) {
         let index = self.index;
         while !self.exit.stopping() {
+            self.exit.park_while_paused();
+            if self.exit.stopping() {
+                break;
+            }
             let action = match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, data)) => match self.devices.pio_write(port, data) {
                     PioAction::DebugExit(v) => ExitAction::Stop(VmOutcome::DebugExit(v)),
-                    PioAction::None if port == ports::I8042_COMMAND && self.reset_evt.read().is_ok() => {
+                    PioAction::None
+                        if port == ports::I8042_COMMAND && self.reset_evt.read().is_ok() =>
+                    {
                         ExitAction::Stop(VmOutcome::Reset)
                     }
                     PioAction::None => ExitAction::Continue,
@@ -408,16 +587,17 @@ impl VcpuContext {
                 Ok(VcpuExit::Shutdown) => ExitAction::TripleFault,
                 Ok(VcpuExit::InternalError) => ExitAction::InternalError,
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                        ExitAction::Stop(VmOutcome::Reset)
-                    }
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
+                    | kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(VmOutcome::Reset),
                     other => ExitAction::Failed(format!("unexpected system event {other}")),
                 },
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    ExitAction::Failed(format!("KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on host cpu {cpu}"))
-                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => ExitAction::Failed(format!(
+                    "KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on host cpu {cpu}"
+                )),
                 Ok(other) => ExitAction::Failed(format!("unexpected exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    ExitAction::Continue
+                }
                 Err(e) => ExitAction::Failed(format!("KVM_RUN: {e}")),
             };
             match action {
@@ -425,15 +605,24 @@ impl VcpuContext {
                 ExitAction::Stop(o) => return self.exit.report(o),
                 ExitAction::TripleFault => {
                     let rip = self.rip();
-                    return self.exit.report(VmOutcome::TripleFault { vcpu: index, rip });
+                    return self
+                        .exit
+                        .report(VmOutcome::TripleFault { vcpu: index, rip });
                 }
                 ExitAction::InternalError => {
                     let reason = self.internal_error();
                     let rip = self.rip();
-                    return self.exit.report(VmOutcome::EmulationFailure { vcpu: index, rip, reason });
+                    return self.exit.report(VmOutcome::EmulationFailure {
+                        vcpu: index,
+                        rip,
+                        reason,
+                    });
                 }
                 ExitAction::Failed(reason) => {
-                    return self.exit.report(VmOutcome::VcpuFailure { vcpu: index, reason });
+                    return self.exit.report(VmOutcome::VcpuFailure {
+                        vcpu: index,
+                        reason,
+                    });
                 }
             }
         }
@@ -456,8 +645,15 @@ impl VcpuContext {
             _ => "unknown suberror",
         };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
-        format!("{what} (suberror {}, data [{}])", internal.suberror, data.join(", "))
+        let data: Vec<String> = internal.data[..n]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        format!(
+            "{what} (suberror {}, data [{}])",
+            internal.suberror,
+            data.join(", ")
+        )
     }
 }
 
@@ -475,10 +671,7 @@ fn console_input(input: OwnedFd, devices: Arc<LegacyDevices>, exit: Arc<ExitLatc
             if exit.stopping() {
                 return;
             }
-            let taken = match devices.serial.lock() {
-                Ok(mut s) => s.enqueue_raw_bytes(pending).unwrap_or(0),
-                Err(_) => return,
-            };
+            let taken = devices.console_input(pending);
             pending = &pending[taken..];
             if !pending.is_empty() {
                 // The guest has not drained its receive FIFO yet.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use core_vmm::config::DEFAULT_MEMORY;
-use core_vmm::devices::ConsoleOut;
+use core_vmm::devices::FdConsole;
 use core_vmm::memory::{file_from_inherited_fd, GuestRam};
 use core_vmm::vm::{open_kvm, EXIT_BAD_INPUT, EXIT_SETUP_FAILURE};
 use core_vmm::{parse_memory_size, Vm, VmConfig};
@@ -64,8 +64,16 @@ fn run(args: Args) -> Result<i32, Failure> {
         Some(f) => f.metadata().map_err(fail(EXIT_BAD_INPUT))?.len(),
         None => parse_memory_size(&args.memory).map_err(fail(EXIT_BAD_INPUT))?,
     };
-    let vcpus = u8::try_from(args.vcpus)
-        .map_err(|_| Failure(EXIT_BAD_INPUT, format!("vcpus must be between 1 and {}, got {}", core_vmm::config::MAX_VCPUS, args.vcpus)))?;
+    let vcpus = u8::try_from(args.vcpus).map_err(|_| {
+        Failure(
+            EXIT_BAD_INPUT,
+            format!(
+                "vcpus must be between 1 and {}, got {}",
+                core_vmm::config::MAX_VCPUS,
+                args.vcpus
+            ),
+        )
+    })?;
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -91,7 +99,8 @@ fn run(args: Args) -> Result<i32, Failure> {
         .as_fd()
         .try_clone_to_owned()
         .map_err(fail(EXIT_SETUP_FAILURE))?;
-    let vm = Vm::new(kvm, ram, &config, ConsoleOut(stdout)).map_err(|e| Failure(e.exit_status(), e.to_string()))?;
+    let vm = Vm::new(kvm, ram, &config, Box::new(FdConsole(stdout)))
+        .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
     if args.verbose {
         let b = vm.boot_setup();
         eprintln!(
@@ -106,8 +115,12 @@ fn run(args: Args) -> Result<i32, Failure> {
         );
     }
     let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
-    let _raw = stdin.as_ref().and_then(|fd| RawTerminal::enter(fd.as_raw_fd()));
-    let outcome = vm.run(stdin).map_err(|e| Failure(e.exit_status(), e.to_string()))?;
+    let _raw = stdin
+        .as_ref()
+        .and_then(|fd| RawTerminal::enter(fd.as_raw_fd()));
+    let outcome = vm
+        .run(stdin)
+        .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
     drop(_raw);
     if args.verbose || !outcome.is_guest_exit() {
         eprintln!("bulkhead-runner: {outcome}");
@@ -143,7 +156,8 @@ impl Drop for RawTerminal {
     fn drop(&mut self) {
         // SAFETY: see `enter`; the descriptor is still open.
         let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
-        let _ = nix::sys::termios::tcsetattr(borrowed, nix::sys::termios::SetArg::TCSANOW, &self.saved);
+        let _ =
+            nix::sys::termios::tcsetattr(borrowed, nix::sys::termios::SetArg::TCSANOW, &self.saved);
     }
 }
 

@@ -1,0 +1,318 @@
+//! The runner under a control domain: serves `RunnerCommand`s on the listening socket that
+//! `bulkheadd` handed in, and reports `RunnerEvent`s (console output, state, how the guest ended).
+//!
+//! The socket is a listener, not a connection, so the runner outlives a `bulkheadd` restart:
+//! the next `bulkheadd` connects again and re-adopts it.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead_ipc::hello::{server_hello, Role};
+use bulkhead_ipc::runner::{BootFds, BootSpec, GuestOutcome, RunnerCommand, RunnerEvent};
+use bulkhead_ipc::{Channel, IpcError, Listener};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::boot::ImageFile;
+use crate::memory::GuestRam;
+use crate::vm::{open_kvm, RunningVm, Vm, VmOutcome};
+
+/// How long a finished runner waits for a control domain to collect the outcome.
+const OUTCOME_GRACE: Duration = Duration::from_secs(60);
+/// Console bytes buffered while the control domain is slow; beyond this output is dropped.
+const CONSOLE_BACKLOG: usize = 256 * 1024;
+
+/// Shared between the command loop, the console pump and the outcome watcher.
+struct RunnerState {
+    /// The control domain currently connected, if any (a sending clone).
+    conn: Mutex<Option<Channel>>,
+    /// The guest, once booted.
+    vm: Mutex<Option<Arc<RunningVm>>>,
+    /// How the guest ended, once it has.
+    outcome: Mutex<Option<VmOutcome>>,
+}
+
+impl RunnerState {
+    fn send(&self, event: &RunnerEvent) {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = conn.as_ref() {
+            // A control domain that went away will reconnect; nothing to do here.
+            let _ = c.send(event, &[]);
+        }
+    }
+
+    fn vm(&self) -> Option<Arc<RunningVm>> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Guest serial output into a bounded queue that the console pump drains.
+struct QueuedConsole(Sender<u8>);
+
+impl Write for QueuedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for b in buf {
+            match self.0.try_send(*b) {
+                Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log(msg: &str) {
+    eprintln!("bulkhead-runner[{}]: {msg}", std::process::id());
+}
+
+/// Serves the control socket `listener` until the guest has ended and its outcome was
+/// delivered. Returns the process exit status.
+pub fn serve(listener: Listener) -> i32 {
+    let state = Arc::new(RunnerState {
+        conn: Mutex::new(None),
+        vm: Mutex::new(None),
+        outcome: Mutex::new(None),
+    });
+    let (tx, rx) = crossbeam_channel::bounded::<u8>(CONSOLE_BACKLOG);
+    let mut console = Some(tx);
+    {
+        let state = state.clone();
+        let _ = std::thread::Builder::new()
+            .name("console-pump".into())
+            .spawn(move || console_pump(rx, state));
+    }
+    loop {
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                log(&format!("accept on the control socket failed: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        match server_hello(&conn, Duration::from_secs(5)) {
+            Ok(Role::Daemon) => {}
+            Ok(other) => {
+                log(&format!("refusing a {other:?} on the control socket"));
+                continue;
+            }
+            Err(e) => {
+                log(&format!("control connection without a valid hello: {e}"));
+                continue;
+            }
+        }
+        match conn.try_clone() {
+            Ok(sender) => *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender),
+            Err(e) => {
+                log(&format!("cannot clone the control connection: {e}"));
+                continue;
+            }
+        }
+        // A runner whose guest ended while nobody listened reports it to the first comer.
+        if let Some(outcome) = state
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            state.send(&RunnerEvent::Exited(guest_outcome(&outcome)));
+            return outcome.exit_status();
+        }
+        serve_connection(&state, &conn, &mut console);
+        *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        log("control domain disconnected; waiting for it to come back");
+    }
+}
+
+fn guest_outcome(o: &VmOutcome) -> GuestOutcome {
+    match o {
+        VmOutcome::Reset => GuestOutcome::Reset,
+        VmOutcome::DebugExit(v) => GuestOutcome::DebugExit(*v),
+        other => GuestOutcome::Failed(other.to_string()),
+    }
+}
+
+fn serve_connection(state: &Arc<RunnerState>, conn: &Channel, console: &mut Option<Sender<u8>>) {
+    loop {
+        let (cmd, fds) = match conn.recv::<RunnerCommand>() {
+            Ok(m) => m,
+            Err(IpcError::Closed) => return,
+            Err(e) => {
+                // A malformed frame from the control domain: close the connection.
+                log(&format!("bad frame on the control channel: {e}"));
+                return;
+            }
+        };
+        let reply = match cmd {
+            RunnerCommand::Boot(spec) => match console.take() {
+                Some(tx) => match boot(state, spec, fds, tx) {
+                    Ok(detail) => RunnerEvent::Started { detail },
+                    Err(message) => {
+                        log(&format!("boot failed: {message}"));
+                        state.send(&RunnerEvent::BootFailed { message });
+                        std::process::exit(2);
+                    }
+                },
+                None => RunnerEvent::Error {
+                    message: "already booted".into(),
+                },
+            },
+            RunnerCommand::Pause => match state.vm() {
+                Some(vm) => match vm.pause() {
+                    Ok(()) => RunnerEvent::Paused,
+                    Err(message) => RunnerEvent::Error { message },
+                },
+                None => not_booted(),
+            },
+            RunnerCommand::Resume => match state.vm() {
+                Some(vm) => {
+                    vm.resume();
+                    RunnerEvent::Resumed
+                }
+                None => not_booted(),
+            },
+            RunnerCommand::RequestShutdown => match state.vm() {
+                Some(vm) => {
+                    vm.devices().request_shutdown();
+                    RunnerEvent::ShutdownRequested
+                }
+                None => not_booted(),
+            },
+            RunnerCommand::Status => {
+                let vm = state.vm();
+                RunnerEvent::State {
+                    booted: vm.is_some(),
+                    paused: vm.map(|v| v.is_paused()).unwrap_or(false),
+                }
+            }
+            RunnerCommand::ConsoleInput(bytes) => {
+                if let Some(vm) = state.vm() {
+                    feed_console(&vm, &bytes);
+                }
+                continue;
+            }
+        };
+        state.send(&reply);
+    }
+}
+
+fn not_booted() -> RunnerEvent {
+    RunnerEvent::Error {
+        message: "the guest has not been booted".into(),
+    }
+}
+
+fn feed_console(vm: &RunningVm, mut bytes: &[u8]) {
+    for _ in 0..1000 {
+        if bytes.is_empty() {
+            return;
+        }
+        let n = vm.devices().console_input(bytes);
+        bytes = &bytes[n..];
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn boot(
+    state: &Arc<RunnerState>,
+    spec: BootSpec,
+    fds: Vec<OwnedFd>,
+    console: Sender<u8>,
+) -> Result<String, String> {
+    let want = if spec.has_initrd {
+        BootFds::INITRD + 1
+    } else {
+        BootFds::KERNEL + 1
+    };
+    if fds.len() != want {
+        return Err(format!(
+            "Boot carried {} descriptors, expected {want}",
+            fds.len()
+        ));
+    }
+    let mut fds = fds.into_iter().map(Some).collect::<Vec<_>>();
+    let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).map(File::from);
+    let kvm = open_kvm(take(BootFds::KVM)).map_err(|e| e.to_string())?;
+    let memfd = take(BootFds::MEMFD).ok_or("missing memfd")?;
+    let ram = GuestRam::from_memfd(memfd).map_err(|e| e.to_string())?;
+    let mut kernel = ImageFile {
+        file: take(BootFds::KERNEL).ok_or("missing kernel fd")?,
+        name: spec.kernel_name.clone().into(),
+    };
+    let mut initrd = if spec.has_initrd {
+        Some(ImageFile {
+            file: take(BootFds::INITRD).ok_or("missing initrd fd")?,
+            name: "initrd".into(),
+        })
+    } else {
+        None
+    };
+    let vm = Vm::with_images(
+        kvm,
+        ram,
+        spec.vcpus,
+        &spec.cmdline,
+        &mut kernel,
+        initrd.as_mut(),
+        Box::new(QueuedConsole(console)),
+    )
+    .map_err(|e| e.to_string())?;
+    let setup = *vm.boot_setup();
+    drop(kernel);
+    drop(initrd);
+    let running = Arc::new(vm.start(None).map_err(|e| e.to_string())?);
+    *state.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
+    let state2 = state.clone();
+    std::thread::Builder::new()
+        .name("outcome".into())
+        .spawn(move || watch_outcome(state2, running))
+        .map_err(|e| format!("cannot start the outcome watcher: {e}"))?;
+    Ok(format!(
+        "{} loaded as {:?}, entry {:?}; {} vCPUs",
+        spec.kernel_name, setup.format, setup.entry, spec.vcpus
+    ))
+}
+
+fn watch_outcome(state: Arc<RunnerState>, vm: Arc<RunningVm>) {
+    let outcome = vm.wait();
+    log(&format!("guest stopped: {outcome}"));
+    // Let the console pump flush the last output first.
+    std::thread::sleep(Duration::from_millis(50));
+    *state.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome.clone());
+    let connected = state
+        .conn
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some();
+    if connected {
+        state.send(&RunnerEvent::Exited(guest_outcome(&outcome)));
+        std::process::exit(outcome.exit_status());
+    }
+    // Nobody is listening (bulkheadd restarting): the accept loop hands the outcome to the
+    // next control domain that connects; give up after a grace period.
+    std::thread::sleep(OUTCOME_GRACE);
+    std::process::exit(outcome.exit_status());
+}
+
+fn console_pump(rx: Receiver<u8>, state: Arc<RunnerState>) {
+    let mut buf = Vec::with_capacity(4096);
+    while let Ok(first) = rx.recv() {
+        buf.clear();
+        buf.push(first);
+        // Coalesce whatever arrived meanwhile, briefly waiting for the rest of a line.
+        let deadline = std::time::Instant::now() + Duration::from_millis(2);
+        while buf.len() < 4096 {
+            match rx.recv_deadline(deadline) {
+                Ok(b) => buf.push(b),
+                Err(_) => break,
+            }
+        }
+        state.send(&RunnerEvent::Console(buf.clone()));
+    }
+}

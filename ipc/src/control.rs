@@ -1,0 +1,194 @@
+//! CLI ↔ `bulkheadd`: every request the control domain serves, and its replies.
+
+use serde::{Deserialize, Serialize};
+
+/// A request from the `bulkhead` CLI (or any client) to `bulkheadd`. One per frame; the
+/// daemon answers each with one [`Reply`] (a console session streams several).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Create and start a VM from a TOML config (text); relative paths in it are resolved
+    /// against `config_dir`, the directory the config file was read from.
+    Create {
+        /// The VM config, TOML.
+        config_toml: String,
+        /// Directory of the config file, for relative paths.
+        config_dir: String,
+    },
+    /// List the VMs the caller may see.
+    List,
+    /// Details of one VM.
+    Info {
+        /// VM name.
+        name: String,
+    },
+    /// Attach to a VM's serial console: the reply is [`Reply::ConsoleAttached`] with the
+    /// buffered history, then [`Reply::ConsoleOutput`] frames as output arrives, until the
+    /// client sends [`Request::ConsoleDetach`] or the VM stops ([`Reply::ConsoleClosed`]).
+    Console {
+        /// VM name.
+        name: String,
+    },
+    /// Keystrokes for an attached console.
+    ConsoleInput {
+        /// Bytes to feed the guest's UART.
+        data: Vec<u8>,
+    },
+    /// Leave an attached console.
+    ConsoleDetach,
+    /// Stop running a VM's vCPUs.
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Resume a paused VM.
+    Unpause {
+        /// VM name.
+        name: String,
+    },
+    /// Ask the guest to shut down; wait up to `timeout_secs` for it.
+    Shutdown {
+        /// VM name.
+        name: String,
+        /// How long to wait before reporting that the guest did not comply.
+        timeout_secs: u32,
+    },
+    /// Kill a VM now and remove it.
+    Destroy {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// Why a request failed, for scripts; the message says it for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame was not a valid request.
+    Protocol,
+    /// The VM config is invalid.
+    BadConfig,
+    /// No such VM (or not visible to the caller).
+    NotFound,
+    /// Policy refused it.
+    Denied,
+    /// A VM with that name exists.
+    Exists,
+    /// The VM is not in a state that allows it.
+    WrongState,
+    /// Waited and the guest did not comply.
+    Timeout,
+    /// The daemon failed.
+    Internal,
+}
+
+/// Lifecycle state of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Runner spawned, guest not yet started.
+    Starting,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// The VM ended.
+    Stopped(StopReason),
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// The guest shut down or reset (i8042, KVM system event).
+    GuestShutdown,
+    /// The guest wrote a status to the debug-exit port.
+    GuestExit(u8),
+    /// The guest or its runner failed (triple fault, emulation failure, runner died).
+    Crashed(String),
+    /// An administrator destroyed it.
+    Destroyed,
+}
+
+/// One line of `bulkhead list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// VM name.
+    pub name: String,
+    /// Numeric id (unique per daemon state dir).
+    pub id: u32,
+    /// State.
+    pub state: VmState,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Owner uid.
+    pub owner: u32,
+    /// Runner pid, while it runs.
+    pub runner_pid: Option<i32>,
+    /// Seconds since creation.
+    pub uptime_secs: u64,
+}
+
+/// `bulkhead info`: the summary plus how the VM was configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The summary.
+    pub summary: VmSummary,
+    /// Kernel path.
+    pub kernel: String,
+    /// Initrd path.
+    pub initrd: Option<String>,
+    /// Command line.
+    pub cmdline: String,
+    /// Runner uid/gid.
+    pub runner_uid: Option<u32>,
+    /// Disks, as configured.
+    pub disks: Vec<String>,
+    /// NICs, as configured.
+    pub nics: Vec<String>,
+}
+
+/// `bulkheadd`'s answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done; the message says what happened.
+    Done {
+        /// What happened.
+        message: String,
+    },
+    /// A VM was created and started.
+    Created {
+        /// Its summary.
+        vm: VmSummary,
+    },
+    /// `list`.
+    List {
+        /// The VMs.
+        vms: Vec<VmSummary>,
+    },
+    /// `info`.
+    Info {
+        /// The VM.
+        vm: VmInfo,
+    },
+    /// Console attached; `history` is the buffered output so far (up to 64 KiB).
+    ConsoleAttached {
+        /// Recent output.
+        history: Vec<u8>,
+    },
+    /// More console output.
+    ConsoleOutput {
+        /// Bytes from the guest's UART.
+        data: Vec<u8>,
+    },
+    /// The console session ended.
+    ConsoleClosed {
+        /// Why.
+        reason: String,
+    },
+    /// The request failed.
+    Error {
+        /// Class of failure.
+        code: ErrorCode,
+        /// One line for people: what was wrong and what to do.
+        message: String,
+    },
+}

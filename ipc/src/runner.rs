@@ -1,0 +1,98 @@
+//! `bulkheadd` ↔ `bulkhead-runner`: the commands a control domain gives a runner, and the
+//! events a runner reports.
+
+use serde::{Deserialize, Serialize};
+
+/// What the runner should boot. Files arrive as descriptors alongside the frame, in the
+/// order given by [`BootFds`]; the runner has no filesystem of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Whether an initrd fd is included.
+    pub has_initrd: bool,
+    /// Kernel name, for messages only.
+    pub kernel_name: String,
+}
+
+/// Order of the descriptors that travel with [`RunnerCommand::Boot`].
+pub struct BootFds;
+
+impl BootFds {
+    /// The `/dev/kvm` fd.
+    pub const KVM: usize = 0;
+    /// The guest-RAM memfd (sealed; its size is the RAM size).
+    pub const MEMFD: usize = 1;
+    /// The kernel image, opened read-only.
+    pub const KERNEL: usize = 2;
+    /// The initrd, opened read-only, if `has_initrd`.
+    pub const INITRD: usize = 3;
+}
+
+/// A command from `bulkheadd` to a runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunnerCommand {
+    /// Create the VM and start it (once, first).
+    Boot(BootSpec),
+    /// Stop the vCPUs.
+    Pause,
+    /// Restart the vCPUs.
+    Resume,
+    /// Ask the guest to shut down: the runner raises the shutdown-request port (0xf5) that
+    /// guests without ACPI poll. The guest decides; the control domain enforces a timeout.
+    RequestShutdown,
+    /// Report state (used when a restarted `bulkheadd` re-adopts a runner).
+    Status,
+    /// Bytes typed on the console, for the guest's UART.
+    ConsoleInput(Vec<u8>),
+}
+
+/// How a guest run ended, as the runner saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestOutcome {
+    /// i8042 reset or KVM shutdown/reset event.
+    Reset,
+    /// Debug-exit port write.
+    DebugExit(u8),
+    /// Triple fault, emulation failure, or vCPU failure, described.
+    Failed(String),
+}
+
+/// An event or answer from a runner to `bulkheadd`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunnerEvent {
+    /// The VM is built and its vCPUs are running.
+    Started {
+        /// How the kernel was entered, for logs.
+        detail: String,
+    },
+    /// Boot failed before the guest ran.
+    BootFailed {
+        /// Why.
+        message: String,
+    },
+    /// vCPUs paused.
+    Paused,
+    /// vCPUs running again.
+    Resumed,
+    /// Current state (answer to `Status`).
+    State {
+        /// Whether the guest has been booted.
+        booted: bool,
+        /// Whether vCPUs are paused.
+        paused: bool,
+    },
+    /// Guest serial output.
+    Console(Vec<u8>),
+    /// The shutdown request was raised.
+    ShutdownRequested,
+    /// The guest ended; the runner exits after sending this.
+    Exited(GuestOutcome),
+    /// A command could not be carried out.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
