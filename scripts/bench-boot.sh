@@ -14,12 +14,14 @@ qemu=(qemu-system-x86_64 -M microvm -enable-kvm -cpu host,-arch-capabilities -m 
       -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel "$guest" -append "exit=0")
 
 # Prints "<seconds> <peak RSS KiB>" for one run of the command given.
+rssfile=$(mktemp)
+trap 'rm -f "$rssfile"' EXIT
 measure() {
-  local t0 t1 rss
+  local t0 t1
   t0=$(date +%s.%N)
-  rss=$( { /usr/bin/env time -f '%M' "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -n1 ) || true
+  /usr/bin/time -f '%M' -o "$rssfile" "$@" >/dev/null 2>&1 || true
   t1=$(date +%s.%N)
-  echo "$(echo "$t1 - $t0" | bc -l) $rss"
+  echo "$(echo "$t1 - $t0" | bc -l) $(tail -n1 "$rssfile")"
 }
 if ! [ -x /usr/bin/time ]; then
   echo "bench-boot: installing GNU time for peak-RSS figures" >&2

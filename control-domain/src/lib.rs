@@ -1,4 +1,5 @@
-//! The control domain: `bulkheadd` (owns `/dev/kvm`, policy and the state dir) and the `bulkhead` CLI.
-//!
-//! Empty until the control-domain issue lands; the runner already takes an inherited
-//! `/dev/kvm` fd (`--kvm-fd`) so this crate can hand it one.
+//! The control domain: `bulkheadd` (owns `/dev/kvm`, policy and the state dir, spawns and
+//! supervises sandboxed runners) and the `bulkhead` CLI (a thin client of `bulkheadd`).
+
+pub mod cli;
+pub mod daemon;

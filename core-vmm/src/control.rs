@@ -71,7 +71,7 @@ fn log(msg: &str) {
 
 /// Serves the control socket `listener` until the guest has ended and its outcome was
 /// delivered. Returns the process exit status.
-pub fn serve(listener: Listener) -> i32 {
+pub fn serve(listener: Listener, selftest: bool) -> i32 {
     let state = Arc::new(RunnerState {
         conn: Mutex::new(None),
         vm: Mutex::new(None),
@@ -122,7 +122,7 @@ pub fn serve(listener: Listener) -> i32 {
             state.send(&RunnerEvent::Exited(guest_outcome(&outcome)));
             return outcome.exit_status();
         }
-        serve_connection(&state, &conn, &mut console);
+        serve_connection(&state, &conn, &mut console, selftest);
         *state.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
         log("control domain disconnected; waiting for it to come back");
     }
@@ -136,7 +136,7 @@ fn guest_outcome(o: &VmOutcome) -> GuestOutcome {
     }
 }
 
-fn serve_connection(state: &Arc<RunnerState>, conn: &Channel, console: &mut Option<Sender<u8>>) {
+fn serve_connection(state: &Arc<RunnerState>, conn: &Channel, console: &mut Option<Sender<u8>>, selftest: bool) {
     loop {
         let (cmd, fds) = match conn.recv::<RunnerCommand>() {
             Ok(m) => m,
@@ -149,7 +149,7 @@ fn serve_connection(state: &Arc<RunnerState>, conn: &Channel, console: &mut Opti
         };
         let reply = match cmd {
             RunnerCommand::Boot(spec) => match console.take() {
-                Some(tx) => match boot(state, spec, fds, tx) {
+                Some(tx) => match boot(state, spec, fds, tx, selftest) {
                     Ok(detail) => RunnerEvent::Started { detail },
                     Err(message) => {
                         log(&format!("boot failed: {message}"));
@@ -224,7 +224,15 @@ fn boot(
     spec: BootSpec,
     fds: Vec<OwnedFd>,
     console: Sender<u8>,
+    selftest: bool,
 ) -> Result<String, String> {
+    if selftest {
+        // By now bulkheadd has sealed our root; this is the sandbox as the guest will see it.
+        for p in crate::sandbox::self_test() {
+            let verdict = if p.denied { "denied" } else { "ALLOWED" };
+            log(&format!("sandbox-selftest: {}: {verdict} ({})", p.what, p.detail));
+        }
+    }
     let want = if spec.has_initrd {
         BootFds::INITRD + 1
     } else {

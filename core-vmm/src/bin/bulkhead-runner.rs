@@ -22,8 +22,8 @@ use core_vmm::{parse_memory_size, Vm, VmConfig};
 #[command(name = "bulkhead-runner", version)]
 struct Args {
     /// Kernel: an ELF with a PVH entry note (vmlinux, the test guest) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "control_fd")]
+    kernel: Option<PathBuf>,
     /// Initrd / initramfs to load.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -45,6 +45,13 @@ struct Args {
     /// Print what was loaded where, and why the VM stopped, on stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// Run under bulkheadd: serve the listening control socket inherited as fd N (the
+    /// kernel, RAM and /dev/kvm then arrive over it). Installs the seccomp allowlist first.
+    #[arg(long, value_name = "N", conflicts_with_all = ["kernel", "initrd", "memfd", "kvm_fd"])]
+    control_fd: Option<i32>,
+    /// With --control-fd: try what the sandbox must forbid at boot and log the results.
+    #[arg(long, hide = true, requires = "control_fd")]
+    sandbox_selftest: bool,
 }
 
 /// An error with the exit status it maps to.
@@ -54,7 +61,20 @@ fn fail<E: std::fmt::Display>(status: i32) -> impl Fn(E) -> Failure {
     move |e| Failure(status, e.to_string())
 }
 
+fn run_controlled(fd: i32, selftest: bool) -> Result<i32, Failure> {
+    let listener = file_from_inherited_fd(fd, "--control-fd").map_err(fail(EXIT_BAD_INPUT))?;
+    core_vmm::sandbox::install_seccomp().map_err(fail(EXIT_SETUP_FAILURE))?;
+    let listener = bulkhead_ipc::Listener::from_fd(std::os::fd::OwnedFd::from(listener));
+    Ok(core_vmm::control::serve(listener, selftest))
+}
+
 fn run(args: Args) -> Result<i32, Failure> {
+    if let Some(fd) = args.control_fd {
+        return run_controlled(fd, args.sandbox_selftest);
+    }
+    let kernel = args
+        .kernel
+        .ok_or_else(|| Failure(EXIT_BAD_INPUT, "--kernel is required".into()))?;
     let memfd = args
         .memfd
         .map(|fd| file_from_inherited_fd(fd, "--memfd"))
@@ -75,7 +95,7 @@ fn run(args: Args) -> Result<i32, Failure> {
         )
     })?;
     let config = VmConfig {
-        kernel: args.kernel,
+        kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
         memory,

@@ -1,0 +1,70 @@
+//! `bulkheadd`: Bulkhead's control domain daemon (run as root).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use control_domain::daemon::{Daemon, DaemonConfig};
+
+/// Bulkhead's control domain: owns /dev/kvm, the policy and the state dir, runs each VM's
+/// vCPUs in a sandboxed bulkhead-runner, and serves the `bulkhead` CLI. Stopping it
+/// (SIGTERM) leaves VMs running; starting it again re-adopts them.
+#[derive(Parser, Debug)]
+#[command(name = "bulkheadd", version)]
+struct Args {
+    /// Socket the CLI connects to.
+    #[arg(long, value_name = "PATH", default_value = "/run/bulkhead/bulkhead.sock")]
+    socket: PathBuf,
+    /// Where VM records, runner sockets and logs live.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/bulkhead")]
+    state_dir: PathBuf,
+    /// Policy file; when absent, only root may act.
+    #[arg(long, value_name = "PATH", default_value = "/etc/bulkhead/policy.toml")]
+    policy: PathBuf,
+    /// The runner binary (default: bulkhead-runner next to bulkheadd).
+    #[arg(long, value_name = "PATH")]
+    runner: Option<PathBuf>,
+    /// Have runners run their sandbox self-test at boot and log it (for tests).
+    #[arg(long, hide = true)]
+    runner_selftest: bool,
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| eprintln!("bulkheadd: internal error: {info}")));
+    // SAFETY: ignoring SIGPIPE before any thread starts; vanished clients become EPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let args = Args::parse();
+    let runner = match args.runner {
+        Some(r) => r,
+        None => match std::env::current_exe() {
+            Ok(exe) => exe.with_file_name("bulkhead-runner"),
+            Err(e) => {
+                eprintln!("bulkheadd: error: cannot locate bulkhead-runner ({e}); pass --runner");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if !runner.is_file() {
+        eprintln!("bulkheadd: error: runner binary {} not found; pass --runner", runner.display());
+        return ExitCode::from(2);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("bulkheadd: error: must run as root (it creates namespaces and switches runners to their own uids)");
+        return ExitCode::from(2);
+    }
+    let cfg = DaemonConfig {
+        socket: args.socket,
+        state_dir: args.state_dir,
+        policy: args.policy,
+        runner,
+        runner_selftest: args.runner_selftest,
+    };
+    let result = Daemon::new(cfg).and_then(|d| d.serve());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkheadd: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! `bulkheadd`: the control domain. Owns `/dev/kvm`, the policy and the state dir; creates
+//! guest RAM and spawns each VM's runner into its sandbox; serves the CLI; re-adopts running
+//! VMs after a restart.
+
+pub mod policy;
+pub mod spawn;
+pub mod state;
+pub mod vm;
+pub mod vmconfig;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead_ipc::control::{ErrorCode, Reply, Request, StopReason, VmInfo, VmState, VmSummary};
+use bulkhead_ipc::hello::{client_hello, server_hello, Role};
+use bulkhead_ipc::runner::{BootSpec, RunnerCommand, RunnerEvent};
+use bulkhead_ipc::{Channel, IpcError, Listener};
+
+use policy::{Action, Caller, DomainPolicy};
+use spawn::RunnerSandbox;
+use state::{StateDir, VmRecord};
+use vm::{describe, lock, VmEntry};
+
+/// How `bulkheadd` was started.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Client socket.
+    pub socket: PathBuf,
+    /// State dir.
+    pub state_dir: PathBuf,
+    /// Policy file (may be absent).
+    pub policy: PathBuf,
+    /// The runner binary.
+    pub runner: PathBuf,
+    /// Have runners run their sandbox self-test (tests only).
+    pub runner_selftest: bool,
+}
+
+/// A request that failed: the code and one line for the user.
+type Failure = (ErrorCode, String);
+
+fn fail(code: ErrorCode, msg: impl Into<String>) -> Failure {
+    (code, msg.into())
+}
+
+/// The control domain.
+pub struct Daemon {
+    cfg: DaemonConfig,
+    policy: DomainPolicy,
+    state: StateDir,
+    vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
+    create_lock: Mutex<()>,
+    next_client: AtomicU64,
+}
+
+fn log(msg: &str) {
+    eprintln!("bulkheadd: {msg}");
+}
+
+impl Daemon {
+    /// Loads policy and state; re-adopts VMs whose runners still run.
+    pub fn new(cfg: DaemonConfig) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        let (policy, from_file) = DomainPolicy::load(&cfg.policy)?;
+        if from_file {
+            log(&format!("policy loaded from {}", cfg.policy.display()));
+        } else {
+            log(&format!(
+                "no policy at {}: safe default (only root may act)",
+                cfg.policy.display()
+            ));
+        }
+        let state = StateDir::open(&cfg.state_dir).with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
+        let daemon = Arc::new(Self {
+            cfg,
+            policy,
+            state,
+            vms: Mutex::new(BTreeMap::new()),
+            create_lock: Mutex::new(()),
+            next_client: AtomicU64::new(1),
+        });
+        daemon.adopt_all();
+        Ok(daemon)
+    }
+
+    /// Serves clients on the socket forever.
+    pub fn serve(self: &Arc<Self>) -> anyhow::Result<()> {
+        use anyhow::Context;
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(dir) = self.cfg.socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let listener = Listener::bind(&self.cfg.socket).with_context(|| format!("listening on {}", self.cfg.socket.display()))?;
+        // Anyone may connect; the policy decides what they may do.
+        std::fs::set_permissions(&self.cfg.socket, std::fs::Permissions::from_mode(0o666))?;
+        log(&format!("listening on {}", self.cfg.socket.display()));
+        loop {
+            match listener.accept() {
+                Ok(ch) => {
+                    let me = self.clone();
+                    let _ = std::thread::Builder::new().name("client".into()).spawn(move || me.serve_client(ch));
+                }
+                Err(e) => {
+                    log(&format!("accept failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn serve_client(self: Arc<Self>, ch: Channel) {
+        if let Err(e) = server_hello(&ch, Duration::from_secs(5)) {
+            log(&format!("client refused: {e}"));
+            return;
+        }
+        let caller = match ch.peer_credentials() {
+            Ok(c) => Caller::from_peer(c.pid, c.uid, c.gid),
+            Err(e) => {
+                log(&format!("no peer credentials: {e}"));
+                return;
+            }
+        };
+        let client_id = self.next_client.fetch_add(1, Ordering::SeqCst);
+        let mut console: Option<Arc<VmEntry>> = None;
+        loop {
+            let req = match ch.recv::<Request>() {
+                Ok((req, _fds)) => req,
+                Err(IpcError::Closed) => break,
+                Err(
+                    e @ (IpcError::Decode(_) | IpcError::Truncated | IpcError::Oversized | IpcError::TooManyFds),
+                ) => {
+                    let _ = ch.send(
+                        &Reply::Error {
+                            code: ErrorCode::Protocol,
+                            message: format!("bad request frame: {e}"),
+                        },
+                        &[],
+                    );
+                    continue;
+                }
+                Err(_) => break,
+            };
+            let reply = match req {
+                Request::Console { name } => match self.attach_console(&caller, &name, client_id, &ch) {
+                    Ok((vm, history)) => {
+                        console = Some(vm);
+                        Reply::ConsoleAttached { history }
+                    }
+                    Err((code, message)) => Reply::Error { code, message },
+                },
+                Request::ConsoleInput { data } => match &console {
+                    Some(vm) => {
+                        let _ = vm.send(&RunnerCommand::ConsoleInput(data));
+                        continue;
+                    }
+                    None => Reply::Error {
+                        code: ErrorCode::WrongState,
+                        message: "no console attached: send Console first".into(),
+                    },
+                },
+                Request::ConsoleDetach => match console.take() {
+                    Some(vm) => {
+                        vm.unsubscribe(client_id);
+                        Reply::ConsoleClosed { reason: "detached".into() }
+                    }
+                    None => Reply::Error {
+                        code: ErrorCode::WrongState,
+                        message: "no console attached".into(),
+                    },
+                },
+                other => match self.handle(&caller, other) {
+                    Ok(r) => r,
+                    Err((code, message)) => Reply::Error { code, message },
+                },
+            };
+            if ch.send(&reply, &[]).is_err() {
+                break;
+            }
+        }
+        if let Some(vm) = console {
+            vm.unsubscribe(client_id);
+        }
+    }
+
+    fn find(&self, caller: &Caller, name: &str, action: Action) -> Result<Arc<VmEntry>, Failure> {
+        let vm = lock(&self.vms).get(name).cloned();
+        let Some(vm) = vm else {
+            return Err(fail(ErrorCode::NotFound, format!("no VM named '{name}' (see `bulkhead list`)")));
+        };
+        let owner = lock(&vm.record).spec.owner;
+        self.policy
+            .authorize(caller, action, Some((name, owner)))
+            .map_err(|m| fail(ErrorCode::Denied, m))?;
+        Ok(vm)
+    }
+
+    fn attach_console(&self, caller: &Caller, name: &str, client_id: u64, ch: &Channel) -> Result<(Arc<VmEntry>, Vec<u8>), Failure> {
+        let vm = self.find(caller, name, Action::Console)?;
+        if !vm.is_live() {
+            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is not running")));
+        }
+        let sender = ch.try_clone().map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        let history = vm.subscribe(client_id, sender);
+        Ok((vm, history))
+    }
+
+    fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, Failure> {
+        match req {
+            Request::Create { config_toml, config_dir } => self.create(caller, &config_toml, Path::new(&config_dir)),
+            Request::List => {
+                let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
+                let visible = vms
+                    .iter()
+                    .filter(|vm| {
+                        let owner = lock(&vm.record).spec.owner;
+                        self.policy.authorize(caller, Action::View, Some((&vm.name, owner))).is_ok()
+                    })
+                    .map(|vm| summary(vm))
+                    .collect();
+                Ok(Reply::List { vms: visible })
+            }
+            Request::Info { name } => {
+                let vm = self.find(caller, &name, Action::View)?;
+                let rec = vm.snapshot();
+                Ok(Reply::Info {
+                    vm: VmInfo {
+                        summary: summary(&vm),
+                        kernel: rec.spec.kernel.display().to_string(),
+                        initrd: rec.spec.initrd.as_ref().map(|p| p.display().to_string()),
+                        cmdline: rec.spec.cmdline.clone(),
+                        runner_uid: rec.runner_uid,
+                        disks: rec
+                            .spec
+                            .disks
+                            .iter()
+                            .map(|d| format!("{}{}", d.path.display(), if d.readonly { " (read-only)" } else { "" }))
+                            .collect(),
+                        nics: rec.spec.nics.iter().map(|n| format!("{} on {}", n.mac.as_deref().unwrap_or("auto"), n.network)).collect(),
+                    },
+                })
+            }
+            Request::Pause { name } => self.pause(caller, &name, true),
+            Request::Unpause { name } => self.pause(caller, &name, false),
+            Request::Shutdown { name, timeout_secs } => self.shutdown(caller, &name, timeout_secs),
+            Request::Destroy { name } => self.destroy(caller, &name),
+            Request::Console { .. } | Request::ConsoleInput { .. } | Request::ConsoleDetach => {
+                Err(fail(ErrorCode::Protocol, "console requests are handled per connection"))
+            }
+        }
+    }
+
+    fn pause(&self, caller: &Caller, name: &str, pause: bool) -> Result<Reply, Failure> {
+        let vm = self.find(caller, name, Action::Pause)?;
+        let state = lock(&vm.record).state.clone();
+        let (want, cmd, done) = if pause {
+            (VmState::Running, RunnerCommand::Pause, VmState::Paused)
+        } else {
+            (VmState::Paused, RunnerCommand::Resume, VmState::Running)
+        };
+        if state != want {
+            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is {}, not {}", state_word(&state), state_word(&want))));
+        }
+        match vm.request(&cmd, Duration::from_secs(10)) {
+            Ok(RunnerEvent::Paused) | Ok(RunnerEvent::Resumed) => {
+                vm.set_state(done.clone());
+                Ok(Reply::Done {
+                    message: format!("VM '{name}' {}", if pause { "paused" } else { "unpaused" }),
+                })
+            }
+            Ok(RunnerEvent::Error { message }) => Err(fail(ErrorCode::Internal, message)),
+            Ok(other) => Err(fail(ErrorCode::Internal, format!("unexpected answer from the runner: {other:?}"))),
+            Err(e) => Err(fail(ErrorCode::Internal, e)),
+        }
+    }
+
+    fn shutdown(&self, caller: &Caller, name: &str, timeout_secs: u32) -> Result<Reply, Failure> {
+        let vm = self.find(caller, name, Action::Shutdown)?;
+        if !vm.is_live() {
+            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is not running")));
+        }
+        if lock(&vm.record).state == VmState::Paused {
+            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is paused: `bulkhead unpause {name}` first")));
+        }
+        match vm.request(&RunnerCommand::RequestShutdown, Duration::from_secs(10)) {
+            Ok(RunnerEvent::ShutdownRequested) => {}
+            Ok(other) => return Err(fail(ErrorCode::Internal, format!("unexpected answer from the runner: {other:?}"))),
+            Err(e) => return Err(fail(ErrorCode::Internal, e)),
+        }
+        if vm.wait_stopped(Duration::from_secs(timeout_secs.into())) {
+            let state = lock(&vm.record).state.clone();
+            Ok(Reply::Done {
+                message: format!("VM '{name}' {}", state_word(&state)),
+            })
+        } else {
+            Err(fail(
+                ErrorCode::Timeout,
+                format!("VM '{name}' did not shut down within {timeout_secs} s; it is still running (`bulkhead destroy {name}` stops it)"),
+            ))
+        }
+    }
+
+    fn destroy(&self, caller: &Caller, name: &str) -> Result<Reply, Failure> {
+        let vm = self.find(caller, name, Action::Destroy)?;
+        if vm.is_live() {
+            vm.kill().map_err(|e| fail(ErrorCode::Internal, e))?;
+            if !vm.wait_stopped(Duration::from_secs(10)) {
+                return Err(fail(ErrorCode::Internal, format!("runner of '{name}' did not die within 10 s")));
+            }
+        }
+        lock(&self.vms).remove(name);
+        self.state.remove(name);
+        log(&format!("VM '{name}' destroyed"));
+        Ok(Reply::Done {
+            message: format!("VM '{name}' destroyed"),
+        })
+    }
+
+    fn create(&self, caller: &Caller, text: &str, dir: &Path) -> Result<Reply, Failure> {
+        self.policy.authorize(caller, Action::Create, None).map_err(|m| fail(ErrorCode::Denied, m))?;
+        let mut spec = vmconfig::parse(text, dir, caller.uid).map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
+        spec.kernel = self.policy.check_image("kernel", &spec.kernel).map_err(|m| fail(ErrorCode::Denied, m))?;
+        if let Some(i) = &spec.initrd {
+            spec.initrd = Some(self.policy.check_image("initrd", i).map_err(|m| fail(ErrorCode::Denied, m))?);
+        }
+        for d in &mut spec.disks {
+            d.path = self.policy.check_image("disk", &d.path).map_err(|m| fail(ErrorCode::Denied, m))?;
+        }
+        let _one_create_at_a_time = lock(&self.create_lock);
+        let (id, uid) = {
+            let vms = lock(&self.vms);
+            if let Some(old) = vms.get(&spec.name) {
+                if old.is_live() {
+                    return Err(fail(ErrorCode::Exists, format!("a VM named '{}' is running", spec.name)));
+                }
+            }
+            let in_use: u64 = vms.values().filter(|v| v.is_live()).map(|v| lock(&v.record).spec.memory).sum();
+            self.policy
+                .check_limits(spec.vcpus, spec.memory, in_use)
+                .map_err(|m| fail(ErrorCode::Denied, m))?;
+            let id = vms.values().map(|v| lock(&v.record).id).max().unwrap_or(0) + 1;
+            let used: Vec<u32> = vms.values().filter(|v| v.is_live()).filter_map(|v| lock(&v.record).runner_uid).collect();
+            let uid = (self.policy.runner_uid_base..self.policy.runner_uid_base + self.policy.runner_uid_count)
+                .find(|u| !used.contains(u))
+                .ok_or_else(|| fail(ErrorCode::Denied, "denied by rule 'runners': every runner uid is in use"))?;
+            (id, uid)
+        };
+        let name = spec.name.clone();
+        let record = VmRecord {
+            id,
+            state: VmState::Starting,
+            runner_pid: None,
+            runner_uid: Some(uid),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            spec,
+        };
+        let vm = VmEntry::new(name.clone(), record, self.state.clone(), true);
+        lock(&self.vms).insert(name.clone(), vm.clone());
+        match self.start(&vm) {
+            Ok(detail) => {
+                log(&format!("VM '{name}' (id {id}) started: {detail}"));
+                Ok(Reply::Created { vm: summary(&vm) })
+            }
+            Err(msg) => {
+                let _ = vm.kill();
+                vm.wait_stopped(Duration::from_secs(5));
+                lock(&self.vms).remove(&name);
+                self.state.remove(&name);
+                log(&format!("VM '{name}' failed to start: {msg}"));
+                Err(fail(ErrorCode::BadConfig, format!("VM '{name}' failed to start: {msg}")))
+            }
+        }
+    }
+
+    /// Spawns, seals and boots a VM's runner.
+    fn start(&self, vm: &Arc<VmEntry>) -> Result<String, String> {
+        let rec = vm.snapshot();
+        let spec = &rec.spec;
+        let uid = rec.runner_uid.ok_or("no runner uid")?;
+        let sock = self.state.socket_path(&vm.name);
+        let listener = Listener::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+        let log_file = File::create(self.state.log_path(&vm.name)).map_err(|e| format!("runner log: {e}"))?;
+        let sandbox = RunnerSandbox {
+            uid,
+            vcpus: spec.vcpus,
+            hostname: format!("bulkhead-{}", vm.name),
+            selftest: self.cfg.runner_selftest,
+        };
+        let pid = spawn::spawn_runner(&self.cfg.runner, listener.into_fd(), log_file, &sandbox)
+            .map_err(|e| format!("cannot spawn {}: {e}", self.cfg.runner.display()))?;
+        lock(&vm.record).runner_pid = Some(pid);
+        vm.save();
+        let pidfd = spawn::pidfd_open(pid).ok();
+        let ch = Channel::connect(&sock).map_err(|e| format!("cannot reach the runner: {e}"))?;
+        client_hello(&ch, Role::Daemon, Duration::from_secs(10)).map_err(|e| format!("runner did not start: {e} (see {})", self.state.log_path(&vm.name).display()))?;
+        spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| e.to_string())?;
+
+        let memfd = create_guest_memfd(spec.memory).map_err(|e| format!("guest RAM: {e}"))?;
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| format!("/dev/kvm: {e}"))?;
+        let kernel = File::open(&spec.kernel).map_err(|e| format!("kernel {}: {e}", spec.kernel.display()))?;
+        let initrd = match &spec.initrd {
+            Some(p) => Some(File::open(p).map_err(|e| format!("initrd {}: {e}", p.display()))?),
+            None => None,
+        };
+        let boot = RunnerCommand::Boot(BootSpec {
+            cmdline: spec.cmdline.clone(),
+            vcpus: spec.vcpus,
+            has_initrd: initrd.is_some(),
+            kernel_name: spec.kernel.display().to_string(),
+        });
+        let mut fds = vec![kvm.as_fd(), memfd.as_fd(), kernel.as_fd()];
+        if let Some(i) = &initrd {
+            fds.push(i.as_fd());
+        }
+        ch.send(&boot, &fds).map_err(|e| format!("sending Boot: {e}"))?;
+        let first = ch
+            .recv_timeout::<RunnerEvent>(Duration::from_secs(60))
+            .map_err(|e| format!("no answer to Boot: {e}"))?
+            .0;
+        let detail = match first {
+            RunnerEvent::Started { detail } => detail,
+            RunnerEvent::BootFailed { message } => return Err(message),
+            other => return Err(format!("unexpected answer to Boot: {other:?}")),
+        };
+        vm.set_state(VmState::Running);
+        vm.attach(ch, pidfd).map_err(|e| format!("supervisor: {e}"))?;
+        Ok(detail)
+    }
+
+    /// Re-adopts the VMs in the state dir: live runners are reconnected, dead ones recorded.
+    fn adopt_all(&self) {
+        for (name, rec) in self.state.load_all() {
+            let live = !matches!(rec.state, VmState::Stopped(_));
+            let vm = VmEntry::new(name.clone(), rec.clone(), self.state.clone(), false);
+            lock(&self.vms).insert(name.clone(), vm.clone());
+            if !live {
+                continue;
+            }
+            match self.adopt(&vm, &rec) {
+                Ok(()) => log(&format!("re-adopted VM '{name}' (runner pid {:?})", rec.runner_pid)),
+                Err(why) => {
+                    log(&format!("VM '{name}': {why}"));
+                    vm.mark_stopped(StopReason::Crashed(why));
+                }
+            }
+        }
+    }
+
+    fn adopt(&self, vm: &Arc<VmEntry>, rec: &VmRecord) -> Result<(), String> {
+        let pid = rec.runner_pid.ok_or("no runner pid recorded")?;
+        let sock = self.state.socket_path(&vm.name);
+        let gone = |e: String| format!("runner pid {pid} was gone when bulkheadd restarted ({e})");
+        let ch = Channel::connect(&sock).map_err(|e| gone(e.to_string()))?;
+        client_hello(&ch, Role::Daemon, Duration::from_secs(5)).map_err(|e| gone(e.to_string()))?;
+        let pidfd = spawn::pidfd_open(pid).ok();
+        ch.send(&RunnerCommand::Status, &[]).map_err(|e| gone(e.to_string()))?;
+        // The answer (or an Exited report, if the guest ended meanwhile) reaches the supervisor.
+        vm.attach(ch, pidfd).map_err(|e| e.to_string())
+    }
+}
+
+/// Creates the guest-RAM memfd, sized and sealed.
+fn create_guest_memfd(size: u64) -> std::io::Result<File> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(c"bulkhead-guest-ram", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)?;
+    let file = File::from(fd);
+    file.set_len(size)?;
+    core_vmm::memory::seal(&file)?;
+    Ok(file)
+}
+
+fn summary(vm: &VmEntry) -> VmSummary {
+    let rec = vm.snapshot();
+    let live = !matches!(rec.state, VmState::Stopped(_));
+    VmSummary {
+        name: vm.name.clone(),
+        id: rec.id,
+        state: rec.state.clone(),
+        vcpus: rec.spec.vcpus,
+        memory_mib: rec.spec.memory >> 20,
+        owner: rec.spec.owner,
+        runner_pid: rec.runner_pid.filter(|_| live),
+        uptime_secs: vm.uptime(),
+    }
+}
+
+fn state_word(s: &VmState) -> String {
+    match s {
+        VmState::Starting => "starting".into(),
+        VmState::Running => "running".into(),
+        VmState::Paused => "paused".into(),
+        VmState::Stopped(r) => format!("stopped ({})", describe(r)),
+    }
+}

@@ -1,0 +1,305 @@
+//! Who may do what (by the caller's uid/gids from `SO_PEERCRED`) and what a VM may have.
+//! Every refusal names the rule that refused it.
+
+use std::path::{Path, PathBuf};
+
+use core_vmm::config::{parse_memory_size, MAX_VCPUS};
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A policy file that cannot be used.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    /// Unreadable.
+    #[error("cannot read policy {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Invalid TOML or values.
+    #[error("policy {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    admins: Option<AdminsFile>,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    images: Option<ImagesFile>,
+    #[serde(default)]
+    runners: Option<RunnersFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminsFile {
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_vcpus: Option<u32>,
+    max_memory: Option<String>,
+    host_memory: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImagesFile {
+    allowed: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunnersFile {
+    uid_base: u32,
+    uid_count: u32,
+}
+
+/// The policy `bulkheadd` enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainPolicy {
+    /// uids that may do everything.
+    pub admin_uids: Vec<u32>,
+    /// gids whose members may do everything.
+    pub admin_gids: Vec<u32>,
+    /// vCPUs per VM.
+    pub max_vcpus: u8,
+    /// RAM per VM, bytes.
+    pub max_memory: u64,
+    /// RAM of all live VMs together, bytes.
+    pub host_memory: u64,
+    /// Image files must lie under one of these directories.
+    pub image_dirs: Vec<PathBuf>,
+    /// First uid (and gid) given to runners.
+    pub runner_uid_base: u32,
+    /// How many runner uids there are.
+    pub runner_uid_count: u32,
+}
+
+/// Something a client asks to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Create a VM.
+    Create,
+    /// See a VM (list, info).
+    View,
+    /// Attach to its console.
+    Console,
+    /// Pause / unpause.
+    Pause,
+    /// Ask it to shut down.
+    Shutdown,
+    /// Destroy it.
+    Destroy,
+}
+
+/// The caller, from `SO_PEERCRED` plus its supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// uid.
+    pub uid: u32,
+    /// Primary and supplementary gids.
+    pub gids: Vec<u32>,
+}
+
+impl Caller {
+    /// Builds the caller from peer credentials, reading supplementary groups from /proc.
+    pub fn from_peer(pid: i32, uid: u32, gid: u32) -> Self {
+        let mut gids = vec![gid];
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
+                gids.extend(line[7..].split_whitespace().filter_map(|g| g.parse::<u32>().ok()));
+            }
+        }
+        Self { uid, gids }
+    }
+}
+
+fn mib(b: u64) -> u64 {
+    b >> 20
+}
+
+impl DomainPolicy {
+    /// The policy with no file: only root acts; limits are the host's.
+    pub fn safe_default() -> Self {
+        let host = core_vmm::config::host_memory().unwrap_or(1 << 30);
+        Self {
+            admin_uids: vec![0],
+            admin_gids: vec![],
+            max_vcpus: MAX_VCPUS,
+            max_memory: host,
+            host_memory: host,
+            image_dirs: vec![PathBuf::from("/")],
+            runner_uid_base: 61000,
+            runner_uid_count: 1000,
+        }
+    }
+
+    /// Loads `path`; a missing file gives [`DomainPolicy::safe_default`].
+    pub fn load(path: &Path) -> Result<(Self, bool), PolicyError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text).map(|p| (p, true)).map_err(|message| PolicyError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Self::safe_default(), false)),
+            Err(source) => Err(PolicyError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses policy TOML over the safe defaults.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let f: PolicyFile = toml::from_str(text).map_err(|e| e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))?;
+        let mut p = Self::safe_default();
+        if let Some(a) = f.admins {
+            p.admin_uids = a.uids;
+            p.admin_gids = a.gids;
+        }
+        if let Some(v) = f.limits.max_vcpus {
+            p.max_vcpus = u8::try_from(v)
+                .ok()
+                .filter(|v| *v >= 1)
+                .ok_or_else(|| format!("limits.max_vcpus: {v} is out of range 1..={MAX_VCPUS}"))?;
+        }
+        if let Some(m) = &f.limits.max_memory {
+            p.max_memory = parse_memory_size(m).map_err(|e| format!("limits.max_memory: {e}"))?;
+        }
+        if let Some(m) = &f.limits.host_memory {
+            p.host_memory = parse_memory_size(m).map_err(|e| format!("limits.host_memory: {e}"))?;
+        }
+        if let Some(i) = f.images {
+            if i.allowed.iter().any(|d| !d.is_absolute()) {
+                return Err("images.allowed: directories must be absolute".into());
+            }
+            p.image_dirs = i.allowed;
+        }
+        if let Some(r) = f.runners {
+            if r.uid_base == 0 || r.uid_count == 0 || r.uid_base.checked_add(r.uid_count).is_none() {
+                return Err("runners: uid_base must be > 0 and uid_count > 0".into());
+            }
+            p.runner_uid_base = r.uid_base;
+            p.runner_uid_count = r.uid_count;
+        }
+        Ok(p)
+    }
+
+    /// Whether the caller is an administrator.
+    pub fn is_admin(&self, c: &Caller) -> bool {
+        self.admin_uids.contains(&c.uid) || c.gids.iter().any(|g| self.admin_gids.contains(g))
+    }
+
+    /// May `caller` do `action` on a VM owned by `owner` (None for create)?
+    pub fn authorize(&self, caller: &Caller, action: Action, vm: Option<(&str, u32)>) -> Result<(), String> {
+        if self.is_admin(caller) {
+            return Ok(());
+        }
+        match (action, vm) {
+            (Action::Create, _) => Err(format!(
+                "denied by rule 'admins': only administrators may create VMs, and uid {} is not one",
+                caller.uid
+            )),
+            (_, Some((_, owner))) if owner == caller.uid => Ok(()),
+            (_, Some((name, _))) => Err(format!(
+                "denied by rule 'owner': uid {} does not own VM '{name}' and is not an administrator",
+                caller.uid
+            )),
+            (_, None) => Ok(()),
+        }
+    }
+
+    /// Checks a new VM against the per-VM and host limits; `in_use` is the RAM of the live VMs.
+    pub fn check_limits(&self, vcpus: u8, memory: u64, in_use: u64) -> Result<(), String> {
+        if vcpus > self.max_vcpus {
+            return Err(format!(
+                "denied by rule 'limits.max_vcpus': {vcpus} vCPUs requested, at most {} per VM",
+                self.max_vcpus
+            ));
+        }
+        if memory > self.max_memory {
+            return Err(format!(
+                "denied by rule 'limits.max_memory': {} MiB requested, at most {} MiB per VM",
+                mib(memory),
+                mib(self.max_memory)
+            ));
+        }
+        if in_use.saturating_add(memory) > self.host_memory {
+            return Err(format!(
+                "denied by rule 'limits.host_memory': {} MiB requested with {} MiB already given to running VMs; the host allows {} MiB in all",
+                mib(memory),
+                mib(in_use),
+                mib(self.host_memory)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolves an image path and checks it lies under an allowed directory.
+    pub fn check_image(&self, what: &str, path: &Path) -> Result<PathBuf, String> {
+        let real = std::fs::canonicalize(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        if self.image_dirs.iter().any(|d| real.starts_with(d)) {
+            Ok(real)
+        } else {
+            Err(format!(
+                "denied by rule 'images.allowed': {what} {} is not under any of {:?}",
+                real.display(),
+                self.image_dirs
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(uid: u32) -> Caller {
+        Caller { uid, gids: vec![uid] }
+    }
+
+    #[test]
+    fn default_only_root() {
+        let p = DomainPolicy::safe_default();
+        assert!(p.authorize(&caller(0), Action::Create, None).is_ok());
+        let e = p.authorize(&caller(1000), Action::Create, None).unwrap_err();
+        assert!(e.contains("rule 'admins'"), "{e}");
+    }
+
+    #[test]
+    fn owners_and_groups() {
+        let p = DomainPolicy::parse("[admins]\nuids = [0]\ngids = [50]\n").expect("parse");
+        assert!(p.authorize(&Caller { uid: 7, gids: vec![7, 50] }, Action::Create, None).is_ok());
+        assert!(p.authorize(&caller(1000), Action::Console, Some(("a", 1000))).is_ok());
+        let e = p.authorize(&caller(1000), Action::Console, Some(("b", 1001))).unwrap_err();
+        assert!(e.contains("rule 'owner'") && e.contains("'b'"), "{e}");
+    }
+
+    #[test]
+    fn limits_name_the_rule() {
+        let p = DomainPolicy::parse("[limits]\nmax_vcpus = 2\nmax_memory = \"512M\"\nhost_memory = \"1G\"\n").expect("parse");
+        assert!(p.check_limits(2, 512 << 20, 0).is_ok());
+        assert!(p.check_limits(3, 64 << 20, 0).unwrap_err().contains("limits.max_vcpus"));
+        assert!(p.check_limits(1, 1 << 30, 0).unwrap_err().contains("limits.max_memory"));
+        assert!(p.check_limits(1, 512 << 20, 600 << 20).unwrap_err().contains("limits.host_memory"));
+        assert!(DomainPolicy::parse("[limits]\nbogus = 1\n").unwrap_err().contains("bogus"));
+    }
+}

@@ -1,0 +1,214 @@
+//! Spawning a runner into its sandbox — every privileged step is here, in the control domain:
+//! new mount, pid, net, ipc and uts namespaces; only the handed fds; tight rlimits; a dedicated
+//! uid/gid with no supplementary groups; `no_new_privs`; then, once the runner has started,
+//! its root is replaced by an empty read-only tmpfs. (The runner adds its own seccomp filter.)
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Who and what a runner becomes.
+#[derive(Debug, Clone)]
+pub struct RunnerSandbox {
+    /// uid and gid.
+    pub uid: u32,
+    /// vCPU count (sizes the thread limit).
+    pub vcpus: u8,
+    /// Host name inside its UTS namespace.
+    pub hostname: String,
+    /// Ask the runner to run its sandbox self-test at boot (tests only).
+    pub selftest: bool,
+}
+
+fn cstr(s: &[u8]) -> std::io::Result<CString> {
+    CString::new(s).map_err(|_| std::io::Error::other("NUL byte in a spawn argument"))
+}
+
+/// Writes `msg` to the log fd (2) and exits the child; for use after clone only.
+fn child_fail(msg: &[u8]) -> isize {
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let mut digits = [b'0'; 4];
+    let mut e = errno.unsigned_abs();
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (e % 10) as u8;
+        e /= 10;
+    }
+    // SAFETY: write/_exit are async-signal-safe; the buffers are valid for their lengths.
+    unsafe {
+        libc::write(2, b"bulkheadd: runner sandbox setup failed: ".as_ptr().cast(), 41);
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::write(2, b" (errno ".as_ptr().cast(), 8);
+        libc::write(2, digits.as_ptr().cast(), digits.len());
+        libc::write(2, b")\n".as_ptr().cast(), 2);
+        libc::_exit(126)
+    }
+}
+
+/// Starts `runner` in a fresh sandbox with `listener` as fd 3 and `log` as stdout/stderr.
+/// Returns its pid (in our pid namespace). The runner's root is still the host's until
+/// [`seal_root`] runs; it must not act on anything before that (it waits for `Boot`).
+pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSandbox) -> std::io::Result<i32> {
+    let exe = cstr(runner.as_os_str().as_bytes())?;
+    let mut args = vec![exe.clone(), cstr(b"--control-fd")?, cstr(b"3")?];
+    if sb.selftest {
+        args.push(cstr(b"--sandbox-selftest")?);
+    }
+    let argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let sources = [devnull.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd(), listener.as_raw_fd()];
+    let hostname = sb.hostname.as_bytes().to_vec();
+    let uid = sb.uid;
+    let threads = u64::from(sb.vcpus) + 32;
+    let root = cstr(b"/")?;
+    let mut stack = vec![0u8; 256 * 1024];
+
+    let child = Box::new(move || -> isize {
+        // SAFETY: this runs in the cloned child (a copy of the parent, single-threaded);
+        // only raw syscalls follow, all on pointers to buffers prepared before the clone.
+        unsafe {
+            if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+                return child_fail(b"making mounts private");
+            }
+            if libc::sethostname(hostname.as_ptr().cast(), hostname.len()) != 0 {
+                return child_fail(b"sethostname");
+            }
+            libc::setsid();
+            // Move the handed fds out of the way, then into 0..=3.
+            let mut high = [0i32; 4];
+            for (i, src) in sources.iter().enumerate() {
+                high[i] = libc::fcntl(*src, libc::F_DUPFD, 100);
+                if high[i] < 0 {
+                    return child_fail(b"dup of a handed fd");
+                }
+            }
+            for (target, fd) in high.iter().enumerate() {
+                if libc::dup2(*fd, target as i32) < 0 {
+                    return child_fail(b"dup2 of a handed fd");
+                }
+            }
+            // Everything else is closed: the runner holds only what it was handed.
+            if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
+                return child_fail(b"close_range");
+            }
+            let limits: [(libc::__rlimit_resource_t, u64); 5] = [
+                (libc::RLIMIT_NOFILE, 256),
+                (libc::RLIMIT_NPROC, threads),
+                (libc::RLIMIT_CORE, 0),
+                (libc::RLIMIT_FSIZE, 64 << 20),
+                (libc::RLIMIT_MEMLOCK, 64 << 10),
+            ];
+            for (res, v) in limits {
+                let lim = libc::rlimit { rlim_cur: v, rlim_max: v };
+                if libc::setrlimit(res, &lim) != 0 {
+                    return child_fail(b"setrlimit");
+                }
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                return child_fail(b"setgroups");
+            }
+            if libc::setresgid(uid, uid, uid) != 0 {
+                return child_fail(b"setresgid");
+            }
+            if libc::setresuid(uid, uid, uid) != 0 {
+                return child_fail(b"setresuid");
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return child_fail(b"no_new_privs");
+            }
+            libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            child_fail(b"execve of the runner")
+        }
+    });
+    let flags = nix::sched::CloneFlags::CLONE_NEWNS
+        | nix::sched::CloneFlags::CLONE_NEWPID
+        | nix::sched::CloneFlags::CLONE_NEWNET
+        | nix::sched::CloneFlags::CLONE_NEWIPC
+        | nix::sched::CloneFlags::CLONE_NEWUTS;
+    // SAFETY: the child only makes raw syscalls on data prepared above and then execs or
+    // exits; it never returns into the parent's Rust state.
+    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }.map_err(std::io::Error::from)?;
+    drop(devnull);
+    drop(log);
+    drop(listener);
+    Ok(pid.as_raw())
+}
+
+/// Replaces the running runner's root (and cwd) with an empty, read-only tmpfs mounted on
+/// `mount_point` inside its mount namespace, and detaches the host's tree from it.
+pub fn seal_root(pid: i32, mount_point: &Path) -> std::io::Result<()> {
+    let ns = File::open(format!("/proc/{pid}/ns/mnt"))?;
+    let mp = cstr(mount_point.as_os_str().as_bytes())?;
+    let tmpfs = cstr(b"tmpfs")?;
+    let opts = cstr(b"size=16k,mode=0555,nr_inodes=8")?;
+    let dot = cstr(b".")?;
+    let slash = cstr(b"/")?;
+    // SAFETY: fork in the (multi-threaded) daemon; the child makes only raw syscalls on
+    // buffers prepared above, then _exits.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if child == 0 {
+        // SAFETY: child of fork: async-signal-safe syscalls only, then _exit.
+        unsafe {
+            let step = |ok: bool, code: i32| {
+                if !ok {
+                    libc::_exit(code);
+                }
+            };
+            step(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) == 0, 10);
+            step(
+                libc::mount(tmpfs.as_ptr(), mp.as_ptr(), tmpfs.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, opts.as_ptr().cast()) == 0,
+                11,
+            );
+            step(libc::chdir(mp.as_ptr()) == 0, 12);
+            step(libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0, 13);
+            step(libc::umount2(dot.as_ptr(), libc::MNT_DETACH) == 0, 14);
+            step(libc::chdir(slash.as_ptr()) == 0, 15);
+            step(
+                libc::mount(std::ptr::null(), slash.as_ptr(), std::ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, std::ptr::null()) == 0,
+                16,
+            );
+            libc::_exit(0);
+        }
+    }
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None).map_err(std::io::Error::from)?;
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+        other => {
+            let step = match other {
+                nix::sys::wait::WaitStatus::Exited(_, 10) => "setns into its mount namespace",
+                nix::sys::wait::WaitStatus::Exited(_, 11) => "mounting the empty tmpfs",
+                nix::sys::wait::WaitStatus::Exited(_, 13) => "pivot_root",
+                nix::sys::wait::WaitStatus::Exited(_, 14) => "detaching the host tree",
+                nix::sys::wait::WaitStatus::Exited(_, 16) => "remounting the root read-only",
+                _ => "an unexpected step",
+            };
+            Err(std::io::Error::other(format!("sealing the runner's root failed at {step} ({other:?})")))
+        }
+    }
+}
+
+/// A pidfd for `pid` (to signal a runner we did not spawn without pid-reuse races).
+pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success the return value is a new fd that we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Sends SIGKILL through a pidfd.
+pub fn pidfd_kill(pidfd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: plain syscall on a pidfd we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

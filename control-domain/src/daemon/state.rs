@@ -1,0 +1,140 @@
+//! The state dir: one file per VM, written atomically, so a restarted `bulkheadd` knows what
+//! runs. Layout: `vms/NAME.toml` (records), `run/NAME.sock` (runner control sockets),
+//! `logs/NAME.log` (runner stderr), `root/` (mount point for runners' empty roots).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bulkhead_ipc::control::VmState;
+use serde::{Deserialize, Serialize};
+
+use super::vmconfig::VmSpec;
+
+/// What `bulkheadd` remembers about one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Numeric id.
+    pub id: u32,
+    /// Lifecycle state.
+    pub state: VmState,
+    /// Runner pid (host pid namespace).
+    pub runner_pid: Option<i32>,
+    /// Runner uid (= gid).
+    pub runner_uid: Option<u32>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+    /// The validated config.
+    pub spec: VmSpec,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Creates the layout under `root` (mode 0700 for the root itself).
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        for sub in ["vms", "run", "logs", "root"] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(root.join("root"), std::fs::Permissions::from_mode(0o555))?;
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// The state dir itself.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// A VM's record file.
+    pub fn record_path(&self, name: &str) -> PathBuf {
+        self.root.join("vms").join(format!("{name}.toml"))
+    }
+
+    /// A VM's runner control socket.
+    pub fn socket_path(&self, name: &str) -> PathBuf {
+        self.root.join("run").join(format!("{name}.sock"))
+    }
+
+    /// A VM's runner log.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{name}.log"))
+    }
+
+    /// The empty directory runners' roots are mounted on.
+    pub fn sandbox_root(&self) -> PathBuf {
+        self.root.join("root")
+    }
+
+    /// Writes a record atomically (temp file, fsync, rename, fsync dir).
+    pub fn save(&self, name: &str, rec: &VmRecord) -> std::io::Result<()> {
+        let text = toml::to_string(rec).map_err(std::io::Error::other)?;
+        let path = self.record_path(name);
+        let tmp = path.with_extension("toml.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        File::open(self.root.join("vms"))?.sync_all()
+    }
+
+    /// Removes a VM's files.
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.record_path(name));
+        let _ = std::fs::remove_file(self.socket_path(name));
+    }
+
+    /// Every record that parses; broken files are reported and skipped.
+    pub fn load_all(&self) -> Vec<(String, VmRecord)> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir(self.root.join("vms")) else {
+            return out;
+        };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+                continue;
+            };
+            match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| toml::from_str::<VmRecord>(&t).map_err(|e| e.to_string())) {
+                Ok(rec) => out.push((name, rec)),
+                Err(e) => eprintln!("bulkheadd: skipping unreadable state file {}: {e}", path.display()),
+            }
+        }
+        out.sort_by_key(|(_, r)| r.id);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_ipc::control::StopReason;
+
+    #[test]
+    fn round_trip() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-state-{}", std::process::id()));
+        let st = StateDir::open(&dir).expect("open");
+        let rec = VmRecord {
+            id: 3,
+            state: VmState::Stopped(StopReason::GuestExit(4)),
+            runner_pid: Some(42),
+            runner_uid: Some(61000),
+            created_unix: 1,
+            spec: super::super::vmconfig::parse("name = \"a\"\nkernel = \"/k\"\n", Path::new("/"), 0).expect("spec"),
+        };
+        st.save("a", &rec).expect("save");
+        let all = st.load_all();
+        assert_eq!(all, vec![("a".to_string(), rec)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,281 @@
+//! One VM as `bulkheadd` tracks it: its record, the control channel to its runner, the
+//! console ring buffer and attached consoles, and the supervisor thread that reads the
+//! runner's events and notices when it stops.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead_ipc::control::{Reply, StopReason, VmState};
+use bulkhead_ipc::runner::{GuestOutcome, RunnerCommand, RunnerEvent};
+use bulkhead_ipc::{Channel, IpcError};
+use crossbeam_channel::Sender;
+
+use super::state::{StateDir, VmRecord};
+
+/// How much console output is kept for late attachers.
+pub const CONSOLE_RING: usize = 64 * 1024;
+
+/// The console: recent output and who is watching.
+#[derive(Default)]
+pub struct Console {
+    ring: VecDeque<u8>,
+    subscribers: Vec<(u64, Channel)>,
+}
+
+impl Console {
+    fn push(&mut self, data: &[u8]) {
+        self.ring.extend(data);
+        let excess = self.ring.len().saturating_sub(CONSOLE_RING);
+        self.ring.drain(..excess);
+        let reply = Reply::ConsoleOutput { data: data.to_vec() };
+        // A subscriber whose socket fails has gone; drop it.
+        self.subscribers.retain(|(_, ch)| ch.send(&reply, &[]).is_ok());
+    }
+}
+
+/// A VM known to `bulkheadd`.
+pub struct VmEntry {
+    /// Name (key of the registry).
+    pub name: String,
+    /// The persistent record.
+    pub record: Mutex<VmRecord>,
+    /// Console buffer and subscribers.
+    pub console: Mutex<Console>,
+    /// Sending side of the runner's control channel.
+    ctl: Mutex<Option<Channel>>,
+    /// Serializes commands that wait for an answer.
+    cmd_lock: Mutex<()>,
+    /// Where the supervisor forwards answers while a command waits.
+    waiter: Mutex<Option<Sender<RunnerEvent>>>,
+    /// pidfd of the runner (for kill without pid reuse races).
+    pidfd: Mutex<Option<OwnedFd>>,
+    /// Whether this daemon spawned the runner (and so must reap it).
+    pub spawned_here: bool,
+    /// Set by destroy so the stop is recorded as such.
+    destroying: Mutex<bool>,
+    /// The runner's report of how the guest ended.
+    outcome: Mutex<Option<GuestOutcome>>,
+    /// Signalled when the VM has stopped.
+    stopped: (Mutex<bool>, Condvar),
+    state_dir: StateDir,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl VmEntry {
+    /// A VM entry for `record`, not yet connected.
+    pub fn new(name: String, record: VmRecord, state_dir: StateDir, spawned_here: bool) -> Arc<Self> {
+        let stopped = matches!(record.state, VmState::Stopped(_));
+        Arc::new(Self {
+            name,
+            record: Mutex::new(record),
+            console: Mutex::new(Console::default()),
+            ctl: Mutex::new(None),
+            cmd_lock: Mutex::new(()),
+            waiter: Mutex::new(None),
+            pidfd: Mutex::new(None),
+            spawned_here,
+            destroying: Mutex::new(false),
+            outcome: Mutex::new(None),
+            stopped: (Mutex::new(stopped), Condvar::new()),
+            state_dir,
+        })
+    }
+
+    /// A copy of the record.
+    pub fn snapshot(&self) -> VmRecord {
+        lock(&self.record).clone()
+    }
+
+    /// Whether the VM counts against host memory (not stopped).
+    pub fn is_live(&self) -> bool {
+        !matches!(lock(&self.record).state, VmState::Stopped(_))
+    }
+
+    /// Sets and persists the state.
+    pub fn set_state(&self, state: VmState) {
+        let mut rec = lock(&self.record);
+        rec.state = state;
+        if let Err(e) = self.state_dir.save(&self.name, &rec) {
+            eprintln!("bulkheadd: cannot save the state of VM '{}': {e}", self.name);
+        }
+    }
+
+    /// Saves the record as it is.
+    pub fn save(&self) {
+        let rec = lock(&self.record);
+        if let Err(e) = self.state_dir.save(&self.name, &rec) {
+            eprintln!("bulkheadd: cannot save the state of VM '{}': {e}", self.name);
+        }
+    }
+
+    /// Seconds since creation.
+    pub fn uptime(&self) -> u64 {
+        now_unix().saturating_sub(lock(&self.record).created_unix)
+    }
+
+    /// Attaches the runner's control channel and starts the supervisor thread on `reader`.
+    pub fn attach(self: &Arc<Self>, reader: Channel, pidfd: Option<OwnedFd>) -> std::io::Result<()> {
+        let sender = reader.try_clone().map_err(std::io::Error::other)?;
+        *lock(&self.ctl) = Some(sender);
+        *lock(&self.pidfd) = pidfd;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("vm-{}", self.name))
+            .spawn(move || me.supervise(reader))?;
+        Ok(())
+    }
+
+    /// Sends a command without waiting.
+    pub fn send(&self, cmd: &RunnerCommand) -> Result<(), String> {
+        match lock(&self.ctl).as_ref() {
+            Some(ch) => ch.send(cmd, &[]).map_err(|e| format!("runner of '{}' is unreachable: {e}", self.name)),
+            None => Err(format!("VM '{}' has no runner", self.name)),
+        }
+    }
+
+    /// Sends a command and waits for the runner's answer.
+    pub fn request(&self, cmd: &RunnerCommand, timeout: Duration) -> Result<RunnerEvent, String> {
+        let _one_at_a_time = lock(&self.cmd_lock);
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        *lock(&self.waiter) = Some(tx);
+        let sent = self.send(cmd);
+        let answer = sent.and_then(|()| {
+            rx.recv_timeout(timeout)
+                .map_err(|_| format!("runner of '{}' did not answer within {timeout:?}", self.name))
+        });
+        *lock(&self.waiter) = None;
+        answer
+    }
+
+    /// Waits until the VM has stopped, up to `timeout`. True if it has.
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        let (m, c) = &self.stopped;
+        let deadline = Instant::now() + timeout;
+        let mut done = lock(m);
+        while !*done {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            done = c.wait_timeout(done, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+
+    /// Kills the runner (destroy). The supervisor records the stop.
+    pub fn kill(&self) -> Result<(), String> {
+        *lock(&self.destroying) = true;
+        if let Some(fd) = lock(&self.pidfd).as_ref() {
+            return super::spawn::pidfd_kill(fd).map_err(|e| format!("cannot kill the runner: {e}"));
+        }
+        match lock(&self.record).runner_pid {
+            Some(pid) if self.spawned_here => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+                .map_err(|e| format!("cannot kill runner pid {pid}: {e}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds a console subscriber; returns the buffered history.
+    pub fn subscribe(&self, id: u64, ch: Channel) -> Vec<u8> {
+        let mut c = lock(&self.console);
+        c.subscribers.push((id, ch));
+        c.ring.iter().copied().collect()
+    }
+
+    /// Removes a console subscriber.
+    pub fn unsubscribe(&self, id: u64) {
+        lock(&self.console).subscribers.retain(|(i, _)| *i != id);
+    }
+
+    /// Marks a VM stopped without a runner (found dead at adoption).
+    pub fn mark_stopped(&self, reason: StopReason) {
+        self.set_state(VmState::Stopped(reason));
+        let (m, c) = &self.stopped;
+        *lock(m) = true;
+        c.notify_all();
+    }
+
+    fn supervise(self: Arc<Self>, reader: Channel) {
+        loop {
+            match reader.recv::<RunnerEvent>() {
+                Ok((RunnerEvent::Console(data), _)) => lock(&self.console).push(&data),
+                Ok((RunnerEvent::Exited(o), _)) => *lock(&self.outcome) = Some(o),
+                Ok((event, _)) => {
+                    if let Some(w) = lock(&self.waiter).as_ref() {
+                        let _ = w.try_send(event);
+                    }
+                }
+                Err(IpcError::Closed) => break,
+                Err(e) => {
+                    eprintln!("bulkheadd: VM '{}': bad frame from its runner, dropping it: {e}", self.name);
+                    break;
+                }
+            }
+        }
+        *lock(&self.ctl) = None;
+        let reason = self.stop_reason();
+        eprintln!("bulkheadd: VM '{}' stopped: {}", self.name, describe(&reason));
+        {
+            let mut rec = lock(&self.record);
+            rec.state = VmState::Stopped(reason.clone());
+            if let Err(e) = self.state_dir.save(&self.name, &rec) {
+                eprintln!("bulkheadd: cannot save the state of VM '{}': {e}", self.name);
+            }
+        }
+        let _ = std::fs::remove_file(self.state_dir.socket_path(&self.name));
+        let closed = Reply::ConsoleClosed {
+            reason: format!("VM stopped: {}", describe(&reason)),
+        };
+        for (_, ch) in std::mem::take(&mut lock(&self.console).subscribers) {
+            let _ = ch.send(&closed, &[]);
+        }
+        let (m, c) = &self.stopped;
+        *lock(m) = true;
+        c.notify_all();
+    }
+
+    /// Decides why the runner went away, reaping it if it is our child.
+    fn stop_reason(&self) -> StopReason {
+        let pid = lock(&self.record).runner_pid;
+        let mut status = None;
+        if let (Some(pid), true) = (pid, self.spawned_here) {
+            status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).ok();
+        }
+        if *lock(&self.destroying) {
+            return StopReason::Destroyed;
+        }
+        match lock(&self.outcome).clone() {
+            Some(GuestOutcome::Reset) => StopReason::GuestShutdown,
+            Some(GuestOutcome::DebugExit(v)) => StopReason::GuestExit(v),
+            Some(GuestOutcome::Failed(why)) => StopReason::Crashed(why),
+            None => StopReason::Crashed(match status {
+                Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("runner killed by {sig}"),
+                Some(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("runner exited with status {code} without a report"),
+                _ => "runner died".to_string(),
+            }),
+        }
+    }
+}
+
+/// Human wording of a stop reason.
+pub fn describe(r: &StopReason) -> String {
+    match r {
+        StopReason::GuestShutdown => "guest shut down".into(),
+        StopReason::GuestExit(v) => format!("guest exited with status {v}"),
+        StopReason::Crashed(why) => format!("crashed: {why}"),
+        StopReason::Destroyed => "destroyed".into(),
+    }
+}
+
+/// Locks, recovering from a poisoned mutex (a panicked thread must not wedge the daemon).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,285 @@
+//! VM configuration files (TOML): parsing, validation, and resolving paths.
+
+use std::path::{Path, PathBuf};
+
+use core_vmm::config::{parse_memory_size, MAX_VCPUS};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A VM config that cannot be used, with the key or value at fault.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum VmConfigError {
+    /// TOML syntax, unknown key, wrong type.
+    #[error("VM config: {0}")]
+    Parse(String),
+    /// A value out of range.
+    #[error("VM config: {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// `memory = "256M"` or `memory = 512` (MiB).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MemorySetting {
+    /// A size with a suffix.
+    Text(String),
+    /// MiB.
+    Mib(u64),
+}
+
+/// One disk of a VM (served by `bulkhead-blk` once the disk issue lands).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image path.
+    pub path: PathBuf,
+    /// Read-only to the guest.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Serial number reported to the guest (VIRTIO_BLK_F_GET_ID, 20 bytes at most).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// One NIC of a VM (served by `bulkhead-net` once the network issue lands).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// MAC address, `52:54:00:12:34:56`.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Network name from the policy's networks.
+    pub network: String,
+}
+
+/// A VM config file, as written by an administrator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigFile {
+    /// VM name: letters, digits, `-`, `_`, `.`; 1–64 characters.
+    pub name: String,
+    /// vCPUs (default 1).
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Guest RAM (default 256M).
+    #[serde(default = "default_memory")]
+    pub memory: MemorySetting,
+    /// Kernel image (ELF with PVH note, or bzImage).
+    pub kernel: PathBuf,
+    /// Initrd.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Owner: a uid, or a user name from /etc/passwd (default: the creator).
+    #[serde(default)]
+    pub owner: Option<Owner>,
+    /// Disks.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// NICs.
+    #[serde(default)]
+    pub nics: Vec<NicConfig>,
+}
+
+/// `owner = 1000` or `owner = "alice"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Owner {
+    /// A uid.
+    Uid(u32),
+    /// A user name.
+    Name(String),
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_memory() -> MemorySetting {
+    MemorySetting::Text("256M".into())
+}
+
+/// A validated VM config: sizes in bytes, paths absolute, owner resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Name.
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// RAM bytes.
+    pub memory: u64,
+    /// Kernel, absolute.
+    pub kernel: PathBuf,
+    /// Initrd, absolute.
+    pub initrd: Option<PathBuf>,
+    /// Command line.
+    pub cmdline: String,
+    /// Owner uid.
+    pub owner: u32,
+    /// Disks, paths absolute.
+    pub disks: Vec<DiskConfig>,
+    /// NICs.
+    pub nics: Vec<NicConfig>,
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> VmConfigError {
+    VmConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn absolute(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Whether `name` is usable as a VM name (also a file name in the state dir).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Looks a user name up in /etc/passwd (no NSS: the daemon does not load modules).
+pub fn uid_of(user: &str) -> Option<u32> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == user).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// Parses and validates a config; relative paths are taken from `config_dir`; `creator` owns
+/// the VM when the config names no owner.
+pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmConfigError> {
+    let file: VmConfigFile = toml::from_str(text).map_err(|e| VmConfigError::Parse(one_line(&e.to_string())))?;
+    if !valid_name(&file.name) {
+        return Err(invalid(
+            "name",
+            format!("'{}' is not a valid name: use 1-64 letters, digits, '-', '_' or '.'", file.name),
+        ));
+    }
+    let vcpus = u8::try_from(file.vcpus)
+        .ok()
+        .filter(|v| (1..=MAX_VCPUS).contains(v))
+        .ok_or_else(|| invalid("vcpus", format!("{} is out of range 1..={MAX_VCPUS}", file.vcpus)))?;
+    let memory = match &file.memory {
+        MemorySetting::Text(t) => parse_memory_size(t).map_err(|e| invalid("memory", e.to_string()))?,
+        MemorySetting::Mib(m) => m
+            .checked_mul(1 << 20)
+            .ok_or_else(|| invalid("memory", format!("{m} MiB is too large")))?,
+    };
+    if memory < core_vmm::config::MIN_MEMORY {
+        return Err(invalid(
+            "memory",
+            format!("{} KiB is too small: at least {} MiB", memory >> 10, core_vmm::config::MIN_MEMORY >> 20),
+        ));
+    }
+    core_vmm::config::validate_machine(memory, vcpus, &file.cmdline).map_err(|e| invalid("memory/cmdline", e.to_string()))?;
+    let owner = match &file.owner {
+        None => creator,
+        Some(Owner::Uid(u)) => *u,
+        Some(Owner::Name(n)) => uid_of(n).ok_or_else(|| invalid("owner", format!("no user named '{n}' in /etc/passwd")))?,
+    };
+    for d in &file.disks {
+        if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
+            return Err(invalid("disks.serial", "at most 20 bytes"));
+        }
+    }
+    for n in &file.nics {
+        if let Some(mac) = &n.mac {
+            if !valid_mac(mac) {
+                return Err(invalid("nics.mac", format!("'{mac}' is not a MAC address like 52:54:00:12:34:56")));
+            }
+        }
+    }
+    Ok(VmSpec {
+        name: file.name,
+        vcpus,
+        memory,
+        kernel: absolute(config_dir, &file.kernel),
+        initrd: file.initrd.as_deref().map(|p| absolute(config_dir, p)),
+        cmdline: file.cmdline,
+        owner,
+        disks: file
+            .disks
+            .into_iter()
+            .map(|d| DiskConfig {
+                path: absolute(config_dir, &d.path),
+                ..d
+            })
+            .collect(),
+        nics: file.nics,
+    })
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "name = \"web1\"\nkernel = \"guest.elf\"\n";
+
+    #[test]
+    fn minimal_and_defaults() {
+        let s = parse(BASE, Path::new("/etc/vms"), 1000).expect("parse");
+        assert_eq!(s.vcpus, 1);
+        assert_eq!(s.memory, 256 << 20);
+        assert_eq!(s.kernel, PathBuf::from("/etc/vms/guest.elf"));
+        assert_eq!(s.owner, 1000);
+    }
+
+    #[test]
+    fn memory_forms() {
+        let m = |v: &str| parse(&format!("{BASE}memory = {v}\n"), Path::new("/"), 0).map(|s| s.memory);
+        assert_eq!(m("\"1G\""), Ok(1 << 30));
+        assert_eq!(m("512"), Ok(512 << 20));
+        assert!(m("\"1K\"").is_err());
+        assert!(m("\"lots\"").is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&format!("{BASE}colour = \"blue\"\n"), Path::new("/"), 0).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = parse(&format!("{BASE}[[disks]]\npath = \"a.img\"\nspeed = 3\n"), Path::new("/"), 0).unwrap_err();
+        assert!(e.to_string().contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn devices_and_owner() {
+        let text = format!(
+            "{BASE}owner = 0\n[[disks]]\npath = \"d.img\"\nreadonly = true\nserial = \"S1\"\n[[nics]]\nmac = \"52:54:00:00:00:01\"\nnetwork = \"lan\"\n"
+        );
+        let s = parse(&text, Path::new("/srv"), 1000).expect("parse");
+        assert_eq!(s.owner, 0);
+        assert_eq!(s.disks[0].path, PathBuf::from("/srv/d.img"));
+        assert!(s.disks[0].readonly);
+        assert_eq!(s.nics[0].network, "lan");
+        assert!(parse(&format!("{BASE}[[nics]]\nmac = \"zz\"\nnetwork = \"x\"\n"), Path::new("/"), 0).is_err());
+        assert!(parse(&format!("{BASE}vcpus = 0\n"), Path::new("/"), 0).is_err());
+        assert!(parse("name = \"../x\"\nkernel = \"k\"\n", Path::new("/"), 0).is_err());
+        assert_eq!(uid_of("root"), Some(0));
+    }
+}
