@@ -1,15 +1,47 @@
 #!/usr/bin/env bash
-# The main job, for now: build bulkhead-runner and the bare-metal test guest, then boot the
-# guest on 2 vCPUs and show its console. (The control domain and devices come next.)
+# The main job: build Bulkhead, start the control domain (bulkheadd), create a demo VM (the
+# bare-metal test guest, 2 vCPUs) through the `bulkhead` CLI, show its console, then shut it
+# down. Runs as root (bulkheadd creates namespaces and switches runners to their own uid).
+# Set KEEP=1 to leave the daemon and VM running and attach to the console yourself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p bulkhead-core-vmm -p bulkhead-tests >&2
-guest=target/guest/x86_64-unknown-linux-gnu/release/bulkhead-test-guest
-echo "== booting the test guest under bulkhead-runner (2 vCPUs, 256 MiB) ==" >&2
-set +e
-target/release/bulkhead-runner --kernel "$guest" --vcpus 2 --memory 256M \
-  --cmdline "demo exit=0" --verbose "$@"
-status=$?
-set -e
-echo "== bulkhead-runner exited with status $status ==" >&2
-exit "$status"
+
+cargo build --release --workspace --bins >&2
+cargo build --release -p bulkhead-tests >&2     # builds the test guest
+bin=target/release
+guest=$PWD/target/guest/x86_64-unknown-linux-gnu/release/bulkhead-test-guest
+work=${BULKHEAD_DEMO_DIR:-/tmp/bulkhead-demo}
+sock=$work/bulkhead.sock
+mkdir -p "$work"
+bh() { "$bin/bulkhead" --socket "$sock" "$@"; }
+
+if ! bh list >/dev/null 2>&1; then
+  echo "== starting bulkheadd (state in $work/state, log in $work/bulkheadd.log) ==" >&2
+  "$bin/bulkheadd" --socket "$sock" --state-dir "$work/state" --policy "$work/policy.toml" \
+    >"$work/bulkheadd.log" 2>&1 &
+  for _ in $(seq 100); do bh list >/dev/null 2>&1 && break; sleep 0.05; done
+fi
+bh destroy demo >/dev/null 2>&1 || true
+
+cat >"$work/demo.toml" <<TOML
+name = "demo"
+vcpus = 2
+memory = "256M"
+kernel = "$guest"
+cmdline = "ticks=500"
+TOML
+echo "== bulkhead create $work/demo.toml ==" >&2
+bh create "$work/demo.toml"
+bh list
+echo "== bulkhead console demo (3 seconds) ==" >&2
+timeout 3 "$bin/bulkhead" --socket "$sock" console demo </dev/null || true
+echo
+if [ "${KEEP:-0}" = 1 ]; then
+  echo "== left running: $bin/bulkhead --socket $sock console demo (Ctrl-] detaches) ==" >&2
+  exit 0
+fi
+echo "== bulkhead shutdown demo ==" >&2
+bh shutdown demo --timeout 20
+bh list
+bh destroy demo
+pkill -TERM -f "bulkheadd --socket $sock" || true

@@ -460,7 +460,10 @@ impl Daemon {
     fn adopt(&self, vm: &Arc<VmEntry>, rec: &VmRecord) -> Result<(), String> {
         let pid = rec.runner_pid.ok_or("no runner pid recorded")?;
         let sock = self.state.socket_path(&vm.name);
-        let gone = |e: String| format!("runner pid {pid} was gone when bulkheadd restarted ({e})");
+        let gone = |e: String| {
+            log(&format!("VM '{}': cannot reach runner pid {pid}: {e}", vm.name));
+            format!("runner pid {pid} was gone when bulkheadd restarted")
+        };
         let ch = Channel::connect(&sock).map_err(|e| gone(e.to_string()))?;
         client_hello(&ch, Role::Daemon, Duration::from_secs(5)).map_err(|e| gone(e.to_string()))?;
         let pidfd = spawn::pidfd_open(pid).ok();

@@ -51,14 +51,23 @@ fn child_fail(msg: &[u8]) -> isize {
 /// [`seal_root`] runs; it must not act on anything before that (it waits for `Boot`).
 pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSandbox) -> std::io::Result<i32> {
     let exe = cstr(runner.as_os_str().as_bytes())?;
-    let mut args = vec![exe.clone(), cstr(b"--control-fd")?, cstr(b"3")?];
+    let mut args = vec![exe, cstr(b"--control-fd")?, cstr(b"3")?];
     if sb.selftest {
         args.push(cstr(b"--sandbox-selftest")?);
     }
     let argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
-    let sources = [devnull.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd(), listener.as_raw_fd()];
+    // Opened here, as root, and executed by fd: the runner's uid needs no path to it.
+    let runner_file = File::open(runner)?;
+    let sources = [
+        devnull.as_raw_fd(),
+        log.as_raw_fd(),
+        log.as_raw_fd(),
+        listener.as_raw_fd(),
+        runner_file.as_raw_fd(),
+    ];
+    let empty = cstr(b"")?;
     let hostname = sb.hostname.as_bytes().to_vec();
     let uid = sb.uid;
     let threads = u64::from(sb.vcpus) + 32;
@@ -76,8 +85,9 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
                 return child_fail(b"sethostname");
             }
             libc::setsid();
-            // Move the handed fds out of the way, then into 0..=3.
-            let mut high = [0i32; 4];
+            // Move the handed fds out of the way, then into 0..=3 (4 is the runner binary,
+            // close-on-exec).
+            let mut high = [0i32; 5];
             for (i, src) in sources.iter().enumerate() {
                 high[i] = libc::fcntl(*src, libc::F_DUPFD, 100);
                 if high[i] < 0 {
@@ -89,8 +99,11 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
                     return child_fail(b"dup2 of a handed fd");
                 }
             }
+            if libc::fcntl(4, libc::F_SETFD, libc::FD_CLOEXEC) != 0 {
+                return child_fail(b"cloexec on the runner binary");
+            }
             // Everything else is closed: the runner holds only what it was handed.
-            if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
+            if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) != 0 {
                 return child_fail(b"close_range");
             }
             let limits: [(libc::__rlimit_resource_t, u64); 5] = [
@@ -118,8 +131,8 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return child_fail(b"no_new_privs");
             }
-            libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            child_fail(b"execve of the runner")
+            libc::syscall(libc::SYS_execveat, 4, empty.as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
+            child_fail(b"execveat of the runner")
         }
     });
     let flags = nix::sched::CloneFlags::CLONE_NEWNS
@@ -131,6 +144,7 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
     // exits; it never returns into the parent's Rust state.
     let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }.map_err(std::io::Error::from)?;
     drop(devnull);
+    drop(runner_file);
     drop(log);
     drop(listener);
     Ok(pid.as_raw())
