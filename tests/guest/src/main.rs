@@ -4,8 +4,8 @@
 //! and under `bulkhead-runner`. A short ring-0 stub (`boot.S`) enters long mode and
 //! drops to ring 3 with IOPL 3, where everything below runs. What it does is chosen by
 //! whitespace-separated command-line tokens (unknown ones are ignored):
-//! `echo`, `fault=triple|unemulated|pagefault|panic`, `exit=<0..255>`, `reboot`,
-//! `fill=<MiB>`.
+//! `echo`, `ticks=<ms>`, `fault=triple|unemulated|pagefault|panic`, `exit=<0..255>`,
+//! `reboot`, `fill=<MiB>`.
 //! See tests/guest/README.md for the exact output lines.
 #![no_std]
 #![no_main]
@@ -16,16 +16,21 @@ mod mem;
 mod serial;
 mod smp;
 mod start_info;
+mod tsc;
 
 use boot::{inb, outb};
 
 /// The debug-exit port (QEMU isa-debug-exit: status (v << 1) | 1; bulkhead-runner: v).
 const DEBUG_EXIT_PORT: u16 = 0xf4;
 const DEFAULT_FILL_MIB: u64 = 4;
+/// Bulkhead's shutdown-request port: reads 0 normally and 1 once the control domain asks
+/// the guest to shut down; 0xff where nothing decodes it (QEMU), which is no request.
+const SHUTDOWN_REQUEST_PORT: u16 = 0xf5;
 
 /// Options parsed from the command line.
 struct Options {
     echo: bool,
+    ticks_ms: Option<u64>,
     fault: Option<Fault>,
     exit: u8,
     reboot: bool,
@@ -43,6 +48,7 @@ enum Fault {
 fn parse_options(cmdline: &str) -> Options {
     let mut o = Options {
         echo: false,
+        ticks_ms: None,
         fault: None,
         exit: 0,
         reboot: false,
@@ -61,6 +67,10 @@ fn parse_options(cmdline: &str) -> Options {
                     if let Ok(v) = v.parse::<u8>() {
                         o.exit = v;
                     }
+                } else if let Some(v) = tok.strip_prefix("ticks=") {
+                    if let Ok(v @ 1..) = v.parse::<u64>() {
+                        o.ticks_ms = Some(v);
+                    }
                 } else if let Some(v) = tok.strip_prefix("fill=") {
                     if let Ok(v) = v.parse::<u64>() {
                         o.fill_mib = v;
@@ -72,14 +82,22 @@ fn parse_options(cmdline: &str) -> Options {
     o
 }
 
-/// Resets through the i8042 (0xFE to port 0x64), then halts.
-fn i8042_reset() -> ! {
+/// Pulses the reset line through the i8042 (0xFE to port 0x64); returns if nothing reset.
+/// Waits (bounded) for the input buffer to drain first; a status of 0xff means nothing
+/// decodes the port (e.g. QEMU microvm), so there is nothing to wait for.
+fn i8042_pulse_reset() {
     for _ in 0..100_000 {
-        if inb(0x64) & 0x02 == 0 {
+        let status = inb(0x64);
+        if status & 0x02 == 0 || status == 0xff {
             break;
         }
     }
     outb(0x64, 0xfe);
+}
+
+/// Resets through the i8042 (0xFE to port 0x64), then halts.
+fn i8042_reset() -> ! {
+    i8042_pulse_reset();
     boot::halt_forever()
 }
 
@@ -89,14 +107,66 @@ pub fn exit(v: u8) -> ! {
     i8042_reset()
 }
 
+/// Polls [`SHUTDOWN_REQUEST_PORT`] at most once per ~1 ms of TSC time, so that a guest
+/// spinning in a loop does not turn into a storm of VM exits.
+struct ShutdownPoll {
+    interval: u64,
+    next: u64,
+}
+
+impl ShutdownPoll {
+    fn new(tsc_khz: u64) -> ShutdownPoll {
+        ShutdownPoll {
+            interval: tsc_khz.max(1),
+            next: 0,
+        }
+    }
+
+    /// If the poll is due: reads the port and shuts down on a request; returns whether
+    /// it was due. `mid_line`: the console cursor is not at the start of a line.
+    fn poll(&mut self, mid_line: bool) -> bool {
+        let now = tsc::now();
+        if now < self.next {
+            return false;
+        }
+        self.next = now + self.interval;
+        if shutdown_requested() {
+            shutdown(mid_line, self.interval);
+        }
+        true
+    }
+}
+
+/// Whether the control domain asked for a shutdown (the port reads exactly 1).
+fn shutdown_requested() -> bool {
+    inb(SHUTDOWN_REQUEST_PORT) == 1
+}
+
+/// Answers a shutdown request: `shutdown: requested`, i8042 reset; if the reset returns
+/// (~100 ms later), exit status 0 through the debug-exit port.
+fn shutdown(mid_line: bool, tsc_per_ms: u64) -> ! {
+    if mid_line {
+        serial::write_raw(b"\n");
+    }
+    println!("shutdown: requested");
+    i8042_pulse_reset();
+    let deadline = tsc::now() + 100 * tsc_per_ms;
+    while tsc::now() < deadline {
+        core::hint::spin_loop();
+    }
+    exit(0)
+}
+
 /// Echo mode: echo received bytes until a line equal to `quit`.
 fn echo() {
     println!("echo: ready");
+    let mut shutdown = ShutdownPoll::new(tsc::khz().0);
     let mut line = [0u8; 64];
     let mut len = 0usize;
     let mut last_cr = false;
     loop {
         let Some(b) = serial::try_read() else {
+            shutdown.poll(len != 0);
             core::hint::spin_loop();
             continue;
         };
@@ -124,6 +194,54 @@ fn echo() {
         }
     }
     println!("echo: done");
+}
+
+/// Ticks mode: prints `tick <n>` every `ms` milliseconds (TSC time) forever; polls the
+/// shutdown port and echoes console input about once per millisecond in between.
+fn ticks(ms: u64) -> ! {
+    let (khz, source) = tsc::khz();
+    println!("tsc: {} kHz ({})", khz, source.name());
+    let period = ms.saturating_mul(khz).max(1);
+    let mut shutdown = ShutdownPoll::new(khz);
+    let mut next_tick = tsc::now().saturating_add(period);
+    let mut n = 0u64;
+    let mut mid_line = false;
+    let mut last_cr = false;
+    loop {
+        let now = tsc::now();
+        if now >= next_tick {
+            n += 1;
+            if mid_line {
+                serial::write_raw(b"\n");
+                mid_line = false;
+            }
+            println!("tick {}", n);
+            next_tick = next_tick.saturating_add(period);
+            if next_tick <= now {
+                // Fell more than a period behind (the VM was paused): don't catch up.
+                next_tick = now.saturating_add(period);
+            }
+        }
+        if shutdown.poll(mid_line) {
+            // Echo what is waiting (bounded, so a flood of input cannot starve the ticks).
+            for _ in 0..16 {
+                let Some(b) = serial::try_read() else { break };
+                match b {
+                    b'\n' if last_cr => {}
+                    b'\r' | b'\n' => {
+                        serial::write_raw(b"\n");
+                        mid_line = false;
+                    }
+                    _ => {
+                        serial::write_raw(&[b]);
+                        mid_line = true;
+                    }
+                }
+                last_cr = b == b'\r';
+            }
+        }
+        core::hint::spin_loop();
+    }
 }
 
 /// Boot-processor main, in ring 3.
@@ -171,6 +289,9 @@ fn main(start_info_paddr: u64) -> ! {
 
     if opts.echo {
         echo();
+    }
+    if let Some(ms) = opts.ticks_ms {
+        ticks(ms);
     }
     match opts.fault {
         Some(Fault::Triple) => {

@@ -231,36 +231,16 @@ pub fn discover(rsdp_hint: u64) -> CpuList {
 }
 
 fn tsc() -> u64 {
-    // SAFETY: rdtsc is allowed in ring 3 (CR4.TSD is clear).
-    unsafe { core::arch::x86_64::_rdtsc() }
+    crate::tsc::now()
 }
 
-/// Best guess of the TSC frequency (only used for bounded delays).
+/// Best guess of the TSC frequency (only used for bounded delays; 3 GHz if unknown, so
+/// that the delays err on the long side).
 pub fn tsc_hz() -> u64 {
-    use core::arch::x86_64::__cpuid;
-    {
-        let hv = __cpuid(0x4000_0000);
-        if hv.eax >= 0x4000_0010 {
-            let khz = __cpuid(0x4000_0010).eax as u64;
-            if khz != 0 {
-                return khz * 1000;
-            }
-        }
-        let max = __cpuid(0).eax;
-        if max >= 0x15 {
-            let l = __cpuid(0x15);
-            if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
-                return l.ecx as u64 * l.ebx as u64 / l.eax as u64;
-            }
-        }
-        if max >= 0x16 {
-            let mhz = __cpuid(0x16).eax as u64 & 0xffff;
-            if mhz != 0 {
-                return mhz * 1_000_000;
-            }
-        }
+    match crate::tsc::detect() {
+        Some((khz, _)) => khz * 1000,
+        None => 3_000_000_000,
     }
-    3_000_000_000
 }
 
 fn delay_us(hz: u64, us: u64) {
