@@ -1,0 +1,472 @@
+//! The `bulkhead` CLI: a thin client of `bulkheadd`. Every verb is one
+//! [`Request`](bulkhead_ipc::control::Request) on a fresh connection; the reply is printed
+//! ([`format`]) or, for `console`, streamed ([`console`]).
+//!
+//! [`main_with_args`] is the whole program; [`run`] is the same with the process's
+//! streams and environment passed in, so tests drive it end to end against a fake daemon.
+
+pub mod console;
+pub mod format;
+
+use std::ffi::{OsStr, OsString};
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bulkhead_ipc::control::{ErrorCode, Reply, Request};
+use bulkhead_ipc::hello::{self, Role};
+use bulkhead_ipc::{Channel, IpcError};
+use clap::Parser;
+
+/// Where `bulkheadd` listens unless `--socket` or `BULKHEAD_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/bulkhead/bulkhead.sock";
+
+/// The environment variable naming the daemon's socket.
+pub const SOCKET_ENV: &str = "BULKHEAD_SOCKET";
+
+/// Exit status: any failure without a more specific status.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: bad usage (clap's).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: `bulkheadd`'s policy refused the request.
+pub const EXIT_DENIED: u8 = 3;
+/// Exit status: no such VM.
+pub const EXIT_NOT_FOUND: u8 = 4;
+/// Exit status: the guest did not comply in time.
+pub const EXIT_TIMEOUT: u8 = 5;
+
+/// How long the daemon has to answer the hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the daemon has to answer a request (other than `shutdown`, which gets its
+/// own timeout plus [`SHUTDOWN_GRACE`]).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Extra time given to the daemon to answer `shutdown` beyond the guest's timeout.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+const AFTER_HELP: &str = "\
+The daemon's socket is --socket PATH, else $BULKHEAD_SOCKET, else /run/bulkhead/bulkhead.sock.
+
+Exit status:
+  0  success
+  1  failure: bulkheadd unreachable or refused the connection, a bad or unexpected
+     reply, or an error bulkheadd reports without a more specific status
+  2  usage error
+  3  bulkheadd's policy denied the request
+  4  no such VM (or not visible to you)
+  5  timed out: the guest did not do it in time (e.g. shutdown --timeout)";
+
+/// Manage Bulkhead VMs: a thin client of the bulkheadd daemon; every verb is one request
+/// to it, and bulkheadd decides what you may do.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// bulkheadd's socket [default: $BULKHEAD_SOCKET, else /run/bulkhead/bulkhead.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+/// The verbs, named as in Xen's `xl`.
+#[derive(clap::Subcommand, Debug)]
+enum Verb {
+    /// Create and start a VM from a TOML config file.
+    ///
+    /// The file is sent to bulkheadd as it is; bulkheadd validates it and resolves relative
+    /// paths in it against the file's directory. Prints `created NAME (id ID)`.
+    Create {
+        /// The VM config (TOML).
+        #[arg(value_name = "CONFIG")]
+        config: PathBuf,
+        /// Then attach to the VM's console (as `bulkhead console NAME`).
+        #[arg(short, long)]
+        console: bool,
+    },
+    /// List the VMs you may see.
+    ///
+    /// Columns: NAME, ID, STATE (running, paused, starting, or stopped (REASON)), VCPUS,
+    /// MEMORY(MiB), OWNER (uid), PID (of the VM's runner, - when none), UPTIME (time
+    /// since creation, [D-]HH:MM:SS or MM:SS).
+    List {
+        /// Print the list as JSON (an array of bulkheadd's VM summaries) instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM's details, one `key: value` line each.
+    Info {
+        /// The VM's name.
+        name: String,
+        /// Print bulkheadd's VM info as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach to a VM's serial console.
+    ///
+    /// Prints the recent output bulkheadd kept, then streams the guest's output to stdout
+    /// and sends stdin to the guest. On a terminal, stdin is put in raw mode (Ctrl-C goes to
+    /// the guest) until bulkhead exits. Ctrl-] (byte 0x1d, from a terminal or a pipe)
+    /// detaches. When stdin is not a terminal and ends, output keeps streaming. Exits 0
+    /// when you detach or the console closes (the VM stopped).
+    Console {
+        /// The VM's name.
+        name: String,
+    },
+    /// Pause a VM: stop running its vCPUs.
+    Pause {
+        /// The VM's name.
+        name: String,
+    },
+    /// Resume a paused VM.
+    Unpause {
+        /// The VM's name.
+        name: String,
+    },
+    /// Ask the guest to shut down, and wait for it.
+    ///
+    /// If the guest has not shut down within the timeout, bulkhead says so and exits
+    /// with status 5; `bulkhead destroy` stops a VM by force.
+    Shutdown {
+        /// The VM's name.
+        name: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u32,
+    },
+    /// Kill a VM now and remove it.
+    Destroy {
+        /// The VM's name.
+        name: String,
+    },
+}
+
+/// The process's streams and environment, passed in so tests can supply their own.
+pub struct Streams<'a> {
+    /// Console input (read by a separate thread while a console is attached).
+    pub stdin: Option<Box<dyn Read + Send>>,
+    /// Whether the process's real stdin is a terminal: then `console` puts it in raw mode.
+    /// Only ever true when `stdin` is the real stdin.
+    pub stdin_is_tty: bool,
+    /// Where results and console output go.
+    pub stdout: &'a mut dyn Write,
+    /// Where errors and console notices go.
+    pub stderr: &'a mut dyn Write,
+    /// The value of `BULKHEAD_SOCKET`, if set.
+    pub socket_env: Option<OsString>,
+}
+
+/// A failed verb: the exit status and the one line to print after `bulkhead: `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Exit status.
+    pub status: u8,
+    /// What went wrong, one line.
+    pub message: String,
+}
+
+impl Failure {
+    fn new(message: impl Into<String>) -> Failure {
+        Failure {
+            status: EXIT_FAILURE,
+            message: message.into(),
+        }
+    }
+
+    /// An error reply from the daemon.
+    fn from_reply(code: ErrorCode, message: &str) -> Failure {
+        let status = match code {
+            ErrorCode::Denied => EXIT_DENIED,
+            ErrorCode::NotFound => EXIT_NOT_FOUND,
+            ErrorCode::Timeout => EXIT_TIMEOUT,
+            ErrorCode::Protocol
+            | ErrorCode::BadConfig
+            | ErrorCode::Exists
+            | ErrorCode::WrongState
+            | ErrorCode::Internal => EXIT_FAILURE,
+        };
+        Failure {
+            status,
+            message: one_line(message),
+        }
+    }
+
+    /// A reply that makes no sense for `verb`.
+    fn unexpected(verb: &str, reply: &Reply) -> Failure {
+        Failure::new(format!(
+            "unexpected reply from bulkheadd to `{verb}`: {}",
+            reply_name(reply)
+        ))
+    }
+
+    fn stdout(e: &std::io::Error) -> Failure {
+        Failure::new(format!("cannot write to stdout: {e}"))
+    }
+}
+
+/// Text as one printable line.
+fn one_line(s: &str) -> String {
+    format::sanitize(s.trim_end())
+}
+
+/// A reply's variant name, for messages.
+fn reply_name(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Done { .. } => "Done",
+        Reply::Created { .. } => "Created",
+        Reply::List { .. } => "List",
+        Reply::Info { .. } => "Info",
+        Reply::ConsoleAttached { .. } => "ConsoleAttached",
+        Reply::ConsoleOutput { .. } => "ConsoleOutput",
+        Reply::ConsoleClosed { .. } => "ConsoleClosed",
+        Reply::Error { .. } => "Error",
+    }
+}
+
+/// The errno text of an I/O error, without Rust's `(os error N)` suffix.
+fn errno_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_owned(),
+        None => e.to_string(),
+    }
+}
+
+/// `--socket`, else `BULKHEAD_SOCKET` (if set and not empty), else [`DEFAULT_SOCKET`].
+pub fn socket_path(arg: Option<&Path>, env: Option<&OsStr>) -> PathBuf {
+    match (arg, env) {
+        (Some(p), _) => p.to_owned(),
+        (None, Some(e)) if !e.is_empty() => PathBuf::from(e),
+        _ => PathBuf::from(DEFAULT_SOCKET),
+    }
+}
+
+/// Connect to `bulkheadd` at `path` and say hello as the CLI.
+pub fn connect(path: &Path) -> Result<Channel, Failure> {
+    let ch = Channel::connect(path).map_err(|e| {
+        let why = match &e {
+            IpcError::Io { source, .. } => errno_text(source),
+            other => other.to_string(),
+        };
+        Failure::new(format!(
+            "cannot reach bulkheadd at {}: {why} (is bulkheadd running? use --socket or {SOCKET_ENV})",
+            path.display()
+        ))
+    })?;
+    match hello::client_hello(&ch, Role::Cli, HELLO_TIMEOUT) {
+        Ok(()) => Ok(ch),
+        Err(IpcError::Refused { reason, .. }) => Err(Failure::new(format!(
+            "bulkheadd refused the connection: {}",
+            one_line(&reason)
+        ))),
+        Err(IpcError::VersionMismatch { ours, theirs }) => Err(Failure::new(format!(
+            "bulkheadd at {} speaks protocol version {theirs}; this bulkhead speaks version {ours}",
+            path.display()
+        ))),
+        Err(IpcError::Timeout) => Err(Failure::new(format!(
+            "bulkheadd at {} did not answer within {} s",
+            path.display(),
+            HELLO_TIMEOUT.as_secs()
+        ))),
+        Err(IpcError::Closed) => Err(Failure::new(format!(
+            "bulkheadd at {} closed the connection without answering",
+            path.display()
+        ))),
+        Err(e) => Err(Failure::new(format!(
+            "cannot talk to bulkheadd at {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Send `req`.
+fn send(ch: &Channel, req: &Request) -> Result<(), Failure> {
+    ch.send(req, &[]).map_err(|e| match e {
+        IpcError::Closed => Failure::new("bulkheadd closed the connection"),
+        e => Failure::new(format!("cannot send the request to bulkheadd: {e}")),
+    })
+}
+
+/// Wait up to `wait` for one reply; an error reply becomes the [`Failure`] it describes.
+fn recv_reply(ch: &Channel, wait: Duration) -> Result<Reply, Failure> {
+    match ch.recv_timeout::<Reply>(wait) {
+        Ok((Reply::Error { code, message }, _fds)) => Err(Failure::from_reply(code, &message)),
+        Ok((reply, _fds)) => Ok(reply),
+        Err(IpcError::Closed) => Err(Failure::new(
+            "bulkheadd closed the connection without answering",
+        )),
+        Err(IpcError::Timeout) => Err(Failure::new(format!(
+            "bulkheadd did not answer within {} s",
+            wait.as_secs()
+        ))),
+        Err(e @ IpcError::Decode(_)) => Err(Failure::new(format!(
+            "cannot understand bulkheadd's reply ({e}); are bulkhead and bulkheadd the same version?"
+        ))),
+        Err(e) => Err(Failure::new(format!("bad reply from bulkheadd: {e}"))),
+    }
+}
+
+/// One request, one reply.
+fn call(socket: &Path, req: &Request, wait: Duration) -> Result<Reply, Failure> {
+    let ch = connect(socket)?;
+    send(&ch, req)?;
+    recv_reply(&ch, wait)
+}
+
+fn print(out: &mut dyn Write, text: &str) -> Result<(), Failure> {
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::stdout(&e))
+}
+
+fn json<T: serde::Serialize>(out: &mut dyn Write, value: &T) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::new(format!("cannot encode JSON: {e}")))?;
+    print(out, &format!("{text}\n"))
+}
+
+/// Read a config file and the absolute directory it is in.
+fn read_config(path: &Path) -> Result<(String, String), Failure> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::new(format!("cannot read {shown}: {}", errno_text(&e))))?;
+    let abs = std::path::absolute(path)
+        .map_err(|e| Failure::new(format!("cannot resolve {shown}: {}", errno_text(&e))))?;
+    let parent = abs.parent().unwrap_or(Path::new("/"));
+    // Resolve the directory's symlinks as the kernel will when it follows `dir/../x`.
+    let dir = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_owned());
+    let dir = dir.into_os_string().into_string().map_err(|d| {
+        Failure::new(format!(
+            "the directory of {shown} is not valid UTF-8: {}",
+            Path::new(&d).display()
+        ))
+    })?;
+    Ok((text, dir))
+}
+
+/// Run one verb.
+fn execute(cli: Cli, io: &mut Streams<'_>) -> Result<(), Failure> {
+    let socket = socket_path(cli.socket.as_deref(), io.socket_env.as_deref());
+    match cli.verb {
+        Verb::Create { config, console } => {
+            let (config_toml, config_dir) = read_config(&config)?;
+            let req = Request::Create {
+                config_toml,
+                config_dir,
+            };
+            let vm = match call(&socket, &req, REPLY_TIMEOUT)? {
+                Reply::Created { vm } => vm,
+                other => return Err(Failure::unexpected("create", &other)),
+            };
+            print(
+                io.stdout,
+                &format!("created {} (id {})\n", format::sanitize(&vm.name), vm.id),
+            )?;
+            if console {
+                console::attach(&socket, &vm.name, io)?;
+            }
+            Ok(())
+        }
+        Verb::List { json: as_json } => match call(&socket, &Request::List, REPLY_TIMEOUT)? {
+            Reply::List { vms } if as_json => json(io.stdout, &vms),
+            Reply::List { vms } => print(io.stdout, &format::table(&vms)),
+            other => Err(Failure::unexpected("list", &other)),
+        },
+        Verb::Info {
+            name,
+            json: as_json,
+        } => match call(&socket, &Request::Info { name }, REPLY_TIMEOUT)? {
+            Reply::Info { vm } if as_json => json(io.stdout, &vm),
+            Reply::Info { vm } => print(io.stdout, &format::info(&vm)),
+            other => Err(Failure::unexpected("info", &other)),
+        },
+        Verb::Console { name } => console::attach(&socket, &name, io),
+        Verb::Pause { name } => done(&socket, "pause", &Request::Pause { name }, io),
+        Verb::Unpause { name } => done(&socket, "unpause", &Request::Unpause { name }, io),
+        Verb::Destroy { name } => done(&socket, "destroy", &Request::Destroy { name }, io),
+        Verb::Shutdown { name, timeout } => {
+            let req = Request::Shutdown {
+                name,
+                timeout_secs: timeout,
+            };
+            let wait = Duration::from_secs(u64::from(timeout)).saturating_add(SHUTDOWN_GRACE);
+            match call(&socket, &req, wait)? {
+                Reply::Done { message } => print(io.stdout, &format!("{}\n", one_line(&message))),
+                other => Err(Failure::unexpected("shutdown", &other)),
+            }
+        }
+    }
+}
+
+/// A verb whose answer is `Done { message }`: print the message.
+fn done(socket: &Path, verb: &str, req: &Request, io: &mut Streams<'_>) -> Result<(), Failure> {
+    match call(socket, req, REPLY_TIMEOUT)? {
+        Reply::Done { message } => print(io.stdout, &format!("{}\n", one_line(&message))),
+        other => Err(Failure::unexpected(verb, &other)),
+    }
+}
+
+/// The whole CLI on the given arguments (`args[0]` is the program name) and streams;
+/// returns the exit status.
+pub fn run<I, T>(args: I, io: &mut Streams<'_>) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are "errors" that go to stdout with status 0.
+            let text = e.render().to_string();
+            let out: &mut dyn Write = if e.use_stderr() {
+                &mut *io.stderr
+            } else {
+                &mut *io.stdout
+            };
+            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            return u8::try_from(e.exit_code()).unwrap_or(EXIT_USAGE);
+        }
+    };
+    match execute(cli, io) {
+        Ok(()) => 0,
+        Err(f) => {
+            let _ = writeln!(io.stderr, "bulkhead: {}", f.message);
+            let _ = io.stderr.flush();
+            f.status
+        }
+    }
+}
+
+/// The `bulkhead` program: parse `args`, run the verb against the daemon with the
+/// process's real stdin/stdout/stderr and environment.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    // One line, never a backtrace, if something unexpected panics.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_owned());
+        eprintln!("bulkhead: internal error: {}", one_line(&what));
+    }));
+    let stdin = std::io::stdin();
+    let stdin_is_tty = stdin.is_terminal();
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let mut io = Streams {
+        stdin: Some(Box::new(stdin)),
+        stdin_is_tty,
+        stdout: &mut stdout,
+        stderr: &mut stderr,
+        socket_env: std::env::var_os(SOCKET_ENV),
+    };
+    ExitCode::from(run(args, &mut io))
+}
+
+#[cfg(test)]
+mod tests;
