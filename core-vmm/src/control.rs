@@ -136,7 +136,12 @@ fn guest_outcome(o: &VmOutcome) -> GuestOutcome {
     }
 }
 
-fn serve_connection(state: &Arc<RunnerState>, conn: &Channel, console: &mut Option<Sender<u8>>, selftest: bool) {
+fn serve_connection(
+    state: &Arc<RunnerState>,
+    conn: &Channel,
+    console: &mut Option<Sender<u8>>,
+    selftest: bool,
+) {
     loop {
         let (cmd, fds) = match conn.recv::<RunnerCommand>() {
             Ok(m) => m,
@@ -230,7 +235,10 @@ fn boot(
         // By now bulkheadd has sealed our root; this is the sandbox as the guest will see it.
         for p in crate::sandbox::self_test() {
             let verdict = if p.denied { "denied" } else { "ALLOWED" };
-            log(&format!("sandbox-selftest: {}: {verdict} ({})", p.what, p.detail));
+            log(&format!(
+                "sandbox-selftest: {}: {verdict} ({})",
+                p.what, p.detail
+            ));
         }
     }
     let want = if spec.has_initrd {
@@ -261,13 +269,17 @@ fn boot(
     } else {
         None
     };
+    let images = crate::vm::GuestImages {
+        kernel: &mut kernel,
+        initrd: initrd.as_mut(),
+        cmdline: &spec.cmdline,
+    };
     let vm = Vm::with_images(
         kvm,
         ram,
         spec.vcpus,
-        &spec.cmdline,
-        &mut kernel,
-        initrd.as_mut(),
+        images,
+        Vec::new(),
         Box::new(QueuedConsole(console)),
     )
     .map_err(|e| e.to_string())?;

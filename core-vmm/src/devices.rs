@@ -10,6 +10,7 @@ use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::ports;
+use crate::pci::{PciBus, CONFIG_ADDRESS, CONFIG_DATA};
 
 /// An eventfd as a vm-superio interrupt/reset trigger.
 #[derive(Debug)]
@@ -61,15 +62,18 @@ pub struct LegacyDevices {
     pub serial: SharedSerial,
     i8042: Mutex<I8042Device<EventTrigger>>,
     shutdown_requested: AtomicBool,
+    /// PCI bus 0 (config mechanism #1 and BARs).
+    pub pci: PciBus,
 }
 
 impl LegacyDevices {
     /// Builds the devices; `serial_irq` is raised for COM1 interrupts, `reset` on i8042 reset.
-    pub fn new(serial_irq: EventFd, reset: EventFd, console: ConsoleOut) -> Self {
+    pub fn new(serial_irq: EventFd, reset: EventFd, console: ConsoleOut, pci: PciBus) -> Self {
         Self {
             serial: Arc::new(Mutex::new(Serial::new(EventTrigger(serial_irq), console))),
             i8042: Mutex::new(I8042Device::new(EventTrigger(reset))),
             shutdown_requested: AtomicBool::new(false),
+            pci,
         }
     }
 
@@ -103,6 +107,7 @@ impl LegacyDevices {
                     *first = k.read((port - ports::I8042_DATA) as u8);
                 }
             }
+            p if (CONFIG_ADDRESS..CONFIG_DATA + 4).contains(&p) => self.pci.pio_read(p, data),
             ports::SHUTDOWN_REQUEST => {
                 data.fill(0);
                 if let Some(first) = data.first_mut() {
@@ -134,6 +139,7 @@ impl LegacyDevices {
                 }
             }
             ports::DEBUG_EXIT => return PioAction::DebugExit(value),
+            p if (CONFIG_ADDRESS..CONFIG_DATA + 4).contains(&p) => self.pci.pio_write(p, data),
             _ => {}
         }
         PioAction::None

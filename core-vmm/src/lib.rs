@@ -9,10 +9,13 @@ pub mod config;
 pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod pci;
 pub mod sandbox;
+pub mod virtio_pci;
 pub mod vm;
 
 pub use config::{parse_memory_size, VmConfig};

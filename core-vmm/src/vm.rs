@@ -18,8 +18,29 @@ use crate::boot::{BootError, BootSetup, ImageFile};
 use crate::config::{ConfigError, VmConfig};
 use crate::cpu::{self, CpuError};
 use crate::devices::{ConsoleOut, LegacyDevices, PioAction};
+use crate::interrupts::GsiRouter;
 use crate::layout::{ports, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{GuestRam, MemoryError};
+use crate::pci::PciBus;
+use crate::virtio_pci::{VhostUserPciDevice, BAR0_SIZE};
+
+/// The kernel, initrd and command line to boot.
+pub struct GuestImages<'a> {
+    /// Kernel image.
+    pub kernel: &'a mut ImageFile,
+    /// Initrd.
+    pub initrd: Option<&'a mut ImageFile>,
+    /// Command line.
+    pub cmdline: &'a str,
+}
+
+/// A disk whose vhost-user backend is at the other end of `stream`.
+pub struct DiskBackend {
+    /// Name for messages (`disk0`).
+    pub name: String,
+    /// Connected vhost-user socket.
+    pub stream: std::os::unix::net::UnixStream,
+}
 
 /// Exit status: the guest reset or powered off through the i8042 (a normal shutdown).
 pub const EXIT_RESET: i32 = 0;
@@ -138,6 +159,9 @@ pub enum VmError {
     /// The KVM fd is not a usable /dev/kvm.
     #[error("the KVM fd speaks API version {0}, not 12: is it /dev/kvm?")]
     KvmApi(i32),
+    /// A device (PCI, vhost-user backend) could not be set up.
+    #[error("device: {0}")]
+    Device(String),
     /// Threads or eventfds could not be created.
     #[error("{what}: {source}")]
     Host {
@@ -188,7 +212,7 @@ pub fn open_kvm(inherited: Option<File>) -> Result<Kvm, VmError> {
 /// A created, booted, not yet running VM.
 pub struct Vm {
     _kvm: Kvm,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     vcpus: Vec<VcpuFd>,
     boot: BootSetup,
@@ -203,6 +227,7 @@ impl Vm {
         kvm: Kvm,
         ram: GuestRam,
         config: &VmConfig,
+        disks: Vec<DiskBackend>,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
         config.validate()?;
@@ -212,15 +237,12 @@ impl Vm {
             .as_deref()
             .map(|p| ImageFile::open("initrd", p))
             .transpose()?;
-        Self::with_images(
-            kvm,
-            ram,
-            config.vcpus,
-            &config.cmdline,
-            &mut kernel,
-            initrd.as_mut(),
-            console,
-        )
+        let images = GuestImages {
+            kernel: &mut kernel,
+            initrd: initrd.as_mut(),
+            cmdline: &config.cmdline,
+        };
+        Self::with_images(kvm, ram, config.vcpus, images, disks, console)
     }
 
     /// Like [`Vm::new`], with the kernel and initrd already open (handed in as fds by the
@@ -229,11 +251,15 @@ impl Vm {
         kvm: Kvm,
         ram: GuestRam,
         vcpus: u8,
-        cmdline: &str,
-        kernel: &mut ImageFile,
-        initrd: Option<&mut ImageFile>,
+        images: GuestImages<'_>,
+        disks: Vec<DiskBackend>,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
+        let GuestImages {
+            kernel,
+            initrd,
+            cmdline,
+        } = images;
         crate::config::validate_machine(ram.size(), vcpus, cmdline)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
@@ -259,10 +285,32 @@ impl Vm {
             .register_irqfd(&serial_irq, ports::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(host_err("reset eventfd"))?;
+        let vm_fd = Arc::new(vm_fd);
+        let ram = Arc::new(ram);
+        let router = Arc::new(Mutex::new(GsiRouter::new(vm_fd.clone())));
+        let mut pci = PciBus::new();
+        for (i, disk) in disks.into_iter().enumerate() {
+            let bar = pci.allocate_bar(BAR0_SIZE).ok_or(VmError::Device(format!(
+                "no PCI address space left for disk {i}"
+            )))?;
+            let dev = VhostUserPciDevice::new(
+                &disk.name,
+                2,
+                disk.stream,
+                vm_fd.clone(),
+                router.clone(),
+                ram.clone(),
+                bar,
+            )
+            .map_err(|e| VmError::Device(format!("{}: {e}", disk.name)))?;
+            pci.add(Arc::new(Mutex::new(dev)))
+                .ok_or(VmError::Device("the PCI bus is full".into()))?;
+        }
         let devices = Arc::new(LegacyDevices::new(
             serial_irq,
             reset_evt.try_clone().map_err(host_err("reset eventfd"))?,
             console,
+            pci,
         ));
 
         let supported = kvm
@@ -291,7 +339,7 @@ impl Vm {
         Ok(Self {
             _kvm: kvm,
             vm_fd,
-            ram: Arc::new(ram),
+            ram,
             vcpus,
             boot,
             devices,
@@ -369,7 +417,7 @@ pub struct RunningVm {
     exit: Arc<ExitLatch>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     devices: Arc<LegacyDevices>,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     _ram: Arc<GuestRam>,
     _kvm: Kvm,
 }
@@ -576,13 +624,17 @@ impl VcpuContext {
                     self.devices.pio_read(port, data);
                     ExitAction::Continue
                 }
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0xff);
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.devices.pci.mmio(addr, Some(data), None) {
+                        data.fill(0xff);
+                    }
                     ExitAction::Continue
                 }
-                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.devices.pci.mmio(addr, None, Some(data));
                     ExitAction::Continue
                 }
+                Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => ExitAction::Continue,
                 Ok(VcpuExit::Hlt) => ExitAction::Continue,
                 Ok(VcpuExit::Shutdown) => ExitAction::TripleFault,
                 Ok(VcpuExit::InternalError) => ExitAction::InternalError,

@@ -39,6 +39,10 @@ struct Args {
     /// An inherited, open /dev/kvm descriptor to use instead of opening /dev/kvm.
     #[arg(long, value_name = "N")]
     kvm_fd: Option<i32>,
+    /// A vhost-user-blk backend's socket (bulkhead-blk, qemu-storage-daemon, ...); repeat
+    /// for more disks. Each appears to the guest as a virtio-blk PCI device.
+    #[arg(long, value_name = "PATH")]
+    disk_socket: Vec<PathBuf>,
     /// An inherited guest-RAM memfd (its size is the RAM size; overrides --memory).
     #[arg(long, value_name = "N")]
     memfd: Option<i32>,
@@ -119,7 +123,20 @@ fn run(args: Args) -> Result<i32, Failure> {
         .as_fd()
         .try_clone_to_owned()
         .map_err(fail(EXIT_SETUP_FAILURE))?;
-    let vm = Vm::new(kvm, ram, &config, Box::new(FdConsole(stdout)))
+    let mut disks = Vec::new();
+    for (i, path) in args.disk_socket.iter().enumerate() {
+        let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+            Failure(
+                EXIT_BAD_INPUT,
+                format!("disk {i}: cannot connect to {}: {e}", path.display()),
+            )
+        })?;
+        disks.push(core_vmm::vm::DiskBackend {
+            name: format!("disk{i}"),
+            stream,
+        });
+    }
+    let vm = Vm::new(kvm, ram, &config, disks, Box::new(FdConsole(stdout)))
         .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
     if args.verbose {
         let b = vm.boot_setup();
