@@ -9,6 +9,17 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// Who and what a sandboxed process becomes.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// uid and gid.
+    pub uid: u32,
+    /// Thread/process limit for that uid.
+    pub max_threads: u64,
+    /// Host name inside its UTS namespace.
+    pub hostname: String,
+}
+
 /// Who and what a runner becomes.
 #[derive(Debug, Clone)]
 pub struct RunnerSandbox {
@@ -37,7 +48,7 @@ fn child_fail(msg: &[u8]) -> isize {
     }
     // SAFETY: write/_exit are async-signal-safe; the buffers are valid for their lengths.
     unsafe {
-        libc::write(2, b"bulkheadd: runner sandbox setup failed: ".as_ptr().cast(), 41);
+        libc::write(2, b"bulkheadd: sandbox setup failed: ".as_ptr().cast(), 33);
         libc::write(2, msg.as_ptr().cast(), msg.len());
         libc::write(2, b" (errno ".as_ptr().cast(), 8);
         libc::write(2, digits.as_ptr().cast(), digits.len());
@@ -50,33 +61,47 @@ fn child_fail(msg: &[u8]) -> isize {
 /// Returns its pid (in our pid namespace). The runner's root is still the host's until
 /// [`seal_root`] runs; it must not act on anything before that (it waits for `Boot`).
 pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSandbox) -> std::io::Result<i32> {
-    let exe = cstr(runner.as_os_str().as_bytes())?;
-    let mut args = vec![exe, cstr(b"--control-fd")?, cstr(b"3")?];
+    let mut args = vec!["--control-fd".to_string(), "3".to_string()];
     if sb.selftest {
-        args.push(cstr(b"--sandbox-selftest")?);
+        args.push("--sandbox-selftest".into());
     }
-    let argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let sandbox = Sandbox {
+        uid: sb.uid,
+        max_threads: u64::from(sb.vcpus) + 32,
+        hostname: sb.hostname.clone(),
+    };
+    spawn_sandboxed(runner, &args, vec![listener], log, &sandbox)
+}
+
+/// Starts `binary` with `args` in a fresh sandbox: new mount, pid, net, ipc and uts
+/// namespaces, `sandbox.uid` as uid and gid with no supplementary groups, `no_new_privs`,
+/// tight rlimits, stdin `/dev/null`, stdout/stderr `log`, and `handed` as fds 3, 4, ... —
+/// nothing else. The binary is executed by fd (the uid needs no path to it).
+pub fn spawn_sandboxed(binary: &Path, args: &[String], handed: Vec<OwnedFd>, log: File, sandbox: &Sandbox) -> std::io::Result<i32> {
+    let exe = cstr(binary.as_os_str().as_bytes())?;
+    let mut cargs = vec![exe];
+    for a in args {
+        cargs.push(cstr(a.as_bytes())?);
+    }
+    let argv: Vec<*const libc::c_char> = cargs.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
-    // Opened here, as root, and executed by fd: the runner's uid needs no path to it.
-    let runner_file = File::open(runner)?;
-    let sources = [
-        devnull.as_raw_fd(),
-        log.as_raw_fd(),
-        log.as_raw_fd(),
-        listener.as_raw_fd(),
-        runner_file.as_raw_fd(),
-    ];
+    let binary_file = File::open(binary)?;
+    let mut sources = vec![devnull.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()];
+    sources.extend(handed.iter().map(|f| f.as_raw_fd()));
+    sources.push(binary_file.as_raw_fd());
+    let exe_fd = (sources.len() - 1) as i32;
+    let mut high = vec![0i32; sources.len()];
     let empty = cstr(b"")?;
-    let hostname = sb.hostname.as_bytes().to_vec();
-    let uid = sb.uid;
-    let threads = u64::from(sb.vcpus) + 32;
+    let hostname = sandbox.hostname.as_bytes().to_vec();
+    let uid = sandbox.uid;
+    let threads = sandbox.max_threads;
     let root = cstr(b"/")?;
     let mut stack = vec![0u8; 256 * 1024];
 
     let child = Box::new(move || -> isize {
         // SAFETY: this runs in the cloned child (a copy of the parent, single-threaded);
-        // only raw syscalls follow, all on pointers to buffers prepared before the clone.
+        // only raw syscalls follow, all on buffers prepared before the clone.
         unsafe {
             if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
                 return child_fail(b"making mounts private");
@@ -85,9 +110,7 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
                 return child_fail(b"sethostname");
             }
             libc::setsid();
-            // Move the handed fds out of the way, then into 0..=3 (4 is the runner binary,
-            // close-on-exec).
-            let mut high = [0i32; 5];
+            // Move the handed fds out of the way, then into 0, 1, 2, 3, ...
             for (i, src) in sources.iter().enumerate() {
                 high[i] = libc::fcntl(*src, libc::F_DUPFD, 100);
                 if high[i] < 0 {
@@ -99,11 +122,11 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
                     return child_fail(b"dup2 of a handed fd");
                 }
             }
-            if libc::fcntl(4, libc::F_SETFD, libc::FD_CLOEXEC) != 0 {
-                return child_fail(b"cloexec on the runner binary");
+            if libc::fcntl(exe_fd, libc::F_SETFD, libc::FD_CLOEXEC) != 0 {
+                return child_fail(b"cloexec on the binary");
             }
-            // Everything else is closed: the runner holds only what it was handed.
-            if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) != 0 {
+            // Everything else is closed: the process holds only what it was handed.
+            if libc::syscall(libc::SYS_close_range, (exe_fd + 1) as u32, u32::MAX, 0u32) != 0 {
                 return child_fail(b"close_range");
             }
             let limits: [(libc::__rlimit_resource_t, u64); 5] = [
@@ -131,8 +154,8 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return child_fail(b"no_new_privs");
             }
-            libc::syscall(libc::SYS_execveat, 4, empty.as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
-            child_fail(b"execveat of the runner")
+            libc::syscall(libc::SYS_execveat, exe_fd, empty.as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
+            child_fail(b"execveat")
         }
     });
     let flags = nix::sched::CloneFlags::CLONE_NEWNS
@@ -144,9 +167,9 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
     // exits; it never returns into the parent's Rust state.
     let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }.map_err(std::io::Error::from)?;
     drop(devnull);
-    drop(runner_file);
+    drop(binary_file);
     drop(log);
-    drop(listener);
+    drop(handed);
     Ok(pid.as_raw())
 }
 
