@@ -241,16 +241,10 @@ fn boot(
             ));
         }
     }
-    let want = if spec.has_initrd {
-        BootFds::INITRD + 1
-    } else {
-        BootFds::KERNEL + 1
-    };
+    let first_disk = BootFds::first_disk(spec.has_initrd);
+    let want = first_disk + spec.disks.len();
     if fds.len() != want {
-        return Err(format!(
-            "Boot carried {} descriptors, expected {want}",
-            fds.len()
-        ));
+        return Err(format!("Boot carried {} descriptors, expected {want}", fds.len()));
     }
     let mut fds = fds.into_iter().map(Some).collect::<Vec<_>>();
     let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).map(File::from);
@@ -269,6 +263,19 @@ fn boot(
     } else {
         None
     };
+    let disks = spec
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            take(first_disk + i)
+                .map(|f| crate::vm::DiskBackend {
+                    name: name.clone(),
+                    stream: std::os::unix::net::UnixStream::from(OwnedFd::from(f)),
+                })
+                .ok_or_else(|| format!("missing socket for {name}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let images = crate::vm::GuestImages {
         kernel: &mut kernel,
         initrd: initrd.as_mut(),
@@ -279,7 +286,7 @@ fn boot(
         ram,
         spec.vcpus,
         images,
-        Vec::new(),
+        disks,
         Box::new(QueuedConsole(console)),
     )
     .map_err(|e| e.to_string())?;

@@ -15,6 +15,9 @@ pub struct BootSpec {
     pub has_initrd: bool,
     /// Kernel name, for messages only.
     pub kernel_name: String,
+    /// Disks, in PCI slot order; each one's connected vhost-user socket travels as a
+    /// descriptor after the kernel (and initrd).
+    pub disks: Vec<String>,
 }
 
 /// Order of the descriptors that travel with [`RunnerCommand::Boot`].
@@ -29,6 +32,15 @@ impl BootFds {
     pub const KERNEL: usize = 2;
     /// The initrd, opened read-only, if `has_initrd`.
     pub const INITRD: usize = 3;
+
+    /// Index of the first disk socket for a boot with or without an initrd.
+    pub fn first_disk(has_initrd: bool) -> usize {
+        if has_initrd {
+            Self::INITRD + 1
+        } else {
+            Self::KERNEL + 1
+        }
+    }
 }
 
 /// A command from `bulkheadd` to a runner.

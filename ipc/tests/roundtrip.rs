@@ -192,6 +192,7 @@ fn commands() -> Vec<RunnerCommand> {
             vcpus: 4,
             has_initrd: true,
             kernel_name: "vmlinuz-6.1".into(),
+            disks: vec!["disk0".into()],
         }),
         RunnerCommand::Pause,
         RunnerCommand::Resume,

@@ -24,6 +24,9 @@ struct Args {
     /// The runner binary (default: bulkhead-runner next to bulkheadd).
     #[arg(long, value_name = "PATH")]
     runner: Option<PathBuf>,
+    /// The disk backend binary (default: bulkhead-blk next to bulkheadd).
+    #[arg(long, value_name = "PATH")]
+    blk: Option<PathBuf>,
     /// Have runners run their sandbox self-test at boot and log it (for tests).
     #[arg(long, hide = true)]
     runner_selftest: bool,
@@ -34,15 +37,16 @@ fn main() -> ExitCode {
     // SAFETY: ignoring SIGPIPE before any thread starts; vanished clients become EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let args = Args::parse();
-    let runner = match args.runner {
-        Some(r) => r,
-        None => match std::env::current_exe() {
-            Ok(exe) => exe.with_file_name("bulkhead-runner"),
-            Err(e) => {
-                eprintln!("bulkheadd: error: cannot locate bulkhead-runner ({e}); pass --runner");
-                return ExitCode::from(2);
-            }
-        },
+    let sibling = |given: Option<PathBuf>, name: &str| -> Option<PathBuf> {
+        given.or_else(|| std::env::current_exe().ok().map(|exe| exe.with_file_name(name)))
+    };
+    let Some(runner) = sibling(args.runner, "bulkhead-runner") else {
+        eprintln!("bulkheadd: error: cannot locate bulkhead-runner; pass --runner");
+        return ExitCode::from(2);
+    };
+    let Some(blk) = sibling(args.blk, "bulkhead-blk") else {
+        eprintln!("bulkheadd: error: cannot locate bulkhead-blk; pass --blk");
+        return ExitCode::from(2);
     };
     if !runner.is_file() {
         eprintln!("bulkheadd: error: runner binary {} not found; pass --runner", runner.display());
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         state_dir: args.state_dir,
         policy: args.policy,
         runner,
+        blk,
         runner_selftest: args.runner_selftest,
     };
     let result = Daemon::new(cfg).and_then(|d| d.serve());

@@ -10,7 +10,7 @@ pub mod vmconfig;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +37,8 @@ pub struct DaemonConfig {
     pub policy: PathBuf,
     /// The runner binary.
     pub runner: PathBuf,
+    /// The disk backend binary (bulkhead-blk).
+    pub blk: PathBuf,
     /// Have runners run their sandbox self-test (tests only).
     pub runner_selftest: bool,
 }
@@ -238,7 +240,23 @@ impl Daemon {
                             .spec
                             .disks
                             .iter()
-                            .map(|d| format!("{}{}", d.path.display(), if d.readonly { " (read-only)" } else { "" }))
+                            .enumerate()
+                            .map(|(i, d)| {
+                                let backend = rec
+                                    .backends
+                                    .iter()
+                                    .find(|b| b.device == format!("disk{i}"))
+                                    .filter(|_| vm.is_live())
+                                    .map(|b| format!(", bulkhead-blk pid {} uid {}", b.pid, b.uid))
+                                    .unwrap_or_default();
+                                format!(
+                                    "disk{i}: {}{}{}{}",
+                                    d.path.display(),
+                                    if d.readonly { " (read-only)" } else { "" },
+                                    d.serial.as_ref().map(|s| format!(" serial '{s}'")).unwrap_or_default(),
+                                    backend
+                                )
+                            })
                             .collect(),
                         nics: rec.spec.nics.iter().map(|n| format!("{} on {}", n.mac.as_deref().unwrap_or("auto"), n.network)).collect(),
                     },
@@ -331,7 +349,7 @@ impl Daemon {
             d.path = self.policy.check_image("disk", &d.path).map_err(|m| fail(ErrorCode::Denied, m))?;
         }
         let _one_create_at_a_time = lock(&self.create_lock);
-        let (id, uid) = {
+        let (id, uids) = {
             let vms = lock(&self.vms);
             if let Some(old) = vms.get(&spec.name) {
                 if old.is_live() {
@@ -343,12 +361,23 @@ impl Daemon {
                 .check_limits(spec.vcpus, spec.memory, in_use)
                 .map_err(|m| fail(ErrorCode::Denied, m))?;
             let id = vms.values().map(|v| lock(&v.record).id).max().unwrap_or(0) + 1;
-            let used: Vec<u32> = vms.values().filter(|v| v.is_live()).filter_map(|v| lock(&v.record).runner_uid).collect();
-            let uid = (self.policy.runner_uid_base..self.policy.runner_uid_base + self.policy.runner_uid_count)
-                .find(|u| !used.contains(u))
-                .ok_or_else(|| fail(ErrorCode::Denied, "denied by rule 'runners': every runner uid is in use"))?;
-            (id, uid)
+            let mut used: Vec<u32> = Vec::new();
+            for v in vms.values().filter(|v| v.is_live()) {
+                let rec = lock(&v.record);
+                used.extend(rec.runner_uid);
+                used.extend(rec.backends.iter().map(|b| b.uid));
+            }
+            let need = 1 + spec.disks.len();
+            let free: Vec<u32> = (self.policy.runner_uid_base..self.policy.runner_uid_base + self.policy.runner_uid_count)
+                .filter(|u| !used.contains(u))
+                .take(need)
+                .collect();
+            if free.len() < need {
+                return Err(fail(ErrorCode::Denied, "denied by rule 'runners': not enough free runner uids"));
+            }
+            (id, free)
         };
+        let uid = uids[0];
         let name = spec.name.clone();
         let record = VmRecord {
             id,
@@ -360,10 +389,11 @@ impl Daemon {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             spec,
+            backends: Vec::new(),
         };
         let vm = VmEntry::new(name.clone(), record, self.state.clone(), true);
         lock(&self.vms).insert(name.clone(), vm.clone());
-        match self.start(&vm) {
+        match self.start(&vm, &uids[1..]) {
             Ok(detail) => {
                 log(&format!("VM '{name}' (id {id}) started: {detail}"));
                 Ok(Reply::Created { vm: summary(&vm) })
@@ -371,6 +401,7 @@ impl Daemon {
             Err(msg) => {
                 let _ = vm.kill();
                 vm.wait_stopped(Duration::from_secs(5));
+                vm.stop_backends();
                 lock(&self.vms).remove(&name);
                 self.state.remove(&name);
                 log(&format!("VM '{name}' failed to start: {msg}"));
@@ -379,8 +410,68 @@ impl Daemon {
         }
     }
 
-    /// Spawns, seals and boots a VM's runner.
-    fn start(&self, vm: &Arc<VmEntry>) -> Result<String, String> {
+    /// Spawns one sandboxed `bulkhead-blk` for disk `index` as `uid`, holding only the opened
+    /// image and its end of a socketpair; returns the runner's end.
+    fn spawn_disk(&self, vm: &Arc<VmEntry>, index: usize, uid: u32) -> Result<std::os::unix::net::UnixStream, String> {
+        let disk = lock(&vm.record).spec.disks[index].clone();
+        let device = format!("disk{index}");
+        let image = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.path)
+            .map_err(|e| format!("{device} image {}: {e}", disk.path.display()))?;
+        let (runner_end, backend_end) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("{device} socketpair: {e}"))?;
+        let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("{device} pipe: {e}"))?;
+        let log_file = File::create(self.state.path().join("logs").join(format!("{}.{device}.log", vm.name)))
+            .map_err(|e| format!("{device} log: {e}"))?;
+        let mut args: Vec<String> = ["--socket-fd", "3", "--image-fd", "4", "--ready-fd", "5"].iter().map(|s| s.to_string()).collect();
+        if disk.readonly {
+            args.push("--readonly".into());
+        }
+        if let Some(serial) = &disk.serial {
+            args.push("--serial".into());
+            args.push(serial.clone());
+        }
+        let sandbox = spawn::Sandbox {
+            uid,
+            max_threads: 32,
+            hostname: format!("bulkhead-{}-{device}", vm.name),
+        };
+        let handed = vec![OwnedFd::from(backend_end), OwnedFd::from(image), ready_w];
+        let pid = spawn::spawn_sandboxed(&self.cfg.blk, &args, handed, log_file, &sandbox)
+            .map_err(|e| format!("cannot spawn {}: {e}", self.cfg.blk.display()))?;
+        if let Ok(fd) = spawn::pidfd_open(pid) {
+            vm.add_backend(fd);
+        }
+        lock(&vm.record).backends.push(state::BackendRecord {
+            device: device.clone(),
+            pid,
+            uid,
+            binary: self.cfg.blk.display().to_string(),
+        });
+        vm.save();
+        // The backend writes one byte once it runs (its libraries are loaded): only then
+        // may its root be taken away.
+        let ready = Channel::from_fd(ready_r);
+        let mut byte = [0u8; 1];
+        let mut pfd = [nix::poll::PollFd::new(ready.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let polled = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16)).map_err(|e| e.to_string())?;
+        let got = polled > 0 && nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&ready), &mut byte).unwrap_or(0) == 1;
+        if !got {
+            return Err(format!("{device} backend did not start (see {}.{device}.log)", vm.name));
+        }
+        spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| format!("{device}: {e}"))?;
+        Ok(runner_end)
+    }
+
+    /// Spawns, seals and boots a VM's runner (and its disk backends).
+    fn start(&self, vm: &Arc<VmEntry>, backend_uids: &[u32]) -> Result<String, String> {
+        let disk_count = lock(&vm.record).spec.disks.len();
+        let mut disk_socks = Vec::new();
+        for i in 0..disk_count {
+            let uid = *backend_uids.get(i).ok_or("no uid for a disk backend")?;
+            disk_socks.push(self.spawn_disk(vm, i, uid)?);
+        }
         let rec = vm.snapshot();
         let spec = &rec.spec;
         let uid = rec.runner_uid.ok_or("no runner uid")?;
@@ -418,11 +509,13 @@ impl Daemon {
             vcpus: spec.vcpus,
             has_initrd: initrd.is_some(),
             kernel_name: spec.kernel.display().to_string(),
+            disks: (0..disk_socks.len()).map(|i| format!("disk{i}")).collect(),
         });
         let mut fds = vec![kvm.as_fd(), memfd.as_fd(), kernel.as_fd()];
         if let Some(i) = &initrd {
             fds.push(i.as_fd());
         }
+        fds.extend(disk_socks.iter().map(|s| s.as_fd()));
         ch.send(&boot, &fds).map_err(|e| format!("sending Boot: {e}"))?;
         let first = ch
             .recv_timeout::<RunnerEvent>(Duration::from_secs(60))
@@ -467,6 +560,11 @@ impl Daemon {
         let ch = Channel::connect(&sock).map_err(|e| gone(e.to_string()))?;
         client_hello(&ch, Role::Daemon, Duration::from_secs(5)).map_err(|e| gone(e.to_string()))?;
         let pidfd = spawn::pidfd_open(pid).ok();
+        for b in &rec.backends {
+            if let Ok(fd) = spawn::pidfd_open(b.pid) {
+                vm.add_backend(fd);
+            }
+        }
         ch.send(&RunnerCommand::Status, &[]).map_err(|e| gone(e.to_string()))?;
         // The answer (or an Exited report, if the guest ended meanwhile) reaches the supervisor.
         vm.attach(ch, pidfd).map_err(|e| e.to_string())

@@ -26,6 +26,22 @@ pub struct VmRecord {
     pub created_unix: u64,
     /// The validated config.
     pub spec: VmSpec,
+    /// Device backend processes (one per disk), in device order.
+    #[serde(default)]
+    pub backends: Vec<BackendRecord>,
+}
+
+/// A device backend process of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRecord {
+    /// Device name (`disk0`).
+    pub device: String,
+    /// Its pid.
+    pub pid: i32,
+    /// Its uid (= gid).
+    pub uid: u32,
+    /// The binary it runs.
+    pub binary: String,
 }
 
 /// The state directory.
@@ -131,6 +147,7 @@ mod tests {
             runner_uid: Some(61000),
             created_unix: 1,
             spec: super::super::vmconfig::parse("name = \"a\"\nkernel = \"/k\"\n", Path::new("/"), 0).expect("spec"),
+            backends: vec![],
         };
         st.save("a", &rec).expect("save");
         let all = st.load_all();

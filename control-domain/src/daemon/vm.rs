@@ -51,6 +51,8 @@ pub struct VmEntry {
     waiter: Mutex<Option<Sender<RunnerEvent>>>,
     /// pidfd of the runner (for kill without pid reuse races).
     pidfd: Mutex<Option<OwnedFd>>,
+    /// pidfds of the device backends, killed when the VM stops.
+    backend_pidfds: Mutex<Vec<OwnedFd>>,
     /// Whether this daemon spawned the runner (and so must reap it).
     pub spawned_here: bool,
     /// Set by destroy so the stop is recorded as such.
@@ -81,6 +83,7 @@ impl VmEntry {
             cmd_lock: Mutex::new(()),
             waiter: Mutex::new(None),
             pidfd: Mutex::new(None),
+            backend_pidfds: Mutex::new(Vec::new()),
             spawned_here,
             destroying: Mutex::new(false),
             outcome: Mutex::new(None),
@@ -131,6 +134,23 @@ impl VmEntry {
             .name(format!("vm-{}", self.name))
             .spawn(move || me.supervise(reader))?;
         Ok(())
+    }
+
+    /// Remembers a device backend to stop with the VM.
+    pub fn add_backend(&self, pidfd: OwnedFd) {
+        lock(&self.backend_pidfds).push(pidfd);
+    }
+
+    /// Kills and reaps the device backends.
+    pub fn stop_backends(&self) {
+        for fd in std::mem::take(&mut *lock(&self.backend_pidfds)) {
+            let _ = super::spawn::pidfd_kill(&fd);
+        }
+        if self.spawned_here {
+            for b in lock(&self.record).backends.clone() {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(b.pid), None);
+            }
+        }
     }
 
     /// Sends a command without waiting.
@@ -222,6 +242,7 @@ impl VmEntry {
         }
         *lock(&self.ctl) = None;
         let reason = self.stop_reason();
+        self.stop_backends();
         eprintln!("bulkheadd: VM '{}' stopped: {}", self.name, describe(&reason));
         {
             let mut rec = lock(&self.record);
