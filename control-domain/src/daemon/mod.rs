@@ -517,14 +517,18 @@ impl Daemon {
         }
         fds.extend(disk_socks.iter().map(|s| s.as_fd()));
         ch.send(&boot, &fds).map_err(|e| format!("sending Boot: {e}"))?;
-        let first = ch
-            .recv_timeout::<RunnerEvent>(Duration::from_secs(60))
-            .map_err(|e| format!("no answer to Boot: {e}"))?
-            .0;
-        let detail = match first {
-            RunnerEvent::Started { detail } => detail,
-            RunnerEvent::BootFailed { message } => return Err(message),
-            other => return Err(format!("unexpected answer to Boot: {other:?}")),
+        // Guest output (and, for a very short guest, its exit) may overtake `Started`.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let detail = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (event, _) = ch.recv_timeout::<RunnerEvent>(left).map_err(|e| format!("no answer to Boot: {e}"))?;
+            match event {
+                RunnerEvent::Started { detail } => break detail,
+                RunnerEvent::BootFailed { message } => return Err(message),
+                RunnerEvent::Console(data) => vm.console_output(&data),
+                RunnerEvent::Exited(outcome) => vm.record_outcome(outcome),
+                other => return Err(format!("unexpected answer to Boot: {other:?}")),
+            }
         };
         vm.set_state(VmState::Running);
         vm.attach(ch, pidfd).map_err(|e| format!("supervisor: {e}"))?;

@@ -136,6 +136,16 @@ impl VmEntry {
         Ok(())
     }
 
+    /// Guest output that arrived outside the supervisor (during boot).
+    pub fn console_output(&self, data: &[u8]) {
+        lock(&self.console).push(data);
+    }
+
+    /// The runner's report of how the guest ended, received outside the supervisor.
+    pub fn record_outcome(&self, outcome: GuestOutcome) {
+        *lock(&self.outcome) = Some(outcome);
+    }
+
     /// Remembers a device backend to stop with the VM.
     pub fn add_backend(&self, pidfd: OwnedFd) {
         lock(&self.backend_pidfds).push(pidfd);

@@ -5,18 +5,21 @@
 //! drops to ring 3 with IOPL 3, where everything below runs. What it does is chosen by
 //! whitespace-separated command-line tokens (unknown ones are ignored):
 //! `echo`, `ticks=<ms>`, `fault=triple|unemulated|pagefault|panic`, `exit=<0..255>`,
-//! `reboot`, `fill=<MiB>`.
+//! `reboot`, `fill=<MiB>`, `pci`, `blk*` (PCI scan and a polled virtio-blk driver).
 //! See tests/guest/README.md for the exact output lines.
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
 mod checksum;
 mod mem;
+mod pci;
 mod serial;
 mod smp;
 mod start_info;
 mod tsc;
+mod virtio;
 
 use boot::{inb, outb};
 
@@ -26,6 +29,8 @@ const DEFAULT_FILL_MIB: u64 = 4;
 /// Bulkhead's shutdown-request port: reads 0 normally and 1 once the control domain asks
 /// the guest to shut down; 0xff where nothing decodes it (QEMU), which is no request.
 const SHUTDOWN_REQUEST_PORT: u16 = 0xf5;
+/// Exit status when a virtio-blk request (other than a deliberately hostile one) failed.
+const BLK_FAILED_EXIT: u8 = 4;
 
 /// Options parsed from the command line.
 struct Options {
@@ -287,6 +292,12 @@ fn main(start_info_paddr: u64) -> ! {
     }
     println!("checksum: {:#018x}", sum.value);
 
+    let mut exit_status = opts.exit;
+    if blk::run(&si, si.cmdline()) {
+        // A (non-hostile) block request failed.
+        exit_status = BLK_FAILED_EXIT;
+    }
+
     if opts.echo {
         echo();
     }
@@ -320,8 +331,8 @@ fn main(start_info_paddr: u64) -> ! {
         println!("reboot");
         i8042_reset();
     }
-    println!("exit: {}", opts.exit);
-    exit(opts.exit)
+    println!("exit: {}", exit_status);
+    exit(exit_status)
 }
 
 #[panic_handler]

@@ -214,3 +214,262 @@ pub fn qemu(test: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// Polls `cond` every 20 ms until it holds or `deadline` passes; true if it held.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A process's start time (field 22 of `/proc/PID/stat`, clock ticks since boot) and
+/// state letter, or None when there is no such process.
+pub fn proc_stat(pid: i32) -> Option<(u64, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state))
+}
+
+/// True while the process `pid` that started at `start` (see [`proc_stat`]) still runs:
+/// not reaped, not a zombie, and the pid not reused by another process.
+pub fn proc_running(pid: i32, start: u64) -> bool {
+    matches!(proc_stat(pid), Some((s, state)) if s == start && state != 'Z')
+}
+
+/// True while `/proc/PID` still belongs to the process that started at `start` (running
+/// or a zombie not yet reaped).
+pub fn proc_exists(pid: i32, start: u64) -> bool {
+    matches!(proc_stat(pid), Some((s, _)) if s == start)
+}
+
+/// A line of `/proc/PID/status` (`"Uid:"` → the rest of the line, trimmed).
+pub fn proc_status_field(pid: i32, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+}
+
+/// Pids of the live processes whose fd `fd` points at a path under `dir`.
+pub fn pids_with_fd_under(fd: u32, dir: &std::path::Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(target) = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) {
+            if target.starts_with(dir) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// A minimal JSON reader for the CLI's `--json` output (the tests crate has no JSON
+/// dependency).
+pub mod json {
+    /// A JSON value.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Json {
+        Null,
+        Bool(bool),
+        Num(f64),
+        Str(String),
+        Arr(Vec<Json>),
+        Obj(Vec<(String, Json)>),
+    }
+
+    impl Json {
+        /// Member `key` of an object.
+        pub fn get(&self, key: &str) -> Option<&Json> {
+            match self {
+                Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+                _ => None,
+            }
+        }
+        pub fn as_str(&self) -> Option<&str> {
+            match self {
+                Json::Str(s) => Some(s),
+                _ => None,
+            }
+        }
+        pub fn as_i64(&self) -> Option<i64> {
+            match self {
+                Json::Num(n) if n.fract() == 0.0 => Some(*n as i64),
+                _ => None,
+            }
+        }
+        pub fn as_array(&self) -> Option<&[Json]> {
+            match self {
+                Json::Arr(a) => Some(a),
+                _ => None,
+            }
+        }
+    }
+
+    /// Parses one JSON document (surrounding whitespace allowed).
+    pub fn parse(text: &str) -> Result<Json, String> {
+        let mut p = Parser {
+            s: text.as_bytes(),
+            i: 0,
+        };
+        let v = p.value()?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err(format!("trailing characters at {}", p.i));
+        }
+        Ok(v)
+    }
+
+    struct Parser<'a> {
+        s: &'a [u8],
+        i: usize,
+    }
+
+    impl Parser<'_> {
+        fn ws(&mut self) {
+            while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+                self.i += 1;
+            }
+        }
+        fn peek(&mut self) -> Option<u8> {
+            self.ws();
+            self.s.get(self.i).copied()
+        }
+        fn expect(&mut self, c: u8) -> Result<(), String> {
+            if self.peek() == Some(c) {
+                self.i += 1;
+                Ok(())
+            } else {
+                Err(format!("expected '{}' at {}", c as char, self.i))
+            }
+        }
+        fn lit(&mut self, word: &str, v: Json) -> Result<Json, String> {
+            if self.s[self.i..].starts_with(word.as_bytes()) {
+                self.i += word.len();
+                Ok(v)
+            } else {
+                Err(format!("bad literal at {}", self.i))
+            }
+        }
+        fn value(&mut self) -> Result<Json, String> {
+            match self.peek().ok_or("unexpected end")? {
+                b'{' => {
+                    self.i += 1;
+                    let mut m = Vec::new();
+                    if self.peek() == Some(b'}') {
+                        self.i += 1;
+                        return Ok(Json::Obj(m));
+                    }
+                    loop {
+                        self.ws();
+                        let k = self.string()?;
+                        self.expect(b':')?;
+                        m.push((k, self.value()?));
+                        match self.peek() {
+                            Some(b',') => self.i += 1,
+                            Some(b'}') => {
+                                self.i += 1;
+                                return Ok(Json::Obj(m));
+                            }
+                            _ => return Err(format!("bad object at {}", self.i)),
+                        }
+                    }
+                }
+                b'[' => {
+                    self.i += 1;
+                    let mut a = Vec::new();
+                    if self.peek() == Some(b']') {
+                        self.i += 1;
+                        return Ok(Json::Arr(a));
+                    }
+                    loop {
+                        a.push(self.value()?);
+                        match self.peek() {
+                            Some(b',') => self.i += 1,
+                            Some(b']') => {
+                                self.i += 1;
+                                return Ok(Json::Arr(a));
+                            }
+                            _ => return Err(format!("bad array at {}", self.i)),
+                        }
+                    }
+                }
+                b'"' => Ok(Json::Str(self.string()?)),
+                b't' => self.lit("true", Json::Bool(true)),
+                b'f' => self.lit("false", Json::Bool(false)),
+                b'n' => self.lit("null", Json::Null),
+                _ => {
+                    let start = self.i;
+                    while self.i < self.s.len()
+                        && matches!(
+                            self.s[self.i],
+                            b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
+                        )
+                    {
+                        self.i += 1;
+                    }
+                    std::str::from_utf8(&self.s[start..self.i])
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .map(Json::Num)
+                        .ok_or_else(|| format!("bad number at {start}"))
+                }
+            }
+        }
+        fn string(&mut self) -> Result<String, String> {
+            if self.s.get(self.i) != Some(&b'"') {
+                return Err(format!("expected a string at {}", self.i));
+            }
+            self.i += 1;
+            let mut out: Vec<u8> = Vec::new();
+            loop {
+                let c = *self.s.get(self.i).ok_or("unterminated string")?;
+                self.i += 1;
+                match c {
+                    b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
+                    b'\\' => {
+                        let e = *self.s.get(self.i).ok_or("unterminated escape")?;
+                        self.i += 1;
+                        let ch = match e {
+                            b'n' => '\n',
+                            b't' => '\t',
+                            b'r' => '\r',
+                            b'b' => '\u{8}',
+                            b'f' => '\u{c}',
+                            b'u' => {
+                                let hex = self.s.get(self.i..self.i + 4).ok_or("short \\u")?;
+                                self.i += 4;
+                                let n = u32::from_str_radix(
+                                    std::str::from_utf8(hex).map_err(|e| e.to_string())?,
+                                    16,
+                                )
+                                .map_err(|e| e.to_string())?;
+                                char::from_u32(n).unwrap_or('\u{fffd}')
+                            }
+                            other => other as char,
+                        };
+                        let mut buf = [0u8; 4];
+                        out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                    }
+                    other => out.push(other),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1424 @@
+//! The control domain end to end: a real `bulkheadd` per test (own socket, state dir and
+//! policy in a fresh temp dir), driven through the `bulkhead` CLI (as root and as uid
+//! 1000) and, for protocol abuse, through raw frames on its socket. VMs run the bare-metal
+//! test guest (tests/guest/README.md).
+//!
+//! Every test kills its daemon and every runner it started when it ends (pass or fail):
+//! see [`Bulkheadd`]'s `Drop`. Runners are found by their log file (fd 1 points into the
+//! test's state dir), so none is missed even when the daemon is gone.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bulkhead_ipc::control::{ErrorCode, Reply, Request};
+use bulkhead_ipc::hello::{client_hello, Hello, HelloReply, Role, MAGIC, PROTOCOL_VERSION};
+use bulkhead_ipc::transport::MAX_FRAME;
+use bulkhead_ipc::{Channel, IpcError};
+use common::json::{self, Json};
+use common::*;
+
+/// Deadline for one step (a VM reaching a state, output appearing, a process going away).
+const STEP: Duration = Duration::from_secs(20);
+
+/// Deadline for one CLI call.
+const CLI: Duration = Duration::from_secs(30);
+
+/// The unprivileged user the tests act as.
+const USER: u32 = 1000;
+
+/// True when we are root (bulkheadd must be); otherwise a loud skip notice.
+fn root_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!(
+            "\n*** SKIPPED {test}: bulkheadd must run as root (CI runs the suite as root) ***\n"
+        );
+    }
+    root
+}
+
+/// A `[runners]` policy section giving this test's runners their own uid range, so tests
+/// running in parallel never share a runner uid (RLIMIT_NPROC is per uid).
+fn runner_uids(base: u32) -> String {
+    format!("[runners]\nuid_base = {base}\nuid_count = 50\n")
+}
+
+fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+}
+
+fn send_signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is one we started or read
+    // from the daemon.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// A VM as `bulkhead list --json` shows it.
+#[derive(Debug, Clone)]
+struct Vm {
+    name: String,
+    /// The state as `bulkhead list` words it (`running`, `stopped (exit 3)`, …).
+    state: String,
+    runner_pid: Option<i32>,
+    owner: u32,
+    memory_mib: u64,
+}
+
+/// The wording of `bulkhead list`'s STATE column for a JSON `VmState`.
+fn state_word(state: &Json) -> String {
+    match state {
+        Json::Str(s) => s.to_lowercase(),
+        other => match other.get("Stopped") {
+            Some(Json::Str(r)) if r == "GuestShutdown" => "stopped (shut down)".into(),
+            Some(Json::Str(r)) if r == "Destroyed" => "stopped (destroyed)".into(),
+            Some(r) => match (r.get("GuestExit"), r.get("Crashed")) {
+                (Some(v), _) => format!("stopped (exit {})", v.as_i64().unwrap_or(-1)),
+                (_, Some(why)) => format!("stopped (crashed: {})", why.as_str().unwrap_or("?")),
+                _ => format!("{other:?}"),
+            },
+            None => format!("{other:?}"),
+        },
+    }
+}
+
+fn vm_from_json(v: &Json) -> Vm {
+    Vm {
+        name: v
+            .get("name")
+            .and_then(Json::as_str)
+            .expect("name")
+            .to_string(),
+        state: state_word(v.get("state").expect("state")),
+        runner_pid: v.get("runner_pid").and_then(Json::as_i64).map(|p| p as i32),
+        owner: v.get("owner").and_then(Json::as_i64).expect("owner") as u32,
+        memory_mib: v
+            .get("memory_mib")
+            .and_then(Json::as_i64)
+            .expect("memory_mib") as u64,
+    }
+}
+
+/// `tick N` lines in console output.
+fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.trim().parse().ok())
+        .collect()
+}
+
+/// Console output with the `tick N` lines taken out and the rest joined without line
+/// breaks.
+fn without_ticks(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.trim().starts_with("tick "))
+        .map(|l| l.trim_end_matches('\r'))
+        .collect()
+}
+
+fn max_tick(text: &str) -> u64 {
+    ticks(text).into_iter().max().unwrap_or(0)
+}
+
+/// The one non-empty line of a CLI error (stderr), asserting there is exactly one.
+fn one_error_line(out: &Finished) -> String {
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error\n{}", out.dump());
+    assert!(lines[0].starts_with("bulkhead: "), "{}", out.dump());
+    lines[0].to_string()
+}
+
+/// One `bulkheadd` with its own temp dir, socket, state dir and policy. Dropping it kills
+/// the daemon and every runner whose log is in its state dir.
+struct Bulkheadd {
+    dir: PathBuf,
+    sock: PathBuf,
+    state: PathBuf,
+    policy: PathBuf,
+    selftest: bool,
+    daemon: Option<Running>,
+    /// stderr of daemons that were stopped, for failure reports.
+    earlier: Vec<String>,
+}
+
+impl Bulkheadd {
+    /// Starts a daemon for `test`; `policy` is the policy file's text (None: no file, so
+    /// only root may act).
+    fn start(test: &str, policy: Option<&str>, selftest: bool) -> Bulkheadd {
+        let dir = std::env::temp_dir().join(format!("bh-cd-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // uid 1000 runs the CLI and reads configs here.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut d = Bulkheadd {
+            sock: dir.join("bh.sock"),
+            state: dir.join("state"),
+            policy: dir.join("policy.toml"),
+            dir,
+            selftest,
+            daemon: None,
+            earlier: Vec::new(),
+        };
+        if let Some(p) = policy {
+            write_file(&d.policy, p);
+        }
+        d.launch();
+        d
+    }
+
+    /// Starts (again) a daemon on this socket, state dir and policy; waits until it
+    /// answers `bulkhead list`.
+    fn launch(&mut self) {
+        assert!(self.daemon.is_none(), "a daemon is already running");
+        let mut c = Command::new(bin("bulkheadd"));
+        c.arg("--socket")
+            .arg(&self.sock)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--policy")
+            .arg(&self.policy);
+        if self.selftest {
+            c.arg("--runner-selftest");
+        }
+        let mut r = Running::spawn(c);
+        let mut last = None;
+        let ready = wait_until(STEP, || {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!(
+                    "bulkheadd exited during start-up: {status}\n{}",
+                    r.stderr.text()
+                );
+            }
+            if !self.sock.exists() {
+                return false;
+            }
+            let out = self.cli(&["list"]);
+            let ok = out.code == Some(0);
+            last = Some(out.dump());
+            ok
+        });
+        assert!(
+            ready,
+            "bulkheadd did not answer `list` within {STEP:?}\nlast try: {last:?}\n--- bulkheadd ---\n{}",
+            r.stderr.text()
+        );
+        self.daemon = Some(r);
+    }
+
+    fn pid(&self) -> i32 {
+        self.daemon.as_ref().expect("daemon running").child.id() as i32
+    }
+
+    /// SIGTERM the daemon and wait for it to exit.
+    fn terminate(&mut self) {
+        let mut r = self.daemon.take().expect("daemon running");
+        send_signal(r.child.id() as i32, libc::SIGTERM);
+        let status = r.wait(STEP);
+        assert_eq!(
+            status.code(),
+            None,
+            "SIGTERM should end bulkheadd by the signal\n{}",
+            r.stderr.text()
+        );
+        self.earlier.push(r.stderr.text());
+    }
+
+    fn cli_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("bulkhead"));
+        c.arg("--socket").arg(&self.sock).args(args);
+        c
+    }
+
+    /// The CLI as root.
+    fn cli(&self, args: &[&str]) -> Finished {
+        run(self.cli_cmd(args), CLI)
+    }
+
+    /// The CLI as `uid` (gid = uid, no supplementary groups).
+    fn cli_as(&self, uid: u32, args: &[&str]) -> Finished {
+        let mut c = self.cli_cmd(args);
+        c.uid(uid).gid(uid);
+        run(c, CLI)
+    }
+
+    /// `bulkhead console NAME` as root, running, stdin piped.
+    fn console(&self, name: &str) -> Running {
+        Running::spawn(self.cli_cmd(&["console", name]))
+    }
+
+    /// Writes a VM config next to the socket and returns its path.
+    fn config(&self, name: &str, cmdline: &str, memory: &str, owner: Option<u32>) -> PathBuf {
+        let mut text = format!(
+            "name = \"{name}\"\nvcpus = 1\nmemory = \"{memory}\"\nkernel = \"{}\"\ncmdline = \"{cmdline}\"\n",
+            test_guest().display()
+        );
+        if let Some(o) = owner {
+            text.push_str(&format!("owner = {o}\n"));
+        }
+        let path = self.dir.join(format!("{name}.toml"));
+        write_file(&path, &text);
+        path
+    }
+
+    /// `bulkhead create` as root; asserts it worked and returns the VM as listed.
+    fn create(&self, name: &str, cmdline: &str) -> Vm {
+        self.create_with(name, cmdline, "128M", None)
+    }
+
+    fn create_with(&self, name: &str, cmdline: &str, memory: &str, owner: Option<u32>) -> Vm {
+        let cfg = self.config(name, cmdline, memory, owner);
+        let out = self.cli(&["create", cfg.to_str().expect("utf-8 path")]);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "create {name}\n{}\n{}",
+            out.dump(),
+            self.dump()
+        );
+        assert!(
+            out.stdout.starts_with(&format!("created {name} (id ")),
+            "{}",
+            out.dump()
+        );
+        let vm = self
+            .vm(name)
+            .unwrap_or_else(|| panic!("{name} not listed after create\n{}", self.dump()));
+        assert!(vm.runner_pid.is_some(), "{vm:?}");
+        vm
+    }
+
+    /// `bulkhead list --json`, as root or as `uid`.
+    fn list_as(&self, uid: Option<u32>) -> Vec<Vm> {
+        let out = match uid {
+            Some(u) => self.cli_as(u, &["list", "--json"]),
+            None => self.cli(&["list", "--json"]),
+        };
+        assert_eq!(
+            out.code,
+            Some(0),
+            "list --json\n{}\n{}",
+            out.dump(),
+            self.dump()
+        );
+        let v =
+            json::parse(&out.stdout).unwrap_or_else(|e| panic!("list --json: {e}\n{}", out.dump()));
+        v.as_array()
+            .unwrap_or_else(|| panic!("list --json is not an array\n{}", out.dump()))
+            .iter()
+            .map(vm_from_json)
+            .collect()
+    }
+
+    fn list(&self) -> Vec<Vm> {
+        self.list_as(None)
+    }
+
+    fn vm(&self, name: &str) -> Option<Vm> {
+        self.list().into_iter().find(|v| v.name == name)
+    }
+
+    /// `bulkhead info NAME --json` as root.
+    fn info(&self, name: &str) -> Json {
+        let out = self.cli(&["info", name, "--json"]);
+        assert_eq!(out.code, Some(0), "info {name}\n{}", out.dump());
+        json::parse(&out.stdout).unwrap_or_else(|e| panic!("info --json: {e}\n{}", out.dump()))
+    }
+
+    /// NAME's row of the `bulkhead list` table (as root), if listed.
+    fn row(&self, name: &str) -> Option<String> {
+        let out = self.cli(&["list"]);
+        assert_eq!(out.code, Some(0), "list\n{}", out.dump());
+        out.stdout
+            .lines()
+            .skip(1)
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .map(str::to_string)
+    }
+
+    /// Waits until NAME's `list` row contains `needle`; returns the row.
+    fn wait_row(&self, name: &str, needle: &str) -> String {
+        let mut last = None;
+        let ok = wait_until(STEP, || {
+            last = self.row(name);
+            last.as_deref().is_some_and(|r| r.contains(needle))
+        });
+        assert!(
+            ok,
+            "`list` never showed '{needle}' for {name} within {STEP:?}; last row: {last:?}\n{}",
+            self.dump()
+        );
+        last.unwrap_or_default()
+    }
+
+    fn log_path(&self, vm: &str) -> PathBuf {
+        self.state.join("logs").join(format!("{vm}.log"))
+    }
+
+    fn log(&self, vm: &str) -> String {
+        std::fs::read_to_string(self.log_path(vm)).unwrap_or_default()
+    }
+
+    /// Live runners of this daemon (any process whose stdout is a log in its state dir).
+    fn runners(&self) -> Vec<i32> {
+        pids_with_fd_under(1, &self.state.join("logs"))
+    }
+
+    /// Everything useful after a failure: the daemons' stderr and the runner logs.
+    fn dump(&self) -> String {
+        let mut s = String::new();
+        for (i, e) in self.earlier.iter().enumerate() {
+            s.push_str(&format!("--- earlier bulkheadd #{i} ---\n{e}\n"));
+        }
+        if let Some(d) = &self.daemon {
+            s.push_str(&format!("--- bulkheadd ---\n{}\n", d.stderr.text()));
+        }
+        if let Ok(logs) = std::fs::read_dir(self.state.join("logs")) {
+            for e in logs.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                s.push_str(&format!("--- {} ---\n{text}\n", e.path().display()));
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Bulkheadd {
+    fn drop(&mut self) {
+        // The daemon first, so it starts nothing more; then every runner it left (runners
+        // deliberately survive their daemon).
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
+        let logs = self.state.join("logs");
+        for pid in pids_with_fd_under(1, &logs) {
+            send_signal(pid, libc::SIGKILL);
+        }
+        let clean = wait_until(Duration::from_secs(10), || {
+            pids_with_fd_under(1, &logs).is_empty()
+        });
+        if !clean {
+            eprintln!(
+                "warning: runners of {} still alive: {:?}",
+                self.dir.display(),
+                pids_with_fd_under(1, &logs)
+            );
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The start time of a running process (to tell it from a later process with its pid).
+fn start_time(pid: i32) -> u64 {
+    let (start, state) = proc_stat(pid).unwrap_or_else(|| panic!("no process {pid}"));
+    assert_ne!(state, 'Z', "process {pid} is a zombie");
+    start
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. create, list, console, guest exit
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn create_list_console_and_guest_exit() {
+    let name = "create_list_console_and_guest_exit";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    // No policy file: the safe default, root may do everything.
+    let d = Bulkheadd::start("exit", None, false);
+    let vm = d.create("guest1", "echo exit=3");
+    let pid = vm.runner_pid.expect("runner pid");
+    let start = start_time(pid);
+    assert_eq!(vm.state, "running", "{vm:?}");
+    assert_eq!((vm.owner, vm.memory_mib), (0, 128), "{vm:?}");
+    let row = d.wait_row("guest1", "running");
+    assert!(row.contains(&pid.to_string()), "PID column: {row}");
+
+    let mut con = d.console("guest1");
+    for line in [
+        "bulkhead-test-guest: boot",
+        "cmdline: echo exit=3",
+        "echo: ready",
+    ] {
+        assert!(
+            con.stdout.wait_for(line, STEP),
+            "console lacks '{line}'\n{}\n{}\n{}",
+            con.stdout.text(),
+            con.stderr.text(),
+            d.dump()
+        );
+    }
+    con.send(b"typed into the console\n");
+    assert!(
+        con.stdout.wait_for("typed into the console", STEP),
+        "console input not echoed\n{}",
+        con.stdout.text()
+    );
+    con.send(b"quit\n");
+    let status = con.wait(STEP);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "console should end well when the VM stops\n{}\n{}",
+        con.stdout.text(),
+        con.stderr.text()
+    );
+    assert!(
+        con.stdout.text().contains("echo: done"),
+        "{}",
+        con.stdout.text()
+    );
+    assert!(
+        con.stderr
+            .text()
+            .contains("[console closed: VM stopped: guest exited with status 3]"),
+        "{}",
+        con.stderr.text()
+    );
+
+    let row = d.wait_row("guest1", "stopped (exit 3)");
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cols.get(cols.len() - 2),
+        Some(&"-"),
+        "a stopped VM has no PID: {row}"
+    );
+
+    let info = d.info("guest1");
+    let summary = info.get("summary").expect("summary");
+    assert_eq!(
+        state_word(summary.get("state").expect("state")),
+        "stopped (exit 3)",
+        "{info:?}"
+    );
+    assert_eq!(summary.get("runner_pid"), Some(&Json::Null), "{info:?}");
+    assert_eq!(
+        info.get("cmdline").and_then(Json::as_str),
+        Some("echo exit=3")
+    );
+    let kernel = std::fs::canonicalize(test_guest()).expect("guest path");
+    assert_eq!(info.get("kernel").and_then(Json::as_str), kernel.to_str());
+    // bulkheadd spawned this runner, so it reaps it: no zombie either.
+    assert!(
+        wait_until(STEP, || !proc_exists(pid, start)),
+        "runner {pid} still exists: {:?}",
+        proc_stat(pid)
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. destroy leaves nothing behind
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn destroy_leaves_no_process_behind() {
+    let name = "destroy_leaves_no_process_behind";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("destroy", Some(&runner_uids(62000)), false);
+    let vm = d.create("doomed", "echo");
+    let pid = vm.runner_pid.expect("runner pid");
+    let start = start_time(pid);
+    assert_eq!(d.runners(), vec![pid], "exactly one runner, the listed one");
+
+    let out = d.cli(&["destroy", "doomed"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(
+        out.stdout.contains("VM 'doomed' destroyed"),
+        "{}",
+        out.dump()
+    );
+    // Gone from /proc: killed and reaped (bulkheadd is its parent), not left a zombie.
+    assert!(
+        wait_until(STEP, || !proc_exists(pid, start)),
+        "runner {pid} still in /proc after destroy: {:?}",
+        proc_stat(pid)
+    );
+    assert!(d.runners().is_empty(), "runners left: {:?}", d.runners());
+    assert!(d.vm("doomed").is_none(), "{:?}", d.list());
+    assert!(d.row("doomed").is_none());
+    let out = d.cli(&["info", "doomed"]);
+    assert_eq!(
+        out.code,
+        Some(4),
+        "info of a destroyed VM is NotFound\n{}",
+        out.dump()
+    );
+    assert!(
+        !d.state.join("vms/doomed.toml").exists(),
+        "state record left behind"
+    );
+    assert!(
+        !d.state.join("run/doomed.sock").exists(),
+        "runner socket left behind"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. the runner's sandbox, seen from outside and from its own self-test
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn runner_is_sandboxed() {
+    let name = "runner_is_sandboxed";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("sandbox", Some(&runner_uids(62100)), true);
+    let vm = d.create("boxed", "echo");
+    let pid = vm.runner_pid.expect("runner pid");
+    let status = |key: &str| {
+        proc_status_field(pid, key).unwrap_or_else(|| panic!("/proc/{pid}/status has no {key}"))
+    };
+
+    // A dedicated uid and gid (real, effective, saved, fs), no supplementary groups.
+    for key in ["Uid:", "Gid:"] {
+        let ids: Vec<u32> = status(key)
+            .split_whitespace()
+            .map(|v| v.parse().expect("id"))
+            .collect();
+        assert_eq!(ids.len(), 4, "{key} {ids:?}");
+        assert!(ids.iter().all(|&id| id != 0), "runner {key} {ids:?}");
+        assert!(ids.iter().all(|&id| id == ids[0]), "runner {key} {ids:?}");
+        assert!(
+            (62100..62150).contains(&ids[0]),
+            "runner {key} {ids:?} outside the policy's range"
+        );
+    }
+    assert_eq!(status("Groups:"), "", "supplementary groups");
+    assert_eq!(status("Seccomp:"), "2", "seccomp filter mode");
+    assert_eq!(status("NoNewPrivs:"), "1");
+
+    // Own pid, net, mount (and ipc, uts) namespaces.
+    let daemon = d.pid();
+    for ns in ["pid", "net", "mnt", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("runner ns");
+        let ours = std::fs::read_link(format!("/proc/{daemon}/ns/{ns}")).expect("daemon ns");
+        assert_ne!(theirs, ours, "runner shares the daemon's {ns} namespace");
+    }
+
+    // An empty root.
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/"))
+        .expect("read the runner's root")
+        .map(|e| e.map(|e| e.file_name()))
+        .collect();
+    assert!(root.is_empty(), "runner's root is not empty: {root:?}");
+
+    // Only the descriptors it was handed or made itself; no host file.
+    let log = d.log_path("boxed");
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+    {
+        // A descriptor may close between read_dir and readlink.
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let t = target.to_string_lossy().into_owned();
+        let allowed = t == "/dev/null"
+            || target == log
+            || t == "/dev/kvm"
+            || t.starts_with("/memfd:bulkhead-guest-ram")
+            || t.starts_with("socket:[")
+            || t.starts_with("anon_inode:");
+        assert!(
+            allowed,
+            "runner fd {:?} -> {t} is not allowed",
+            e.file_name()
+        );
+        seen.push(t);
+    }
+    assert!(
+        seen.iter().any(|t| t == "/dev/kvm"),
+        "no /dev/kvm fd: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|t| t.starts_with("/memfd:bulkhead-guest-ram")),
+        "no guest RAM memfd: {seen:?}"
+    );
+
+    // rlimits set by the spawn.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("nofile");
+    assert_eq!(
+        open_files.split_whitespace().nth(3),
+        Some("256"),
+        "{open_files}"
+    );
+
+    // The runner's own self-test, run inside the sealed sandbox before the guest booted.
+    let text = d.log("boxed");
+    for probe in [
+        "open /etc/passwd",
+        "open /dev/kvm by path",
+        "socket(AF_INET)",
+        "execve /bin/sh",
+        "ptrace",
+    ] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("sandbox-selftest: {probe}")))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "self-test of '{probe}' not logged once\n{text}"
+        );
+        assert!(
+            lines[0].contains(": denied ("),
+            "'{probe}' was not denied: {}",
+            lines[0]
+        );
+    }
+    assert!(
+        !text.contains("ALLOWED"),
+        "the sandbox allowed something\n{text}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. two VMs at once
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn two_vms_run_at_once_under_different_uids() {
+    let name = "two_vms_run_at_once_under_different_uids";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("two", Some(&runner_uids(62200)), false);
+    let a = d.create("vm-a", "echo exit=1");
+    let b = d.create("vm-b", "echo exit=2");
+    let (pa, pb) = (a.runner_pid.expect("pid a"), b.runner_pid.expect("pid b"));
+    assert_ne!(pa, pb);
+    let list = d.list();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(list.iter().all(|v| v.state == "running"), "{list:?}");
+
+    let uid = |pid: i32| -> u32 {
+        proc_status_field(pid, "Uid:")
+            .and_then(|u| u.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or_else(|| panic!("uid of {pid}"))
+    };
+    let (ua, ub) = (uid(pa), uid(pb));
+    assert_ne!(ua, ub, "two runners share uid {ua}");
+    assert!(ua != 0 && ub != 0);
+    for (n, u) in [("vm-a", ua), ("vm-b", ub)] {
+        let info = d.info(n);
+        assert_eq!(
+            info.get("runner_uid").and_then(Json::as_i64),
+            Some(i64::from(u)),
+            "{n}: {info:?}"
+        );
+    }
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).expect("ns");
+    assert_ne!(ns(pa), ns(pb), "two runners share a pid namespace");
+
+    // Each console is its own guest's.
+    for (n, own, other) in [
+        ("vm-a", "cmdline: echo exit=1", "exit=2"),
+        ("vm-b", "cmdline: echo exit=2", "exit=1"),
+    ] {
+        let mut c = d.console(n);
+        assert!(
+            c.stdout.wait_for("echo: ready", STEP),
+            "{n}: {}",
+            c.stdout.text()
+        );
+        let text = c.stdout.text();
+        assert!(
+            text.contains(own) && !text.contains(other),
+            "{n}'s console:\n{text}"
+        );
+        c.send(&[0x1d]); // Ctrl-]: detach.
+        let st = c.wait(STEP);
+        assert_eq!(st.code(), Some(0), "{}", c.stderr.text());
+    }
+    // Both still run after the consoles left.
+    assert!(
+        d.list().iter().all(|v| v.state == "running"),
+        "{:?}",
+        d.list()
+    );
+    assert!(proc_running(pa, start_time(pa)) && proc_running(pb, start_time(pb)));
+}
+
+// ------------------------------------------------------------------------------------------
+// 5. policy
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn policy_admins_and_owners() {
+    let name = "policy_admins_and_owners";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let policy = format!("[admins]\nuids = [0]\n{}", runner_uids(62300));
+    let d = Bulkheadd::start("owners", Some(&policy), false);
+
+    // uid 1000 may not create, even a VM it would own.
+    let cfg = d.config("mine", "echo", "128M", Some(USER));
+    let out = d.cli_as(USER, &["create", cfg.to_str().expect("path")]);
+    assert_eq!(out.code, Some(3), "{}", out.dump());
+    let line = one_error_line(&out);
+    assert!(line.contains("rule 'admins'"), "{line}");
+    assert!(
+        d.list().is_empty(),
+        "a refused create left a VM: {:?}",
+        d.list()
+    );
+    assert!(d.runners().is_empty());
+
+    let a = d.create_with("vm-a", "echo", "128M", Some(USER));
+    let b = d.create_with("vm-b", "echo", "128M", Some(0));
+    assert_eq!((a.owner, b.owner), (USER, 0));
+
+    // Its own VM's console works for uid 1000.
+    let mut c = d.cli_cmd(&["console", "vm-a"]);
+    c.uid(USER).gid(USER);
+    let mut con = Running::spawn(c);
+    assert!(
+        con.stdout.wait_for("echo: ready", STEP),
+        "uid {USER} sees no output of its VM\n{}\n{}",
+        con.stdout.text(),
+        con.stderr.text()
+    );
+    con.send(b"owner was here\n");
+    assert!(
+        con.stdout.wait_for("owner was here", STEP),
+        "{}",
+        con.stdout.text()
+    );
+    con.send(&[0x1d]);
+    let st = con.wait(STEP);
+    assert_eq!(st.code(), Some(0), "{}", con.stderr.text());
+
+    // Not someone else's.
+    let out = d.cli_as(USER, &["console", "vm-b"]);
+    assert_eq!(out.code, Some(3), "{}", out.dump());
+    let line = one_error_line(&out);
+    assert!(
+        line.contains("rule 'owner'") && line.contains("vm-b"),
+        "{line}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "output of a VM uid {USER} does not own:\n{}",
+        out.stdout
+    );
+    for verb in ["info", "destroy", "pause", "shutdown"] {
+        let out = d.cli_as(USER, &[verb, "vm-b"]);
+        assert_eq!(
+            out.code,
+            Some(3),
+            "{verb} vm-b as uid {USER}\n{}",
+            out.dump()
+        );
+        assert!(
+            one_error_line(&out).contains("rule 'owner'"),
+            "{}",
+            out.dump()
+        );
+    }
+
+    // uid 1000 sees only its own VM; root sees both, still running.
+    let mine: Vec<String> = d.list_as(Some(USER)).into_iter().map(|v| v.name).collect();
+    assert_eq!(mine, vec!["vm-a".to_string()]);
+    let table = d.cli_as(USER, &["list"]);
+    assert_eq!(table.code, Some(0), "{}", table.dump());
+    assert!(
+        table.stdout.contains("vm-a") && !table.stdout.contains("vm-b"),
+        "{}",
+        table.stdout
+    );
+    let all = d.list();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all.iter().all(|v| v.state == "running"), "{all:?}");
+}
+
+#[test]
+fn policy_memory_limits() {
+    let name = "policy_memory_limits";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let policy = format!(
+        "[limits]\nmax_memory = \"256M\"\nhost_memory = \"384M\"\n{}",
+        runner_uids(62400)
+    );
+    let d = Bulkheadd::start("limits", Some(&policy), false);
+    let try_create = |vm: &str, memory: &str| {
+        let cfg = d.config(vm, "echo", memory, None);
+        d.cli(&["create", cfg.to_str().expect("path")])
+    };
+
+    let out = try_create("big", "512M");
+    assert_eq!(out.code, Some(3), "{}", out.dump());
+    assert!(
+        one_error_line(&out).contains("limits.max_memory"),
+        "{}",
+        out.dump()
+    );
+    assert!(d.list().is_empty(), "{:?}", d.list());
+
+    let out = try_create("first", "256M");
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let out = try_create("second", "256M");
+    assert_eq!(out.code, Some(3), "{}", out.dump());
+    assert!(
+        one_error_line(&out).contains("limits.host_memory"),
+        "{}",
+        out.dump()
+    );
+    let names: Vec<String> = d.list().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, vec!["first".to_string()]);
+    assert_eq!(d.runners().len(), 1, "a refused create left a runner");
+
+    // The memory of a destroyed VM is given back.
+    let out = d.cli(&["destroy", "first"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let out = try_create("second", "256M");
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+}
+
+// ------------------------------------------------------------------------------------------
+// 6. protocol abuse
+// ------------------------------------------------------------------------------------------
+
+/// Sends `bytes` as one datagram, bypassing the framing.
+fn send_raw(ch: &Channel, bytes: &[u8]) {
+    // SAFETY: `bytes` is valid for `bytes.len()` bytes; the fd is the channel's socket.
+    let n = unsafe {
+        libc::send(
+            ch.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    assert_eq!(
+        usize::try_from(n).ok(),
+        Some(bytes.len()),
+        "send of {} bytes: {}",
+        bytes.len(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A frame: the 4-byte little-endian length `claimed`, then `payload`.
+fn frame(claimed: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = claimed.to_le_bytes().to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Expects the daemon to refuse the hello (naming why) and close the connection.
+fn expect_refused(ch: &Channel, what: &str) -> String {
+    let reason = match ch.recv_timeout::<HelloReply>(STEP) {
+        Ok((
+            HelloReply::Refused {
+                server_version,
+                reason,
+            },
+            _,
+        )) => {
+            assert_eq!(server_version, PROTOCOL_VERSION, "{what}");
+            reason
+        }
+        other => panic!("{what}: expected a Refused hello reply, got {other:?}"),
+    };
+    match ch.recv_raw_timeout(STEP) {
+        Err(IpcError::Closed) => {}
+        other => panic!("{what}: the connection should be closed after Refused, got {other:?}"),
+    }
+    reason
+}
+
+/// Expects `Reply::Error { code: Protocol }` for the last frame.
+fn expect_protocol_error(ch: &Channel, what: &str) {
+    match ch.recv_timeout::<Reply>(STEP) {
+        Ok((
+            Reply::Error {
+                code: ErrorCode::Protocol,
+                message,
+            },
+            _,
+        )) => {
+            assert!(!message.is_empty(), "{what}: empty message");
+        }
+        other => panic!("{what}: expected Error {{ code: Protocol }}, got {other:?}"),
+    }
+}
+
+#[test]
+fn protocol_abuse_gets_error_replies_not_crashes() {
+    let name = "protocol_abuse_gets_error_replies_not_crashes";
+    if !root_available(name) {
+        return;
+    }
+    let mut d = Bulkheadd::start("protocol", Some(&runner_uids(62500)), false);
+    let connect = || Channel::connect(&d.sock).expect("connect");
+
+    // Bad first frames.
+    let ch = connect();
+    send_raw(&ch, b"GET / HTTP/1.0\r\n\r\n");
+    let r = expect_refused(&ch, "HTTP request as hello");
+    assert!(r.contains("not a Bulkhead client"), "{r}");
+
+    let ch = connect();
+    send_raw(&ch, &[0xff, 0x00]);
+    let r = expect_refused(&ch, "2-byte first frame");
+    assert!(r.contains("not a Bulkhead client"), "{r}");
+
+    let ch = connect();
+    send_raw(&ch, &frame(18, b"not a hello at all"));
+    let r = expect_refused(&ch, "well-framed garbage as hello");
+    assert!(r.contains("not a Bulkhead hello"), "{r}");
+
+    // Right magic and version, but a role that does not exist.
+    let ch = connect();
+    let mut bad_role = MAGIC.to_vec();
+    bad_role.extend_from_slice(&[PROTOCOL_VERSION as u8, 0x09]);
+    send_raw(&ch, &frame(bad_role.len() as u32, &bad_role));
+    let r = expect_refused(&ch, "hello with an unknown role");
+    assert!(r.contains("malformed hello"), "{r}");
+
+    // Another protocol version: refused, naming both versions.
+    let ch = connect();
+    let future = Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION + 98,
+        role: Role::Cli,
+    };
+    ch.send(&future, &[]).expect("send hello");
+    let r = expect_refused(&ch, "wrong-version hello");
+    assert!(
+        r.contains(&format!("version {}", PROTOCOL_VERSION + 98))
+            && r.contains(&format!("version {PROTOCOL_VERSION}")),
+        "{r}"
+    );
+
+    // An empty datagram reads as a closed connection: dropped without an answer.
+    let ch = connect();
+    send_raw(&ch, &[]);
+    match ch.recv_raw_timeout(STEP) {
+        Err(IpcError::Closed) => {}
+        Ok((payload, _)) => match bulkhead_ipc::transport::decode::<HelloReply>(&payload) {
+            Ok(HelloReply::Refused { .. }) => {}
+            other => panic!("empty first frame: {other:?}"),
+        },
+        Err(e) => panic!("empty first frame: {e}"),
+    }
+
+    // After a good hello: each bad frame gets a Protocol error, and the connection lives on.
+    let ch = connect();
+    client_hello(&ch, Role::Cli, STEP).expect("hello");
+    send_raw(
+        &ch,
+        &frame(8, &[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff]),
+    );
+    expect_protocol_error(&ch, "garbage request");
+    send_raw(&ch, &frame(1, &[0x7f]));
+    expect_protocol_error(&ch, "unknown request variant");
+    send_raw(&ch, &frame(2, &[0x01, 0x00]));
+    expect_protocol_error(&ch, "a request with trailing bytes");
+    send_raw(&ch, &frame(100, &[0x01; 10]));
+    expect_protocol_error(&ch, "truncated frame (header says 100, 10 sent)");
+    send_raw(&ch, &[0x01, 0x00]);
+    expect_protocol_error(&ch, "frame shorter than its header");
+    send_raw(&ch, &frame(1 << 30, &[0x01; 16]));
+    expect_protocol_error(&ch, "header claiming 1 GiB");
+    let big = MAX_FRAME + 1024;
+    send_raw(&ch, &frame(big as u32, &vec![0x41; big]));
+    expect_protocol_error(&ch, "oversized frame (256 KiB + 1 KiB)");
+    ch.send(
+        &Request::ConsoleInput {
+            data: b"x".to_vec(),
+        },
+        &[],
+    )
+    .expect("send");
+    match ch.recv_timeout::<Reply>(STEP) {
+        Ok((
+            Reply::Error {
+                code: ErrorCode::WrongState,
+                ..
+            },
+            _,
+        )) => {}
+        other => panic!("console input without a console: {other:?}"),
+    }
+    ch.send(&Request::List, &[]).expect("send List");
+    match ch.recv_timeout::<Reply>(STEP) {
+        Ok((Reply::List { vms }, _)) => assert!(vms.is_empty(), "{vms:?}"),
+        other => panic!("List after bad frames on the same connection: {other:?}"),
+    }
+    drop(ch);
+
+    // A client that says hello and vanishes mid-request changes nothing either.
+    let ch = connect();
+    client_hello(&ch, Role::Cli, STEP).expect("hello");
+    send_raw(&ch, &frame(1000, &[0x00; 3]));
+    drop(ch);
+
+    // The daemon survived all of it and serves a new client.
+    let daemon = d.daemon.as_mut().expect("daemon");
+    assert!(
+        daemon.child.try_wait().expect("try_wait").is_none(),
+        "bulkheadd died\n{}",
+        daemon.stderr.text()
+    );
+    let out = d.cli(&["list"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(out.stdout.starts_with("NAME"), "{}", out.dump());
+    let err = d.daemon.as_ref().expect("daemon").stderr.text();
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 7. control-plane restart
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn control_plane_restart_readopts_runners() {
+    let name = "control_plane_restart_readopts_runners";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let mut d = Bulkheadd::start("restart", Some(&runner_uids(62600)), false);
+    let v1 = d.create("v1", "ticks=100");
+    let v2 = d.create("v2", "ticks=100");
+    let (p1, p2) = (v1.runner_pid.expect("pid"), v2.runner_pid.expect("pid"));
+    let (s1, s2) = (start_time(p1), start_time(p2));
+
+    let c1 = d.console("v1");
+    assert!(
+        c1.stdout.wait_for("tick 3", STEP),
+        "v1 does not tick\n{}\n{}",
+        c1.stdout.text(),
+        d.dump()
+    );
+
+    // Stop the control plane: the guests keep running.
+    d.terminate();
+    let before = max_tick(&c1.stdout.text());
+    drop(c1);
+    assert!(before >= 3, "{before}");
+    assert!(proc_running(p1, s1), "v1's runner died with bulkheadd");
+    assert!(proc_running(p2, s2), "v2's runner died with bulkheadd");
+
+    // A new bulkheadd on the same state dir re-adopts them.
+    d.launch();
+    let list = d.list();
+    for (vm, pid) in [("v1", p1), ("v2", p2)] {
+        let v = list
+            .iter()
+            .find(|v| v.name == vm)
+            .unwrap_or_else(|| panic!("{vm} not listed: {list:?}"));
+        assert_eq!(v.state, "running", "{v:?}\n{}", d.dump());
+        assert_eq!(v.runner_pid, Some(pid), "{v:?}");
+    }
+
+    // Output after the restart: a tick the old daemon never saw.
+    let c1 = d.console("v1");
+    let mut after = 0;
+    let fresh = wait_until(STEP, || {
+        after = max_tick(&c1.stdout.text());
+        after > before
+    });
+    assert!(
+        fresh,
+        "no tick after {before} through the new daemon\n{}\n{}",
+        c1.stdout.text(),
+        d.dump()
+    );
+    drop(c1);
+    // And input: the ticking guest echoes console bytes (up to 16 per poll, so a tick
+    // line may land inside the echo: compare with the tick lines taken out).
+    let mut c2 = d.console("v2");
+    c2.send(b"hello after restart\n");
+    assert!(
+        wait_until(STEP, || without_ticks(&c2.stdout.text())
+            .contains("hello after restart")),
+        "console input after restart not echoed\n{}\n{}",
+        c2.stdout.text(),
+        d.dump()
+    );
+    drop(c2);
+
+    // destroy works on a re-adopted VM.
+    let out = d.cli(&["destroy", "v1"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    // Not our child any more (its parent was the old daemon): gone or a zombie awaiting init.
+    assert!(
+        wait_until(STEP, || !proc_running(p1, s1)),
+        "v1's runner {p1} survived destroy"
+    );
+    assert!(d.vm("v1").is_none(), "{:?}", d.list());
+
+    // A new VM next to a re-adopted one gets a runner uid of its own.
+    let v3 = d.create("v3", "ticks=100");
+    let p3 = v3.runner_pid.expect("pid");
+    let s3 = start_time(p3);
+    let uid = |pid: i32| proc_status_field(pid, "Uid:").expect("uid");
+    assert_ne!(uid(p3), uid(p2), "v3 got the uid of the re-adopted v2");
+
+    // Restart with one runner killed meanwhile: that VM is recorded as crashed.
+    d.terminate();
+    send_signal(p2, libc::SIGKILL);
+    assert!(
+        wait_until(STEP, || !proc_running(p2, s2)),
+        "v2's runner survived SIGKILL"
+    );
+    assert!(proc_running(p3, s3), "v3's runner died with bulkheadd");
+    d.launch();
+    let row = d.wait_row("v2", "stopped (crashed: ");
+    let v2 = d.vm("v2").expect("v2 listed");
+    assert_eq!(v2.runner_pid, None, "{v2:?}");
+    assert!(v2.state.starts_with("stopped (crashed: "), "{v2:?} / {row}");
+    let v3 = d.vm("v3").expect("v3 listed");
+    assert_eq!(
+        (v3.state.as_str(), v3.runner_pid),
+        ("running", Some(p3)),
+        "{v3:?}\n{}",
+        d.dump()
+    );
+    let c3 = d.console("v3");
+    assert!(
+        c3.stdout.wait_for("tick ", STEP),
+        "v3 silent after the second restart\n{}",
+        d.dump()
+    );
+    drop(c3);
+
+    // Both go away with destroy (the crashed one is only a record).
+    for vm in ["v2", "v3"] {
+        let out = d.cli(&["destroy", vm]);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "destroy {vm}\n{}\n{}",
+            out.dump(),
+            d.dump()
+        );
+    }
+    assert!(
+        wait_until(STEP, || !proc_running(p3, s3)),
+        "v3's runner survived destroy"
+    );
+    assert!(d.list().is_empty(), "{:?}", d.list());
+}
+
+// ------------------------------------------------------------------------------------------
+// 8. shutdown (and pause, which it must respect)
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn shutdown_pause_and_unpause() {
+    let name = "shutdown_pause_and_unpause";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("shutdown", Some(&runner_uids(62700)), false);
+    let vm = d.create("polite", "ticks=100");
+    let pid = vm.runner_pid.expect("pid");
+    let start = start_time(pid);
+    let mut con = d.console("polite");
+    assert!(
+        con.stdout.wait_for("tick 2", STEP),
+        "{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+
+    // Paused: the guest stops ticking, and shutdown is refused until it is unpaused.
+    let out = d.cli(&["pause", "polite"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(out.stdout.contains("VM 'polite' paused"), "{}", out.dump());
+    d.wait_row("polite", "paused");
+    // Absence of output needs a window: let in-flight bytes land, then watch for 1 s
+    // (10 tick periods).
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen = max_tick(&con.stdout.text());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        max_tick(&con.stdout.text()),
+        frozen,
+        "a paused guest kept ticking"
+    );
+    let out = d.cli(&["shutdown", "polite", "--timeout", "5"]);
+    assert_eq!(out.code, Some(1), "{}", out.dump());
+    assert!(one_error_line(&out).contains("unpause"), "{}", out.dump());
+    let out = d.cli(&["unpause", "polite"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    d.wait_row("polite", "running");
+    assert!(
+        wait_until(STEP, || max_tick(&con.stdout.text()) > frozen),
+        "no tick after unpause\n{}",
+        con.stdout.text()
+    );
+
+    // A guest that complies.
+    let out = d.cli(&["shutdown", "polite", "--timeout", "20"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(
+        out.stdout.contains("VM 'polite' stopped (guest shut down)"),
+        "{}",
+        out.dump()
+    );
+    d.wait_row("polite", "stopped (shut down)");
+    assert!(
+        con.stdout.wait_for("shutdown: requested", STEP),
+        "{}",
+        con.stdout.text()
+    );
+    let st = con.wait(STEP);
+    assert_eq!(st.code(), Some(0), "{}", con.stderr.text());
+    assert!(
+        con.stderr
+            .text()
+            .contains("[console closed: VM stopped: guest shut down]"),
+        "{}",
+        con.stderr.text()
+    );
+    assert!(
+        wait_until(STEP, || !proc_exists(pid, start)),
+        "runner {pid} left after shutdown"
+    );
+    let out = d.cli(&["shutdown", "polite"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "shutdown of a stopped VM\n{}",
+        out.dump()
+    );
+
+    // A guest that does not comply in time. The test guest has no mode that ignores the
+    // request (echo and ticks both poll the port), so give it no time at all: with
+    // --timeout 0 bulkheadd gives up before any guest could stop (a runner reports its
+    // guest's end no sooner than 50 ms after it). This exercises the daemon's and CLI's
+    // timeout path, not a truly stubborn guest.
+    d.create("stubborn", "echo");
+    let out = d.cli(&["shutdown", "stubborn", "--timeout", "0"]);
+    assert_eq!(out.code, Some(5), "{}\n{}", out.dump(), d.dump());
+    let line = one_error_line(&out);
+    assert!(line.contains("bulkhead destroy stubborn"), "{line}");
+    let out = d.cli(&["destroy", "stubborn"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let _ = std::io::stderr().flush();
+}
+
+// ------------------------------------------------------------------------------------------
+// 9. a guest that ends while bulkheadd is down
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn guest_ending_while_daemon_is_down_is_reported_after_restart() {
+    let name = "guest_ending_while_daemon_is_down_is_reported_after_restart";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let mut d = Bulkheadd::start("ended", Some(&runner_uids(62800)), false);
+    // Filling 300 MiB takes the guest about a second; it then exits with status 7.
+    let vm = d.create_with("ender", "fill=300 exit=7", "512M", None);
+    let pid = vm.runner_pid.expect("pid");
+    let start = start_time(pid);
+    d.terminate();
+    // The runner logs how the guest ended, then keeps the outcome for the next daemon.
+    assert!(
+        wait_until(STEP, || d.log("ender").contains("guest stopped")),
+        "the guest did not end\n{}",
+        d.dump()
+    );
+    assert!(
+        proc_running(pid, start),
+        "the runner did not wait for a daemon to collect the outcome"
+    );
+    d.launch();
+    let row = d.wait_row("ender", "stopped (");
+    assert!(
+        row.contains("stopped (exit 7)"),
+        "the outcome the runner kept was not collected: {row}\n{}",
+        d.dump()
+    );
+    assert!(
+        wait_until(STEP, || !proc_running(pid, start)),
+        "runner {pid} lingers after reporting"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 10. create is reliable on a busy host
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn create_is_reliable_on_a_busy_host() {
+    let name = "create_is_reliable_on_a_busy_host";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("busy", Some(&runner_uids(62900)), false);
+    // Keep every core busy so the runners' threads get preempted at awkward moments:
+    // ticking guests (their vCPUs spin on rdtsc) and spinning threads here.
+    for i in 0..3 {
+        d.create(&format!("spin{i}"), "ticks=100");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let spinners: Vec<_> = (0..cores * 2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 1u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for i in 0..20 {
+        let vm = format!("busy{i}");
+        let cfg = d.config(&vm, "echo", "64M", None);
+        let out = d.cli(&["create", cfg.to_str().expect("path")]);
+        if out.code != Some(0) {
+            failures.push(format!("create #{i}: {}", out.stderr.trim()));
+            continue;
+        }
+        let out = d.cli(&["destroy", &vm]);
+        assert_eq!(out.code, Some(0), "{}", out.dump());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 20 creates failed on a busy host:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
