@@ -473,3 +473,59 @@ pub mod json {
         }
     }
 }
+
+/// The test guest's disk pattern for sector `n` (see tests/guest/README.md, *Pattern*).
+pub fn blk_pattern_sector(seed: u64, n: u64) -> [u8; 512] {
+    let mut out = [0u8; 512];
+    out[..8].copy_from_slice(&n.to_le_bytes());
+    let mut x = seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    if x == 0 {
+        x = 0x9e37_79b9_7f4a_7c15;
+    }
+    for w in 1..64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out[w * 8..w * 8 + 8].copy_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Checks that `image` holds the pattern of `seed` in sectors [start, start+count);
+/// returns the first wrong sector.
+pub fn blk_image_mismatch(
+    image: &std::path::Path,
+    seed: u64,
+    start: u64,
+    count: u64,
+) -> Option<u64> {
+    let data = std::fs::read(image).expect("read image");
+    (start..start + count).find(|&n| {
+        let off = (n * 512) as usize;
+        data.get(off..off + 512) != Some(&blk_pattern_sector(seed, n)[..])
+    })
+}
+
+/// A raw image of `mib` MiB (zeros) in a fresh temp dir; the dir is returned to clean up.
+pub fn temp_image(tag: &str, mib: u64) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("bulkhead-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let img = dir.join("disk.img");
+    let f = std::fs::File::create(&img).expect("image");
+    f.set_len(mib << 20).expect("size image");
+    (dir, img)
+}
+
+/// Path of a host tool, or None with a loud skip notice.
+pub fn tool(test: &str, name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    });
+    if found.is_none() {
+        eprintln!("\n*** SKIPPED {test}: {name} is not installed (.ci/run installs it) ***\n");
+    }
+    found
+}
