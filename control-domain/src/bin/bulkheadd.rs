@@ -13,7 +13,11 @@ use control_domain::daemon::{Daemon, DaemonConfig};
 #[command(name = "bulkheadd", version)]
 struct Args {
     /// Socket the CLI connects to.
-    #[arg(long, value_name = "PATH", default_value = "/run/bulkhead/bulkhead.sock")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/bulkhead/bulkhead.sock"
+    )]
     socket: PathBuf,
     /// Where VM records, runner sockets and logs live.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/bulkhead")]
@@ -33,12 +37,18 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    std::panic::set_hook(Box::new(|info| eprintln!("bulkheadd: internal error: {info}")));
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("bulkheadd: internal error: {info}")
+    }));
     // SAFETY: ignoring SIGPIPE before any thread starts; vanished clients become EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let args = Args::parse();
     let sibling = |given: Option<PathBuf>, name: &str| -> Option<PathBuf> {
-        given.or_else(|| std::env::current_exe().ok().map(|exe| exe.with_file_name(name)))
+        given.or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .map(|exe| exe.with_file_name(name))
+        })
     };
     let Some(runner) = sibling(args.runner, "bulkhead-runner") else {
         eprintln!("bulkheadd: error: cannot locate bulkhead-runner; pass --runner");
@@ -49,7 +59,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     if !runner.is_file() {
-        eprintln!("bulkheadd: error: runner binary {} not found; pass --runner", runner.display());
+        eprintln!(
+            "bulkheadd: error: runner binary {} not found; pass --runner",
+            runner.display()
+        );
         return ExitCode::from(2);
     }
     if !nix::unistd::geteuid().is_root() {

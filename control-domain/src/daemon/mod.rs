@@ -77,7 +77,8 @@ impl Daemon {
                 cfg.policy.display()
             ));
         }
-        let state = StateDir::open(&cfg.state_dir).with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
+        let state = StateDir::open(&cfg.state_dir)
+            .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
         let daemon = Arc::new(Self {
             cfg,
             policy,
@@ -97,7 +98,8 @@ impl Daemon {
         if let Some(dir) = self.cfg.socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let listener = Listener::bind(&self.cfg.socket).with_context(|| format!("listening on {}", self.cfg.socket.display()))?;
+        let listener = Listener::bind(&self.cfg.socket)
+            .with_context(|| format!("listening on {}", self.cfg.socket.display()))?;
         // Anyone may connect; the policy decides what they may do.
         std::fs::set_permissions(&self.cfg.socket, std::fs::Permissions::from_mode(0o666))?;
         log(&format!("listening on {}", self.cfg.socket.display()));
@@ -105,7 +107,9 @@ impl Daemon {
             match listener.accept() {
                 Ok(ch) => {
                     let me = self.clone();
-                    let _ = std::thread::Builder::new().name("client".into()).spawn(move || me.serve_client(ch));
+                    let _ = std::thread::Builder::new()
+                        .name("client".into())
+                        .spawn(move || me.serve_client(ch));
                 }
                 Err(e) => {
                     log(&format!("accept failed: {e}"));
@@ -134,7 +138,10 @@ impl Daemon {
                 Ok((req, _fds)) => req,
                 Err(IpcError::Closed) => break,
                 Err(
-                    e @ (IpcError::Decode(_) | IpcError::Truncated | IpcError::Oversized | IpcError::TooManyFds),
+                    e @ (IpcError::Decode(_)
+                    | IpcError::Truncated
+                    | IpcError::Oversized
+                    | IpcError::TooManyFds),
                 ) => {
                     let _ = ch.send(
                         &Reply::Error {
@@ -148,13 +155,15 @@ impl Daemon {
                 Err(_) => break,
             };
             let reply = match req {
-                Request::Console { name } => match self.attach_console(&caller, &name, client_id, &ch) {
-                    Ok((vm, history)) => {
-                        console = Some(vm);
-                        Reply::ConsoleAttached { history }
+                Request::Console { name } => {
+                    match self.attach_console(&caller, &name, client_id, &ch) {
+                        Ok((vm, history)) => {
+                            console = Some(vm);
+                            Reply::ConsoleAttached { history }
+                        }
+                        Err((code, message)) => Reply::Error { code, message },
                     }
-                    Err((code, message)) => Reply::Error { code, message },
-                },
+                }
                 Request::ConsoleInput { data } => match &console {
                     Some(vm) => {
                         let _ = vm.send(&RunnerCommand::ConsoleInput(data));
@@ -168,7 +177,9 @@ impl Daemon {
                 Request::ConsoleDetach => match console.take() {
                     Some(vm) => {
                         vm.unsubscribe(client_id);
-                        Reply::ConsoleClosed { reason: "detached".into() }
+                        Reply::ConsoleClosed {
+                            reason: "detached".into(),
+                        }
                     }
                     None => Reply::Error {
                         code: ErrorCode::WrongState,
@@ -192,7 +203,10 @@ impl Daemon {
     fn find(&self, caller: &Caller, name: &str, action: Action) -> Result<Arc<VmEntry>, Failure> {
         let vm = lock(&self.vms).get(name).cloned();
         let Some(vm) = vm else {
-            return Err(fail(ErrorCode::NotFound, format!("no VM named '{name}' (see `bulkhead list`)")));
+            return Err(fail(
+                ErrorCode::NotFound,
+                format!("no VM named '{name}' (see `bulkhead list`)"),
+            ));
         };
         let owner = lock(&vm.record).spec.owner;
         self.policy
@@ -201,26 +215,42 @@ impl Daemon {
         Ok(vm)
     }
 
-    fn attach_console(&self, caller: &Caller, name: &str, client_id: u64, ch: &Channel) -> Result<(Arc<VmEntry>, Vec<u8>), Failure> {
+    fn attach_console(
+        &self,
+        caller: &Caller,
+        name: &str,
+        client_id: u64,
+        ch: &Channel,
+    ) -> Result<(Arc<VmEntry>, Vec<u8>), Failure> {
         let vm = self.find(caller, name, Action::Console)?;
         if !vm.is_live() {
-            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is not running")));
+            return Err(fail(
+                ErrorCode::WrongState,
+                format!("VM '{name}' is not running"),
+            ));
         }
-        let sender = ch.try_clone().map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        let sender = ch
+            .try_clone()
+            .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
         let history = vm.subscribe(client_id, sender);
         Ok((vm, history))
     }
 
     fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, Failure> {
         match req {
-            Request::Create { config_toml, config_dir } => self.create(caller, &config_toml, Path::new(&config_dir)),
+            Request::Create {
+                config_toml,
+                config_dir,
+            } => self.create(caller, &config_toml, Path::new(&config_dir)),
             Request::List => {
                 let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
                 let visible = vms
                     .iter()
                     .filter(|vm| {
                         let owner = lock(&vm.record).spec.owner;
-                        self.policy.authorize(caller, Action::View, Some((&vm.name, owner))).is_ok()
+                        self.policy
+                            .authorize(caller, Action::View, Some((&vm.name, owner)))
+                            .is_ok()
                     })
                     .map(|vm| summary(vm))
                     .collect();
@@ -253,12 +283,22 @@ impl Daemon {
                                     "disk{i}: {}{}{}{}",
                                     d.path.display(),
                                     if d.readonly { " (read-only)" } else { "" },
-                                    d.serial.as_ref().map(|s| format!(" serial '{s}'")).unwrap_or_default(),
+                                    d.serial
+                                        .as_ref()
+                                        .map(|s| format!(" serial '{s}'"))
+                                        .unwrap_or_default(),
                                     backend
                                 )
                             })
                             .collect(),
-                        nics: rec.spec.nics.iter().map(|n| format!("{} on {}", n.mac.as_deref().unwrap_or("auto"), n.network)).collect(),
+                        nics: rec
+                            .spec
+                            .nics
+                            .iter()
+                            .map(|n| {
+                                format!("{} on {}", n.mac.as_deref().unwrap_or("auto"), n.network)
+                            })
+                            .collect(),
                     },
                 })
             }
@@ -267,7 +307,10 @@ impl Daemon {
             Request::Shutdown { name, timeout_secs } => self.shutdown(caller, &name, timeout_secs),
             Request::Destroy { name } => self.destroy(caller, &name),
             Request::Console { .. } | Request::ConsoleInput { .. } | Request::ConsoleDetach => {
-                Err(fail(ErrorCode::Protocol, "console requests are handled per connection"))
+                Err(fail(
+                    ErrorCode::Protocol,
+                    "console requests are handled per connection",
+                ))
             }
         }
     }
@@ -281,7 +324,14 @@ impl Daemon {
             (VmState::Paused, RunnerCommand::Resume, VmState::Running)
         };
         if state != want {
-            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is {}, not {}", state_word(&state), state_word(&want))));
+            return Err(fail(
+                ErrorCode::WrongState,
+                format!(
+                    "VM '{name}' is {}, not {}",
+                    state_word(&state),
+                    state_word(&want)
+                ),
+            ));
         }
         match vm.request(&cmd, Duration::from_secs(10)) {
             Ok(RunnerEvent::Paused) | Ok(RunnerEvent::Resumed) => {
@@ -291,7 +341,10 @@ impl Daemon {
                 })
             }
             Ok(RunnerEvent::Error { message }) => Err(fail(ErrorCode::Internal, message)),
-            Ok(other) => Err(fail(ErrorCode::Internal, format!("unexpected answer from the runner: {other:?}"))),
+            Ok(other) => Err(fail(
+                ErrorCode::Internal,
+                format!("unexpected answer from the runner: {other:?}"),
+            )),
             Err(e) => Err(fail(ErrorCode::Internal, e)),
         }
     }
@@ -299,14 +352,25 @@ impl Daemon {
     fn shutdown(&self, caller: &Caller, name: &str, timeout_secs: u32) -> Result<Reply, Failure> {
         let vm = self.find(caller, name, Action::Shutdown)?;
         if !vm.is_live() {
-            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is not running")));
+            return Err(fail(
+                ErrorCode::WrongState,
+                format!("VM '{name}' is not running"),
+            ));
         }
         if lock(&vm.record).state == VmState::Paused {
-            return Err(fail(ErrorCode::WrongState, format!("VM '{name}' is paused: `bulkhead unpause {name}` first")));
+            return Err(fail(
+                ErrorCode::WrongState,
+                format!("VM '{name}' is paused: `bulkhead unpause {name}` first"),
+            ));
         }
         match vm.request(&RunnerCommand::RequestShutdown, Duration::from_secs(10)) {
             Ok(RunnerEvent::ShutdownRequested) => {}
-            Ok(other) => return Err(fail(ErrorCode::Internal, format!("unexpected answer from the runner: {other:?}"))),
+            Ok(other) => {
+                return Err(fail(
+                    ErrorCode::Internal,
+                    format!("unexpected answer from the runner: {other:?}"),
+                ))
+            }
             Err(e) => return Err(fail(ErrorCode::Internal, e)),
         }
         if vm.wait_stopped(Duration::from_secs(timeout_secs.into())) {
@@ -327,7 +391,10 @@ impl Daemon {
         if vm.is_live() {
             vm.kill().map_err(|e| fail(ErrorCode::Internal, e))?;
             if !vm.wait_stopped(Duration::from_secs(10)) {
-                return Err(fail(ErrorCode::Internal, format!("runner of '{name}' did not die within 10 s")));
+                return Err(fail(
+                    ErrorCode::Internal,
+                    format!("runner of '{name}' did not die within 10 s"),
+                ));
             }
         }
         lock(&self.vms).remove(name);
@@ -339,24 +406,44 @@ impl Daemon {
     }
 
     fn create(&self, caller: &Caller, text: &str, dir: &Path) -> Result<Reply, Failure> {
-        self.policy.authorize(caller, Action::Create, None).map_err(|m| fail(ErrorCode::Denied, m))?;
-        let mut spec = vmconfig::parse(text, dir, caller.uid).map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
-        spec.kernel = self.policy.check_image("kernel", &spec.kernel).map_err(|m| fail(ErrorCode::Denied, m))?;
+        self.policy
+            .authorize(caller, Action::Create, None)
+            .map_err(|m| fail(ErrorCode::Denied, m))?;
+        let mut spec = vmconfig::parse(text, dir, caller.uid)
+            .map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
+        spec.kernel = self
+            .policy
+            .check_image("kernel", &spec.kernel)
+            .map_err(|m| fail(ErrorCode::Denied, m))?;
         if let Some(i) = &spec.initrd {
-            spec.initrd = Some(self.policy.check_image("initrd", i).map_err(|m| fail(ErrorCode::Denied, m))?);
+            spec.initrd = Some(
+                self.policy
+                    .check_image("initrd", i)
+                    .map_err(|m| fail(ErrorCode::Denied, m))?,
+            );
         }
         for d in &mut spec.disks {
-            d.path = self.policy.check_image("disk", &d.path).map_err(|m| fail(ErrorCode::Denied, m))?;
+            d.path = self
+                .policy
+                .check_image("disk", &d.path)
+                .map_err(|m| fail(ErrorCode::Denied, m))?;
         }
         let _one_create_at_a_time = lock(&self.create_lock);
         let (id, uids) = {
             let vms = lock(&self.vms);
             if let Some(old) = vms.get(&spec.name) {
                 if old.is_live() {
-                    return Err(fail(ErrorCode::Exists, format!("a VM named '{}' is running", spec.name)));
+                    return Err(fail(
+                        ErrorCode::Exists,
+                        format!("a VM named '{}' is running", spec.name),
+                    ));
                 }
             }
-            let in_use: u64 = vms.values().filter(|v| v.is_live()).map(|v| lock(&v.record).spec.memory).sum();
+            let in_use: u64 = vms
+                .values()
+                .filter(|v| v.is_live())
+                .map(|v| lock(&v.record).spec.memory)
+                .sum();
             self.policy
                 .check_limits(spec.vcpus, spec.memory, in_use)
                 .map_err(|m| fail(ErrorCode::Denied, m))?;
@@ -368,12 +455,16 @@ impl Daemon {
                 used.extend(rec.backends.iter().map(|b| b.uid));
             }
             let need = 1 + spec.disks.len();
-            let free: Vec<u32> = (self.policy.runner_uid_base..self.policy.runner_uid_base + self.policy.runner_uid_count)
+            let free: Vec<u32> = (self.policy.runner_uid_base
+                ..self.policy.runner_uid_base + self.policy.runner_uid_count)
                 .filter(|u| !used.contains(u))
                 .take(need)
                 .collect();
             if free.len() < need {
-                return Err(fail(ErrorCode::Denied, "denied by rule 'runners': not enough free runner uids"));
+                return Err(fail(
+                    ErrorCode::Denied,
+                    "denied by rule 'runners': not enough free runner uids",
+                ));
             }
             (id, free)
         };
@@ -405,14 +496,22 @@ impl Daemon {
                 lock(&self.vms).remove(&name);
                 self.state.remove(&name);
                 log(&format!("VM '{name}' failed to start: {msg}"));
-                Err(fail(ErrorCode::BadConfig, format!("VM '{name}' failed to start: {msg}")))
+                Err(fail(
+                    ErrorCode::BadConfig,
+                    format!("VM '{name}' failed to start: {msg}"),
+                ))
             }
         }
     }
 
     /// Spawns one sandboxed `bulkhead-blk` for disk `index` as `uid`, holding only the opened
     /// image and its end of a socketpair; returns the runner's end.
-    fn spawn_disk(&self, vm: &Arc<VmEntry>, index: usize, uid: u32) -> Result<std::os::unix::net::UnixStream, String> {
+    fn spawn_disk(
+        &self,
+        vm: &Arc<VmEntry>,
+        index: usize,
+        uid: u32,
+    ) -> Result<std::os::unix::net::UnixStream, String> {
         let disk = lock(&vm.record).spec.disks[index].clone();
         let device = format!("disk{index}");
         let image = std::fs::OpenOptions::new()
@@ -420,11 +519,20 @@ impl Daemon {
             .write(!disk.readonly)
             .open(&disk.path)
             .map_err(|e| format!("{device} image {}: {e}", disk.path.display()))?;
-        let (runner_end, backend_end) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("{device} socketpair: {e}"))?;
+        let (runner_end, backend_end) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| format!("{device} socketpair: {e}"))?;
         let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("{device} pipe: {e}"))?;
-        let log_file = File::create(self.state.path().join("logs").join(format!("{}.{device}.log", vm.name)))
-            .map_err(|e| format!("{device} log: {e}"))?;
-        let mut args: Vec<String> = ["--socket-fd", "3", "--image-fd", "4", "--ready-fd", "5"].iter().map(|s| s.to_string()).collect();
+        let log_file = File::create(
+            self.state
+                .path()
+                .join("logs")
+                .join(format!("{}.{device}.log", vm.name)),
+        )
+        .map_err(|e| format!("{device} log: {e}"))?;
+        let mut args: Vec<String> = ["--socket-fd", "3", "--image-fd", "4", "--ready-fd", "5"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         if disk.readonly {
             args.push("--readonly".into());
         }
@@ -454,11 +562,20 @@ impl Daemon {
         // may its root be taken away.
         let ready = Channel::from_fd(ready_r);
         let mut byte = [0u8; 1];
-        let mut pfd = [nix::poll::PollFd::new(ready.as_fd(), nix::poll::PollFlags::POLLIN)];
-        let polled = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16)).map_err(|e| e.to_string())?;
-        let got = polled > 0 && nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&ready), &mut byte).unwrap_or(0) == 1;
+        let mut pfd = [nix::poll::PollFd::new(
+            ready.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let polled = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16))
+            .map_err(|e| e.to_string())?;
+        let got = polled > 0
+            && nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&ready), &mut byte).unwrap_or(0)
+                == 1;
         if !got {
-            return Err(format!("{device} backend did not start (see {}.{device}.log)", vm.name));
+            return Err(format!(
+                "{device} backend did not start (see {}.{device}.log)",
+                vm.name
+            ));
         }
         spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| format!("{device}: {e}"))?;
         Ok(runner_end)
@@ -476,8 +593,10 @@ impl Daemon {
         let spec = &rec.spec;
         let uid = rec.runner_uid.ok_or("no runner uid")?;
         let sock = self.state.socket_path(&vm.name);
-        let listener = Listener::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
-        let log_file = File::create(self.state.log_path(&vm.name)).map_err(|e| format!("runner log: {e}"))?;
+        let listener =
+            Listener::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+        let log_file =
+            File::create(self.state.log_path(&vm.name)).map_err(|e| format!("runner log: {e}"))?;
         let sandbox = RunnerSandbox {
             uid,
             vcpus: spec.vcpus,
@@ -490,7 +609,12 @@ impl Daemon {
         vm.save();
         let pidfd = spawn::pidfd_open(pid).ok();
         let ch = Channel::connect(&sock).map_err(|e| format!("cannot reach the runner: {e}"))?;
-        client_hello(&ch, Role::Daemon, Duration::from_secs(10)).map_err(|e| format!("runner did not start: {e} (see {})", self.state.log_path(&vm.name).display()))?;
+        client_hello(&ch, Role::Daemon, Duration::from_secs(10)).map_err(|e| {
+            format!(
+                "runner did not start: {e} (see {})",
+                self.state.log_path(&vm.name).display()
+            )
+        })?;
         spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| e.to_string())?;
 
         let memfd = create_guest_memfd(spec.memory).map_err(|e| format!("guest RAM: {e}"))?;
@@ -499,7 +623,8 @@ impl Daemon {
             .write(true)
             .open("/dev/kvm")
             .map_err(|e| format!("/dev/kvm: {e}"))?;
-        let kernel = File::open(&spec.kernel).map_err(|e| format!("kernel {}: {e}", spec.kernel.display()))?;
+        let kernel = File::open(&spec.kernel)
+            .map_err(|e| format!("kernel {}: {e}", spec.kernel.display()))?;
         let initrd = match &spec.initrd {
             Some(p) => Some(File::open(p).map_err(|e| format!("initrd {}: {e}", p.display()))?),
             None => None,
@@ -516,12 +641,15 @@ impl Daemon {
             fds.push(i.as_fd());
         }
         fds.extend(disk_socks.iter().map(|s| s.as_fd()));
-        ch.send(&boot, &fds).map_err(|e| format!("sending Boot: {e}"))?;
+        ch.send(&boot, &fds)
+            .map_err(|e| format!("sending Boot: {e}"))?;
         // Guest output (and, for a very short guest, its exit) may overtake `Started`.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let detail = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let (event, _) = ch.recv_timeout::<RunnerEvent>(left).map_err(|e| format!("no answer to Boot: {e}"))?;
+            let (event, _) = ch
+                .recv_timeout::<RunnerEvent>(left)
+                .map_err(|e| format!("no answer to Boot: {e}"))?;
             match event {
                 RunnerEvent::Started { detail } => break detail,
                 RunnerEvent::BootFailed { message } => return Err(message),
@@ -531,7 +659,8 @@ impl Daemon {
             }
         };
         vm.set_state(VmState::Running);
-        vm.attach(ch, pidfd).map_err(|e| format!("supervisor: {e}"))?;
+        vm.attach(ch, pidfd)
+            .map_err(|e| format!("supervisor: {e}"))?;
         Ok(detail)
     }
 
@@ -545,7 +674,10 @@ impl Daemon {
                 continue;
             }
             match self.adopt(&vm, &rec) {
-                Ok(()) => log(&format!("re-adopted VM '{name}' (runner pid {:?})", rec.runner_pid)),
+                Ok(()) => log(&format!(
+                    "re-adopted VM '{name}' (runner pid {:?})",
+                    rec.runner_pid
+                )),
                 Err(why) => {
                     log(&format!("VM '{name}': {why}"));
                     vm.mark_stopped(StopReason::Crashed(why));
@@ -558,7 +690,10 @@ impl Daemon {
         let pid = rec.runner_pid.ok_or("no runner pid recorded")?;
         let sock = self.state.socket_path(&vm.name);
         let gone = |e: String| {
-            log(&format!("VM '{}': cannot reach runner pid {pid}: {e}", vm.name));
+            log(&format!(
+                "VM '{}': cannot reach runner pid {pid}: {e}",
+                vm.name
+            ));
             format!("runner pid {pid} was gone when bulkheadd restarted")
         };
         let ch = Channel::connect(&sock).map_err(|e| gone(e.to_string()))?;
@@ -569,7 +704,8 @@ impl Daemon {
                 vm.add_backend(fd);
             }
         }
-        ch.send(&RunnerCommand::Status, &[]).map_err(|e| gone(e.to_string()))?;
+        ch.send(&RunnerCommand::Status, &[])
+            .map_err(|e| gone(e.to_string()))?;
         // The answer (or an Exited report, if the guest ended meanwhile) reaches the supervisor.
         vm.attach(ch, pidfd).map_err(|e| e.to_string())
     }
@@ -578,7 +714,10 @@ impl Daemon {
 /// Creates the guest-RAM memfd, sized and sealed.
 fn create_guest_memfd(size: u64) -> std::io::Result<File> {
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    let fd = memfd_create(c"bulkhead-guest-ram", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)?;
+    let fd = memfd_create(
+        c"bulkhead-guest-ram",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
     let file = File::from(fd);
     file.set_len(size)?;
     core_vmm::memory::seal(&file)?;

@@ -125,7 +125,11 @@ impl Caller {
         let mut gids = vec![gid];
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
             if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
-                gids.extend(line[7..].split_whitespace().filter_map(|g| g.parse::<u32>().ok()));
+                gids.extend(
+                    line[7..]
+                        .split_whitespace()
+                        .filter_map(|g| g.parse::<u32>().ok()),
+                );
             }
         }
         Self { uid, gids }
@@ -155,10 +159,14 @@ impl DomainPolicy {
     /// Loads `path`; a missing file gives [`DomainPolicy::safe_default`].
     pub fn load(path: &Path) -> Result<(Self, bool), PolicyError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text).map(|p| (p, true)).map_err(|message| PolicyError::Invalid {
-                path: path.to_path_buf(),
-                message,
-            }),
+            Ok(text) => {
+                Self::parse(&text)
+                    .map(|p| (p, true))
+                    .map_err(|message| PolicyError::Invalid {
+                        path: path.to_path_buf(),
+                        message,
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Self::safe_default(), false)),
             Err(source) => Err(PolicyError::Read {
                 path: path.to_path_buf(),
@@ -169,7 +177,12 @@ impl DomainPolicy {
 
     /// Parses policy TOML over the safe defaults.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let f: PolicyFile = toml::from_str(text).map_err(|e| e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))?;
+        let f: PolicyFile = toml::from_str(text).map_err(|e| {
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })?;
         let mut p = Self::safe_default();
         if let Some(a) = f.admins {
             p.admin_uids = a.uids;
@@ -194,7 +207,8 @@ impl DomainPolicy {
             p.image_dirs = i.allowed;
         }
         if let Some(r) = f.runners {
-            if r.uid_base == 0 || r.uid_count == 0 || r.uid_base.checked_add(r.uid_count).is_none() {
+            if r.uid_base == 0 || r.uid_count == 0 || r.uid_base.checked_add(r.uid_count).is_none()
+            {
                 return Err("runners: uid_base must be > 0 and uid_count > 0".into());
             }
             p.runner_uid_base = r.uid_base;
@@ -209,7 +223,12 @@ impl DomainPolicy {
     }
 
     /// May `caller` do `action` on a VM owned by `owner` (None for create)?
-    pub fn authorize(&self, caller: &Caller, action: Action, vm: Option<(&str, u32)>) -> Result<(), String> {
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        action: Action,
+        vm: Option<(&str, u32)>,
+    ) -> Result<(), String> {
         if self.is_admin(caller) {
             return Ok(());
         }
@@ -255,7 +274,8 @@ impl DomainPolicy {
 
     /// Resolves an image path and checks it lies under an allowed directory.
     pub fn check_image(&self, what: &str, path: &Path) -> Result<PathBuf, String> {
-        let real = std::fs::canonicalize(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        let real =
+            std::fs::canonicalize(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
         if self.image_dirs.iter().any(|d| real.starts_with(d)) {
             Ok(real)
         } else {
@@ -273,33 +293,65 @@ mod tests {
     use super::*;
 
     fn caller(uid: u32) -> Caller {
-        Caller { uid, gids: vec![uid] }
+        Caller {
+            uid,
+            gids: vec![uid],
+        }
     }
 
     #[test]
     fn default_only_root() {
         let p = DomainPolicy::safe_default();
         assert!(p.authorize(&caller(0), Action::Create, None).is_ok());
-        let e = p.authorize(&caller(1000), Action::Create, None).unwrap_err();
+        let e = p
+            .authorize(&caller(1000), Action::Create, None)
+            .unwrap_err();
         assert!(e.contains("rule 'admins'"), "{e}");
     }
 
     #[test]
     fn owners_and_groups() {
         let p = DomainPolicy::parse("[admins]\nuids = [0]\ngids = [50]\n").expect("parse");
-        assert!(p.authorize(&Caller { uid: 7, gids: vec![7, 50] }, Action::Create, None).is_ok());
-        assert!(p.authorize(&caller(1000), Action::Console, Some(("a", 1000))).is_ok());
-        let e = p.authorize(&caller(1000), Action::Console, Some(("b", 1001))).unwrap_err();
+        assert!(p
+            .authorize(
+                &Caller {
+                    uid: 7,
+                    gids: vec![7, 50]
+                },
+                Action::Create,
+                None
+            )
+            .is_ok());
+        assert!(p
+            .authorize(&caller(1000), Action::Console, Some(("a", 1000)))
+            .is_ok());
+        let e = p
+            .authorize(&caller(1000), Action::Console, Some(("b", 1001)))
+            .unwrap_err();
         assert!(e.contains("rule 'owner'") && e.contains("'b'"), "{e}");
     }
 
     #[test]
     fn limits_name_the_rule() {
-        let p = DomainPolicy::parse("[limits]\nmax_vcpus = 2\nmax_memory = \"512M\"\nhost_memory = \"1G\"\n").expect("parse");
+        let p = DomainPolicy::parse(
+            "[limits]\nmax_vcpus = 2\nmax_memory = \"512M\"\nhost_memory = \"1G\"\n",
+        )
+        .expect("parse");
         assert!(p.check_limits(2, 512 << 20, 0).is_ok());
-        assert!(p.check_limits(3, 64 << 20, 0).unwrap_err().contains("limits.max_vcpus"));
-        assert!(p.check_limits(1, 1 << 30, 0).unwrap_err().contains("limits.max_memory"));
-        assert!(p.check_limits(1, 512 << 20, 600 << 20).unwrap_err().contains("limits.host_memory"));
-        assert!(DomainPolicy::parse("[limits]\nbogus = 1\n").unwrap_err().contains("bogus"));
+        assert!(p
+            .check_limits(3, 64 << 20, 0)
+            .unwrap_err()
+            .contains("limits.max_vcpus"));
+        assert!(p
+            .check_limits(1, 1 << 30, 0)
+            .unwrap_err()
+            .contains("limits.max_memory"));
+        assert!(p
+            .check_limits(1, 512 << 20, 600 << 20)
+            .unwrap_err()
+            .contains("limits.host_memory"));
+        assert!(DomainPolicy::parse("[limits]\nbogus = 1\n")
+            .unwrap_err()
+            .contains("bogus"));
     }
 }

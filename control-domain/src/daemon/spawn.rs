@@ -60,7 +60,12 @@ fn child_fail(msg: &[u8]) -> isize {
 /// Starts `runner` in a fresh sandbox with `listener` as fd 3 and `log` as stdout/stderr.
 /// Returns its pid (in our pid namespace). The runner's root is still the host's until
 /// [`seal_root`] runs; it must not act on anything before that (it waits for `Boot`).
-pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSandbox) -> std::io::Result<i32> {
+pub fn spawn_runner(
+    runner: &Path,
+    listener: OwnedFd,
+    log: File,
+    sb: &RunnerSandbox,
+) -> std::io::Result<i32> {
     let mut args = vec!["--control-fd".to_string(), "3".to_string()];
     if sb.selftest {
         args.push("--sandbox-selftest".into());
@@ -77,15 +82,28 @@ pub fn spawn_runner(runner: &Path, listener: OwnedFd, log: File, sb: &RunnerSand
 /// namespaces, `sandbox.uid` as uid and gid with no supplementary groups, `no_new_privs`,
 /// tight rlimits, stdin `/dev/null`, stdout/stderr `log`, and `handed` as fds 3, 4, ... —
 /// nothing else. The binary is executed by fd (the uid needs no path to it).
-pub fn spawn_sandboxed(binary: &Path, args: &[String], handed: Vec<OwnedFd>, log: File, sandbox: &Sandbox) -> std::io::Result<i32> {
+pub fn spawn_sandboxed(
+    binary: &Path,
+    args: &[String],
+    handed: Vec<OwnedFd>,
+    log: File,
+    sandbox: &Sandbox,
+) -> std::io::Result<i32> {
     let exe = cstr(binary.as_os_str().as_bytes())?;
     let mut cargs = vec![exe];
     for a in args {
         cargs.push(cstr(a.as_bytes())?);
     }
-    let argv: Vec<*const libc::c_char> = cargs.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let argv: Vec<*const libc::c_char> = cargs
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     let binary_file = File::open(binary)?;
     let mut sources = vec![devnull.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()];
     sources.extend(handed.iter().map(|f| f.as_raw_fd()));
@@ -103,7 +121,14 @@ pub fn spawn_sandboxed(binary: &Path, args: &[String], handed: Vec<OwnedFd>, log
         // SAFETY: this runs in the cloned child (a copy of the parent, single-threaded);
         // only raw syscalls follow, all on buffers prepared before the clone.
         unsafe {
-            if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
                 return child_fail(b"making mounts private");
             }
             if libc::sethostname(hostname.as_ptr().cast(), hostname.len()) != 0 {
@@ -137,7 +162,10 @@ pub fn spawn_sandboxed(binary: &Path, args: &[String], handed: Vec<OwnedFd>, log
                 (libc::RLIMIT_MEMLOCK, 64 << 10),
             ];
             for (res, v) in limits {
-                let lim = libc::rlimit { rlim_cur: v, rlim_max: v };
+                let lim = libc::rlimit {
+                    rlim_cur: v,
+                    rlim_max: v,
+                };
                 if libc::setrlimit(res, &lim) != 0 {
                     return child_fail(b"setrlimit");
                 }
@@ -154,7 +182,14 @@ pub fn spawn_sandboxed(binary: &Path, args: &[String], handed: Vec<OwnedFd>, log
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return child_fail(b"no_new_privs");
             }
-            libc::syscall(libc::SYS_execveat, exe_fd, empty.as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH);
+            libc::syscall(
+                libc::SYS_execveat,
+                exe_fd,
+                empty.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
             child_fail(b"execveat")
         }
     });
@@ -165,7 +200,8 @@ pub fn spawn_sandboxed(binary: &Path, args: &[String], handed: Vec<OwnedFd>, log
         | nix::sched::CloneFlags::CLONE_NEWUTS;
     // SAFETY: the child only makes raw syscalls on data prepared above and then execs or
     // exits; it never returns into the parent's Rust state.
-    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }.map_err(std::io::Error::from)?;
+    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+        .map_err(std::io::Error::from)?;
     drop(devnull);
     drop(binary_file);
     drop(log);
@@ -198,21 +234,42 @@ pub fn seal_root(pid: i32, mount_point: &Path) -> std::io::Result<()> {
             };
             step(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) == 0, 10);
             step(
-                libc::mount(tmpfs.as_ptr(), mp.as_ptr(), tmpfs.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, opts.as_ptr().cast()) == 0,
+                libc::mount(
+                    tmpfs.as_ptr(),
+                    mp.as_ptr(),
+                    tmpfs.as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    opts.as_ptr().cast(),
+                ) == 0,
                 11,
             );
             step(libc::chdir(mp.as_ptr()) == 0, 12);
-            step(libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0, 13);
+            step(
+                libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0,
+                13,
+            );
             step(libc::umount2(dot.as_ptr(), libc::MNT_DETACH) == 0, 14);
             step(libc::chdir(slash.as_ptr()) == 0, 15);
             step(
-                libc::mount(std::ptr::null(), slash.as_ptr(), std::ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, std::ptr::null()) == 0,
+                libc::mount(
+                    std::ptr::null(),
+                    slash.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT
+                        | libc::MS_BIND
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) == 0,
                 16,
             );
             libc::_exit(0);
         }
     }
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None).map_err(std::io::Error::from)?;
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)
+        .map_err(std::io::Error::from)?;
     match status {
         nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
         other => {
@@ -224,7 +281,9 @@ pub fn seal_root(pid: i32, mount_point: &Path) -> std::io::Result<()> {
                 nix::sys::wait::WaitStatus::Exited(_, 16) => "remounting the root read-only",
                 _ => "an unexpected step",
             };
-            Err(std::io::Error::other(format!("sealing the runner's root failed at {step} ({other:?})")))
+            Err(std::io::Error::other(format!(
+                "sealing the runner's root failed at {step} ({other:?})"
+            )))
         }
     }
 }
@@ -243,7 +302,15 @@ pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
 /// Sends SIGKILL through a pidfd.
 pub fn pidfd_kill(pidfd: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: plain syscall on a pidfd we own.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            0usize,
+            0u32,
+        )
+    };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -59,7 +59,9 @@ impl StateDir {
         }
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
         std::fs::set_permissions(root.join("root"), std::fs::Permissions::from_mode(0o555))?;
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     /// The state dir itself.
@@ -118,12 +120,22 @@ impl StateDir {
             if path.extension().and_then(|e| e.to_str()) != Some("toml") {
                 continue;
             }
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+            let Some(name) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_string)
+            else {
                 continue;
             };
-            match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| toml::from_str::<VmRecord>(&t).map_err(|e| e.to_string())) {
+            match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| toml::from_str::<VmRecord>(&t).map_err(|e| e.to_string()))
+            {
                 Ok(rec) => out.push((name, rec)),
-                Err(e) => eprintln!("bulkheadd: skipping unreadable state file {}: {e}", path.display()),
+                Err(e) => eprintln!(
+                    "bulkheadd: skipping unreadable state file {}: {e}",
+                    path.display()
+                ),
             }
         }
         out.sort_by_key(|(_, r)| r.id);
@@ -146,7 +158,12 @@ mod tests {
             runner_pid: Some(42),
             runner_uid: Some(61000),
             created_unix: 1,
-            spec: super::super::vmconfig::parse("name = \"a\"\nkernel = \"/k\"\n", Path::new("/"), 0).expect("spec"),
+            spec: super::super::vmconfig::parse(
+                "name = \"a\"\nkernel = \"/k\"\n",
+                Path::new("/"),
+                0,
+            )
+            .expect("spec"),
             backends: vec![],
         };
         st.save("a", &rec).expect("save");

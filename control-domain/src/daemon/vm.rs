@@ -29,9 +29,12 @@ impl Console {
         self.ring.extend(data);
         let excess = self.ring.len().saturating_sub(CONSOLE_RING);
         self.ring.drain(..excess);
-        let reply = Reply::ConsoleOutput { data: data.to_vec() };
+        let reply = Reply::ConsoleOutput {
+            data: data.to_vec(),
+        };
         // A subscriber whose socket fails has gone; drop it.
-        self.subscribers.retain(|(_, ch)| ch.send(&reply, &[]).is_ok());
+        self.subscribers
+            .retain(|(_, ch)| ch.send(&reply, &[]).is_ok());
     }
 }
 
@@ -73,7 +76,12 @@ fn now_unix() -> u64 {
 
 impl VmEntry {
     /// A VM entry for `record`, not yet connected.
-    pub fn new(name: String, record: VmRecord, state_dir: StateDir, spawned_here: bool) -> Arc<Self> {
+    pub fn new(
+        name: String,
+        record: VmRecord,
+        state_dir: StateDir,
+        spawned_here: bool,
+    ) -> Arc<Self> {
         let stopped = matches!(record.state, VmState::Stopped(_));
         Arc::new(Self {
             name,
@@ -107,7 +115,10 @@ impl VmEntry {
         let mut rec = lock(&self.record);
         rec.state = state;
         if let Err(e) = self.state_dir.save(&self.name, &rec) {
-            eprintln!("bulkheadd: cannot save the state of VM '{}': {e}", self.name);
+            eprintln!(
+                "bulkheadd: cannot save the state of VM '{}': {e}",
+                self.name
+            );
         }
     }
 
@@ -115,7 +126,10 @@ impl VmEntry {
     pub fn save(&self) {
         let rec = lock(&self.record);
         if let Err(e) = self.state_dir.save(&self.name, &rec) {
-            eprintln!("bulkheadd: cannot save the state of VM '{}': {e}", self.name);
+            eprintln!(
+                "bulkheadd: cannot save the state of VM '{}': {e}",
+                self.name
+            );
         }
     }
 
@@ -125,7 +139,11 @@ impl VmEntry {
     }
 
     /// Attaches the runner's control channel and starts the supervisor thread on `reader`.
-    pub fn attach(self: &Arc<Self>, reader: Channel, pidfd: Option<OwnedFd>) -> std::io::Result<()> {
+    pub fn attach(
+        self: &Arc<Self>,
+        reader: Channel,
+        pidfd: Option<OwnedFd>,
+    ) -> std::io::Result<()> {
         let sender = reader.try_clone().map_err(std::io::Error::other)?;
         *lock(&self.ctl) = Some(sender);
         *lock(&self.pidfd) = pidfd;
@@ -166,7 +184,9 @@ impl VmEntry {
     /// Sends a command without waiting.
     pub fn send(&self, cmd: &RunnerCommand) -> Result<(), String> {
         match lock(&self.ctl).as_ref() {
-            Some(ch) => ch.send(cmd, &[]).map_err(|e| format!("runner of '{}' is unreachable: {e}", self.name)),
+            Some(ch) => ch
+                .send(cmd, &[])
+                .map_err(|e| format!("runner of '{}' is unreachable: {e}", self.name)),
             None => Err(format!("VM '{}' has no runner", self.name)),
         }
     }
@@ -178,8 +198,12 @@ impl VmEntry {
         *lock(&self.waiter) = Some(tx);
         let sent = self.send(cmd);
         let answer = sent.and_then(|()| {
-            rx.recv_timeout(timeout)
-                .map_err(|_| format!("runner of '{}' did not answer within {timeout:?}", self.name))
+            rx.recv_timeout(timeout).map_err(|_| {
+                format!(
+                    "runner of '{}' did not answer within {timeout:?}",
+                    self.name
+                )
+            })
         });
         *lock(&self.waiter) = None;
         answer
@@ -195,7 +219,10 @@ impl VmEntry {
             if now >= deadline {
                 return false;
             }
-            done = c.wait_timeout(done, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            done = c
+                .wait_timeout(done, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         true
     }
@@ -204,11 +231,15 @@ impl VmEntry {
     pub fn kill(&self) -> Result<(), String> {
         *lock(&self.destroying) = true;
         if let Some(fd) = lock(&self.pidfd).as_ref() {
-            return super::spawn::pidfd_kill(fd).map_err(|e| format!("cannot kill the runner: {e}"));
+            return super::spawn::pidfd_kill(fd)
+                .map_err(|e| format!("cannot kill the runner: {e}"));
         }
         match lock(&self.record).runner_pid {
-            Some(pid) if self.spawned_here => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-                .map_err(|e| format!("cannot kill runner pid {pid}: {e}")),
+            Some(pid) if self.spawned_here => nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .map_err(|e| format!("cannot kill runner pid {pid}: {e}")),
             _ => Ok(()),
         }
     }
@@ -245,7 +276,10 @@ impl VmEntry {
                 }
                 Err(IpcError::Closed) => break,
                 Err(e) => {
-                    eprintln!("bulkheadd: VM '{}': bad frame from its runner, dropping it: {e}", self.name);
+                    eprintln!(
+                        "bulkheadd: VM '{}': bad frame from its runner, dropping it: {e}",
+                        self.name
+                    );
                     break;
                 }
             }
@@ -253,12 +287,19 @@ impl VmEntry {
         *lock(&self.ctl) = None;
         let reason = self.stop_reason();
         self.stop_backends();
-        eprintln!("bulkheadd: VM '{}' stopped: {}", self.name, describe(&reason));
+        eprintln!(
+            "bulkheadd: VM '{}' stopped: {}",
+            self.name,
+            describe(&reason)
+        );
         {
             let mut rec = lock(&self.record);
             rec.state = VmState::Stopped(reason.clone());
             if let Err(e) = self.state_dir.save(&self.name, &rec) {
-                eprintln!("bulkheadd: cannot save the state of VM '{}': {e}", self.name);
+                eprintln!(
+                    "bulkheadd: cannot save the state of VM '{}': {e}",
+                    self.name
+                );
             }
         }
         let _ = std::fs::remove_file(self.state_dir.socket_path(&self.name));
@@ -288,8 +329,12 @@ impl VmEntry {
             Some(GuestOutcome::DebugExit(v)) => StopReason::GuestExit(v),
             Some(GuestOutcome::Failed(why)) => StopReason::Crashed(why),
             None => StopReason::Crashed(match status {
-                Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("runner killed by {sig}"),
-                Some(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("runner exited with status {code} without a report"),
+                Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                    format!("runner killed by {sig}")
+                }
+                Some(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                    format!("runner exited with status {code} without a report")
+                }
                 _ => "runner died".to_string(),
             }),
         }

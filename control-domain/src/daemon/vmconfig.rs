@@ -149,7 +149,9 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Looks a user name up in /etc/passwd (no NSS: the daemon does not load modules).
@@ -165,19 +167,30 @@ pub fn uid_of(user: &str) -> Option<u32> {
 /// Parses and validates a config; relative paths are taken from `config_dir`; `creator` owns
 /// the VM when the config names no owner.
 pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmConfigError> {
-    let file: VmConfigFile = toml::from_str(text).map_err(|e| VmConfigError::Parse(one_line(&e.to_string())))?;
+    let file: VmConfigFile =
+        toml::from_str(text).map_err(|e| VmConfigError::Parse(one_line(&e.to_string())))?;
     if !valid_name(&file.name) {
         return Err(invalid(
             "name",
-            format!("'{}' is not a valid name: use 1-64 letters, digits, '-', '_' or '.'", file.name),
+            format!(
+                "'{}' is not a valid name: use 1-64 letters, digits, '-', '_' or '.'",
+                file.name
+            ),
         ));
     }
     let vcpus = u8::try_from(file.vcpus)
         .ok()
         .filter(|v| (1..=MAX_VCPUS).contains(v))
-        .ok_or_else(|| invalid("vcpus", format!("{} is out of range 1..={MAX_VCPUS}", file.vcpus)))?;
+        .ok_or_else(|| {
+            invalid(
+                "vcpus",
+                format!("{} is out of range 1..={MAX_VCPUS}", file.vcpus),
+            )
+        })?;
     let memory = match &file.memory {
-        MemorySetting::Text(t) => parse_memory_size(t).map_err(|e| invalid("memory", e.to_string()))?,
+        MemorySetting::Text(t) => {
+            parse_memory_size(t).map_err(|e| invalid("memory", e.to_string()))?
+        }
         MemorySetting::Mib(m) => m
             .checked_mul(1 << 20)
             .ok_or_else(|| invalid("memory", format!("{m} MiB is too large")))?,
@@ -185,14 +198,20 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
     if memory < core_vmm::config::MIN_MEMORY {
         return Err(invalid(
             "memory",
-            format!("{} KiB is too small: at least {} MiB", memory >> 10, core_vmm::config::MIN_MEMORY >> 20),
+            format!(
+                "{} KiB is too small: at least {} MiB",
+                memory >> 10,
+                core_vmm::config::MIN_MEMORY >> 20
+            ),
         ));
     }
-    core_vmm::config::validate_machine(memory, vcpus, &file.cmdline).map_err(|e| invalid("memory/cmdline", e.to_string()))?;
+    core_vmm::config::validate_machine(memory, vcpus, &file.cmdline)
+        .map_err(|e| invalid("memory/cmdline", e.to_string()))?;
     let owner = match &file.owner {
         None => creator,
         Some(Owner::Uid(u)) => *u,
-        Some(Owner::Name(n)) => uid_of(n).ok_or_else(|| invalid("owner", format!("no user named '{n}' in /etc/passwd")))?,
+        Some(Owner::Name(n)) => uid_of(n)
+            .ok_or_else(|| invalid("owner", format!("no user named '{n}' in /etc/passwd")))?,
     };
     for d in &file.disks {
         if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
@@ -202,7 +221,10 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
     for n in &file.nics {
         if let Some(mac) = &n.mac {
             if !valid_mac(mac) {
-                return Err(invalid("nics.mac", format!("'{mac}' is not a MAC address like 52:54:00:12:34:56")));
+                return Err(invalid(
+                    "nics.mac",
+                    format!("'{mac}' is not a MAC address like 52:54:00:12:34:56"),
+                ));
             }
         }
     }
@@ -228,7 +250,10 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
 
 fn valid_mac(mac: &str) -> bool {
     let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
 }
 
 fn one_line(s: &str) -> String {
@@ -252,7 +277,8 @@ mod tests {
 
     #[test]
     fn memory_forms() {
-        let m = |v: &str| parse(&format!("{BASE}memory = {v}\n"), Path::new("/"), 0).map(|s| s.memory);
+        let m =
+            |v: &str| parse(&format!("{BASE}memory = {v}\n"), Path::new("/"), 0).map(|s| s.memory);
         assert_eq!(m("\"1G\""), Ok(1 << 30));
         assert_eq!(m("512"), Ok(512 << 20));
         assert!(m("\"1K\"").is_err());
@@ -263,7 +289,12 @@ mod tests {
     fn unknown_key_is_named() {
         let e = parse(&format!("{BASE}colour = \"blue\"\n"), Path::new("/"), 0).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
-        let e = parse(&format!("{BASE}[[disks]]\npath = \"a.img\"\nspeed = 3\n"), Path::new("/"), 0).unwrap_err();
+        let e = parse(
+            &format!("{BASE}[[disks]]\npath = \"a.img\"\nspeed = 3\n"),
+            Path::new("/"),
+            0,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("speed"), "{e}");
     }
 
@@ -277,7 +308,12 @@ mod tests {
         assert_eq!(s.disks[0].path, PathBuf::from("/srv/d.img"));
         assert!(s.disks[0].readonly);
         assert_eq!(s.nics[0].network, "lan");
-        assert!(parse(&format!("{BASE}[[nics]]\nmac = \"zz\"\nnetwork = \"x\"\n"), Path::new("/"), 0).is_err());
+        assert!(parse(
+            &format!("{BASE}[[nics]]\nmac = \"zz\"\nnetwork = \"x\"\n"),
+            Path::new("/"),
+            0
+        )
+        .is_err());
         assert!(parse(&format!("{BASE}vcpus = 0\n"), Path::new("/"), 0).is_err());
         assert!(parse("name = \"../x\"\nkernel = \"k\"\n", Path::new("/"), 0).is_err());
         assert_eq!(uid_of("root"), Some(0));
