@@ -1,3 +1,4 @@
-//! Device backends as separate sandboxed vhost-user processes: `bulkhead-blk` and `bulkhead-net`.
-//!
-//! Empty until the disk and network issues land.
+//! Device backends as separate sandboxed vhost-user processes: `bulkhead-blk` (disk) now,
+//! `bulkhead-net` when the network issue lands.
+
+pub mod blk;

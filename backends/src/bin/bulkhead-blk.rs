@@ -1,0 +1,226 @@
+//! `bulkhead-blk`: the vhost-user-blk disk backend, standalone or under `bulkheadd`.
+
+use std::fs::OpenOptions;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bulkhead_backends::blk::config::MAX_QUEUES;
+use bulkhead_backends::blk::request::{serial_bytes, ID_LEN};
+use bulkhead_backends::blk::serve::{bind_path, serve_connected, serve_listener, Device};
+use bulkhead_backends::blk::{Disk, Stats, SECTOR_SIZE};
+use clap::Parser;
+
+/// vhost-user-blk backend serving one raw disk image.
+///
+/// Standalone: `--socket PATH --image PATH` listens on PATH (a stale socket there is
+/// removed), serves one frontend at a time and, when it disconnects, waits for the next
+/// one with the image still open.
+///
+/// Under bulkheadd: `--socket-fd N --image-fd M` serves the frontend at the far end of the
+/// already connected unix stream socket N, using the already opened image M; no paths are
+/// used, a seccomp allowlist (backends/seccomp/blk.json) is installed before serving, and the
+/// process exits when the frontend disconnects.
+///
+/// Exit status: 0 after a clean end, 2 for bad arguments or an unusable image/socket,
+/// 1 for other failures.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-blk", version)]
+struct Args {
+    /// Unix socket path to listen on (standalone mode).
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "socket_fd",
+        required_unless_present = "socket_fd"
+    )]
+    socket: Option<PathBuf>,
+    /// Raw disk image to serve (standalone mode).
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "image_fd",
+        required_unless_present = "image_fd"
+    )]
+    image: Option<PathBuf>,
+    /// Connected unix stream socket inherited from bulkheadd (sandboxed mode).
+    #[arg(long, value_name = "N", requires = "image_fd")]
+    socket_fd: Option<RawFd>,
+    /// Opened disk image inherited from bulkheadd (sandboxed mode).
+    #[arg(long, value_name = "M", requires = "socket_fd")]
+    image_fd: Option<RawFd>,
+    /// Sandboxed mode: write one byte to this inherited fd (a pipe) once running, so
+    /// bulkheadd knows the binary and its libraries are loaded and may empty our root.
+    #[arg(long, value_name = "N", requires = "socket_fd")]
+    ready_fd: Option<RawFd>,
+    /// Refuse writes; the guest sees VIRTIO_BLK_F_RO.
+    #[arg(long)]
+    readonly: bool,
+    /// Serial number returned by GET_ID (at most 20 bytes, zero-padded).
+    #[arg(long, value_name = "S", default_value = "")]
+    serial: String,
+    /// Number of request queues (1 to 8).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
+    queues: u16,
+}
+
+/// Errors that mean "bad arguments or image": exit status 2.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(msg.into()))
+}
+
+/// Checks that `fd` is open and not one of the standard streams.
+fn check_fd(fd: RawFd, what: &str) -> anyhow::Result<()> {
+    if fd <= 2 {
+        return Err(usage(format!("{what} {fd} is a standard stream")));
+    }
+    // SAFETY: F_GETFD only inspects our fd table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(usage(format!("{what} {fd} is not open")));
+    }
+    Ok(())
+}
+
+fn is_unix_stream(fd: RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || ty != libc::SOCK_STREAM {
+        return false;
+    }
+    let mut dom: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut dom as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && dom == libc::AF_UNIX
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(fd) = args.ready_fd {
+        check_fd(fd, "--ready-fd")?;
+        // SAFETY: `fd` is open (checked) and handed to us to own; it is used once and closed.
+        let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut pipe, &[1]).map_err(|e| usage(format!("--ready-fd {fd}: {e}")))?;
+    }
+    if args.serial.len() > ID_LEN {
+        return Err(usage(format!(
+            "--serial is {} bytes, at most {ID_LEN}",
+            args.serial.len()
+        )));
+    }
+    let serial = serial_bytes(&args.serial);
+
+    let image = match (&args.image, args.image_fd) {
+        (Some(path), None) => OpenOptions::new()
+            .read(true)
+            .write(!args.readonly)
+            .open(path)
+            .map_err(|e| usage(format!("cannot open image {}: {e}", path.display())))?,
+        (None, Some(fd)) => {
+            check_fd(fd, "--image-fd")?;
+            // SAFETY: `fd` is open (checked) and bulkheadd handed it to us to own.
+            unsafe { std::fs::File::from_raw_fd(fd) }
+        }
+        _ => bail!(usage("give exactly one of --image and --image-fd")),
+    };
+    let disk = Disk::new(image, args.readonly).map_err(|e| usage(format!("image: {e}")))?;
+    if disk.size() % SECTOR_SIZE != 0 {
+        eprintln!(
+            "bulkhead-blk: image size {} is not a multiple of 512; the last {} bytes are not served",
+            disk.size(),
+            disk.size() % SECTOR_SIZE
+        );
+    }
+    eprintln!(
+        "bulkhead-blk: image of {} sectors{}, {} queue(s), serial {:?}",
+        disk.sectors(),
+        if disk.readonly() { ", read-only" } else { "" },
+        args.queues,
+        args.serial
+    );
+    let device = Device {
+        disk: Arc::new(disk),
+        serial,
+        queues: args.queues,
+        stats: Arc::new(Stats::default()),
+    };
+
+    match (&args.socket, args.socket_fd) {
+        (Some(path), None) => {
+            let mut listener = bind_path(path).map_err(|e| usage(e.to_string()))?;
+            eprintln!("bulkhead-blk: listening on {}", path.display());
+            serve_listener(&device, &mut listener).context("serving")?;
+            Ok(())
+        }
+        (None, Some(fd)) => {
+            check_fd(fd, "--socket-fd")?;
+            if Some(fd) == args.image_fd {
+                return Err(usage("--socket-fd and --image-fd are the same fd"));
+            }
+            if !is_unix_stream(fd) {
+                return Err(usage(format!(
+                    "--socket-fd {fd} is not a unix stream socket"
+                )));
+            }
+            // SAFETY: `fd` is an open unix stream socket (checked) handed to us to own.
+            let conn = unsafe { UnixStream::from_raw_fd(fd) };
+            serve_connected(&device, conn, true).context("serving")?;
+            Ok(())
+        }
+        _ => bail!(usage("give exactly one of --socket and --socket-fd")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-blk: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

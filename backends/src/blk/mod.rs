@@ -1,0 +1,22 @@
+//! `bulkhead-blk`: a vhost-user-blk backend serving one raw disk image.
+//!
+//! - [`disk`]: the image file and positioned I/O straight into and out of guest memory;
+//! - [`request`]: validation and execution of one virtio-blk descriptor chain;
+//! - [`config`]: the feature bits and the `virtio_blk_config` space served through GET_CONFIG;
+//! - [`stats`]: request/error counters and the rate-limited log of malformed requests;
+//! - [`backend`]: the `VhostUserBackend` glue (queues, notifications, config);
+//! - [`serve`]: the connection loops (standalone listener, or an inherited connected socket);
+//! - [`sandbox`]: the seccomp allowlist installed in `--socket-fd` mode.
+
+pub mod backend;
+pub mod config;
+pub mod disk;
+pub mod request;
+pub mod sandbox;
+pub mod serve;
+pub mod stats;
+
+pub use backend::BlkBackend;
+pub use config::BlkConfig;
+pub use disk::{Disk, DiskError, SECTOR_SIZE};
+pub use stats::Stats;

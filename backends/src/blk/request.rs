@@ -1,0 +1,464 @@
+//! Validation and execution of one virtio-blk request: a descriptor chain in, a status byte
+//! and a used length out. Nothing the guest writes can make this panic or touch memory
+//! outside guest RAM or bytes outside the image.
+//!
+//! Layout accepted (virtio 1.x, 5.2.6): the first 16 bytes of the first descriptor are the
+//! header (`type`, `reserved`, `sector`) and that descriptor must be device-readable; the last
+//! byte of the last descriptor is the status and that descriptor must be device-writable.
+//! Data is every descriptor in between, plus the rest of the header descriptor for requests
+//! that carry data to the device, or the start of the status descriptor for requests that
+//! carry data to the driver. A chain without a usable status byte is returned with used
+//! length 0 and counted as broken.
+
+use std::io;
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use super::disk::{Disk, SECTOR_SIZE};
+use super::stats::Stats;
+
+/// Size of `struct virtio_blk_outhdr`.
+pub const HEADER_LEN: u32 = 16;
+/// Size of the GET_ID answer.
+pub const ID_LEN: usize = 20;
+/// Size of `struct virtio_blk_discard_write_zeroes`.
+const SEGMENT_LEN: u64 = 16;
+
+/// Why a request failed; each maps to the status the driver gets.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The chain is longer than the queue.
+    #[error("chain of {0} descriptors is longer than the queue")]
+    ChainTooLong(usize),
+    /// The first descriptor is device-writable.
+    #[error("header descriptor is device-writable")]
+    HeaderWritable,
+    /// The first descriptor is shorter than a header.
+    #[error("header descriptor is {0} bytes, need {HEADER_LEN}")]
+    HeaderTooShort(u32),
+    /// A descriptor points outside guest memory.
+    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
+    OutsideMemory {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A data descriptor has the wrong direction for the request type.
+    #[error("data descriptor has the wrong direction for request type {0}")]
+    WrongDirection(u32),
+    /// The data of a read or write is not a whole number of sectors.
+    #[error("data length {0} is not a multiple of 512")]
+    NotSectorMultiple(u64),
+    /// The sector range does not fit in the image (or overflows).
+    #[error("sectors {sector}+{bytes} bytes are beyond the image ({capacity} sectors)")]
+    BeyondImage {
+        /// First sector.
+        sector: u64,
+        /// Length in bytes.
+        bytes: u64,
+        /// Image capacity in sectors.
+        capacity: u64,
+    },
+    /// A write to a read-only disk.
+    #[error("write request type {0} on a read-only disk")]
+    ReadOnly(u32),
+    /// A discard/write-zeroes payload that is not 1..=MAX segments of 16 bytes.
+    #[error("bad discard/write-zeroes payload of {0} bytes")]
+    BadSegments(u64),
+    /// A discard/write-zeroes segment longer than advertised.
+    #[error("discard/write-zeroes segment of {0} sectors is too long")]
+    SegmentTooLong(u32),
+    /// Flags the device does not know, or UNMAP on a discard.
+    #[error("unsupported discard/write-zeroes flags {0:#x}")]
+    UnsupportedFlags(u32),
+    /// GET_ID without room for the answer.
+    #[error("GET_ID without a writable buffer")]
+    NoIdBuffer,
+    /// Request type not implemented.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    /// The image I/O failed.
+    #[error("image I/O failed: {0}")]
+    Io(#[source] io::Error),
+    /// Guest memory could not be accessed although it was validated.
+    #[error("guest memory access failed")]
+    Memory,
+}
+
+impl RequestError {
+    /// The virtio-blk status this error completes the request with.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) | RequestError::UnsupportedFlags(_) => {
+                VIRTIO_BLK_S_UNSUPP as u8
+            }
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+/// What became of one chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A status byte was written; `used_len` bytes were written into the chain in total.
+    Completed {
+        /// The status written.
+        status: u8,
+        /// The used length to report.
+        used_len: u32,
+    },
+    /// No usable status byte: report used length 0.
+    Broken,
+}
+
+impl Outcome {
+    /// The used length for the used ring.
+    pub fn used_len(&self) -> u32 {
+        match self {
+            Outcome::Completed { used_len, .. } => *used_len,
+            Outcome::Broken => 0,
+        }
+    }
+}
+
+/// One contiguous piece of request data in guest memory.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: u64,
+}
+
+/// Everything a request needs besides its chain.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The image.
+    pub disk: &'a Disk,
+    /// The GET_ID answer (zero-padded serial).
+    pub serial: &'a [u8; ID_LEN],
+    /// Counters and the malformed-request log.
+    pub stats: &'a Stats,
+    /// Longest chain accepted (the queue size).
+    pub max_descriptors: usize,
+}
+
+fn in_memory<M: GuestMemoryBackend + ?Sized>(mem: &M, addr: GuestAddress, len: u64) -> bool {
+    let Ok(len) = usize::try_from(len) else {
+        return false;
+    };
+    if len == 0 {
+        return true;
+    }
+    addr.checked_add(len as u64).is_some() && mem.check_range(addr, len)
+}
+
+/// Validates and executes one chain, writes its status byte, and says what to report.
+pub fn process_chain<M>(chain: DescriptorChain<M>, target: &Target<'_>) -> Outcome
+where
+    M: Deref + Clone,
+    M::Target: GuestMemoryBackend,
+{
+    let stats = target.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let mem = chain.memory();
+    let head = chain.head_index();
+    // The iterator stops at a loop (ttl), at an unreadable descriptor table, at a bad next
+    // index and at a bad indirect table: each leaves the last descriptor with NEXT set.
+    // Collect at most one more than a legal chain can have (an indirect table can list up
+    // to 65535), so a huge table cannot make us allocate much.
+    let limit = target.max_descriptors.saturating_add(1);
+    let descs: Vec<Descriptor> = chain.clone().take(limit).collect();
+
+    let status_addr = match descs.last() {
+        Some(last)
+            if !last.has_next()
+                && last.is_write_only()
+                && last.len() >= 1
+                && in_memory(mem, last.addr(), u64::from(last.len())) =>
+        {
+            last.addr()
+                .checked_add(u64::from(last.len()) - 1)
+                .filter(|a| in_memory(mem, *a, 1))
+        }
+        _ => None,
+    };
+    let Some(status_addr) = status_addr else {
+        stats.broken.fetch_add(1, Ordering::Relaxed);
+        stats.log_malformed(format_args!(
+            "request at head {head}: no usable status byte ({} descriptors); returned with len 0",
+            descs.len()
+        ));
+        return Outcome::Broken;
+    };
+
+    let (status, data_written) = match execute(mem, &descs, target) {
+        Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
+        Err(e) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            stats.log_malformed(format_args!("request at head {head}: {e}"));
+            (e.status(), 0)
+        }
+    };
+    if mem.write_obj(status, status_addr).is_err() {
+        stats.broken.fetch_add(1, Ordering::Relaxed);
+        return Outcome::Broken;
+    }
+    Outcome::Completed {
+        status,
+        used_len: data_written.saturating_add(1),
+    }
+}
+
+/// The parsed header.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    kind: u32,
+    sector: u64,
+}
+
+fn read_header<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    first: &Descriptor,
+) -> Result<Header, RequestError> {
+    if first.is_write_only() {
+        return Err(RequestError::HeaderWritable);
+    }
+    if first.len() < HEADER_LEN {
+        return Err(RequestError::HeaderTooShort(first.len()));
+    }
+    if !in_memory(mem, first.addr(), u64::from(first.len())) {
+        return Err(RequestError::OutsideMemory {
+            addr: first.addr().raw_value(),
+            len: u64::from(first.len()),
+        });
+    }
+    let mut raw = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut raw, first.addr())
+        .map_err(|_| RequestError::Memory)?;
+    let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&raw[8..16]);
+    Ok(Header {
+        kind,
+        sector: u64::from_le_bytes(s),
+    })
+}
+
+/// Collects the data segments for a request whose data flows in direction `writable`
+/// (true: device writes guest memory), checking directions and addresses.
+fn data_segments<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    descs: &[Descriptor],
+    kind: u32,
+    writable: bool,
+) -> Result<(Vec<Segment>, u64), RequestError> {
+    let n = descs.len();
+    let mut segs = Vec::with_capacity(n);
+    let first = &descs[0];
+    if !writable && first.len() > HEADER_LEN {
+        segs.push(Segment {
+            addr: first
+                .addr()
+                .checked_add(u64::from(HEADER_LEN))
+                .ok_or(RequestError::Memory)?,
+            len: u64::from(first.len() - HEADER_LEN),
+        });
+    }
+    if n > 2 {
+        for d in &descs[1..n - 1] {
+            if d.is_write_only() != writable {
+                return Err(RequestError::WrongDirection(kind));
+            }
+            segs.push(Segment {
+                addr: d.addr(),
+                len: u64::from(d.len()),
+            });
+        }
+    }
+    let last = &descs[n - 1];
+    if writable && last.len() > 1 {
+        segs.push(Segment {
+            addr: last.addr(),
+            len: u64::from(last.len() - 1),
+        });
+    }
+    let mut total = 0u64;
+    for s in &segs {
+        if !in_memory(mem, s.addr, s.len) {
+            return Err(RequestError::OutsideMemory {
+                addr: s.addr.raw_value(),
+                len: s.len,
+            });
+        }
+        total = total.checked_add(s.len).ok_or(RequestError::Memory)?;
+    }
+    Ok((segs, total))
+}
+
+/// Byte offset of a sector range in the image, if `bytes` from `sector` fit in it.
+fn image_range(disk: &Disk, sector: u64, bytes: u64) -> Result<u64, RequestError> {
+    let beyond = || RequestError::BeyondImage {
+        sector,
+        bytes,
+        capacity: disk.sectors(),
+    };
+    let start = sector.checked_mul(SECTOR_SIZE).ok_or_else(beyond)?;
+    let end = start.checked_add(bytes).ok_or_else(beyond)?;
+    if end > disk.usable_bytes() {
+        return Err(beyond());
+    }
+    Ok(start)
+}
+
+/// Runs a validated request; returns the number of data bytes written into guest memory.
+fn execute<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    descs: &[Descriptor],
+    target: &Target<'_>,
+) -> Result<u32, RequestError> {
+    if descs.len() > target.max_descriptors {
+        return Err(RequestError::ChainTooLong(descs.len()));
+    }
+    // A single descriptor cannot be both a readable header and a writable status.
+    let hdr = read_header(mem, &descs[0])?;
+    let disk = target.disk;
+    match hdr.kind {
+        VIRTIO_BLK_T_IN => {
+            let (segs, total) = data_segments(mem, descs, hdr.kind, true)?;
+            if total % SECTOR_SIZE != 0 {
+                return Err(RequestError::NotSectorMultiple(total));
+            }
+            let mut off = image_range(disk, hdr.sector, total)?;
+            // The data plus the status byte must fit a u32 used length; it does, because a
+            // chain is limited to 2^32 bytes by the iterator, but check anyway.
+            let written = u32::try_from(total).map_err(|_| RequestError::BadSegments(total))?;
+            for s in &segs {
+                for slice in mem.get_slices(s.addr, s.len as usize) {
+                    let slice = slice.map_err(|_| RequestError::Memory)?;
+                    disk.read_into(off, &slice).map_err(RequestError::Io)?;
+                    off += slice.len() as u64;
+                }
+            }
+            target.stats.bytes_read.fetch_add(total, Ordering::Relaxed);
+            Ok(written)
+        }
+        VIRTIO_BLK_T_OUT => {
+            let (segs, total) = data_segments(mem, descs, hdr.kind, false)?;
+            if disk.readonly() {
+                return Err(RequestError::ReadOnly(hdr.kind));
+            }
+            if total % SECTOR_SIZE != 0 {
+                return Err(RequestError::NotSectorMultiple(total));
+            }
+            let mut off = image_range(disk, hdr.sector, total)?;
+            for s in &segs {
+                for slice in mem.get_slices(s.addr, s.len as usize) {
+                    let slice = slice.map_err(|_| RequestError::Memory)?;
+                    disk.write_from(off, &slice).map_err(RequestError::Io)?;
+                    off += slice.len() as u64;
+                }
+            }
+            target
+                .stats
+                .bytes_written
+                .fetch_add(total, Ordering::Relaxed);
+            Ok(0)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            disk.flush().map_err(RequestError::Io)?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            let (segs, total) = data_segments(mem, descs, hdr.kind, true)?;
+            if total == 0 {
+                return Err(RequestError::NoIdBuffer);
+            }
+            let mut left: &[u8] = &target.serial[..];
+            let mut written = 0u32;
+            for s in &segs {
+                if left.is_empty() {
+                    break;
+                }
+                let n = (s.len as usize).min(left.len());
+                mem.write_slice(&left[..n], s.addr)
+                    .map_err(|_| RequestError::Memory)?;
+                left = &left[n..];
+                written += n as u32;
+            }
+            Ok(written)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let (segs, total) = data_segments(mem, descs, hdr.kind, false)?;
+            if disk.readonly() {
+                return Err(RequestError::ReadOnly(hdr.kind));
+            }
+            if total == 0
+                || total % SEGMENT_LEN != 0
+                || total / SEGMENT_LEN > u64::from(MAX_DISCARD_SEG)
+            {
+                return Err(RequestError::BadSegments(total));
+            }
+            // Gather the (at most 16 * MAX_DISCARD_SEG) payload bytes, whatever their layout.
+            let mut payload = vec![0u8; total as usize];
+            let mut at = 0usize;
+            for s in &segs {
+                let n = s.len as usize;
+                mem.read_slice(&mut payload[at..at + n], s.addr)
+                    .map_err(|_| RequestError::Memory)?;
+                at += n;
+            }
+            // Validate every segment before touching the image.
+            let mut ranges = Vec::with_capacity(payload.len() / SEGMENT_LEN as usize);
+            for rec in payload.chunks_exact(SEGMENT_LEN as usize) {
+                let mut s = [0u8; 8];
+                s.copy_from_slice(&rec[0..8]);
+                let sector = u64::from_le_bytes(s);
+                let num = u32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]);
+                let flags = u32::from_le_bytes([rec[12], rec[13], rec[14], rec[15]]);
+                let allowed = if hdr.kind == VIRTIO_BLK_T_WRITE_ZEROES {
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                } else {
+                    0
+                };
+                if flags & !allowed != 0 {
+                    return Err(RequestError::UnsupportedFlags(flags));
+                }
+                if num > MAX_DISCARD_SECTORS {
+                    return Err(RequestError::SegmentTooLong(num));
+                }
+                let bytes = u64::from(num) * SECTOR_SIZE;
+                let off = image_range(disk, sector, bytes)?;
+                ranges.push((off, bytes, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0));
+            }
+            for (off, bytes, unmap) in ranges {
+                if hdr.kind == VIRTIO_BLK_T_DISCARD {
+                    disk.discard(off, bytes)
+                } else {
+                    disk.write_zeroes(off, bytes, unmap)
+                }
+                .map_err(RequestError::Io)?;
+            }
+            Ok(0)
+        }
+        other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+/// Pads or truncates a serial to the 20 bytes GET_ID returns.
+pub fn serial_bytes(serial: &str) -> [u8; ID_LEN] {
+    let mut id = [0u8; ID_LEN];
+    let b = serial.as_bytes();
+    let n = b.len().min(ID_LEN);
+    id[..n].copy_from_slice(&b[..n]);
+    id
+}

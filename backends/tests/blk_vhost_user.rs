@@ -1,0 +1,383 @@
+//! End to end: the `bulkhead-blk` binary driven by the `vhost` crate's vhost-user frontend,
+//! standalone (with a reconnect) and sandboxed on an inherited socket (`--socket-fd`).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-blk");
+const SECTORS: u64 = 128;
+const MEM: usize = 0x10_0000;
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("bulkhead-blk-e2e-{}-{name}", std::process::id()))
+}
+
+fn make_image(path: &Path) {
+    let mut f = File::create(path).unwrap();
+    for i in 0..SECTORS {
+        f.write_all(&[(i as u8).wrapping_add(1); 512]).unwrap();
+    }
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn negotiate(fe: &mut Frontend, expect_ro: bool) -> Vec<u8> {
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    assert_ne!(features & (1 << VIRTIO_F_VERSION_1), 0);
+    assert_ne!(features & (1 << VIRTIO_BLK_F_FLUSH), 0);
+    assert_ne!(features & (1 << VIRTIO_BLK_F_MQ), 0);
+    assert_ne!(features & PROTOCOL_FEATURES_BIT, 0);
+    assert_eq!(features & (1 << VIRTIO_BLK_F_RO) != 0, expect_ro);
+    fe.set_features(features).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    let want = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    assert!(pf.contains(want), "protocol features {pf:?}");
+    fe.set_protocol_features(want).unwrap();
+    let (_, config) = fe
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+        .unwrap();
+    assert_eq!(config.len(), 60);
+    config
+}
+
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().unwrap())
+}
+
+#[test]
+fn standalone_negotiates_serves_config_and_accepts_reconnects() {
+    let img = scratch("standalone.img");
+    let sock = scratch("standalone.sock");
+    make_image(&img);
+    // A stale socket file left behind must not stop the backend.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let child = Command::new(BIN)
+        .args([
+            "--socket",
+            sock.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+        ])
+        .args(["--serial", "disk-0", "--queues", "2", "--readonly"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Kill(child);
+    // The stale socket is replaced; wait until the backend answers.
+    let start = Instant::now();
+    let mut fe = loop {
+        if let Ok(fe) = Frontend::connect(&sock, 2) {
+            break fe;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "backend never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for round in 0..3 {
+        if round > 0 {
+            // The backend keeps the image open and accepts the next frontend.
+            fe = Frontend::connect(&sock, 2).unwrap_or_else(|e| panic!("reconnect {round}: {e}"));
+        }
+        let config = negotiate(&mut fe, true);
+        assert_eq!(le64(&config[0..8]), SECTORS, "capacity");
+        assert_eq!(
+            u32::from_le_bytes(config[20..24].try_into().unwrap()),
+            512,
+            "blk_size"
+        );
+        assert_eq!(
+            u16::from_le_bytes(config[34..36].try_into().unwrap()),
+            2,
+            "num_queues"
+        );
+        assert_eq!(fe.get_queue_num().unwrap(), 2);
+        if round == 1 {
+            data_path(&mut fe, b"disk-0").unwrap();
+        }
+        if round < 2 {
+            drop(fe);
+            fe = Frontend::connect(&sock, 2).unwrap();
+            drop(fe);
+            fe = Frontend::connect(&sock, 2).unwrap();
+            let _ = &fe;
+        }
+    }
+    drop(fe);
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    for args in [
+        vec!["--socket", "/tmp/x.sock"],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/nonexistent/bulkhead.img",
+        ],
+        vec!["--socket-fd", "1000", "--image-fd", "1001"],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/dev/null",
+            "--queues",
+            "9",
+        ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/etc/hostname",
+            "--serial",
+            "012345678901234567890",
+        ],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--socket-fd"));
+}
+
+/// Guest memory backed by a memfd the backend can map.
+fn guest_memory() -> (GuestMemoryMmap, File) {
+    let fd = nix::sys::memfd::memfd_create(
+        c"bulkhead-e2e",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .unwrap();
+    let file = File::from(fd);
+    file.set_len(MEM as u64).unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    (mem, file)
+}
+
+fn host(mem: &GuestMemoryMmap, a: GuestAddress) -> u64 {
+    mem.get_host_address(a).unwrap() as u64
+}
+
+/// Sets up queue 0 over memfd-backed guest memory, submits a read and a GET_ID, and checks
+/// both complete with the guest notified.
+fn data_path(fe: &mut Frontend, serial: &[u8]) -> Result<(), String> {
+    let (mem, _memfd) = guest_memory();
+    let region = mem.iter().next().unwrap();
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+    fe.set_mem_table(&[info]).unwrap();
+
+    let qsize = 16u16;
+    // Split ring layout (the mock's own layout overlaps its rings beyond one chain).
+    let (desc_table, avail, used) = (GuestAddress(0), GuestAddress(0x1000), GuestAddress(0x2000));
+    fe.set_vring_num(0, qsize).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 256,
+            queue_size: qsize,
+            flags: 0,
+            desc_table_addr: host(&mem, desc_table),
+            used_ring_addr: host(&mem, used),
+            avail_ring_addr: host(&mem, avail),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+
+    // Request 1: read sectors 3..5; request 2: GET_ID.
+    let (hdr1, data1, st1) = (0x1_0000u64, 0x2_0000u64, 0x3_0000u64);
+    let (hdr2, data2, st2) = (0x1_0100u64, 0x2_1000u64, 0x3_0100u64);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    h[8..16].copy_from_slice(&3u64.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(hdr1)).unwrap();
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(hdr2)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(st1)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(st2)).unwrap();
+    let w = VRING_DESC_F_WRITE as u16;
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    let descs = [
+        RawDescriptor::from(SplitDescriptor::new(hdr1, 16, next, 1)),
+        RawDescriptor::from(SplitDescriptor::new(data1, 1024, w | next, 2)),
+        RawDescriptor::from(SplitDescriptor::new(st1, 1, w, 0)),
+        RawDescriptor::from(SplitDescriptor::new(hdr2, 16, next, 4)),
+        RawDescriptor::from(SplitDescriptor::new(data2, 20, w | next, 5)),
+        RawDescriptor::from(SplitDescriptor::new(st2, 1, w, 0)),
+    ];
+    for (i, d) in descs.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(desc_table.0 + 16 * i as u64))
+            .unwrap();
+    }
+    // Two chains (heads 0 and 3); used_event 0 asks for an interrupt at once (EVENT_IDX).
+    mem.write_obj(0u16, GuestAddress(avail.0 + 4)).unwrap();
+    mem.write_obj(3u16, GuestAddress(avail.0 + 6)).unwrap();
+    mem.write_obj(0u16, GuestAddress(avail.0 + 4 + 2 * u64::from(qsize)))
+        .unwrap();
+    mem.write_obj(2u16, GuestAddress(avail.0 + 2)).unwrap();
+    kick.write(1).unwrap();
+
+    let start = Instant::now();
+    loop {
+        let used_idx: u16 = mem.read_obj(GuestAddress(used.0 + 2)).unwrap();
+        if used_idx == 2 {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err("requests never completed".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let start = Instant::now();
+    while call.read().is_err() {
+        if start.elapsed() > Duration::from_secs(5) {
+            return Err("the guest was not notified".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(st1)).unwrap(),
+        VIRTIO_BLK_S_OK as u8
+    );
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(st2)).unwrap(),
+        VIRTIO_BLK_S_OK as u8
+    );
+    let mut data = vec![0u8; 1024];
+    mem.read_slice(&mut data, GuestAddress(data1)).unwrap();
+    assert!(data[..512].iter().all(|&b| b == 4));
+    assert!(data[512..].iter().all(|&b| b == 5));
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(data2)).unwrap();
+    assert_eq!(&id[..serial.len()], serial);
+    Ok(())
+}
+
+#[test]
+fn sandboxed_inherited_socket_serves_requests() {
+    let img = scratch("sandboxed.img");
+    make_image(&img);
+    let image = File::options().read(true).write(true).open(&img).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let theirs = OwnedFd::from(theirs);
+    let (sfd, ifd) = (theirs.as_raw_fd(), image.as_raw_fd());
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--socket-fd",
+        &sfd.to_string(),
+        "--image-fd",
+        &ifd.to_string(),
+    ])
+    .args(["--serial", "sandboxed"])
+    .stderr(Stdio::piped());
+    // SAFETY: between fork and exec we only clear FD_CLOEXEC on two fds we own
+    // (async-signal-safe fcntl calls).
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [sfd, ifd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = Kill(cmd.spawn().unwrap());
+    drop(theirs);
+    drop(image);
+
+    let mut fe = Frontend::from_stream(ours, 1);
+    let config = negotiate(&mut fe, false);
+    assert_eq!(le64(&config[0..8]), SECTORS);
+
+    if let Err(e) = data_path(&mut fe, b"sandboxed") {
+        let mut child = child;
+        let _ = child.0.kill();
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        panic!("{e}: {err}");
+    }
+
+    // The frontend leaves: the sandboxed backend serves one connection and exits cleanly.
+    drop(fe);
+    let mut child = child;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "backend did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(err.contains("serving the inherited connection"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_file(&img);
+}
