@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: build Bulkhead, start the control domain (bulkheadd), create a demo VM (the
-# bare-metal test guest, 2 vCPUs) through the `bulkhead` CLI, show its console, then shut it
-# down. Runs as root (bulkheadd creates namespaces and switches runners to their own uid).
+# bare-metal test guest, 2 vCPUs, one disk served by bulkhead-blk) through the `bulkhead`
+# CLI, show its console, then shut it down. Runs as root (bulkheadd creates namespaces and switches runners to their own uid).
 # Set KEEP=1 to leave the daemon and VM running and attach to the console yourself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,17 +22,25 @@ if ! bh list >/dev/null 2>&1; then
   for _ in $(seq 100); do bh list >/dev/null 2>&1 && break; sleep 0.05; done
 fi
 bh destroy demo >/dev/null 2>&1 || true
+rm -f "$work/demo-disk.img"
+truncate -s 64M "$work/demo-disk.img"
 
 cat >"$work/demo.toml" <<TOML
 name = "demo"
 vcpus = 2
 memory = "256M"
 kernel = "$guest"
-cmdline = "ticks=500"
+# The test guest finds its virtio-blk disk (served by a sandboxed bulkhead-blk), writes a
+# pattern over 2048 sectors, verifies it, then ticks until asked to shut down.
+cmdline = "blk blk-id blk-queues=2 blk-write=1:0:2048 blk-verify=1:0:2048 ticks=500"
+[[disks]]
+path = "$work/demo-disk.img"
+serial = "demo-disk"
 TOML
 echo "== bulkhead create $work/demo.toml ==" >&2
 bh create "$work/demo.toml"
 bh list
+bh info demo
 echo "== bulkhead console demo (3 seconds) ==" >&2
 timeout 3 "$bin/bulkhead" --socket "$sock" console demo </dev/null || true
 echo

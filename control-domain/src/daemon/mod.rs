@@ -280,9 +280,10 @@ impl Daemon {
                                     .map(|b| format!(", bulkhead-blk pid {} uid {}", b.pid, b.uid))
                                     .unwrap_or_default();
                                 format!(
-                                    "disk{i}: {}{}{}{}",
+                                    "disk{i}: {}{}, {} queue(s){}{}",
                                     d.path.display(),
                                     if d.readonly { " (read-only)" } else { "" },
+                                    d.queues.unwrap_or(1),
                                     d.serial
                                         .as_ref()
                                         .map(|s| format!(" serial '{s}'"))
@@ -540,6 +541,8 @@ impl Daemon {
             args.push("--serial".into());
             args.push(serial.clone());
         }
+        args.push("--queues".into());
+        args.push(disk.queues.unwrap_or(1).to_string());
         let sandbox = spawn::Sandbox {
             uid,
             max_threads: 32,

@@ -44,6 +44,9 @@ pub struct DiskConfig {
     /// Serial number reported to the guest (VIRTIO_BLK_F_GET_ID, 20 bytes at most).
     #[serde(default)]
     pub serial: Option<String>,
+    /// Request queues (1 to 8; default: one per vCPU, at most 8).
+    #[serde(default)]
+    pub queues: Option<u16>,
 }
 
 /// One NIC of a VM (served by `bulkhead-net` once the network issue lands).
@@ -217,6 +220,9 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
         if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
             return Err(invalid("disks.serial", "at most 20 bytes"));
         }
+        if d.queues.is_some_and(|q| !(1..=8).contains(&q)) {
+            return Err(invalid("disks.queues", "must be between 1 and 8"));
+        }
     }
     for n in &file.nics {
         if let Some(mac) = &n.mac {
@@ -241,6 +247,7 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
             .into_iter()
             .map(|d| DiskConfig {
                 path: absolute(config_dir, &d.path),
+                queues: Some(d.queues.unwrap_or_else(|| u16::from(vcpus).min(8))),
                 ..d
             })
             .collect(),
