@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::boot::ImageFile;
 use crate::memory::GuestRam;
-use crate::vm::{open_kvm, RunningVm, Vm, VmOutcome};
+use crate::vm::{open_kvm, DeviceBackend, DeviceKind, RunningVm, Vm, VmOutcome};
 
 /// How long a finished runner waits for a control domain to collect the outcome.
 const OUTCOME_GRACE: Duration = Duration::from_secs(60);
@@ -242,9 +242,12 @@ fn boot(
         }
     }
     let first_disk = BootFds::first_disk(spec.has_initrd);
-    let want = first_disk + spec.disks.len();
+    let want = first_disk + spec.disks.len() + spec.nics.len();
     if fds.len() != want {
-        return Err(format!("Boot carried {} descriptors, expected {want}", fds.len()));
+        return Err(format!(
+            "Boot carried {} descriptors, expected {want}",
+            fds.len()
+        ));
     }
     let mut fds = fds.into_iter().map(Some).collect::<Vec<_>>();
     let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).map(File::from);
@@ -263,30 +266,37 @@ fn boot(
     } else {
         None
     };
-    let disks = spec
+    let cpu_template = crate::cpu_template::by_name(&spec.cpu_template)
+        .ok_or_else(|| format!("unknown CPU template '{}'", spec.cpu_template))?;
+    let kinds = spec
         .disks
         .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            take(first_disk + i)
-                .map(|f| crate::vm::DiskBackend {
-                    name: name.clone(),
-                    stream: std::os::unix::net::UnixStream::from(OwnedFd::from(f)),
-                })
-                .ok_or_else(|| format!("missing socket for {name}"))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+        .map(|n| (n, DeviceKind::Block))
+        .chain(spec.nics.iter().map(|n| (n, DeviceKind::Net)));
+    let mut backends = Vec::new();
+    for (i, (name, kind)) in kinds.enumerate() {
+        let f = take(first_disk + i).ok_or_else(|| format!("missing socket for {name}"))?;
+        backends.push(DeviceBackend {
+            name: name.clone(),
+            kind,
+            stream: std::os::unix::net::UnixStream::from(OwnedFd::from(f)),
+        });
+    }
     let images = crate::vm::GuestImages {
         kernel: &mut kernel,
         initrd: initrd.as_mut(),
         cmdline: &spec.cmdline,
     };
+    let machine = crate::vm::Machine {
+        vcpus: spec.vcpus,
+        cpu_template,
+    };
     let vm = Vm::with_images(
         kvm,
         ram,
-        spec.vcpus,
+        machine,
         images,
-        disks,
+        backends,
         Box::new(QueuedConsole(console)),
     )
     .map_err(|e| e.to_string())?;
@@ -301,8 +311,8 @@ fn boot(
         .spawn(move || watch_outcome(state2, running))
         .map_err(|e| format!("cannot start the outcome watcher: {e}"))?;
     Ok(format!(
-        "{} loaded as {:?}, entry {:?}; {} vCPUs",
-        spec.kernel_name, setup.format, setup.entry, spec.vcpus
+        "{} loaded as {:?}, entry {:?}; {} vCPUs, CPU template {}",
+        spec.kernel_name, setup.format, setup.entry, spec.vcpus, spec.cpu_template
     ))
 }
 

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod cpu;
+pub mod cpu_template;
 pub mod devices;
 pub mod interrupts;
 pub mod layout;

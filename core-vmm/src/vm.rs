@@ -34,12 +34,42 @@ pub struct GuestImages<'a> {
     pub cmdline: &'a str,
 }
 
-/// A disk whose vhost-user backend is at the other end of `stream`.
-pub struct DiskBackend {
-    /// Name for messages (`disk0`).
+/// Which virtio device a vhost-user backend implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Block,
+    /// virtio-net.
+    Net,
+}
+
+impl DeviceKind {
+    /// The virtio device type number.
+    pub fn virtio_type(self) -> u16 {
+        match self {
+            DeviceKind::Block => 2,
+            DeviceKind::Net => 1,
+        }
+    }
+}
+
+/// A device whose vhost-user backend is at the other end of `stream`.
+pub struct DeviceBackend {
+    /// Name for messages (`disk0`, `nic0`).
     pub name: String,
+    /// What it is.
+    pub kind: DeviceKind,
     /// Connected vhost-user socket.
     pub stream: std::os::unix::net::UnixStream,
+}
+
+/// vCPUs and the CPU template they get.
+#[derive(Debug, Clone, Copy)]
+pub struct Machine {
+    /// vCPU count.
+    pub vcpus: u8,
+    /// CPUID edits.
+    pub cpu_template: crate::cpu_template::CpuTemplate,
 }
 
 /// Exit status: the guest reset or powered off through the i8042 (a normal shutdown).
@@ -227,7 +257,8 @@ impl Vm {
         kvm: Kvm,
         ram: GuestRam,
         config: &VmConfig,
-        disks: Vec<DiskBackend>,
+        cpu_template: crate::cpu_template::CpuTemplate,
+        backends: Vec<DeviceBackend>,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
         config.validate()?;
@@ -242,7 +273,11 @@ impl Vm {
             initrd: initrd.as_mut(),
             cmdline: &config.cmdline,
         };
-        Self::with_images(kvm, ram, config.vcpus, images, disks, console)
+        let machine = Machine {
+            vcpus: config.vcpus,
+            cpu_template,
+        };
+        Self::with_images(kvm, ram, machine, images, backends, console)
     }
 
     /// Like [`Vm::new`], with the kernel and initrd already open (handed in as fds by the
@@ -250,11 +285,12 @@ impl Vm {
     pub fn with_images(
         kvm: Kvm,
         ram: GuestRam,
-        vcpus: u8,
+        machine: Machine,
         images: GuestImages<'_>,
-        disks: Vec<DiskBackend>,
+        backends: Vec<DeviceBackend>,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
+        let vcpus = machine.vcpus;
         let GuestImages {
             kernel,
             initrd,
@@ -289,20 +325,21 @@ impl Vm {
         let ram = Arc::new(ram);
         let router = Arc::new(Mutex::new(GsiRouter::new(vm_fd.clone())));
         let mut pci = PciBus::new();
-        for (i, disk) in disks.into_iter().enumerate() {
+        for d in backends {
             let bar = pci.allocate_bar(BAR0_SIZE).ok_or(VmError::Device(format!(
-                "no PCI address space left for disk {i}"
+                "no PCI address space left for {}",
+                d.name
             )))?;
             let dev = VhostUserPciDevice::new(
-                &disk.name,
-                2,
-                disk.stream,
+                &d.name,
+                d.kind.virtio_type(),
+                d.stream,
                 vm_fd.clone(),
                 router.clone(),
                 ram.clone(),
                 bar,
             )
-            .map_err(|e| VmError::Device(format!("{}: {e}", disk.name)))?;
+            .map_err(|e| VmError::Device(format!("{}: {e}", d.name)))?;
             pci.add(Arc::new(Mutex::new(dev)))
                 .ok_or(VmError::Device("the PCI bus is full".into()))?;
         }
@@ -322,12 +359,13 @@ impl Vm {
             let vcpu = vm_fd
                 .create_vcpu(index.into())
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu.set_cpuid2(&cpu::vcpu_cpuid(&supported, index, count))
-                .map_err(|source| CpuError::Kvm {
-                    vcpu: index,
-                    what: "KVM_SET_CPUID2",
-                    source,
-                })?;
+            let mut cpuid = cpu::vcpu_cpuid(&supported, index, count);
+            machine.cpu_template.apply(&mut cpuid);
+            vcpu.set_cpuid2(&cpuid).map_err(|source| CpuError::Kvm {
+                vcpu: index,
+                what: "KVM_SET_CPUID2",
+                source,
+            })?;
             cpu::setup_msrs(&vcpu, index)?;
             cpu::setup_fpu(&vcpu, index)?;
             cpu::setup_lapic(&vcpu, index)?;

@@ -18,6 +18,10 @@ pub struct BootSpec {
     /// Disks, in PCI slot order; each one's connected vhost-user socket travels as a
     /// descriptor after the kernel (and initrd).
     pub disks: Vec<String>,
+    /// NICs, after the disks; each one's vhost-user socket travels after the disks'.
+    pub nics: Vec<String>,
+    /// CPU template name (`host`, `minimal`), already resolved by the control domain.
+    pub cpu_template: String,
 }
 
 /// Order of the descriptors that travel with [`RunnerCommand::Boot`].

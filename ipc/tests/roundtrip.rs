@@ -193,6 +193,8 @@ fn commands() -> Vec<RunnerCommand> {
             has_initrd: true,
             kernel_name: "vmlinuz-6.1".into(),
             disks: vec!["disk0".into()],
+            nics: vec!["nic0".into()],
+            cpu_template: "minimal".into(),
         }),
         RunnerCommand::Pause,
         RunnerCommand::Resume,

@@ -638,6 +638,8 @@ impl Daemon {
             has_initrd: initrd.is_some(),
             kernel_name: spec.kernel.display().to_string(),
             disks: (0..disk_socks.len()).map(|i| format!("disk{i}")).collect(),
+            nics: Vec::new(),
+            cpu_template: self.cpu_template(&vm.name, &spec.cpu_template),
         });
         let mut fds = vec![kvm.as_fd(), memfd.as_fd(), kernel.as_fd()];
         if let Some(i) = &initrd {
@@ -665,6 +667,16 @@ impl Daemon {
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
         Ok(detail)
+    }
+
+    /// Resolves `auto` to the template this host needs, and says why.
+    fn cpu_template(&self, vm: &str, wanted: &str) -> String {
+        if wanted != "auto" {
+            return wanted.to_string();
+        }
+        let (t, why) = core_vmm::cpu_template::HostKind::detect().auto();
+        log(&format!("VM '{vm}': CPU template {} ({why})", t.name));
+        t.name.to_string()
     }
 
     /// Re-adopts the VMs in the state dir: live runners are reconnected, dead ones recorded.

@@ -89,6 +89,10 @@ pub struct VmConfigFile {
     /// NICs.
     #[serde(default)]
     pub nics: Vec<NicConfig>,
+    /// CPU template: `auto` (default: `minimal` where KVM emulates guest ring 0, else
+    /// `host`), `host` or `minimal`.
+    #[serde(default)]
+    pub cpu_template: Option<String>,
 }
 
 /// `owner = 1000` or `owner = "alice"`.
@@ -130,6 +134,13 @@ pub struct VmSpec {
     pub disks: Vec<DiskConfig>,
     /// NICs.
     pub nics: Vec<NicConfig>,
+    /// CPU template as configured (`auto`, `host`, `minimal`).
+    #[serde(default = "auto")]
+    pub cpu_template: String,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> VmConfigError {
@@ -224,6 +235,13 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
             return Err(invalid("disks.queues", "must be between 1 and 8"));
         }
     }
+    let cpu_template = file.cpu_template.clone().unwrap_or_else(auto);
+    if cpu_template != "auto" && core_vmm::cpu_template::by_name(&cpu_template).is_none() {
+        return Err(invalid(
+            "cpu_template",
+            format!("'{cpu_template}' is not a template: use auto, host or minimal"),
+        ));
+    }
     for n in &file.nics {
         if let Some(mac) = &n.mac {
             if !valid_mac(mac) {
@@ -252,6 +270,7 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
             })
             .collect(),
         nics: file.nics,
+        cpu_template,
     })
 }
 

@@ -10,6 +10,7 @@ use core_vmm::config::DEFAULT_MEMORY;
 use core_vmm::devices::FdConsole;
 use core_vmm::memory::{file_from_inherited_fd, GuestRam};
 use core_vmm::vm::{open_kvm, EXIT_BAD_INPUT, EXIT_SETUP_FAILURE};
+use core_vmm::vm::{DeviceBackend, DeviceKind};
 use core_vmm::{parse_memory_size, Vm, VmConfig};
 
 /// Runs one VM on KVM: boots a kernel and connects its serial console to stdin/stdout.
@@ -43,6 +44,14 @@ struct Args {
     /// for more disks. Each appears to the guest as a virtio-blk PCI device.
     #[arg(long, value_name = "PATH")]
     disk_socket: Vec<PathBuf>,
+    /// A vhost-user-net backend's socket (bulkhead-net, ...); repeat for more NICs. Each
+    /// appears to the guest as a virtio-net PCI device, after the disks.
+    #[arg(long, value_name = "PATH")]
+    net_socket: Vec<PathBuf>,
+    /// CPU template: `auto` (minimal on PVM-based KVM, where guest ring 0 is emulated;
+    /// host otherwise), `host`, or `minimal`.
+    #[arg(long, value_name = "NAME", default_value = "auto")]
+    cpu_template: String,
     /// An inherited guest-RAM memfd (its size is the RAM size; overrides --memory).
     #[arg(long, value_name = "N")]
     memfd: Option<i32>,
@@ -123,21 +132,52 @@ fn run(args: Args) -> Result<i32, Failure> {
         .as_fd()
         .try_clone_to_owned()
         .map_err(fail(EXIT_SETUP_FAILURE))?;
-    let mut disks = Vec::new();
-    for (i, path) in args.disk_socket.iter().enumerate() {
+    let (cpu_template, why) = match args.cpu_template.as_str() {
+        "auto" => core_vmm::cpu_template::HostKind::detect().auto(),
+        name => match core_vmm::cpu_template::by_name(name) {
+            Some(t) => (t, "asked for"),
+            None => {
+                return Err(Failure(
+                    EXIT_BAD_INPUT,
+                    format!("unknown CPU template '{name}': use auto, host or minimal"),
+                ))
+            }
+        },
+    };
+    if args.verbose {
+        eprintln!(
+            "bulkhead-runner: CPU template {} ({why})",
+            cpu_template.name
+        );
+    }
+    let mut backends = Vec::new();
+    let sockets = args
+        .disk_socket
+        .iter()
+        .map(|p| (p, DeviceKind::Block, "disk"))
+        .chain(args.net_socket.iter().map(|p| (p, DeviceKind::Net, "nic")));
+    let mut counts = [0usize; 2];
+    for (path, kind, prefix) in sockets {
+        let n = &mut counts[usize::from(kind == DeviceKind::Net)];
+        let name = format!("{prefix}{n}");
+        *n += 1;
         let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
             Failure(
                 EXIT_BAD_INPUT,
-                format!("disk {i}: cannot connect to {}: {e}", path.display()),
+                format!("{name}: cannot connect to {}: {e}", path.display()),
             )
         })?;
-        disks.push(core_vmm::vm::DiskBackend {
-            name: format!("disk{i}"),
-            stream,
-        });
+        backends.push(DeviceBackend { name, kind, stream });
     }
-    let vm = Vm::new(kvm, ram, &config, disks, Box::new(FdConsole(stdout)))
-        .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
+    let vm = Vm::new(
+        kvm,
+        ram,
+        &config,
+        cpu_template,
+        backends,
+        Box::new(FdConsole(stdout)),
+    )
+    .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
     if args.verbose {
         let b = vm.boot_setup();
         eprintln!(
