@@ -31,6 +31,9 @@ struct Args {
     /// The disk backend binary (default: bulkhead-blk next to bulkheadd).
     #[arg(long, value_name = "PATH")]
     blk: Option<PathBuf>,
+    /// The network backend binary (default: bulkhead-net next to bulkheadd).
+    #[arg(long, value_name = "PATH")]
+    net: Option<PathBuf>,
     /// Have runners run their sandbox self-test at boot and log it (for tests).
     #[arg(long, hide = true)]
     runner_selftest: bool,
@@ -58,6 +61,10 @@ fn main() -> ExitCode {
         eprintln!("bulkheadd: error: cannot locate bulkhead-blk; pass --blk");
         return ExitCode::from(2);
     };
+    let Some(net) = sibling(args.net, "bulkhead-net") else {
+        eprintln!("bulkheadd: error: cannot locate bulkhead-net; pass --net");
+        return ExitCode::from(2);
+    };
     if !runner.is_file() {
         eprintln!(
             "bulkheadd: error: runner binary {} not found; pass --runner",
@@ -75,6 +82,7 @@ fn main() -> ExitCode {
         policy: args.policy,
         runner,
         blk,
+        net,
         runner_selftest: args.runner_selftest,
     };
     let result = Daemon::new(cfg).and_then(|d| d.serve());

@@ -2,6 +2,7 @@
 //! guest RAM and spawns each VM's runner into its sandbox; serves the CLI; re-adopts running
 //! VMs after a restart.
 
+pub mod network;
 pub mod policy;
 pub mod spawn;
 pub mod state;
@@ -11,6 +12,7 @@ pub mod vmconfig;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,8 @@ pub struct DaemonConfig {
     pub runner: PathBuf,
     /// The disk backend binary (bulkhead-blk).
     pub blk: PathBuf,
+    /// The network backend binary (bulkhead-net).
+    pub net: PathBuf,
     /// Have runners run their sandbox self-test (tests only).
     pub runner_selftest: bool,
 }
@@ -423,6 +427,11 @@ impl Daemon {
                     .map_err(|m| fail(ErrorCode::Denied, m))?,
             );
         }
+        for n in &spec.nics {
+            self.policy
+                .check_network(&spec.name, &n.network)
+                .map_err(|m| fail(ErrorCode::Denied, m))?;
+        }
         for d in &mut spec.disks {
             d.path = self
                 .policy
@@ -455,7 +464,7 @@ impl Daemon {
                 used.extend(rec.runner_uid);
                 used.extend(rec.backends.iter().map(|b| b.uid));
             }
-            let need = 1 + spec.disks.len();
+            let need = 1 + spec.disks.len() + spec.nics.len();
             let free: Vec<u32> = (self.policy.runner_uid_base
                 ..self.policy.runner_uid_base + self.policy.runner_uid_count)
                 .filter(|u| !used.contains(u))
@@ -507,12 +516,7 @@ impl Daemon {
 
     /// Spawns one sandboxed `bulkhead-blk` for disk `index` as `uid`, holding only the opened
     /// image and its end of a socketpair; returns the runner's end.
-    fn spawn_disk(
-        &self,
-        vm: &Arc<VmEntry>,
-        index: usize,
-        uid: u32,
-    ) -> Result<std::os::unix::net::UnixStream, String> {
+    fn spawn_disk(&self, vm: &Arc<VmEntry>, index: usize, uid: u32) -> Result<UnixStream, String> {
         let disk = lock(&vm.record).spec.disks[index].clone();
         let device = format!("disk{index}");
         let image = std::fs::OpenOptions::new()
@@ -520,20 +524,7 @@ impl Daemon {
             .write(!disk.readonly)
             .open(&disk.path)
             .map_err(|e| format!("{device} image {}: {e}", disk.path.display()))?;
-        let (runner_end, backend_end) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| format!("{device} socketpair: {e}"))?;
-        let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("{device} pipe: {e}"))?;
-        let log_file = File::create(
-            self.state
-                .path()
-                .join("logs")
-                .join(format!("{}.{device}.log", vm.name)),
-        )
-        .map_err(|e| format!("{device} log: {e}"))?;
-        let mut args: Vec<String> = ["--socket-fd", "3", "--image-fd", "4", "--ready-fd", "5"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = vec!["--image-fd".into(), "4".into()];
         if disk.readonly {
             args.push("--readonly".into());
         }
@@ -543,41 +534,106 @@ impl Daemon {
         }
         args.push("--queues".into());
         args.push(disk.queues.unwrap_or(1).to_string());
+        self.spawn_backend(
+            vm,
+            &device,
+            &self.cfg.blk.clone(),
+            args,
+            OwnedFd::from(image),
+            uid,
+        )
+    }
+
+    /// Creates NIC `index`'s tap on its network's bridge and spawns one sandboxed
+    /// `bulkhead-net` as `uid` holding only the tap and its end of a socketpair.
+    fn spawn_nic(&self, vm: &Arc<VmEntry>, index: usize, uid: u32) -> Result<UnixStream, String> {
+        let (nic, id) = {
+            let rec = lock(&vm.record);
+            (rec.spec.nics[index].clone(), rec.id)
+        };
+        let device = format!("nic{index}");
+        let net = self.policy.check_network(&vm.name, &nic.network)?;
+        network::ensure_bridge(&net.bridge, net.address.as_deref())
+            .map_err(|e| format!("{device}: {e}"))?;
+        let tap_name = format!("bh{id}n{index}");
+        let tap =
+            network::open_tap(&tap_name, &net.bridge).map_err(|e| format!("{device}: {e}"))?;
+        log(&format!(
+            "VM '{}': {device} is tap {tap_name} on bridge {}",
+            vm.name, net.bridge
+        ));
+        let mac = nic
+            .mac
+            .clone()
+            .unwrap_or_else(|| network::default_mac(id, index));
+        let args = vec!["--tap-fd".into(), "4".into(), "--mac".into(), mac];
+        self.spawn_backend(
+            vm,
+            &device,
+            &self.cfg.net.clone(),
+            args,
+            OwnedFd::from(tap),
+            uid,
+        )
+    }
+
+    /// Spawns a sandboxed vhost-user backend with fd 3 = its end of a new socketpair, fd 4 =
+    /// `resource` (image or tap), fd 5 = a ready pipe; waits until it runs, then empties its
+    /// root. Returns the runner's end of the socketpair.
+    fn spawn_backend(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        binary: &Path,
+        extra_args: Vec<String>,
+        resource: OwnedFd,
+        uid: u32,
+    ) -> Result<UnixStream, String> {
+        let (runner_end, backend_end) =
+            UnixStream::pair().map_err(|e| format!("{device} socketpair: {e}"))?;
+        let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("{device} pipe: {e}"))?;
+        let log_name = format!("{}.{device}.log", vm.name);
+        let log_file = File::create(self.state.path().join("logs").join(&log_name))
+            .map_err(|e| format!("{device} log: {e}"))?;
+        let mut args: Vec<String> = vec![
+            "--socket-fd".into(),
+            "3".into(),
+            "--ready-fd".into(),
+            "5".into(),
+        ];
+        args.extend(extra_args);
         let sandbox = spawn::Sandbox {
             uid,
             max_threads: 32,
             hostname: format!("bulkhead-{}-{device}", vm.name),
         };
-        let handed = vec![OwnedFd::from(backend_end), OwnedFd::from(image), ready_w];
-        let pid = spawn::spawn_sandboxed(&self.cfg.blk, &args, handed, log_file, &sandbox)
-            .map_err(|e| format!("cannot spawn {}: {e}", self.cfg.blk.display()))?;
+        let handed = vec![OwnedFd::from(backend_end), resource, ready_w];
+        let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
+            .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
         if let Ok(fd) = spawn::pidfd_open(pid) {
             vm.add_backend(fd);
         }
         lock(&vm.record).backends.push(state::BackendRecord {
-            device: device.clone(),
+            device: device.to_string(),
             pid,
             uid,
-            binary: self.cfg.blk.display().to_string(),
+            binary: binary.display().to_string(),
         });
         vm.save();
         // The backend writes one byte once it runs (its libraries are loaded): only then
         // may its root be taken away.
-        let ready = Channel::from_fd(ready_r);
-        let mut byte = [0u8; 1];
+        let ready = File::from(ready_r);
         let mut pfd = [nix::poll::PollFd::new(
             ready.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
         let polled = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16))
             .map_err(|e| e.to_string())?;
-        let got = polled > 0
-            && nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&ready), &mut byte).unwrap_or(0)
-                == 1;
+        let mut byte = [0u8; 1];
+        let got = polled > 0 && std::io::Read::read(&mut &ready, &mut byte).unwrap_or(0) == 1;
         if !got {
             return Err(format!(
-                "{device} backend did not start (see {}.{device}.log)",
-                vm.name
+                "{device} backend did not start (see logs/{log_name})"
             ));
         }
         spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| format!("{device}: {e}"))?;
@@ -586,11 +642,20 @@ impl Daemon {
 
     /// Spawns, seals and boots a VM's runner (and its disk backends).
     fn start(&self, vm: &Arc<VmEntry>, backend_uids: &[u32]) -> Result<String, String> {
-        let disk_count = lock(&vm.record).spec.disks.len();
+        let (disk_count, nic_count) = {
+            let rec = lock(&vm.record);
+            (rec.spec.disks.len(), rec.spec.nics.len())
+        };
+        let mut uids = backend_uids.iter().copied();
         let mut disk_socks = Vec::new();
         for i in 0..disk_count {
-            let uid = *backend_uids.get(i).ok_or("no uid for a disk backend")?;
+            let uid = uids.next().ok_or("no uid for a disk backend")?;
             disk_socks.push(self.spawn_disk(vm, i, uid)?);
+        }
+        let mut nic_socks = Vec::new();
+        for i in 0..nic_count {
+            let uid = uids.next().ok_or("no uid for a NIC backend")?;
+            nic_socks.push(self.spawn_nic(vm, i, uid)?);
         }
         let rec = vm.snapshot();
         let spec = &rec.spec;
@@ -638,7 +703,7 @@ impl Daemon {
             has_initrd: initrd.is_some(),
             kernel_name: spec.kernel.display().to_string(),
             disks: (0..disk_socks.len()).map(|i| format!("disk{i}")).collect(),
-            nics: Vec::new(),
+            nics: (0..nic_socks.len()).map(|i| format!("nic{i}")).collect(),
             cpu_template: self.cpu_template(&vm.name, &spec.cpu_template),
         });
         let mut fds = vec![kvm.as_fd(), memfd.as_fd(), kernel.as_fd()];
@@ -646,6 +711,7 @@ impl Daemon {
             fds.push(i.as_fd());
         }
         fds.extend(disk_socks.iter().map(|s| s.as_fd()));
+        fds.extend(nic_socks.iter().map(|s| s.as_fd()));
         ch.send(&boot, &fds)
             .map_err(|e| format!("sending Boot: {e}"))?;
         // Guest output (and, for a very short guest, its exit) may overtake `Started`.

@@ -40,6 +40,28 @@ struct PolicyFile {
     images: Option<ImagesFile>,
     #[serde(default)]
     runners: Option<RunnersFile>,
+    #[serde(default)]
+    networks: std::collections::BTreeMap<String, NetworkFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkFile {
+    bridge: Option<String>,
+    address: Option<String>,
+    #[serde(default)]
+    vms: Vec<String>,
+}
+
+/// A network VMs may join: a host bridge, maybe with a host address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPolicy {
+    /// Bridge interface name.
+    pub bridge: String,
+    /// Host address on the bridge (CIDR).
+    pub address: Option<String>,
+    /// VM names allowed to join; `*` allows every VM.
+    pub vms: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +113,8 @@ pub struct DomainPolicy {
     pub runner_uid_base: u32,
     /// How many runner uids there are.
     pub runner_uid_count: u32,
+    /// Networks by name.
+    pub networks: std::collections::BTreeMap<String, NetworkPolicy>,
 }
 
 /// Something a client asks to do.
@@ -153,6 +177,7 @@ impl DomainPolicy {
             image_dirs: vec![PathBuf::from("/")],
             runner_uid_base: 61000,
             runner_uid_count: 1000,
+            networks: std::collections::BTreeMap::new(),
         }
     }
 
@@ -205,6 +230,25 @@ impl DomainPolicy {
                 return Err("images.allowed: directories must be absolute".into());
             }
             p.image_dirs = i.allowed;
+        }
+        for (name, n) in f.networks {
+            let bridge = n.bridge.unwrap_or_else(|| format!("bh-{name}"));
+            if bridge.is_empty()
+                || bridge.len() > 15
+                || !bridge
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!("networks.{name}.bridge: '{bridge}' is not a valid interface name (1-15 of [A-Za-z0-9_-])"));
+            }
+            p.networks.insert(
+                name,
+                NetworkPolicy {
+                    bridge,
+                    address: n.address,
+                    vms: n.vms,
+                },
+            );
         }
         if let Some(r) = f.runners {
             if r.uid_base == 0 || r.uid_count == 0 || r.uid_base.checked_add(r.uid_count).is_none()
@@ -270,6 +314,23 @@ impl DomainPolicy {
             ));
         }
         Ok(())
+    }
+
+    /// May VM `vm` join network `net`?
+    pub fn check_network(&self, vm: &str, net: &str) -> Result<&NetworkPolicy, String> {
+        let n = self.networks.get(net).ok_or_else(|| {
+            format!(
+                "denied by rule 'networks': there is no network '{net}' (defined: {:?})",
+                self.networks.keys().collect::<Vec<_>>()
+            )
+        })?;
+        if n.vms.iter().any(|v| v == "*" || v == vm) {
+            Ok(n)
+        } else {
+            Err(format!(
+                "denied by rule 'networks.{net}.vms': VM '{vm}' may not join network '{net}'"
+            ))
+        }
     }
 
     /// Resolves an image path and checks it lies under an allowed directory.
