@@ -47,6 +47,8 @@ pub fn kvm_available(test: &str) -> bool {
 #[derive(Clone, Default)]
 pub struct Captured {
     inner: Arc<(Mutex<Vec<u8>>, Condvar)>,
+    /// Set when the pipe reached end of file.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Captured {
@@ -64,7 +66,21 @@ impl Captured {
                     }
                 }
             }
+            me.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            me.inner.1.notify_all();
         });
+    }
+
+    /// Waits (up to `deadline`) until the pipe has been read to its end.
+    pub fn wait_closed(&self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        while !self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
     }
 
     /// Everything so far, lossily decoded.
@@ -126,8 +142,10 @@ impl Running {
         let end = Instant::now() + deadline;
         loop {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
-                // Let the pumps drain the pipes.
-                std::thread::sleep(Duration::from_millis(20));
+                // Read the pipes to their end (a grandchild holding them open only delays
+                // this by the bound below).
+                self.stdout.wait_closed(Duration::from_secs(5));
+                self.stderr.wait_closed(Duration::from_secs(5));
                 return s;
             }
             if Instant::now() >= end {
