@@ -1,4 +1,6 @@
-//! Device backends as separate sandboxed vhost-user processes: `bulkhead-blk` (disk) now,
-//! `bulkhead-net` when the network issue lands.
+//! Device backends as separate sandboxed vhost-user processes: `bulkhead-blk` (disk) and
+//! `bulkhead-net` (network), sharing their connection loops in [`vhost_common`].
 
 pub mod blk;
+pub mod net;
+pub mod vhost_common;

@@ -132,7 +132,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         check_fd(fd, "--ready-fd")?;
         // SAFETY: `fd` is open (checked) and handed to us to own; it is used once and closed.
         let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
-        std::io::Write::write_all(&mut pipe, &[1]).map_err(|e| usage(format!("--ready-fd {fd}: {e}")))?;
+        std::io::Write::write_all(&mut pipe, &[1])
+            .map_err(|e| usage(format!("--ready-fd {fd}: {e}")))?;
     }
     if args.serial.len() > ID_LEN {
         return Err(usage(format!(

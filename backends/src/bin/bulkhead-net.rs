@@ -1,0 +1,216 @@
+//! `bulkhead-net`: the vhost-user-net backend over a tap, standalone or under `bulkheadd`.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bulkhead_backends::net::config::{all_tap_offloads, HDR_LEN};
+use bulkhead_backends::net::serve::{bind_path, serve_connected, serve_listener, Device};
+use bulkhead_backends::net::{parse_mac, NetConfig, NetStats, Tap};
+use clap::Parser;
+
+/// vhost-user-net backend: one RX and one TX queue over a tap.
+///
+/// Standalone: `--socket PATH (--tap NAME | --tap-fd N)` listens on PATH (a stale socket
+/// there is removed), serves one frontend at a time and, when it disconnects, waits for the
+/// next one with the tap still open. `--tap NAME` opens /dev/net/tun itself and attaches to
+/// (or creates) tap NAME with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, which needs CAP_NET_ADMIN.
+///
+/// Under bulkheadd: `--socket-fd N --tap-fd M` serves the frontend at the far end of the
+/// already connected unix stream socket N, moving frames through the already opened tap M
+/// (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR); no paths are used, a seccomp allowlist
+/// (backends/seccomp/net.json) is installed before serving, and the process exits when the
+/// frontend disconnects.
+///
+/// The guest gets VIRTIO_NET_F_MAC only with --mac; otherwise it picks its own address.
+///
+/// Exit status: 0 after a clean end, 2 for bad arguments or an unusable tap/socket,
+/// 1 for other failures.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-net", version)]
+struct Args {
+    /// Unix socket path to listen on (standalone mode).
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "socket_fd",
+        required_unless_present = "socket_fd"
+    )]
+    socket: Option<PathBuf>,
+    /// Tap interface to open via /dev/net/tun (standalone mode; needs CAP_NET_ADMIN).
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with_all = ["tap_fd", "socket_fd"],
+        required_unless_present = "tap_fd"
+    )]
+    tap: Option<String>,
+    /// Opened tap fd (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) inherited from the parent.
+    #[arg(long, value_name = "M")]
+    tap_fd: Option<RawFd>,
+    /// Connected unix stream socket inherited from bulkheadd (sandboxed mode).
+    #[arg(long, value_name = "N", requires = "tap_fd")]
+    socket_fd: Option<RawFd>,
+    /// Sandboxed mode: write one byte to this inherited fd (a pipe) once running, so
+    /// bulkheadd knows the binary and its libraries are loaded and may empty our root.
+    #[arg(long, value_name = "R", requires = "socket_fd")]
+    ready_fd: Option<RawFd>,
+    /// MAC address offered to the guest (VIRTIO_NET_F_MAC), e.g. 52:54:00:12:34:56.
+    #[arg(long, value_name = "MAC")]
+    mac: Option<String>,
+}
+
+/// Errors that mean "bad arguments, tap or socket": exit status 2.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(msg.into()))
+}
+
+/// Checks that `fd` is open and not one of the standard streams.
+fn check_fd(fd: RawFd, what: &str) -> anyhow::Result<()> {
+    if fd <= 2 {
+        return Err(usage(format!("{what} {fd} is a standard stream")));
+    }
+    // SAFETY: F_GETFD only inspects our fd table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(usage(format!("{what} {fd} is not open")));
+    }
+    Ok(())
+}
+
+fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+fn is_unix_stream(fd: RawFd) -> bool {
+    sockopt(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+}
+
+/// Opens or adopts the tap, checks its flags and finds out whether it takes UFO.
+fn open_tap(args: &Args) -> anyhow::Result<(Tap, bool)> {
+    let tap = match (&args.tap, args.tap_fd) {
+        (Some(name), None) => Tap::open(name).map_err(|e| usage(e.to_string()))?,
+        (None, Some(fd)) => {
+            check_fd(fd, "--tap-fd")?;
+            // SAFETY: `fd` is open (checked) and handed to us to own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Tap::from_fd(fd).map_err(|e| usage(format!("--tap-fd: {e}")))?
+        }
+        _ => bail!(usage("give exactly one of --tap and --tap-fd")),
+    };
+    let name = tap.check().map_err(|e| usage(format!("tap: {e}")))?;
+    tap.set_vnet_hdr_len(HDR_LEN)
+        .map_err(|e| usage(format!("tap {name}: TUNSETVNETHDRSZ: {e}")))?;
+    let ufo = tap.set_offload(all_tap_offloads()).is_ok();
+    tap.set_offload(0)
+        .map_err(|e| usage(format!("tap {name}: TUNSETOFFLOAD: {e}")))?;
+    eprintln!(
+        "bulkhead-net: tap {name}{}",
+        if ufo { "" } else { " (no UFO)" }
+    );
+    Ok((tap, ufo))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(fd) = args.ready_fd {
+        check_fd(fd, "--ready-fd")?;
+        // SAFETY: `fd` is open (checked) and handed to us to own; it is used once and closed.
+        let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut pipe, &[1])
+            .map_err(|e| usage(format!("--ready-fd {fd}: {e}")))?;
+    }
+    let mac = match &args.mac {
+        Some(s) => Some(parse_mac(s).map_err(|e| usage(format!("--mac: {e}")))?),
+        None => None,
+    };
+    if let (Some(s), Some(t)) = (args.socket_fd, args.tap_fd) {
+        if s == t {
+            return Err(usage("--socket-fd and --tap-fd are the same fd"));
+        }
+    }
+    if let Some(fd) = args.socket_fd {
+        check_fd(fd, "--socket-fd")?;
+        if !is_unix_stream(fd) {
+            return Err(usage(format!(
+                "--socket-fd {fd} is not a unix stream socket"
+            )));
+        }
+    }
+    let (tap, ufo) = open_tap(&args)?;
+    let config = NetConfig { mac, ufo };
+    if let Some(m) = mac {
+        eprintln!(
+            "bulkhead-net: MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        );
+    }
+    let device = Device {
+        tap: Arc::new(tap),
+        config,
+        stats: Arc::new(NetStats::default()),
+    };
+
+    match (&args.socket, args.socket_fd) {
+        (Some(path), None) => {
+            let mut listener = bind_path(path).map_err(|e| usage(e.to_string()))?;
+            eprintln!("bulkhead-net: listening on {}", path.display());
+            serve_listener(&device, &mut listener).context("serving")?;
+            Ok(())
+        }
+        (None, Some(fd)) => {
+            // SAFETY: `fd` is an open unix stream socket (checked) handed to us to own.
+            let conn = unsafe { UnixStream::from_raw_fd(fd) };
+            serve_connected(&device, conn, true).context("serving")?;
+            Ok(())
+        }
+        _ => bail!(usage("give exactly one of --socket and --socket-fd")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-net: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

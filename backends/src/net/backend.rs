@@ -1,0 +1,310 @@
+//! The `VhostUserBackend` glue: one worker thread serves both queues and the tap. The tap fd
+//! is added to that thread's epoll (`VringEpollHandler::register_listener`) while frames can
+//! be delivered, and removed while the guest has no RX buffers (or the RX ring is stopped),
+//! so a full guest does not make the backend spin; the next RX kick puts it back.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{
+    header_len, mergeable, tap_offloads, NetConfig, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE,
+};
+use super::rx::{Rx, RxContext, RxStop};
+use super::stats::NetStats;
+use super::tap::Tap;
+use super::tx::{process_tx, TxContext};
+
+/// The epoll data the tap fd is registered with (0..=NUM_QUEUES are the library's).
+pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+/// RX state guarded together: the pending frame and whether the tap is in the epoll.
+struct RxState {
+    rx: Rx,
+    tap_polled: bool,
+}
+
+struct Inner {
+    tap: Arc<Tap>,
+    config: NetConfig,
+    stats: Arc<NetStats>,
+    event_idx: AtomicBool,
+    acked: AtomicU64,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    rx: Mutex<RxState>,
+    tx_buf: Mutex<Vec<u8>>,
+    poller: Mutex<Weak<VringEpollHandler<NetBackend>>>,
+}
+
+/// The vhost-user-net backend for one connection (cheap to clone; clones share state).
+#[derive(Clone)]
+pub struct NetBackend {
+    inner: Arc<Inner>,
+}
+
+impl NetBackend {
+    /// A backend moving frames between the guest and `tap`.
+    pub fn new(tap: Arc<Tap>, config: NetConfig, stats: Arc<NetStats>) -> Self {
+        NetBackend {
+            inner: Arc::new(Inner {
+                tap,
+                config,
+                stats,
+                event_idx: AtomicBool::new(false),
+                acked: AtomicU64::new(0),
+                mem: Mutex::new(None),
+                rx: Mutex::new(RxState {
+                    rx: Rx::default(),
+                    tap_polled: false,
+                }),
+                tx_buf: Mutex::new(Vec::new()),
+                poller: Mutex::new(Weak::new()),
+            }),
+        }
+    }
+
+    /// The config space this backend serves.
+    pub fn config(&self) -> NetConfig {
+        self.inner.config
+    }
+
+    /// Tells the backend which worker epoll to add the tap to (the daemon's only handler).
+    pub fn set_poller(&self, handler: &Arc<VringEpollHandler<NetBackend>>) {
+        if let Ok(mut p) = self.inner.poller.lock() {
+            *p = Arc::downgrade(handler);
+        }
+    }
+
+    fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
+        self.inner.mem.lock().ok().and_then(|m| m.clone())
+    }
+
+    fn hdr_len(&self) -> usize {
+        header_len(self.inner.acked.load(Ordering::Relaxed))
+    }
+
+    /// Adds the tap to, or removes it from, the worker's epoll.
+    fn poll_tap(&self, state: &mut RxState, on: bool) {
+        if state.tap_polled == on {
+            return;
+        }
+        let Some(handler) = self.inner.poller.lock().ok().and_then(|p| p.upgrade()) else {
+            return;
+        };
+        let fd = self.inner.tap.as_raw_fd();
+        let r = if on {
+            handler.register_listener(fd, EventSet::IN, u64::from(TAP_EVENT))
+        } else {
+            handler.unregister_listener(fd, EventSet::IN, u64::from(TAP_EVENT))
+        };
+        match r {
+            Ok(()) => state.tap_polled = on,
+            Err(e) => self
+                .inner
+                .stats
+                .log(format_args!("cannot change tap polling to {on}: {e}")),
+        }
+    }
+
+    fn signal(&self, vring: &VringRwLock) {
+        if vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                self.inner
+                    .stats
+                    .log(format_args!("cannot signal the used queue: {e}"));
+            }
+        }
+    }
+
+    fn process_tx(&self, vring: &VringRwLock) {
+        let Some(atomic) = self.memory() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let ctx = TxContext {
+            tap: &self.inner.tap,
+            stats: &self.inner.stats,
+            hdr_len: self.hdr_len(),
+        };
+        let Ok(mut buf) = self.inner.tx_buf.lock() else {
+            return;
+        };
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            let used = {
+                let mut state = vring.get_mut();
+                if !state.get_queue().ready() || !state.is_enabled() {
+                    return;
+                }
+                process_tx(state.get_queue_mut(), &mem, &ctx, &mut buf)
+            };
+            if used > 0 {
+                self.signal(vring);
+            }
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+    }
+
+    fn process_rx(&self, vring: &VringRwLock) {
+        let Ok(mut state) = self.inner.rx.lock() else {
+            return;
+        };
+        let Some(atomic) = self.memory() else {
+            self.poll_tap(&mut state, false);
+            return;
+        };
+        let mem = atomic.memory();
+        let acked = self.inner.acked.load(Ordering::Relaxed);
+        let ctx = RxContext {
+            tap: &self.inner.tap,
+            stats: &self.inner.stats,
+            hdr_len: header_len(acked),
+            mergeable: mergeable(acked),
+        };
+        loop {
+            let outcome = {
+                let mut vs = vring.get_mut();
+                if !vs.get_queue().ready() || !vs.is_enabled() {
+                    drop(vs);
+                    self.poll_tap(&mut state, false);
+                    return;
+                }
+                state.rx.process(vs.get_queue_mut(), &mem, &ctx)
+            };
+            if outcome.used > 0 {
+                self.signal(vring);
+            }
+            match outcome.stop {
+                RxStop::TapEmpty => {
+                    self.poll_tap(&mut state, true);
+                    return;
+                }
+                RxStop::TapError => {
+                    self.poll_tap(&mut state, false);
+                    return;
+                }
+                RxStop::NoBuffers => {
+                    // Ask for a kick when buffers come; if some came meanwhile, go on.
+                    match vring.enable_notification() {
+                        Ok(true) => continue,
+                        _ => {
+                            self.poll_tap(&mut state, false);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(MAX_QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.config.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.inner.acked.store(features, Ordering::Relaxed);
+        let tap = &self.inner.tap;
+        if let Err(e) = tap.set_vnet_hdr_len(header_len(features)) {
+            self.inner
+                .stats
+                .log(format_args!("TUNSETVNETHDRSZ failed: {e}"));
+        }
+        if let Err(e) = tap.set_offload(tap_offloads(features)) {
+            self.inner
+                .stats
+                .log(format_args!("TUNSETOFFLOAD failed: {e}"));
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        NetConfig::protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.inner.config.read(offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Nothing in the config space is writable (no CTRL_MAC_ADDR); ignore, as QEMU does.
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        if let Ok(mut m) = self.inner.mem.lock() {
+            *m = Some(mem);
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread for RX, TX and the tap.
+        vec![(1u64 << NUM_QUEUES) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors here must not end the worker thread: that would silently kill the NIC.
+        match device_event {
+            e if usize::from(e) == TX_QUEUE => {
+                if let Some(tx) = vrings.get(TX_QUEUE) {
+                    self.process_tx(tx);
+                }
+            }
+            e if usize::from(e) == RX_QUEUE || e == TAP_EVENT => {
+                if e == TAP_EVENT && evset.is_empty() {
+                    return Ok(());
+                }
+                if let Some(rx) = vrings.get(RX_QUEUE) {
+                    self.process_rx(rx);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
