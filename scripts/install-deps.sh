@@ -9,6 +9,7 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 if [ ${#need[@]} -eq 0 ]; then
   echo "install-deps: everything present"
   exit 0
