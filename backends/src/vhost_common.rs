@@ -163,6 +163,24 @@ pub fn serve_connected<T>(
 where
     T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
 {
+    // bulkheadd hands a *listening* socket whose one connection (the runner's end) is
+    // already queued: accept it directly, then close the listener, so the process holds
+    // no socket but its vhost-user connection. A connected socket goes through the relay.
+    let listening =
+        nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false);
+    if listening {
+        let mut listener = Listener::from(UnixListener::from(std::os::fd::OwnedFd::from(conn)));
+        daemon
+            .start(&mut listener)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        drop(listener);
+        before_serving()?;
+        eprintln!("{prog}: serving the connection queued on the inherited listener");
+        let result = daemon.wait();
+        log_end(prog, result);
+        drop(daemon);
+        return Ok(());
+    }
     // A private rendezvous: an abstract socket with a random name, used once.
     let mut name = [0u8; 16];
     getrandom(&mut name).map_err(ServeError::Socket)?;

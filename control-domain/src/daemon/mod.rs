@@ -515,7 +515,7 @@ impl Daemon {
     }
 
     /// Spawns one sandboxed `bulkhead-blk` for disk `index` as `uid`, holding only the opened
-    /// image and its end of a socketpair; returns the runner's end.
+    /// image and a listener with the runner's connection queued; returns the runner's end.
     fn spawn_disk(&self, vm: &Arc<VmEntry>, index: usize, uid: u32) -> Result<UnixStream, String> {
         let disk = lock(&vm.record).spec.disks[index].clone();
         let device = format!("disk{index}");
@@ -545,7 +545,7 @@ impl Daemon {
     }
 
     /// Creates NIC `index`'s tap on its network's bridge and spawns one sandboxed
-    /// `bulkhead-net` as `uid` holding only the tap and its end of a socketpair.
+    /// `bulkhead-net` as `uid` holding only the tap and its vhost-user connection.
     fn spawn_nic(&self, vm: &Arc<VmEntry>, index: usize, uid: u32) -> Result<UnixStream, String> {
         let (nic, id) = {
             let rec = lock(&vm.record);
@@ -577,9 +577,10 @@ impl Daemon {
         )
     }
 
-    /// Spawns a sandboxed vhost-user backend with fd 3 = its end of a new socketpair, fd 4 =
+    /// Spawns a sandboxed vhost-user backend with fd 3 = a listener holding the runner's
+    /// queued connection, fd 4 =
     /// `resource` (image or tap), fd 5 = a ready pipe; waits until it runs, then empties its
-    /// root. Returns the runner's end of the socketpair.
+    /// root. Returns the runner's end of the connection.
     fn spawn_backend(
         &self,
         vm: &Arc<VmEntry>,
@@ -589,8 +590,20 @@ impl Daemon {
         resource: OwnedFd,
         uid: u32,
     ) -> Result<UnixStream, String> {
-        let (runner_end, backend_end) =
-            UnixStream::pair().map_err(|e| format!("{device} socketpair: {e}"))?;
+        // A listener with the runner's connection already queued: the backend accepts it and
+        // closes the listener, so it ends up holding one socket, the vhost-user connection.
+        let path = self
+            .state
+            .path()
+            .join("run")
+            .join(format!("{}.{device}.sock", vm.name));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("{device} socket: {e}"))?;
+        let runner_end = UnixStream::connect(&path).map_err(|e| format!("{device} socket: {e}"));
+        let _ = std::fs::remove_file(&path);
+        let runner_end = runner_end?;
+        let backend_end = OwnedFd::from(listener);
         let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("{device} pipe: {e}"))?;
         let log_name = format!("{}.{device}.log", vm.name);
         let log_file = File::create(self.state.path().join("logs").join(&log_name))
@@ -607,7 +620,7 @@ impl Daemon {
             max_threads: 32,
             hostname: format!("bulkhead-{}-{device}", vm.name),
         };
-        let handed = vec![OwnedFd::from(backend_end), resource, ready_w];
+        let handed = vec![backend_end, resource, ready_w];
         let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
             .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
         if let Ok(fd) = spawn::pidfd_open(pid) {

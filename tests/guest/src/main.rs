@@ -5,7 +5,8 @@
 //! drops to ring 3 with IOPL 3, where everything below runs. What it does is chosen by
 //! whitespace-separated command-line tokens (unknown ones are ignored):
 //! `echo`, `ticks=<ms>`, `fault=triple|unemulated|pagefault|panic`, `exit=<0..255>`,
-//! `reboot`, `fill=<MiB>`, `pci`, `blk*` (PCI scan and a polled virtio-blk driver).
+//! `reboot`, `fill=<MiB>`, `pci`, `blk*` (PCI scan and a polled virtio-blk driver),
+//! `net`, `ping=`, `udp-*`, `net-*` (a polled virtio-net driver and a tiny IPv4 stack).
 //! See tests/guest/README.md for the exact output lines.
 #![no_std]
 #![no_main]
@@ -14,6 +15,7 @@ mod blk;
 mod boot;
 mod checksum;
 mod mem;
+mod net;
 mod pci;
 mod serial;
 mod smp;
@@ -171,6 +173,7 @@ fn echo() {
     let mut last_cr = false;
     loop {
         let Some(b) = serial::try_read() else {
+            net::idle_poll();
             shutdown.poll(len != 0);
             core::hint::spin_loop();
             continue;
@@ -227,6 +230,7 @@ fn ticks(ms: u64) -> ! {
                 next_tick = now.saturating_add(period);
             }
         }
+        net::idle_poll();
         if shutdown.poll(mid_line) {
             // Echo what is waiting (bounded, so a flood of input cannot starve the ticks).
             for _ in 0..16 {
@@ -297,6 +301,7 @@ fn main(start_info_paddr: u64) -> ! {
         // A (non-hostile) block request failed.
         exit_status = BLK_FAILED_EXIT;
     }
+    net::run(&si, si.cmdline());
 
     if opts.echo {
         echo();

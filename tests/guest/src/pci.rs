@@ -152,6 +152,15 @@ impl Bus {
     /// Scans bus 0 (devices 0..31, functions 0..7 if multifunction) and prints
     /// `pci: 00:DD.F VVVV:DDDD class CCSSPP` per function.
     pub fn scan() -> Bus {
+        Bus::scan_with(true)
+    }
+
+    /// [`Bus::scan`] without the `pci:` lines.
+    pub fn scan_quiet() -> Bus {
+        Bus::scan_with(false)
+    }
+
+    fn scan_with(print: bool) -> Bus {
         let mut bus = Bus {
             funcs: [Func::default(); MAX_FUNCS],
             nfuncs: 0,
@@ -179,10 +188,12 @@ impl Bus {
                     class,
                     header_type,
                 };
-                println!(
-                    "pci: {} {:04x}:{:04x} class {:06x}",
-                    bdf, f.vendor, f.device, class
-                );
+                if print {
+                    println!(
+                        "pci: {} {:04x}:{:04x} class {:06x}",
+                        bdf, f.vendor, f.device, class
+                    );
+                }
                 if bus.nfuncs < MAX_FUNCS {
                     bus.funcs[bus.nfuncs] = f;
                     bus.nfuncs += 1;
@@ -384,4 +395,10 @@ pub fn virtio_probe(bus: &mut Bus, f: &Func) -> Option<VirtioPci> {
 /// 0x1001 — which is only used if it has the modern capabilities).
 pub fn is_virtio_blk(f: &Func) -> bool {
     f.vendor == 0x1af4 && (f.device == 0x1042 || f.device == 0x1001)
+}
+
+/// Whether `f` is a virtio-net function worth probing (modern 0x1041, or transitional
+/// 0x1000 — which is only used if it has the modern capabilities).
+pub fn is_virtio_net(f: &Func) -> bool {
+    f.vendor == 0x1af4 && (f.device == 0x1041 || f.device == 0x1000)
 }

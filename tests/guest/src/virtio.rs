@@ -407,6 +407,46 @@ impl Virtq {
         Some(self.done_len[h])
     }
 
+    /// The next used-ring entry in ring order, as (id, len); the chain stays allocated
+    /// (receive buffers are made available again as they are with [`Virtq::repost`]).
+    /// Do not mix with [`Virtq::poll`] on the same queue.
+    pub fn next_used(&mut self) -> Option<(u32, u32)> {
+        let used_idx = r16(self.used + 2);
+        if used_idx == self.last_used {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        let slot = self.last_used % self.size;
+        let e = self.used + 4 + 8 * slot as u64;
+        let id = r32(e);
+        let len = r32(e + 4);
+        self.last_used = self.last_used.wrapping_add(1);
+        if self.event_idx {
+            w16(self.avail + 4 + 2 * self.size as u64, self.last_used);
+        }
+        self.inflight = self.inflight.saturating_sub(1);
+        Some((id, len))
+    }
+
+    /// Like [`Virtq::next_used`], but frees the chain (when `id` is a head we allocated).
+    pub fn pop_used(&mut self) -> Option<(u32, u32)> {
+        let (id, len) = self.next_used()?;
+        let h = id as usize;
+        if h < self.size as usize && self.chain_n[h] != 0 {
+            for i in 0..self.chain_n[h] as usize {
+                self.free[self.nfree] = self.chains[h][i];
+                self.nfree += 1;
+            }
+            self.chain_n[h] = 0;
+        }
+        Some((id, len))
+    }
+
+    /// Makes the (still allocated) chain at `head` available again, descriptors unchanged.
+    pub fn repost(&mut self, head: u16) {
+        self.publish(head);
+    }
+
     /// Polls until `head` completes or `deadline` (TSC) passes; also gives up when the
     /// device signals NEEDS_RESET through `t`.
     pub fn wait(&mut self, head: u16, deadline: u64, t: &Transport) -> Option<u32> {
