@@ -194,6 +194,31 @@ fn serve_connection(
                     paused: vm.map(|v| v.is_paused()).unwrap_or(false),
                 }
             }
+            RunnerCommand::ReconnectDevice { device } => match (state.vm(), fds.into_iter().next())
+            {
+                (Some(vm), Some(fd)) => match vm.devices().vhost_device(&device) {
+                    Some(dev) => {
+                        let stream = std::os::unix::net::UnixStream::from(fd);
+                        match dev
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .reconnect(stream)
+                        {
+                            Ok(()) => RunnerEvent::DeviceReconnected { device },
+                            Err(e) => RunnerEvent::Error {
+                                message: format!("{device}: {e}"),
+                            },
+                        }
+                    }
+                    None => RunnerEvent::Error {
+                        message: format!("no device named {device}"),
+                    },
+                },
+                (None, _) => not_booted(),
+                (_, None) => RunnerEvent::Error {
+                    message: "ReconnectDevice carried no connection".into(),
+                },
+            },
             RunnerCommand::ConsoleInput(bytes) => {
                 if let Some(vm) = state.vm() {
                     feed_console(&vm, &bytes);

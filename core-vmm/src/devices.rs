@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::ports;
 use crate::pci::{PciBus, CONFIG_ADDRESS, CONFIG_DATA};
+use crate::virtio_pci::VhostUserPciDevice;
 
 /// An eventfd as a vm-superio interrupt/reset trigger.
 #[derive(Debug)]
@@ -64,22 +65,39 @@ pub struct LegacyDevices {
     shutdown_requested: AtomicBool,
     /// PCI bus 0 (config mechanism #1 and BARs).
     pub pci: PciBus,
+    /// The vhost-user devices on that bus, by slot order (for reconnecting backends).
+    pub vhost: Vec<Arc<Mutex<VhostUserPciDevice>>>,
 }
 
 impl LegacyDevices {
     /// Builds the devices; `serial_irq` is raised for COM1 interrupts, `reset` on i8042 reset.
-    pub fn new(serial_irq: EventFd, reset: EventFd, console: ConsoleOut, pci: PciBus) -> Self {
+    pub fn new(
+        serial_irq: EventFd,
+        reset: EventFd,
+        console: ConsoleOut,
+        pci: PciBus,
+        vhost: Vec<Arc<Mutex<VhostUserPciDevice>>>,
+    ) -> Self {
         Self {
             serial: Arc::new(Mutex::new(Serial::new(EventTrigger(serial_irq), console))),
             i8042: Mutex::new(I8042Device::new(EventTrigger(reset))),
             shutdown_requested: AtomicBool::new(false),
             pci,
+            vhost,
         }
     }
 
     /// Raises the shutdown request that guests read from [`ports::SHUTDOWN_REQUEST`].
     pub fn request_shutdown(&self) {
         self.shutdown_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// The vhost-user device called `name`.
+    pub fn vhost_device(&self, name: &str) -> Option<Arc<Mutex<VhostUserPciDevice>>> {
+        self.vhost
+            .iter()
+            .find(|d| d.lock().map(|d| d.name() == name).unwrap_or(false))
+            .cloned()
     }
 
     /// Feeds console input to COM1's receive FIFO; returns how many bytes fit.

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod pci;
+pub mod reconnect;
 pub mod sandbox;
 pub mod virtio_pci;
 pub mod vm;

@@ -13,7 +13,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::interrupts::GsiRouter;
@@ -95,6 +95,9 @@ pub struct VhostUserPciDevice {
     router: Arc<Mutex<GsiRouter>>,
     ram: Arc<GuestRam>,
     frontend: Frontend,
+    watch: UnixStream,
+    device_type: u16,
+    reconnects: u32,
     protocol: bool,
     device_features: u64,
     driver_features: u64,
@@ -114,6 +117,62 @@ pub struct VhostUserPciDevice {
     active: bool,
 }
 
+/// What a fresh vhost-user connection told us.
+struct Handshake {
+    frontend: Frontend,
+    backend_features: u64,
+    protocol: bool,
+    num_queues: u16,
+    device_config: Vec<u8>,
+    /// A second handle on the socket, to notice the backend going away.
+    watch: UnixStream,
+}
+
+/// SET_OWNER, features, protocol features, queue count and config space.
+fn handshake(stream: UnixStream, device_type: u16) -> Result<Handshake, VirtioPciError> {
+    let watch = stream.try_clone().map_err(VirtioPciError::EventFd)?;
+    let mut frontend = Frontend::from_stream(stream, 64);
+    frontend.set_owner().map_err(vu("SET_OWNER"))?;
+    let backend_features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
+    let mut protocol = false;
+    let mut num_queues = 1u16;
+    let mut device_config = Vec::new();
+    if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+        protocol = true;
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(vu("GET_PROTOCOL_FEATURES"))?;
+        let wanted = offered
+            & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK);
+        frontend
+            .set_protocol_features(wanted)
+            .map_err(vu("SET_PROTOCOL_FEATURES"))?;
+        if wanted.contains(VhostUserProtocolFeatures::MQ) {
+            let n = frontend.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?;
+            num_queues = u16::try_from(n.clamp(1, 16)).unwrap_or(1);
+        }
+        if wanted.contains(VhostUserProtocolFeatures::CONFIG) {
+            // virtio-blk's config is 60 bytes; virtio-net's is smaller.
+            let len: u32 = if device_type == 2 { 60 } else { 12 };
+            let buf = vec![0u8; len as usize];
+            let (_, payload) = frontend
+                .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
+                .map_err(vu("GET_CONFIG"))?;
+            device_config = payload;
+        }
+    }
+    Ok(Handshake {
+        frontend,
+        backend_features,
+        protocol,
+        num_queues,
+        device_config,
+        watch,
+    })
+}
+
 impl VhostUserPciDevice {
     /// Connects to a vhost-user backend over `stream` and builds the PCI function for a
     /// virtio device of `device_type` (2 = block, 1 = net) with BAR 0 at `bar_addr`.
@@ -126,39 +185,14 @@ impl VhostUserPciDevice {
         ram: Arc<GuestRam>,
         bar_addr: u64,
     ) -> Result<Self, VirtioPciError> {
-        let mut frontend = Frontend::from_stream(stream, 64);
-        frontend.set_owner().map_err(vu("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
-        let mut protocol = false;
-        let mut num_queues = 1u16;
-        let mut device_config = vec![0u8; 0];
-        if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            protocol = true;
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(vu("GET_PROTOCOL_FEATURES"))?;
-            let wanted = offered
-                & (VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::REPLY_ACK);
-            frontend
-                .set_protocol_features(wanted)
-                .map_err(vu("SET_PROTOCOL_FEATURES"))?;
-            if wanted.contains(VhostUserProtocolFeatures::MQ) {
-                let n = frontend.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?;
-                num_queues = u16::try_from(n.clamp(1, 16)).unwrap_or(1);
-            }
-            if wanted.contains(VhostUserProtocolFeatures::CONFIG) {
-                // virtio-blk's config is 60 bytes; virtio-net's is smaller. Ask for what
-                // the device type has.
-                let len: u32 = if device_type == 2 { 60 } else { 12 };
-                let buf = vec![0u8; len as usize];
-                let (_, payload) = frontend
-                    .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
-                    .map_err(vu("GET_CONFIG"))?;
-                device_config = payload;
-            }
-        }
+        let Handshake {
+            frontend,
+            backend_features,
+            protocol,
+            num_queues,
+            device_config,
+            watch,
+        } = handshake(stream, device_type)?;
         let device_features = (backend_features & TRANSPORT_FEATURES) | VIRTIO_F_VERSION_1;
         let mut queues = Vec::new();
         for _ in 0..num_queues {
@@ -232,6 +266,9 @@ impl VhostUserPciDevice {
             router,
             ram,
             frontend,
+            watch,
+            device_type,
+            reconnects: 0,
             protocol,
             device_features,
             driver_features: 0,
@@ -263,6 +300,54 @@ impl VhostUserPciDevice {
     /// Number of queues the backend serves.
     pub fn num_queues(&self) -> usize {
         self.queues.len()
+    }
+
+    /// The device's name (`disk0`, `nic0`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A handle on the current backend socket: readable (EOF) once the backend is gone.
+    pub fn watch_socket(&self) -> std::io::Result<UnixStream> {
+        self.watch.try_clone()
+    }
+
+    /// How many times a new backend was connected.
+    pub fn reconnects(&self) -> u32 {
+        self.reconnects
+    }
+
+    /// Replaces a vanished (or upgraded) backend with the one at the other end of `stream`:
+    /// replays the whole vhost-user setup and restarts each vring where the old backend
+    /// stopped (from the used ring: requests it had taken but not completed are done again).
+    /// Notifications the guest made meanwhile wait in the kick eventfds.
+    pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VirtioPciError> {
+        let h = handshake(stream, self.device_type)?;
+        let missing = self.driver_features & !h.backend_features & !VIRTIO_F_VERSION_1;
+        if missing != 0 {
+            return Err(VirtioPciError::EventFd(std::io::Error::other(format!(
+                "the new backend lacks negotiated features {missing:#x}"
+            ))));
+        }
+        if usize::from(h.num_queues) < self.queues.len() || h.protocol != self.protocol {
+            return Err(VirtioPciError::EventFd(std::io::Error::other(
+                "the new backend serves fewer queues or another protocol",
+            )));
+        }
+        self.frontend = h.frontend;
+        self.watch = h.watch;
+        self.reconnects += 1;
+        if self.active {
+            self.activate(true)?;
+            for q in &self.queues {
+                let _ = q.kick.write(1);
+            }
+        }
+        self.log(&format!(
+            "backend reconnected (reconnect #{})",
+            self.reconnects
+        ));
+        Ok(())
     }
 
     fn register_notifiers(&mut self, bar: u64) -> Result<(), VirtioPciError> {
@@ -299,8 +384,9 @@ impl VhostUserPciDevice {
         eprintln!("bulkhead-runner: {}: {msg}", self.name);
     }
 
-    /// Brings the backend up: features, memory table, every enabled vring.
-    fn activate(&mut self) -> Result<(), VirtioPciError> {
+    /// Brings the backend up: features, memory table, every enabled vring. With `resume`,
+    /// each vring starts where the guest-visible used ring says the last backend stopped.
+    fn activate(&mut self, resume: bool) -> Result<(), VirtioPciError> {
         let features = self.driver_features
             | if self.protocol {
                 VHOST_USER_F_PROTOCOL_FEATURES
@@ -368,8 +454,26 @@ impl VhostUserPciDevice {
             self.frontend
                 .set_vring_addr(i, &data)
                 .map_err(vu("SET_VRING_ADDR"))?;
+            let base = if resume {
+                // used->idx: the next avail entry the old backend had not completed.
+                let idx: u16 = self
+                    .ram
+                    .mem()
+                    .read_obj(GuestAddress(q.used + 2))
+                    .map_err(|_| {
+                        VirtioPciError::EventFd(std::io::Error::other(
+                            "used ring outside guest RAM",
+                        ))
+                    })?;
+                self.log(&format!(
+                    "queue {i} resumes at index {idx} (from the used ring)"
+                ));
+                idx
+            } else {
+                0
+            };
             self.frontend
-                .set_vring_base(i, 0)
+                .set_vring_base(i, base)
                 .map_err(vu("SET_VRING_BASE"))?;
             self.frontend
                 .set_vring_call(i, &q.call)
@@ -556,7 +660,7 @@ impl VhostUserPciDevice {
         let was_ok = self.status & 0x04 != 0;
         self.status = status;
         if status & 0x04 != 0 && !was_ok {
-            if let Err(e) = self.activate() {
+            if let Err(e) = self.activate(false) {
                 self.log(&format!("activation failed: {e}"));
                 self.status |= 0x40; // DEVICE_NEEDS_RESET
                 self.generation = self.generation.wrapping_add(1);

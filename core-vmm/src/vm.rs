@@ -325,6 +325,7 @@ impl Vm {
         let ram = Arc::new(ram);
         let router = Arc::new(Mutex::new(GsiRouter::new(vm_fd.clone())));
         let mut pci = PciBus::new();
+        let mut vhost = Vec::new();
         for d in backends {
             let bar = pci.allocate_bar(BAR0_SIZE).ok_or(VmError::Device(format!(
                 "no PCI address space left for {}",
@@ -340,7 +341,9 @@ impl Vm {
                 bar,
             )
             .map_err(|e| VmError::Device(format!("{}: {e}", d.name)))?;
-            pci.add(Arc::new(Mutex::new(dev)))
+            let dev = Arc::new(Mutex::new(dev));
+            vhost.push(dev.clone());
+            pci.add(dev)
                 .ok_or(VmError::Device("the PCI bus is full".into()))?;
         }
         let devices = Arc::new(LegacyDevices::new(
@@ -348,6 +351,7 @@ impl Vm {
             reset_evt.try_clone().map_err(host_err("reset eventfd"))?,
             console,
             pci,
+            vhost,
         ));
 
         let supported = kvm
@@ -461,7 +465,7 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// The legacy devices (console input, shutdown request).
+    /// The devices (console input, shutdown request, vhost-user devices).
     pub fn devices(&self) -> &Arc<LegacyDevices> {
         &self.devices
     }

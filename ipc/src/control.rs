@@ -57,6 +57,22 @@ pub enum Request {
         /// VM name.
         name: String,
     },
+    /// Restart a device's backend process under the running guest.
+    DeviceRestart {
+        /// VM name.
+        name: String,
+        /// Device (`disk0`, `nic0`).
+        device: String,
+    },
+    /// Move a device to a new backend binary under the running guest (administrators only).
+    DeviceUpgrade {
+        /// VM name.
+        name: String,
+        /// Device (`disk0`, `nic0`).
+        device: String,
+        /// Path of the new backend binary.
+        binary: String,
+    },
 }
 
 /// Why a request failed, for scripts; the message says it for people.

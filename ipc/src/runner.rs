@@ -63,6 +63,13 @@ pub enum RunnerCommand {
     Status,
     /// Bytes typed on the console, for the guest's UART.
     ConsoleInput(Vec<u8>),
+    /// The backend of `device` was replaced (restart or upgrade): its new vhost-user
+    /// connection travels as the one descriptor of this frame. The runner replays the
+    /// setup and resumes the vrings where the old backend stopped.
+    ReconnectDevice {
+        /// Device name (`disk0`, `nic0`).
+        device: String,
+    },
 }
 
 /// How a guest run ended, as the runner saw it.
@@ -104,6 +111,11 @@ pub enum RunnerEvent {
     Console(Vec<u8>),
     /// The shutdown request was raised.
     ShutdownRequested,
+    /// A device is served by its new backend.
+    DeviceReconnected {
+        /// Device name.
+        device: String,
+    },
     /// The guest ended; the runner exits after sending this.
     Exited(GuestOutcome),
     /// A command could not be carried out.

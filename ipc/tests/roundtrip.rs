@@ -26,9 +26,11 @@ fn request_index(r: &Request) -> usize {
         Request::Unpause { .. } => 7,
         Request::Shutdown { .. } => 8,
         Request::Destroy { .. } => 9,
+        Request::DeviceRestart { .. } => 10,
+        Request::DeviceUpgrade { .. } => 11,
     }
 }
-const REQUEST_VARIANTS: usize = 10;
+const REQUEST_VARIANTS: usize = 12;
 
 fn reply_index(r: &Reply) -> usize {
     match r {
@@ -52,9 +54,10 @@ fn command_index(c: &RunnerCommand) -> usize {
         RunnerCommand::RequestShutdown => 3,
         RunnerCommand::Status => 4,
         RunnerCommand::ConsoleInput(_) => 5,
+        RunnerCommand::ReconnectDevice { .. } => 6,
     }
 }
-const COMMAND_VARIANTS: usize = 6;
+const COMMAND_VARIANTS: usize = 7;
 
 fn event_index(e: &RunnerEvent) -> usize {
     match e {
@@ -67,9 +70,10 @@ fn event_index(e: &RunnerEvent) -> usize {
         RunnerEvent::Error { .. } => 6,
         RunnerEvent::Console(_) => 7,
         RunnerEvent::ShutdownRequested => 8,
+        RunnerEvent::DeviceReconnected { .. } => 9,
     }
 }
-const EVENT_VARIANTS: usize = 9;
+const EVENT_VARIANTS: usize = 10;
 
 fn summary(name: &str, state: VmState) -> VmSummary {
     VmSummary {
@@ -107,6 +111,15 @@ fn requests() -> Vec<Request> {
         },
         Request::Destroy {
             name: String::new(),
+        },
+        Request::DeviceRestart {
+            name: "web1".into(),
+            device: "disk0".into(),
+        },
+        Request::DeviceUpgrade {
+            name: "web1".into(),
+            device: "nic0".into(),
+            binary: "/usr/libexec/bulkhead-net.new".into(),
         },
     ]
 }
@@ -202,6 +215,9 @@ fn commands() -> Vec<RunnerCommand> {
         RunnerCommand::Status,
         RunnerCommand::ConsoleInput(b"ls -l\r".to_vec()),
         RunnerCommand::ConsoleInput(Vec::new()),
+        RunnerCommand::ReconnectDevice {
+            device: "disk0".into(),
+        },
     ]
 }
 
@@ -225,6 +241,9 @@ fn events() -> Vec<RunnerEvent> {
         },
         RunnerEvent::Console(b"\x1b[0mlogin: ".to_vec()),
         RunnerEvent::ShutdownRequested,
+        RunnerEvent::DeviceReconnected {
+            device: "nic0".into(),
+        },
         RunnerEvent::Exited(GuestOutcome::Reset),
         RunnerEvent::Exited(GuestOutcome::DebugExit(0x31)),
         RunnerEvent::Exited(GuestOutcome::Failed("emulation failure".into())),

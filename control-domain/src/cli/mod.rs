@@ -140,6 +140,24 @@ enum Verb {
         /// The VM's name.
         name: String,
     },
+    /// Restart one device's backend process under the running guest (its I/O pauses, the
+    /// guest sees no error).
+    DeviceRestart {
+        /// The VM's name.
+        name: String,
+        /// The device: disk0, disk1, ..., nic0, ...
+        device: String,
+    },
+    /// Move one device to a new backend binary under the running guest (administrators).
+    DeviceUpgrade {
+        /// The VM's name.
+        name: String,
+        /// The device: disk0, ..., nic0, ...
+        device: String,
+        /// The new backend binary.
+        #[arg(long, value_name = "PATH")]
+        binary: PathBuf,
+    },
 }
 
 /// The process's streams and environment, passed in so tests can supply their own.
@@ -384,6 +402,32 @@ fn execute(cli: Cli, io: &mut Streams<'_>) -> Result<(), Failure> {
         Verb::Pause { name } => done(&socket, "pause", &Request::Pause { name }, io),
         Verb::Unpause { name } => done(&socket, "unpause", &Request::Unpause { name }, io),
         Verb::Destroy { name } => done(&socket, "destroy", &Request::Destroy { name }, io),
+        Verb::DeviceRestart { name, device } => done(
+            &socket,
+            "device-restart",
+            &Request::DeviceRestart { name, device },
+            io,
+        ),
+        Verb::DeviceUpgrade {
+            name,
+            device,
+            binary,
+        } => {
+            let binary = std::fs::canonicalize(&binary)
+                .unwrap_or(binary)
+                .display()
+                .to_string();
+            done(
+                &socket,
+                "device-upgrade",
+                &Request::DeviceUpgrade {
+                    name,
+                    device,
+                    binary,
+                },
+                io,
+            )
+        }
         Verb::Shutdown { name, timeout } => {
             let req = Request::Shutdown {
                 name,

@@ -56,6 +56,7 @@ fn fail(code: ErrorCode, msg: impl Into<String>) -> Failure {
 
 /// The control domain.
 pub struct Daemon {
+    me: std::sync::Weak<Daemon>,
     cfg: DaemonConfig,
     policy: DomainPolicy,
     state: StateDir,
@@ -83,7 +84,8 @@ impl Daemon {
         }
         let state = StateDir::open(&cfg.state_dir)
             .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
-        let daemon = Arc::new(Self {
+        let daemon = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             cfg,
             policy,
             state,
@@ -281,7 +283,7 @@ impl Daemon {
                                     .iter()
                                     .find(|b| b.device == format!("disk{i}"))
                                     .filter(|_| vm.is_live())
-                                    .map(|b| format!(", bulkhead-blk pid {} uid {}", b.pid, b.uid))
+                                    .map(backend_words)
                                     .unwrap_or_default();
                                 format!(
                                     "disk{i}: {}{}, {} queue(s){}{}",
@@ -311,6 +313,14 @@ impl Daemon {
             Request::Unpause { name } => self.pause(caller, &name, false),
             Request::Shutdown { name, timeout_secs } => self.shutdown(caller, &name, timeout_secs),
             Request::Destroy { name } => self.destroy(caller, &name),
+            Request::DeviceRestart { name, device } => {
+                self.device_restart(caller, &name, &device, None)
+            }
+            Request::DeviceUpgrade {
+                name,
+                device,
+                binary,
+            } => self.device_restart(caller, &name, &device, Some(PathBuf::from(binary))),
             Request::Console { .. } | Request::ConsoleInput { .. } | Request::ConsoleDetach => {
                 Err(fail(
                     ErrorCode::Protocol,
@@ -614,25 +624,55 @@ impl Daemon {
             "--ready-fd".into(),
             "5".into(),
         ];
-        args.extend(extra_args);
+        args.extend(extra_args.iter().cloned());
         let sandbox = spawn::Sandbox {
             uid,
             max_threads: 32,
             hostname: format!("bulkhead-{}-{device}", vm.name),
         };
+        {
+            let mut slots = lock(&vm.slots);
+            let dup = resource.try_clone().map_err(|e| format!("{device}: {e}"))?;
+            let slot = slots
+                .entry(device.to_string())
+                .or_insert_with(|| vm::DeviceSlot {
+                    resource: dup,
+                    binary: binary.to_path_buf(),
+                    args: extra_args.clone(),
+                    uid,
+                    started: std::time::Instant::now(),
+                    quick_failures: 0,
+                    planned: None,
+                });
+            slot.started = std::time::Instant::now();
+        }
         let handed = vec![backend_end, resource, ready_w];
         let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
             .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
         if let Ok(fd) = spawn::pidfd_open(pid) {
             vm.add_backend(fd);
         }
-        lock(&vm.record).backends.push(state::BackendRecord {
-            device: device.to_string(),
-            pid,
-            uid,
-            binary: binary.display().to_string(),
-        });
+        {
+            let mut rec = lock(&vm.record);
+            let record = state::BackendRecord {
+                device: device.to_string(),
+                pid,
+                uid,
+                binary: binary.display().to_string(),
+                restarts: 0,
+                last_exit: None,
+                failed: None,
+            };
+            match rec.backends.iter_mut().find(|b| b.device == device) {
+                Some(b) => {
+                    b.pid = pid;
+                    b.binary = record.binary;
+                }
+                None => rec.backends.push(record),
+            }
+        }
         vm.save();
+        self.watch_backend(vm, device, pid);
         // The backend writes one byte once it runs (its libraries are loaded): only then
         // may its root be taken away.
         let ready = File::from(ready_r);
@@ -651,6 +691,214 @@ impl Daemon {
         }
         spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| format!("{device}: {e}"))?;
         Ok(runner_end)
+    }
+
+    /// Watches a backend process; when it ends while the VM runs, restarts it (unless it
+    /// keeps crashing at once) and hands the runner the new connection.
+    fn watch_backend(&self, vm: &Arc<VmEntry>, device: &str, pid: i32) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let vm = vm.clone();
+        let device = device.to_string();
+        let pidfd = spawn::pidfd_open(pid).ok();
+        let _ = std::thread::Builder::new()
+            .name(format!("watch-{device}"))
+            .spawn(move || {
+                if let Some(fd) = &pidfd {
+                    let mut pfd = [nix::poll::PollFd::new(
+                        fd.as_fd(),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    while matches!(
+                        nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE),
+                        Err(nix::errno::Errno::EINTR)
+                    ) {}
+                }
+                let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).ok();
+                if vm.is_ending() {
+                    return;
+                }
+                let why = match status {
+                    Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                        format!("killed by {sig}")
+                    }
+                    Some(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                        format!("exited with status {code}")
+                    }
+                    _ => "ended".to_string(),
+                };
+                me.restart_backend(&vm, &device, why);
+            });
+    }
+
+    /// Respawns `device`'s backend after its process ended with `why`.
+    fn restart_backend(&self, vm: &Arc<VmEntry>, device: &str, why: String) {
+        const QUICK: Duration = Duration::from_secs(2);
+        const BUDGET: u32 = 5;
+        let (planned, quick) = {
+            let mut slots = lock(&vm.slots);
+            let Some(slot) = slots.get_mut(device) else {
+                return;
+            };
+            let planned = slot.planned.take();
+            if planned.is_none() && slot.started.elapsed() < QUICK {
+                slot.quick_failures += 1;
+            } else {
+                slot.quick_failures = 0;
+            }
+            (planned, slot.quick_failures)
+        };
+        let reason = match &planned {
+            Some(p) => format!("{p} ({why})"),
+            None => why,
+        };
+        log(&format!("VM '{}': {device} backend {reason}", vm.name));
+        {
+            let mut rec = lock(&vm.record);
+            if let Some(b) = rec.backends.iter_mut().find(|b| b.device == device) {
+                b.last_exit = Some(reason.clone());
+                if quick >= BUDGET {
+                    b.failed = Some(format!("crashed {quick} times in a row within {QUICK:?} of starting; last: {reason}"));
+                }
+            }
+        }
+        vm.save();
+        if quick >= BUDGET {
+            log(&format!(
+                "VM '{}': {device} marked failed; the device stalls, the VM keeps running",
+                vm.name
+            ));
+            return;
+        }
+        if quick > 0 {
+            std::thread::sleep(Duration::from_millis(100u64 << (quick - 1).min(4)));
+        }
+        if vm.is_ending() {
+            return;
+        }
+        let slot = {
+            let slots = lock(&vm.slots);
+            slots.get(device).map(|s| {
+                (
+                    s.resource.try_clone(),
+                    s.binary.clone(),
+                    s.args.clone(),
+                    s.uid,
+                )
+            })
+        };
+        let Some((Ok(resource), binary, args, uid)) = slot else {
+            return;
+        };
+        let result = self
+            .spawn_backend(vm, device, &binary, args, resource, uid)
+            .and_then(|conn| {
+                match vm.request_with_fds(
+                    &RunnerCommand::ReconnectDevice {
+                        device: device.to_string(),
+                    },
+                    &[conn.as_fd()],
+                    Duration::from_secs(20),
+                )? {
+                    RunnerEvent::DeviceReconnected { .. } => Ok(()),
+                    RunnerEvent::Error { message } => Err(message),
+                    other => Err(format!("unexpected answer: {other:?}")),
+                }
+            });
+        match result {
+            Ok(()) => {
+                let mut rec = lock(&vm.record);
+                if let Some(b) = rec.backends.iter_mut().find(|b| b.device == device) {
+                    b.restarts += 1;
+                }
+                drop(rec);
+                vm.save();
+                log(&format!("VM '{}': {device} backend restarted", vm.name));
+            }
+            Err(e) => log(&format!(
+                "VM '{}': restarting {device} failed: {e}",
+                vm.name
+            )),
+        }
+    }
+
+    /// Restarts a device's backend (or upgrades it to `binary`) under a running guest.
+    fn device_restart(
+        &self,
+        caller: &Caller,
+        name: &str,
+        device: &str,
+        binary: Option<PathBuf>,
+    ) -> Result<Reply, Failure> {
+        let action = if binary.is_some() {
+            Action::Create
+        } else {
+            Action::Pause
+        };
+        let vm = self.find(caller, name, action)?;
+        if !vm.is_live() {
+            return Err(fail(
+                ErrorCode::WrongState,
+                format!("VM '{name}' is not running"),
+            ));
+        }
+        let (old_pid, old_restarts) = lock(&vm.record)
+            .backends
+            .iter()
+            .find(|b| b.device == device)
+            .map(|b| (b.pid, b.restarts))
+            .ok_or_else(|| {
+                fail(
+                    ErrorCode::NotFound,
+                    format!("VM '{name}' has no device '{device}'"),
+                )
+            })?;
+        {
+            let mut slots = lock(&vm.slots);
+            let slot = slots.get_mut(device).ok_or_else(|| {
+                fail(
+                    ErrorCode::WrongState,
+                    format!("'{device}' is not restartable (re-adopted VM?)"),
+                )
+            })?;
+            if let Some(b) = &binary {
+                let b = b
+                    .canonicalize()
+                    .map_err(|e| fail(ErrorCode::BadConfig, format!("{}: {e}", b.display())))?;
+                slot.binary = b;
+                slot.planned = Some(format!("upgraded to {}", slot.binary.display()));
+            } else {
+                slot.planned = Some("restarted on request".into());
+            }
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (pid, restarts) = lock(&vm.record)
+                .backends
+                .iter()
+                .find(|b| b.device == device)
+                .map(|b| (b.pid, b.restarts))
+                .unwrap_or((old_pid, 0));
+            if pid != old_pid && restarts > old_restarts {
+                return Ok(Reply::Done {
+                    message: format!(
+                        "VM '{name}': {device} now served by pid {pid} (restart #{restarts})"
+                    ),
+                });
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(fail(
+                    ErrorCode::Timeout,
+                    format!("{device} did not come back within 30 s (see `bulkhead info {name}`)"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Spawns, seals and boots a VM's runner (and its disk backends).
@@ -831,6 +1079,25 @@ fn summary(vm: &VmEntry) -> VmSummary {
         runner_pid: rec.runner_pid.filter(|_| live),
         uptime_secs: vm.uptime(),
     }
+}
+
+/// How `info` describes a device's backend process.
+fn backend_words(b: &state::BackendRecord) -> String {
+    let binary = Path::new(&b.binary)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut s = format!(
+        ", {binary} pid {} uid {} ({}), restarts {}",
+        b.pid, b.uid, b.binary, b.restarts
+    );
+    if let Some(e) = &b.last_exit {
+        s.push_str(&format!(", last exit: {e}"));
+    }
+    if let Some(f) = &b.failed {
+        s.push_str(&format!(", FAILED: {f}"));
+    }
+    s
 }
 
 fn state_word(s: &VmState) -> String {

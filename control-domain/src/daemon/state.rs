@@ -42,6 +42,15 @@ pub struct BackendRecord {
     pub uid: u32,
     /// The binary it runs.
     pub binary: String,
+    /// How many times it was restarted (crash, restart or upgrade).
+    #[serde(default)]
+    pub restarts: u32,
+    /// Why the previous process ended.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+    /// Set when it kept crashing and is no longer restarted; the device is stalled.
+    #[serde(default)]
+    pub failed: Option<String>,
 }
 
 /// The state directory.

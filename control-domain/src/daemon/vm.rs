@@ -38,6 +38,25 @@ impl Console {
     }
 }
 
+/// A device backend as `bulkheadd` restarts it: the same resource (a dup of the image or
+/// tap fd), binary, arguments and uid every time.
+pub struct DeviceSlot {
+    /// Image or tap.
+    pub resource: OwnedFd,
+    /// Binary to run (changed by an upgrade).
+    pub binary: std::path::PathBuf,
+    /// Device-specific arguments.
+    pub args: Vec<String>,
+    /// Its uid.
+    pub uid: u32,
+    /// When the current process started.
+    pub started: std::time::Instant,
+    /// Consecutive exits within a short time of starting.
+    pub quick_failures: u32,
+    /// Why the next exit is expected (restart or upgrade by request), if it is.
+    pub planned: Option<String>,
+}
+
 /// A VM known to `bulkheadd`.
 pub struct VmEntry {
     /// Name (key of the registry).
@@ -60,6 +79,10 @@ pub struct VmEntry {
     pub spawned_here: bool,
     /// Set by destroy so the stop is recorded as such.
     destroying: Mutex<bool>,
+    /// Set when the VM is ending: device backends are no longer restarted.
+    ending: std::sync::atomic::AtomicBool,
+    /// What it takes to respawn each device backend.
+    pub slots: Mutex<std::collections::BTreeMap<String, DeviceSlot>>,
     /// The runner's report of how the guest ended.
     outcome: Mutex<Option<GuestOutcome>>,
     /// Signalled when the VM has stopped.
@@ -94,6 +117,8 @@ impl VmEntry {
             backend_pidfds: Mutex::new(Vec::new()),
             spawned_here,
             destroying: Mutex::new(false),
+            ending: std::sync::atomic::AtomicBool::new(false),
+            slots: Mutex::new(std::collections::BTreeMap::new()),
             outcome: Mutex::new(None),
             stopped: (Mutex::new(stopped), Condvar::new()),
             state_dir,
@@ -169,8 +194,43 @@ impl VmEntry {
         lock(&self.backend_pidfds).push(pidfd);
     }
 
+    /// Whether the VM is ending (no more backend restarts).
+    pub fn is_ending(&self) -> bool {
+        self.ending.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Sends a command with descriptors and waits for the runner's answer.
+    pub fn request_with_fds(
+        &self,
+        cmd: &RunnerCommand,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<RunnerEvent, String> {
+        let _one_at_a_time = lock(&self.cmd_lock);
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        *lock(&self.waiter) = Some(tx);
+        let sent = match lock(&self.ctl).as_ref() {
+            Some(ch) => ch
+                .send(cmd, fds)
+                .map_err(|e| format!("runner of '{}' is unreachable: {e}", self.name)),
+            None => Err(format!("VM '{}' has no runner", self.name)),
+        };
+        let answer = sent.and_then(|()| {
+            rx.recv_timeout(timeout).map_err(|_| {
+                format!(
+                    "runner of '{}' did not answer within {timeout:?}",
+                    self.name
+                )
+            })
+        });
+        *lock(&self.waiter) = None;
+        answer
+    }
+
     /// Kills and reaps the device backends.
     pub fn stop_backends(&self) {
+        self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
+        lock(&self.slots).clear();
         for fd in std::mem::take(&mut *lock(&self.backend_pidfds)) {
             let _ = super::spawn::pidfd_kill(&fd);
         }
@@ -230,6 +290,7 @@ impl VmEntry {
     /// Kills the runner (destroy). The supervisor records the stop.
     pub fn kill(&self) -> Result<(), String> {
         *lock(&self.destroying) = true;
+        self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(fd) = lock(&self.pidfd).as_ref() {
             return super::spawn::pidfd_kill(fd)
                 .map_err(|e| format!("cannot kill the runner: {e}"));
@@ -285,6 +346,7 @@ impl VmEntry {
             }
         }
         *lock(&self.ctl) = None;
+        self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         let reason = self.stop_reason();
         self.stop_backends();
         eprintln!(

@@ -195,9 +195,15 @@ fn run(args: Args) -> Result<i32, Failure> {
     let _raw = stdin
         .as_ref()
         .and_then(|fd| RawTerminal::enter(fd.as_raw_fd()));
-    let outcome = vm
-        .run(stdin)
+    let running = vm
+        .start(stdin)
         .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
+    // Backends reached by path are reconnected by path when they go away.
+    let paths = args.disk_socket.iter().chain(args.net_socket.iter());
+    for (dev, path) in running.devices().vhost.iter().zip(paths) {
+        core_vmm::reconnect::watch_by_path(dev.clone(), path.clone());
+    }
+    let outcome = running.wait();
     drop(_raw);
     if args.verbose || !outcome.is_guest_exit() {
         eprintln!("bulkhead-runner: {outcome}");
