@@ -627,7 +627,7 @@ impl Daemon {
         args.extend(extra_args.iter().cloned());
         let sandbox = spawn::Sandbox {
             uid,
-            max_threads: 32,
+            max_threads: 64,
             hostname: format!("bulkhead-{}-{device}", vm.name),
         };
         {
@@ -680,7 +680,7 @@ impl Daemon {
             ready.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
-        let polled = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16))
+        let polled = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(30_000u16))
             .map_err(|e| e.to_string())?;
         let mut byte = [0u8; 1];
         let got = polled > 0 && std::io::Read::read(&mut &ready, &mut byte).unwrap_or(0) == 1;
@@ -938,7 +938,7 @@ impl Daemon {
         vm.save();
         let pidfd = spawn::pidfd_open(pid).ok();
         let ch = Channel::connect(&sock).map_err(|e| format!("cannot reach the runner: {e}"))?;
-        client_hello(&ch, Role::Daemon, Duration::from_secs(10)).map_err(|e| {
+        client_hello(&ch, Role::Daemon, Duration::from_secs(30)).map_err(|e| {
             format!(
                 "runner did not start: {e} (see {})",
                 self.state.log_path(&vm.name).display()

@@ -72,7 +72,7 @@ pub fn spawn_runner(
     }
     let sandbox = Sandbox {
         uid: sb.uid,
-        max_threads: u64::from(sb.vcpus) + 32,
+        max_threads: u64::from(sb.vcpus) + 64,
         hostname: sb.hostname.clone(),
     };
     spawn_sandboxed(runner, &args, vec![listener], log, &sandbox)
