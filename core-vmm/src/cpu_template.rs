@@ -53,6 +53,11 @@ pub struct CpuTemplate {
     pub clear: &'static [FeatureBit],
     /// Bits set.
     pub set: &'static [FeatureBit],
+    /// Appended to the kernel command line. On PVM-based KVM the guest kernel's CPUID
+    /// reports the host's features whatever KVM_SET_CPUID2 says (measured: the guest
+    /// executed POPCNT and XRSTOR that KVM's own supported CPUID does not list), so Linux
+    /// is also told on its command line; other guests ignore these words.
+    pub cmdline: &'static str,
 }
 
 use Reg::*;
@@ -63,6 +68,7 @@ pub const HOST: CpuTemplate = CpuTemplate {
     purpose: "everything KVM supports on this host",
     clear: &[],
     set: &[],
+    cmdline: "",
 };
 
 /// Hides what an emulated ring 0 cannot execute (measured on PVM hosts, see
@@ -109,6 +115,9 @@ pub const MINIMAL: CpuTemplate = CpuTemplate {
         f(0x8000_0001, 0, Edx, 27, "rdtscp"),
     ],
     set: &[f(0x8000_0008, 0, Ebx, 2, "xsaveerptr")],
+    // The same list for Linux: smap fsgsbase umip pku popcnt rdrand rdseed movbe avx avx2
+    // bmi1 bmi2 clflushopt clwb rdpid rdtscp (shared/linux-guest/RECIPE.md).
+    cmdline: "noxsave nopcid noinvpcid nofsgsbase clearcpuid=308,288,514,515,151,158,306,150,156,293,291,296,311,312,534,59",
 };
 
 /// Every template, by name.
@@ -156,6 +165,15 @@ impl HostKind {
 }
 
 impl CpuTemplate {
+    /// `cmdline` with the template's kernel parameters appended (if any).
+    pub fn kernel_cmdline(&self, cmdline: &str) -> String {
+        match (cmdline.is_empty(), self.cmdline.is_empty()) {
+            (_, true) => cmdline.to_string(),
+            (true, false) => self.cmdline.to_string(),
+            (false, false) => format!("{cmdline} {}", self.cmdline),
+        }
+    }
+
     /// Applies the template to one vCPU's CPUID.
     pub fn apply(&self, cpuid: &mut CpuId) {
         for e in cpuid.as_mut_slice() {

@@ -291,11 +291,9 @@ impl Vm {
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
         let vcpus = machine.vcpus;
-        let GuestImages {
-            kernel,
-            initrd,
-            cmdline,
-        } = images;
+        let GuestImages { kernel, initrd, cmdline } = images;
+        let full_cmdline = machine.cpu_template.kernel_cmdline(cmdline);
+        let cmdline = full_cmdline.as_str();
         crate::config::validate_machine(ram.size(), vcpus, cmdline)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
