@@ -11,6 +11,8 @@
 //                                  the test guest's (tests/guest/README.md "Pattern").
 //   bh.net=<ip>/<prefix>           configure eth0 with that address and bring it (and lo) up.
 //   bh.shell                       exec /bin/sh (busybox) on the console instead of finishing.
+//   bh.wait                        before finishing, wait until Bulkhead's shutdown-request
+//                                  port (0xf5, via /dev/port) reads 1 (`bulkhead shutdown`).
 //   bh.poweroff                    end the VM when done (the default), see below.
 //   bh.halt                        instead, reboot(RB_POWER_OFF) when done.
 //
@@ -53,6 +55,7 @@ typedef unsigned char u8;
 #define SYS_sync 162
 #define SYS_mount 165
 #define SYS_reboot 169
+#define SYS_nanosleep 35
 
 static i64 sc6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f) {
     register i64 r10 __asm__("r10") = d;
@@ -320,6 +323,23 @@ static void shell(void) {
     fail("shell", "exec /bin/sh", r);
 }
 
+// bh.wait: stay up (answering the network, if any) until Bulkhead's control domain asks the
+// guest to shut down: its shutdown-request port 0xf5 reads 1 (read through /dev/port, so
+// the kernel does the port access). Elsewhere the port reads 0xff: no request.
+static void wait_for_shutdown(void) {
+    i64 fd = sc(SYS_open, "/dev/port", O_RDONLY, 0);
+    if (fd < 0) { fail("wait", "open /dev/port", fd); return; }
+    say("waiting for a shutdown request");
+    struct { i64 s, ns; } tick = {0, 100 * 1000 * 1000};
+    for (;;) {
+        u8 b = 0;
+        i64 r = sc6(SYS_pread64, fd, (i64)&b, 1, 0xf5, 0, 0);
+        if (r == 1 && b == 1) { say("shutdown requested"); break; }
+        sc(SYS_nanosleep, (i64)&tick, 0, 0);
+    }
+    sc(SYS_close, fd, 0, 0);
+}
+
 static void finish(void) __attribute__((noreturn));
 static void finish(void) {
     char v[8];
@@ -357,6 +377,7 @@ void main_(void) {
     if (param("bh.disk-test", v, sizeof v)) disk_test(v);
     if (param("bh.net", v, sizeof v)) net_up(v);
     if (param("bh.shell", v, sizeof v)) shell();
+    if (param("bh.wait", v, sizeof v)) wait_for_shutdown();
     finish();
 }
 
