@@ -170,13 +170,16 @@ pub fn spawn_sandboxed(
                     return child_fail(b"setrlimit");
                 }
             }
-            if libc::setgroups(0, std::ptr::null()) != 0 {
+            // Raw syscalls, not glibc's wrappers: those broadcast the change to every thread
+            // glibc believes the process has (setxid), and the clone copied the parent's
+            // thread list — waiting for threads that do not exist here deadlocks.
+            if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0 {
                 return child_fail(b"setgroups");
             }
-            if libc::setresgid(uid, uid, uid) != 0 {
+            if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0 {
                 return child_fail(b"setresgid");
             }
-            if libc::setresuid(uid, uid, uid) != 0 {
+            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
                 return child_fail(b"setresuid");
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
