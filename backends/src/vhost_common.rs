@@ -141,12 +141,18 @@ where
     T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
 {
     loop {
-        let mut d = daemon()?;
-        d.start(listener)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let conn = match listener.accept() {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => return Err(ServeError::Daemon(e.to_string())),
+        };
         eprintln!("{prog}: frontend connected");
-        log_end(prog, d.wait());
-        drop(d);
+        // Through the relay, which papers over frontends that enable rings before
+        // negotiating features (QEMU's virtio-net reset).
+        let d = daemon()?;
+        if let Err(e) = serve_connected(prog, d, conn, || Ok(())) {
+            eprintln!("{prog}: {e}");
+        }
         after();
     }
 }
@@ -206,7 +212,7 @@ where
     let to_backend = std::thread::Builder::new()
         .name("relay-in".into())
         .spawn(move || {
-            let r = pump(&f2b_from, &f2b_to);
+            let r = pump(&f2b_from, &f2b_to, true);
             let _ = f2b_to.shutdown(std::net::Shutdown::Both);
             r
         })
@@ -215,7 +221,7 @@ where
     let to_frontend = std::thread::Builder::new()
         .name("relay-out".into())
         .spawn(move || {
-            let r = pump(&b2f_from, &b2f_to);
+            let r = pump(&b2f_from, &b2f_to, false);
             let _ = b2f_to.shutdown(std::net::Shutdown::Both);
             r
         })
@@ -345,8 +351,21 @@ fn recv_exact(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<b
 }
 
 /// Relays whole vhost-user messages from `from` to `to` until EOF.
-fn pump(from: &UnixStream, to: &UnixStream) -> io::Result<()> {
+/// vhost-user request codes the relay looks at.
+const REQ_SET_FEATURES: u32 = 2;
+const REQ_SET_VRING_ENABLE: u32 = 18;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const VERSION_1: u32 = 0x1;
+
+/// Relays whole messages from `from` to `to`. On the frontend→backend side
+/// (`frontend_side`), a SET_VRING_ENABLE that arrives before any SET_FEATURES is answered
+/// here and not passed on: QEMU sends one at virtio-net reset, which the vhost crate's
+/// request handler refuses (the protocol-features bit is not yet acked) by dropping the
+/// connection. Rings start disabled anyway and the frontend enables them after SET_FEATURES.
+fn pump(from: &UnixStream, to: &UnixStream, frontend_side: bool) -> io::Result<()> {
     let mut body = vec![0u8; MAX_BODY];
+    let mut features_seen = false;
     loop {
         let mut fds = Vec::new();
         let mut hdr = [0u8; HDR_LEN];
@@ -362,6 +381,24 @@ fn pump(from: &UnixStream, to: &UnixStream) -> io::Result<()> {
         }
         if !recv_exact(from.as_raw_fd(), &mut body[..size], &mut fds)? && size > 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        if frontend_side {
+            let request = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+            let flags = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+            if request == REQ_SET_FEATURES {
+                features_seen = true;
+            } else if request == REQ_SET_VRING_ENABLE && !features_seen {
+                if flags & FLAG_NEED_REPLY != 0 {
+                    let mut reply = Vec::with_capacity(HDR_LEN + 8);
+                    reply.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
+                    reply.extend_from_slice(&(VERSION_1 | FLAG_REPLY).to_le_bytes());
+                    reply.extend_from_slice(&8u32.to_le_bytes());
+                    reply.extend_from_slice(&0u64.to_le_bytes());
+                    let mut w = from;
+                    w.write_all(&reply)?;
+                }
+                continue;
+            }
         }
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {

@@ -734,7 +734,9 @@ impl Daemon {
 
     /// Respawns `device`'s backend after its process ended with `why`.
     fn restart_backend(&self, vm: &Arc<VmEntry>, device: &str, why: String) {
-        const QUICK: Duration = Duration::from_secs(2);
+        // A backend that dies this soon after being handed its device "crashed at once";
+        // later deaths (a crash under load, a kill) restart it without counting.
+        const QUICK: Duration = Duration::from_millis(250);
         const BUDGET: u32 = 5;
         let (planned, quick) = {
             let mut slots = lock(&vm.slots);

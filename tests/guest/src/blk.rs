@@ -48,6 +48,11 @@ const SC_ID: u64 = 40;
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
+mod stream;
+
+/// Default `blk-stream-timeout=` (seconds).
+const STREAM_TIMEOUT_S: u64 = 120;
+
 /// The data pattern of sector `lba` for `seed`: word 0 = lba, words 1..63 = xorshift64
 /// (13, 7, 17) outputs from state seed ^ (lba * GOLDEN) (GOLDEN if that is 0).
 fn gen_sector(seed: u64, lba: u64, out: &mut [u64; 64]) {
@@ -85,6 +90,7 @@ struct Opts {
     req_kib: u64,
     queues: Option<usize>,
     event_idx: bool,
+    stream_timeout_s: u64,
 }
 
 /// One virtio-blk device and its driver state.
@@ -762,6 +768,17 @@ fn parse3(s: &str) -> Option<(u64, u64, u64)> {
     it.next().is_none().then_some(r)
 }
 
+fn parse4(s: &str) -> Option<(u64, u64, u64, u64)> {
+    let mut it = s.split(':');
+    let r = (
+        parse_u64(it.next()?)?,
+        parse_u64(it.next()?)?,
+        parse_u64(it.next()?)?,
+        parse_u64(it.next()?)?,
+    );
+    it.next().is_none().then_some(r)
+}
+
 fn parse2(s: &str) -> Option<(u64, u64)> {
     let mut it = s.split(':');
     let r = (parse_u64(it.next()?)?, parse_u64(it.next()?)?);
@@ -776,6 +793,8 @@ fn is_action(tok: &str) -> bool {
             "blk-verify=",
             "blk-discard=",
             "blk-write-zeroes=",
+            "blk-stream=",
+            "blk-stream-verify=",
         ]
         .iter()
         .any(|p| tok.starts_with(p))
@@ -784,6 +803,7 @@ fn is_action(tok: &str) -> bool {
 fn parse_opts(cmdline: &str) -> Opts {
     let mut o = Opts {
         req_kib: 64,
+        stream_timeout_s: STREAM_TIMEOUT_S,
         ..Opts::default()
     };
     for tok in cmdline.split_ascii_whitespace() {
@@ -798,6 +818,10 @@ fn parse_opts(cmdline: &str) -> Opts {
         } else if let Some(v) = tok.strip_prefix("blk-req=") {
             if let Some(v @ 1..=4096) = parse_u64(v) {
                 o.req_kib = v;
+            }
+        } else if let Some(v) = tok.strip_prefix("blk-stream-timeout=") {
+            if let Some(v @ 1..) = parse_u64(v) {
+                o.stream_timeout_s = v;
             }
         } else if let Some(v) = tok.strip_prefix("blk-queues=") {
             if let Some(v @ 1..) = parse_u64(v) {
@@ -848,6 +872,14 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
     let mut qused = 0u32;
     let mut disk: Option<Disk> = None;
     let req_sectors = o.req_kib * 2;
+    let mut sst = stream::StreamState {
+        seq: 0,
+        timeout: o
+            .stream_timeout_s
+            .saturating_mul(1000)
+            .saturating_mul(tsc_per_ms()),
+        max_wait: 0,
+    };
 
     for tok in cmdline.split_ascii_whitespace() {
         if !is_action(tok) {
@@ -989,6 +1021,35 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             failed |= r.status != 0 || r.ok_sectors != count;
             println!("blk-checksum: {:#018x}", r.hash.value());
             println!("blk-read: {} sectors ok status {}", r.ok_sectors, r.status);
+        } else if let Some(v) = tok.strip_prefix("blk-stream=") {
+            let Some((seed, start, count, passes)) = parse4(v) else {
+                continue;
+            };
+            sst.max_wait = 0;
+            failed |= d.stream_write_token(
+                seed,
+                start,
+                count,
+                passes,
+                req_sectors,
+                (data, mem_end),
+                &mut qused,
+                &mut sst,
+            );
+        } else if let Some(v) = tok.strip_prefix("blk-stream-verify=") {
+            let Some((seed, start, count, passes)) = parse4(v) else {
+                continue;
+            };
+            failed |= d.stream_verify_token(
+                seed,
+                start,
+                count,
+                passes,
+                req_sectors,
+                (data, mem_end),
+                &mut qused,
+                &mut sst,
+            );
         } else if let Some(v) = tok.strip_prefix("blk-verify=") {
             let Some((seed, start, count)) = parse3(v) else {
                 continue;

@@ -471,3 +471,109 @@ pub fn start_time(pid: i32) -> u64 {
     assert_ne!(state, 'Z', "process {pid} is a zombie");
     start
 }
+
+impl Bulkheadd {
+    /// Like [`Bulkheadd::start`], but the daemon runs inside network namespace `netns`
+    /// (`ip netns exec NETNS bulkheadd ..`), so the bridges and taps it creates live
+    /// there. The CLI reaches it through its socket path as usual.
+    pub fn start_in_netns(
+        test: &str,
+        policy: Option<&str>,
+        selftest: bool,
+        netns: &str,
+    ) -> Bulkheadd {
+        let dir = std::env::temp_dir().join(format!("bh-cd-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut d = Bulkheadd {
+            sock: dir.join("bh.sock"),
+            state: dir.join("state"),
+            policy: dir.join("policy.toml"),
+            dir,
+            selftest,
+            daemon: None,
+            earlier: Vec::new(),
+        };
+        if let Some(p) = policy {
+            write_file(&d.policy, p);
+        }
+        d.launch_in_netns(netns);
+        d
+    }
+
+    /// [`Bulkheadd::launch`] inside network namespace `netns` (`ip netns exec` execs the
+    /// daemon, so the child's pid is bulkheadd's).
+    pub fn launch_in_netns(&mut self, netns: &str) {
+        assert!(self.daemon.is_none(), "a daemon is already running");
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns])
+            .arg(bin("bulkheadd"))
+            .arg("--socket")
+            .arg(&self.sock)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--policy")
+            .arg(&self.policy);
+        if self.selftest {
+            c.arg("--runner-selftest");
+        }
+        let mut r = Running::spawn(c);
+        let mut last = None;
+        let ready = wait_until(STEP, || {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!(
+                    "bulkheadd (in netns {netns}) exited during start-up: {status}\n{}",
+                    r.stderr.text()
+                );
+            }
+            if !self.sock.exists() {
+                return false;
+            }
+            let out = self.cli(&["list"]);
+            let ok = out.code == Some(0);
+            last = Some(out.dump());
+            ok
+        });
+        assert!(
+            ready,
+            "bulkheadd (in netns {netns}) did not answer `list` within {STEP:?}\nlast try: {last:?}\n--- bulkheadd ---\n{}",
+            r.stderr.text()
+        );
+        self.daemon = Some(r);
+    }
+
+    /// The log of VM `vm`'s NIC backend `index` (its stdout and stderr).
+    pub fn nic_log_path(&self, vm: &str, index: usize) -> PathBuf {
+        self.state.join("logs").join(format!("{vm}.nic{index}.log"))
+    }
+
+    /// Live processes whose stdout is VM `vm`'s NIC `index` log: its `bulkhead-net`.
+    pub fn nic_backends(&self, vm: &str, index: usize) -> Vec<i32> {
+        let log = self.nic_log_path(vm, index);
+        pids_with_fd_under(1, &self.state.join("logs"))
+            .into_iter()
+            .filter(|&pid| std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|t| t == log))
+            .collect()
+    }
+
+    /// The pid the daemon's state record of VM `vm` gives for backend `device` (`nic0`,
+    /// `disk1`, …): the `[[backends]]` entry of `state/vms/VM.toml`.
+    pub fn backend_pid_in_state(&self, vm: &str, device: &str) -> Option<i32> {
+        let text =
+            std::fs::read_to_string(self.state.join("vms").join(format!("{vm}.toml"))).ok()?;
+        text.split("[[backends]]").skip(1).find_map(|block| {
+            let field = |key: &str| {
+                block.lines().find_map(|l| {
+                    l.trim()
+                        .strip_prefix(key)
+                        .and_then(|r| r.trim_start().strip_prefix('='))
+                        .map(|v| v.trim().trim_matches('"').to_string())
+                })
+            };
+            (field("device").as_deref() == Some(device))
+                .then(|| field("pid").and_then(|p| p.parse().ok()))
+                .flatten()
+        })
+    }
+}

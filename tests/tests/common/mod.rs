@@ -547,3 +547,106 @@ pub fn tool(test: &str, name: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// A network namespace of one test (`bh-<tag>-<pid>`, loopback up): all of a network
+/// test's interfaces, addresses and traffic live in it. Dropping it kills the processes
+/// still inside it (by pid, from `ip netns pids`) and deletes it — also when the test
+/// panicked.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates the namespace (a stale one of the same name, left by a killed earlier run
+    /// of this pid, is deleted first).
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("bh-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Netns { name };
+        let lo = ns.ip(&["link", "set", "lo", "up"]);
+        assert_eq!(lo.code, Some(0), "lo up in {}: {}", ns.name, lo.dump());
+        ns
+    }
+
+    /// `ip netns exec NS program`: `ip` enters the namespace and execs `program`, so the
+    /// child's pid is the program's.
+    pub fn exec(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// `ip -n NS ARGS..` to completion (10 s deadline).
+    pub fn ip(&self, args: &[&str]) -> Finished {
+        let mut c = Command::new("ip");
+        c.args(["-n", &self.name]).args(args);
+        run(c, Duration::from_secs(10))
+    }
+
+    /// Like [`Netns::ip`], asserting success.
+    pub fn ip_ok(&self, args: &[&str]) {
+        let out = self.ip(args);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "ip -n {} {}\n{}",
+            self.name,
+            args.join(" "),
+            out.dump()
+        );
+    }
+
+    /// True if interface `dev` exists in the namespace.
+    pub fn link_exists(&self, dev: &str) -> bool {
+        self.ip(&["link", "show", "dev", dev]).code == Some(0)
+    }
+
+    /// Pids of the processes in the namespace.
+    pub fn pids(&self) -> Vec<i32> {
+        Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            // SAFETY: kill has no memory-safety preconditions; every process in this
+            // namespace was started by this test.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if !wait_until(Duration::from_secs(10), || self.pids().is_empty()) {
+            eprintln!(
+                "warning: processes still in netns {}: {:?}",
+                self.name,
+                self.pids()
+            );
+        }
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("warning: ip netns del {} failed: {out:?}", self.name);
+        }
+    }
+}
