@@ -886,6 +886,14 @@ impl Daemon {
                 .find(|b| b.device == device)
                 .map(|b| (b.pid, b.restarts))
                 .unwrap_or((old_pid, 0));
+            let failed = lock(&vm.record)
+                .backends
+                .iter()
+                .find(|b| b.device == device)
+                .and_then(|b| b.failed.clone());
+            if let Some(why) = failed {
+                return Err(fail(ErrorCode::Internal, format!("{device} failed: {why}")));
+            }
             if pid != old_pid && restarts > old_restarts {
                 return Ok(Reply::Done {
                     message: format!(

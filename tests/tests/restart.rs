@@ -1,0 +1,376 @@
+//! Device backends crash, restart and are upgraded under a running guest: the guest streams
+//! sequence-numbered writes (`blk-stream`, tests/guest/README.md "Disk stream") while the test
+//! kills or upgrades `bulkhead-blk`; it must see no I/O error, and afterwards every sector on
+//! the image must hold the last pass written to it.
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use daemon::*;
+
+/// One sector of the stream format: words 0..=2 and 4..=63 (word 3 is a request number).
+fn stream_sector_ok(data: &[u8], seed: u64, n: u64, pass: u64) -> bool {
+    let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    if word(0) != n || word(1) != pass || word(2) != seed || word(3) == 0 {
+        return false;
+    }
+    let mut x = seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (pass << 32);
+    if x == 0 {
+        x = 0x9e37_79b9_7f4a_7c15;
+    }
+    (4..64).all(|i| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word(i) == x
+    })
+}
+
+/// The first sector of [start, start+count) not holding pass `pass` of the stream.
+fn stream_mismatch(
+    image: &Path,
+    seed: u64,
+    start: u64,
+    count: u64,
+    pass: u64,
+) -> Option<(u64, u64)> {
+    let data = std::fs::read(image).expect("image");
+    (start..start + count).find_map(|n| {
+        let s = &data[(n * 512) as usize..(n * 512 + 512) as usize];
+        (!stream_sector_ok(s, seed, n, pass))
+            .then(|| (n, u64::from_le_bytes(s[8..16].try_into().unwrap_or([0; 8]))))
+    })
+}
+
+/// Checks a stream range left by a VM stopped mid-stream: every sector holds exactly the
+/// write the guest issued for it in some pass (pattern and request number match), and all
+/// passes present are within one of each other (nothing stale). Returns (min, max) pass.
+fn stream_consistent(
+    image: &Path,
+    seed: u64,
+    start: u64,
+    count: u64,
+) -> Result<(u64, u64), String> {
+    const PER_REQ: u64 = 128; // 64 KiB requests
+    let requests = count.div_ceil(PER_REQ);
+    let data = std::fs::read(image).map_err(|e| e.to_string())?;
+    let (mut lo, mut hi) = (u64::MAX, 0);
+    for n in start..start + count {
+        let s = &data[(n * 512) as usize..(n * 512 + 512) as usize];
+        let pass = u64::from_le_bytes(s[8..16].try_into().unwrap_or([0; 8]));
+        let q = u64::from_le_bytes(s[24..32].try_into().unwrap_or([0; 8]));
+        if pass == 0 || !stream_sector_ok(s, seed, n, pass) {
+            return Err(format!("sector {n}: not a stream write (pass {pass})"));
+        }
+        let want_q = (pass - 1) * requests + (n - start) / PER_REQ + 1;
+        if q != want_q {
+            return Err(format!(
+                "sector {n}: request number {q}, expected {want_q} for pass {pass}"
+            ));
+        }
+        lo = lo.min(pass);
+        hi = hi.max(pass);
+    }
+    if hi - lo > 1 {
+        return Err(format!(
+            "passes {lo}..={hi} on one range: a stale sector survived"
+        ));
+    }
+    Ok((lo, hi))
+}
+
+/// A small xorshift for kill timing (deterministic per run seed).
+struct Jitter(u64);
+impl Jitter {
+    fn next_ms(&mut self, lo: u64, hi: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        lo + self.0 % (hi - lo)
+    }
+}
+
+fn disk_vm(d: &Bulkheadd, name: &str, img: &Path, cmdline: &str) {
+    let extra = format!(
+        "[[disks]]\npath = \"{}\"\nserial = \"stream\"\nqueues = 2\n",
+        img.display()
+    );
+    let cfg = d.config_with(name, cmdline, "256M", 2, &extra);
+    d.create_config(name, &cfg);
+}
+
+/// Waits for the VM's console to reach `needle`, returning the console text.
+fn console_text(con: &Running, needle: &str, deadline: Duration) -> String {
+    assert!(
+        con.stdout.wait_for(needle, deadline),
+        "no '{needle}'\n{}",
+        con.stdout.text()
+    );
+    con.stdout.text()
+}
+
+fn backend_pid(d: &Bulkheadd, vm: &str) -> Option<i32> {
+    d.disk_backends(vm, 0).into_iter().next()
+}
+
+#[test]
+fn disk_backend_killed_50_times_loses_nothing() {
+    let test = "disk_backend_killed_50_times_loses_nothing";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("rs-kill", Some(&runner_uids(64500)), false);
+    let (dir, img) = temp_image("restart-kill", 8);
+    // Enough passes to outlast 50 kills; `echo` keeps the VM up so the console can be read.
+    let passes = 1_000_000u64;
+    disk_vm(&d, "stream", &img, &format!("blk blk-queues=2 blk-stream=3:0:2048:{passes} blk-stream-verify=3:0:2048:{passes} echo exit=0"));
+    let con = d.console("stream");
+    console_text(&con, "blk0:", STEP);
+    let mut jitter = Jitter(0x5eed_1234_abcd_0001);
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while kills < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "only {kills} kills in time\n{}",
+            d.dump()
+        );
+
+        let Some(pid) = backend_pid(&d, "stream") else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        std::thread::sleep(Duration::from_millis(jitter.next_ms(300, 700)));
+        send_signal(pid, libc::SIGKILL);
+        kills += 1;
+        // Wait for the replacement to be serving before the next kill.
+        let replaced = wait_until(STEP, || backend_pid(&d, "stream").is_some_and(|p| p != pid));
+        assert!(replaced, "no new backend after kill {kills}\n{}", d.dump());
+    }
+    // Let the stream run on the last backend for a moment, then stop the VM mid-stream.
+    std::thread::sleep(Duration::from_millis(500));
+    let text = con.stdout.text();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("blk-stream: pass") && l.contains("status")),
+        "the guest saw an I/O error\n{text}"
+    );
+    assert!(
+        !text.contains("timed out") && !text.contains("needs reset"),
+        "{text}"
+    );
+    let out = d.cli(&["destroy", "stream"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    // Nothing lost, stale or doubled: every sector holds the one write issued for it.
+    let (lo, hi) = stream_consistent(&img, 3, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        lo >= 2,
+        "the stream made progress across the kills (passes {lo}..={hi})"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn disk_backend_upgraded_10_times_loses_nothing() {
+    let test = "disk_backend_upgraded_10_times_loses_nothing";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("rs-upg", Some(&runner_uids(64600)), false);
+    let (dir, img) = temp_image("restart-upgrade", 8);
+    // Two different builds of the backend: the same binary at two paths is enough for the
+    // mechanism; the daemon records which one serves.
+    let a = dir.join("bulkhead-blk-a");
+    let b = dir.join("bulkhead-blk-b");
+    std::fs::copy(bin("bulkhead-blk"), &a).expect("copy");
+    std::fs::copy(bin("bulkhead-blk"), &b).expect("copy");
+    let passes = 1_000_000u64;
+    disk_vm(&d, "upg", &img, &format!("blk blk-queues=2 blk-stream=4:0:2048:{passes} blk-stream-verify=4:0:2048:{passes} echo exit=0"));
+    let con = d.console("upg");
+    console_text(&con, "blk0:", STEP);
+    for i in 0..10 {
+        let target = if i % 2 == 0 { &a } else { &b };
+        let out = d.cli(&[
+            "device-upgrade",
+            "upg",
+            "disk0",
+            "--binary",
+            target.to_str().expect("path"),
+        ]);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "upgrade {i}\n{}\n{}",
+            out.dump(),
+            d.dump()
+        );
+        let info = d.cli(&["info", "upg"]);
+        assert!(
+            info.stdout.contains(target.to_str().expect("path")),
+            "info names the serving binary\n{}",
+            info.stdout
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let text = con.stdout.text();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("blk-stream: pass") && l.contains("status")),
+        "the guest saw an I/O error\n{text}"
+    );
+    let out = d.cli(&["destroy", "upg"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let (lo, hi) = stream_consistent(&img, 4, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        lo >= 2,
+        "the stream made progress across the upgrades (passes {lo}..={hi})"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn crash_looping_backend_is_marked_failed_and_the_vm_keeps_running() {
+    let test = "crash_looping_backend_is_marked_failed_and_the_vm_keeps_running";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("rs-fail", Some(&runner_uids(64700)), false);
+    let (dir, img) = temp_image("restart-fail", 8);
+    disk_vm(&d, "loop", &img, "blk blk-write=1:0:64 ticks=100");
+    let con = d.console("loop");
+    console_text(&con, "tick 1", STEP);
+    // A "backend" that exits at once on every start.
+    let crasher = dir.join("crasher");
+    std::fs::write(&crasher, "#!/bin/sh\nexit 3\n").expect("write");
+    std::fs::set_permissions(
+        &crasher,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let out = d.cli(&[
+        "device-upgrade",
+        "loop",
+        "disk0",
+        "--binary",
+        crasher.to_str().expect("path"),
+    ]);
+    assert_ne!(
+        out.code,
+        Some(0),
+        "an upgrade to a crashing binary does not succeed\n{}",
+        out.dump()
+    );
+    let failed = wait_until(Duration::from_secs(60), || {
+        d.cli(&["info", "loop"]).stdout.contains("FAILED")
+    });
+    let info = d.cli(&["info", "loop"]).stdout;
+    assert!(
+        failed,
+        "the device was never marked failed\n{info}\n{}",
+        d.dump()
+    );
+    assert!(
+        info.contains("crashed 5 times in a row"),
+        "info says why\n{info}"
+    );
+    // The VM itself keeps running: the guest still ticks.
+    let before = con.stdout.text().matches("tick ").count();
+    assert!(
+        wait_until(STEP, || con.stdout.text().matches("tick ").count()
+            > before + 3),
+        "the guest stopped"
+    );
+    assert!(
+        d.row("loop").is_some_and(|r| r.contains("running")),
+        "{:?}",
+        d.row("loop")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn runner_resumes_after_qemu_storage_daemon_restarts() {
+    let test = "runner_resumes_after_qemu_storage_daemon_restarts";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(qsd) = tool(test, "qemu-storage-daemon") else {
+        return;
+    };
+    let (dir, img) = temp_image("restart-qsd", 8);
+    let sock = dir.join("qsd.sock");
+    let start_qsd = || {
+        let _ = std::fs::remove_file(&sock);
+        let child = std::process::Command::new(&qsd)
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file,filename={}",
+                img.display()
+            ))
+            .args([
+                "--blockdev",
+                "driver=raw,node-name=disk,file=file",
+                "--export",
+            ])
+            .arg(format!(
+                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                sock.display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn qemu-storage-daemon");
+        assert!(
+            wait_until(Duration::from_secs(10), || sock.exists()),
+            "no socket"
+        );
+        child
+    };
+    let mut qsd_child = start_qsd();
+    let passes = 3000u64;
+    let mut c = runner_guest(
+        &format!("blk blk-stream=6:0:2048:{passes} blk-stream-verify=6:0:2048:{passes} exit=0"),
+        1,
+        "256M",
+    );
+    c.arg("--disk-socket").arg(&sock);
+    let mut r = Running::spawn(c);
+    assert!(r.stdout.wait_for("blk0:", STEP), "{}", r.stdout.text());
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = qsd_child.kill();
+        let _ = qsd_child.wait();
+        std::thread::sleep(Duration::from_millis(300));
+        qsd_child = start_qsd();
+        assert!(
+            !r.stdout.text().contains("blk-stream: done"),
+            "the stream ended too early"
+        );
+    }
+    let status = r.wait(Duration::from_secs(600));
+    let _ = qsd_child.kill();
+    let _ = qsd_child.wait();
+    let text = r.stdout.text();
+    assert_eq!(status.code(), Some(0), "{text}\n{}", r.stderr.text());
+    assert!(
+        text.contains(&format!(
+            "blk-stream: done {passes} passes, 2048 sectors, 0 errors"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("blk-stream-verify: ok"), "{text}");
+    assert!(
+        r.stderr.text().contains("resumes at index"),
+        "the runner says how it resumed\n{}",
+        r.stderr.text()
+    );
+    assert_eq!(stream_mismatch(&img, 6, 0, 2048, passes), None);
+    let _ = std::fs::remove_dir_all(dir);
+}
