@@ -313,8 +313,7 @@ fn nic_pid(d: &Bulkheadd, vm: &str, index: usize) -> i32 {
 fn last_line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     text.lines()
         .map(|l| l.trim_end_matches('\r'))
-        .filter(|l| l.starts_with(prefix))
-        .last()
+        .rfind(|l| l.starts_with(prefix))
 }
 
 fn destroy(d: &Bulkheadd, vm: &str) {
