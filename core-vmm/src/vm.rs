@@ -291,7 +291,11 @@ impl Vm {
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
         let vcpus = machine.vcpus;
-        let GuestImages { kernel, initrd, cmdline } = images;
+        let GuestImages {
+            kernel,
+            initrd,
+            cmdline,
+        } = images;
         let full_cmdline = machine.cpu_template.kernel_cmdline(cmdline);
         let cmdline = full_cmdline.as_str();
         crate::config::validate_machine(ram.size(), vcpus, cmdline)?;
