@@ -1009,3 +1009,101 @@ fn runner_drives_a_standalone_bulkhead_net() {
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A UDP echo client in the netns: one datagram (with its sequence number) every 10 ms to
+/// `addr:port`; prints `ok <seq>` for each echo that comes back intact, and at the end
+/// `sent <n> received <m>`. Stops when its stdin closes.
+const ECHO_CLIENT: &str = r#"
+import socket, sys, threading, time
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.005)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+sent = received = 0
+while not stop.is_set():
+    payload = sent.to_bytes(4, "big") + bytes((7 * sent + i) % 256 for i in range(4, 200))
+    s.sendto(payload, (addr, port))
+    sent += 1
+    deadline = time.monotonic() + 0.01
+    while time.monotonic() < deadline:
+        try:
+            data, _ = s.recvfrom(2048)
+        except socket.timeout:
+            continue
+        seq = int.from_bytes(data[:4], "big")
+        if data[4:] == bytes((7 * seq + i) % 256 for i in range(4, 200)):
+            received += 1
+            print(f"ok {seq}", flush=True)
+print(f"sent {sent} received {received}", flush=True)
+"#;
+
+#[test]
+fn net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets() {
+    let name = "net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let ns = Netns::new("net-restart");
+    let d = Bulkheadd::start_in_netns("net-restart", Some(&policy(64300, LAN)), false, &ns.name);
+    let con = create_nic_vm(
+        &d,
+        "echoer",
+        "lan",
+        "net ip=10.77.1.2/24 peer=10.77.1.1 udp-echo=7000:100000000 net-idle=600000",
+    );
+    expect_line(&d, &con, "echoer", "net0: 00:");
+    let mut client = ns.exec("python3");
+    client.args(["-c", ECHO_CLIENT, "10.77.1.2", "7000"]);
+    let mut client = Running::spawn(client);
+    assert!(
+        client.stdout.wait_for("ok ", Duration::from_secs(30)),
+        "no echo before the kills\n{}",
+        con.stdout.text()
+    );
+    let mut losses = Vec::new();
+    for kill in 1..=20 {
+        let pid = nic_pid(&d, "echoer", 0);
+        let before = client.stdout.text().matches("ok ").count();
+        send_signal(pid, libc::SIGKILL);
+        let replaced = wait_until(STEP, || {
+            d.nic_backends("echoer", 0)
+                .first()
+                .is_some_and(|p| *p != pid)
+        });
+        assert!(
+            replaced,
+            "no new bulkhead-net after kill {kill}\n{}",
+            d.dump()
+        );
+        // Traffic resumes through the new backend.
+        let resumed = wait_until(Duration::from_secs(20), || {
+            client.stdout.text().matches("ok ").count() > before + 5
+        });
+        assert!(
+            resumed,
+            "no echo after kill {kill}\n{}\n{}",
+            con.stdout.text(),
+            d.dump()
+        );
+        losses.push(kill);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    client.send(b"");
+    drop(client.child.stdin.take());
+    let _ = client.wait(Duration::from_secs(10));
+    let summary = last_line(&client.stdout.text(), "sent ")
+        .map(str::to_string)
+        .unwrap_or_default();
+    eprintln!("{name}: 20 kills, UDP echo {summary}");
+    let text = con.stdout.text();
+    // The guest's NIC was never reset or re-initialized.
+    assert!(
+        !text.contains("init failed") && !text.contains("reset"),
+        "{text}"
+    );
+    assert_eq!(text.matches("net0: 00:").count(), 1, "{text}");
+    let restarts = d.cli(&["info", "echoer"]).stdout;
+    assert!(restarts.contains("restarts 20"), "{restarts}");
+}

@@ -302,8 +302,20 @@ impl Daemon {
                             .spec
                             .nics
                             .iter()
-                            .map(|n| {
-                                format!("{} on {}", n.mac.as_deref().unwrap_or("auto"), n.network)
+                            .enumerate()
+                            .map(|(i, n)| {
+                                let backend = rec
+                                    .backends
+                                    .iter()
+                                    .find(|b| b.device == format!("nic{i}"))
+                                    .filter(|_| vm.is_live())
+                                    .map(|b| format!(", tap bh{}n{i}{}", rec.id, backend_words(b)))
+                                    .unwrap_or_default();
+                                let mac = n
+                                    .mac
+                                    .clone()
+                                    .unwrap_or_else(|| network::default_mac(rec.id, i));
+                                format!("nic{i}: {mac} on network {}{backend}", n.network)
                             })
                             .collect(),
                     },
