@@ -177,3 +177,54 @@ fn linux_virtio_blk_drives_bulkhead_blk() {
         "nothing written past the range"
     );
 }
+
+#[test]
+fn linux_virtio_net_gets_a_link_and_answers_ping() {
+    let test = "linux_virtio_net_gets_a_link_and_answers_ping";
+    let Some(g) = linux(test) else {
+        return;
+    };
+    // All traffic stays inside a namespace of our own.
+    let ns = Netns::new("lxnet");
+    let policy = format!(
+        "{}[networks.lan]\naddress = \"10.77.8.1/24\"\nvms = [\"*\"]\n",
+        runner_uids(63700)
+    );
+    let d = Bulkheadd::start_in_netns("lxnet", Some(&policy), false, &ns.name);
+    let cfg = config(
+        &d,
+        &g,
+        "lxnet",
+        1,
+        "bh.net=10.77.8.2/24 bh.wait",
+        "[[nics]]\nnetwork = \"lan\"\n",
+    );
+    let t0 = Instant::now();
+    d.create_config("lxnet", &cfg);
+    let (con, _) = console_until(
+        &d,
+        "lxnet",
+        "bulkhead-init: waiting for a shutdown request",
+        t0,
+    );
+    assert!(
+        con.stdout
+            .text()
+            .contains("bulkhead-init: eth0 10.77.8.2 link up"),
+        "Linux's virtio_net has a link\n{}",
+        con.stdout.text()
+    );
+    let mut ping = ns.exec("ping");
+    ping.args(["-c", "3", "-W", "5", "10.77.8.2"]);
+    let out = run(ping, Duration::from_secs(60));
+    assert_eq!(
+        out.code,
+        Some(0),
+        "the Linux guest answers ping\n{}\n{}",
+        out.dump(),
+        con.stdout.text()
+    );
+    let out = d.cli(&["shutdown", "lxnet", "--timeout", "120"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    wait_stopped(&d, "lxnet", "stopped (shut down)");
+}
