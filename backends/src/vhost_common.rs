@@ -354,6 +354,7 @@ fn recv_exact(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<b
 /// vhost-user request codes the relay looks at.
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_VRING_ENABLE: u32 = 18;
+const REQ_SET_VRING_KICK: u32 = 12;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const VERSION_1: u32 = 0x1;
@@ -366,6 +367,7 @@ const VERSION_1: u32 = 0x1;
 fn pump(from: &UnixStream, to: &UnixStream, frontend_side: bool) -> io::Result<()> {
     let mut body = vec![0u8; MAX_BODY];
     let mut features_seen = false;
+    let mut held_enable: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
     loop {
         let mut fds = Vec::new();
         let mut hdr = [0u8; HDR_LEN];
@@ -388,6 +390,11 @@ fn pump(from: &UnixStream, to: &UnixStream, frontend_side: bool) -> io::Result<(
             if request == REQ_SET_FEATURES {
                 features_seen = true;
             } else if request == REQ_SET_VRING_ENABLE && !features_seen {
+                if size >= 8 {
+                    let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+                    let num = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+                    held_enable.insert(index, num);
+                }
                 if flags & FLAG_NEED_REPLY != 0 {
                     let mut reply = Vec::with_capacity(HDR_LEN + 8);
                     reply.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
@@ -425,5 +432,21 @@ fn pump(from: &UnixStream, to: &UnixStream, frontend_side: bool) -> io::Result<(
         }
         // Our copies of the fds are closed here; the receiver has its own.
         drop(fds);
+        if frontend_side
+            && u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) == REQ_SET_VRING_KICK
+            && size >= 8
+        {
+            let index = u32::from(body[0]);
+            if let Some(num) = held_enable.remove(&index) {
+                let mut msg = Vec::with_capacity(HDR_LEN + 8);
+                msg.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
+                msg.extend_from_slice(&VERSION_1.to_le_bytes());
+                msg.extend_from_slice(&8u32.to_le_bytes());
+                msg.extend_from_slice(&index.to_le_bytes());
+                msg.extend_from_slice(&num.to_le_bytes());
+                let mut w = to;
+                w.write_all(&msg)?;
+            }
+        }
     }
 }

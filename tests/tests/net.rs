@@ -841,7 +841,6 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
 }
 
 #[test]
-#[ignore = "known gap: QEMU 10's vhost-user-net gets no traffic through bulkhead-net yet (link up, ARP unanswered); see the closing note of the network issue"]
 fn qemu_drives_a_standalone_bulkhead_net() {
     let name = "qemu_drives_a_standalone_bulkhead_net";
     if !root_available(name) || !kvm_available(name) {
