@@ -2,5 +2,6 @@
 //! `bulkhead-net` (network), sharing their connection loops in [`vhost_common`].
 
 pub mod blk;
+pub mod cli;
 pub mod net;
 pub mod vhost_common;

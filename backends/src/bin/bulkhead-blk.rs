@@ -1,5 +1,6 @@
 //! `bulkhead-blk`: the vhost-user-blk disk backend, standalone or under `bulkheadd`.
 
+use bulkhead_backends::cli::{check_fd, is_unix_stream, usage, Usage};
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -66,65 +67,6 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
     queues: u16,
-}
-
-/// Errors that mean "bad arguments or image": exit status 2.
-#[derive(Debug)]
-struct Usage(String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Usage(msg.into()))
-}
-
-/// Checks that `fd` is open and not one of the standard streams.
-fn check_fd(fd: RawFd, what: &str) -> anyhow::Result<()> {
-    if fd <= 2 {
-        return Err(usage(format!("{what} {fd} is a standard stream")));
-    }
-    // SAFETY: F_GETFD only inspects our fd table.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(usage(format!("{what} {fd} is not open")));
-    }
-    Ok(())
-}
-
-fn is_unix_stream(fd: RawFd) -> bool {
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `ty`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 || ty != libc::SOCK_STREAM {
-        return false;
-    }
-    let mut dom: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut dom as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && dom == libc::AF_UNIX
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! `bulkhead-net`: the vhost-user-net backend over a tap, standalone or under `bulkheadd`.
 
+use bulkhead_backends::cli::{check_fd, is_unix_stream, usage, Usage};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -61,55 +62,6 @@ struct Args {
     /// MAC address offered to the guest (VIRTIO_NET_F_MAC), e.g. 52:54:00:12:34:56.
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
-}
-
-/// Errors that mean "bad arguments, tap or socket": exit status 2.
-#[derive(Debug)]
-struct Usage(String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Usage(msg.into()))
-}
-
-/// Checks that `fd` is open and not one of the standard streams.
-fn check_fd(fd: RawFd, what: &str) -> anyhow::Result<()> {
-    if fd <= 2 {
-        return Err(usage(format!("{what} {fd} is a standard stream")));
-    }
-    // SAFETY: F_GETFD only inspects our fd table.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(usage(format!("{what} {fd} is not open")));
-    }
-    Ok(())
-}
-
-fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `v`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then_some(v)
-}
-
-fn is_unix_stream(fd: RawFd) -> bool {
-    sockopt(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
-        && sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
 }
 
 /// Opens or adopts the tap, checks its flags and finds out whether it takes UFO.

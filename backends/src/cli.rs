@@ -1,0 +1,55 @@
+//! Command-line helpers the backend binaries share: usage errors (exit status 2) and checks
+//! on descriptors inherited from `bulkheadd`.
+
+use std::os::fd::RawFd;
+
+/// An error that means "bad arguments, image, tap or socket": exit status 2.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A [`Usage`] error as an `anyhow::Error`.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(msg.into()))
+}
+
+/// Checks that `fd` is open and not one of the standard streams.
+pub fn check_fd(fd: RawFd, what: &str) -> anyhow::Result<()> {
+    if fd <= 2 {
+        return Err(usage(format!("{what} {fd} is a standard stream")));
+    }
+    // SAFETY: F_GETFD only inspects our fd table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(usage(format!("{what} {fd} is not open")));
+    }
+    Ok(())
+}
+
+fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// Whether `fd` is a unix stream socket (connected or listening).
+pub fn is_unix_stream(fd: RawFd) -> bool {
+    sockopt(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+}
