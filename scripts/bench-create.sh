@@ -34,8 +34,9 @@ d=$(median <"$work/d.t"); s=$(median <"$work/s.t")
 
 for i in $(seq "$par"); do vmcfg "p$i" "ticks=1000"; done
 t0=$(now)
-for i in $(seq "$par"); do bh create "$work/p$i.toml" >/dev/null & done
-wait
+pids=()
+for i in $(seq "$par"); do bh create "$work/p$i.toml" >/dev/null & pids+=($!); done
+wait "${pids[@]}"   # not a bare `wait`: bulkheadd is a background job too
 t1=$(now)
 rate=$(echo "$par / ($t1 - $t0)" | bc -l)
 running=$(bh list | grep -c ' running ' || true)
