@@ -180,8 +180,21 @@ impl Bulkheadd {
     /// Starts (again) a daemon on this socket, state dir and policy; waits until it
     /// answers `bulkhead list`.
     pub fn launch(&mut self) {
+        self.launch_with(None);
+    }
+
+    /// [`Bulkheadd::launch`], inside network namespace `netns` if given (`ip netns exec`
+    /// execs the daemon, so the child's pid is bulkheadd's).
+    fn launch_with(&mut self, netns: Option<&str>) {
         assert!(self.daemon.is_none(), "a daemon is already running");
-        let mut c = Command::new(bin("bulkheadd"));
+        let mut c = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("bulkheadd"));
+                c
+            }
+            None => Command::new(bin("bulkheadd")),
+        };
         c.arg("--socket")
             .arg(&self.sock)
             .arg("--state-dir")
@@ -191,12 +204,15 @@ impl Bulkheadd {
         if self.selftest {
             c.arg("--runner-selftest");
         }
+        let place = netns
+            .map(|n| format!(" (in netns {n})"))
+            .unwrap_or_default();
         let mut r = Running::spawn(c);
         let mut last = None;
         let ready = wait_until(STEP, || {
             if let Ok(Some(status)) = r.child.try_wait() {
                 panic!(
-                    "bulkheadd exited during start-up: {status}\n{}",
+                    "bulkheadd{place} exited during start-up: {status}\n{}",
                     r.stderr.text()
                 );
             }
@@ -210,7 +226,7 @@ impl Bulkheadd {
         });
         assert!(
             ready,
-            "bulkheadd did not answer `list` within {STEP:?}\nlast try: {last:?}\n--- bulkheadd ---\n{}",
+            "bulkheadd{place} did not answer `list` within {STEP:?}\nlast try: {last:?}\n--- bulkheadd ---\n{}",
             r.stderr.text()
         );
         self.daemon = Some(r);
@@ -502,45 +518,9 @@ impl Bulkheadd {
         d
     }
 
-    /// [`Bulkheadd::launch`] inside network namespace `netns` (`ip netns exec` execs the
-    /// daemon, so the child's pid is bulkheadd's).
+    /// [`Bulkheadd::launch`] inside network namespace `netns`.
     pub fn launch_in_netns(&mut self, netns: &str) {
-        assert!(self.daemon.is_none(), "a daemon is already running");
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", netns])
-            .arg(bin("bulkheadd"))
-            .arg("--socket")
-            .arg(&self.sock)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("--policy")
-            .arg(&self.policy);
-        if self.selftest {
-            c.arg("--runner-selftest");
-        }
-        let mut r = Running::spawn(c);
-        let mut last = None;
-        let ready = wait_until(STEP, || {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                panic!(
-                    "bulkheadd (in netns {netns}) exited during start-up: {status}\n{}",
-                    r.stderr.text()
-                );
-            }
-            if !self.sock.exists() {
-                return false;
-            }
-            let out = self.cli(&["list"]);
-            let ok = out.code == Some(0);
-            last = Some(out.dump());
-            ok
-        });
-        assert!(
-            ready,
-            "bulkheadd (in netns {netns}) did not answer `list` within {STEP:?}\nlast try: {last:?}\n--- bulkheadd ---\n{}",
-            r.stderr.text()
-        );
-        self.daemon = Some(r);
+        self.launch_with(Some(netns));
     }
 
     /// The log of VM `vm`'s NIC backend `index` (its stdout and stderr).
