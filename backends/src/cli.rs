@@ -1,7 +1,8 @@
 //! Command-line helpers the backend binaries share: usage errors (exit status 2) and checks
 //! on descriptors inherited from `bulkheadd`.
 
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
+use std::process::ExitCode;
 
 /// An error that means "bad arguments, image, tap or socket": exit status 2.
 #[derive(Debug)]
@@ -52,4 +53,43 @@ fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
 pub fn is_unix_stream(fd: RawFd) -> bool {
     sockopt(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
         && sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+}
+
+/// Writes one byte to the inherited ready pipe `fd` (if given) and closes it: tells
+/// `bulkheadd` the binary and its libraries are loaded, so it may empty our root.
+pub fn signal_ready(fd: Option<RawFd>) -> anyhow::Result<()> {
+    let Some(fd) = fd else {
+        return Ok(());
+    };
+    check_fd(fd, "--ready-fd")?;
+    // SAFETY: `fd` is open (checked) and handed to us to own; it is used once and closed.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+    std::io::Write::write_all(&mut pipe, &[1]).map_err(|e| usage(format!("--ready-fd {fd}: {e}")))
+}
+
+/// A backend binary's `main`: parse `A` (clap's own exit status on bad usage), run, print
+/// one line on failure; exit 2 for [`Usage`] errors, 1 for the rest.
+pub fn main_with<A: clap::Parser>(
+    prog: &str,
+    run: impl FnOnce(A) -> anyhow::Result<()>,
+) -> ExitCode {
+    let args = match A::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{prog}: {e:#}");
+            ExitCode::from(if e.downcast_ref::<Usage>().is_some() {
+                2
+            } else {
+                1
+            })
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! `bulkhead-blk`: the vhost-user-blk disk backend, standalone or under `bulkheadd`.
 
-use bulkhead_backends::cli::{check_fd, is_unix_stream, usage, Usage};
+use bulkhead_backends::cli::{check_fd, is_unix_stream, main_with, signal_ready, usage};
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -70,13 +70,7 @@ struct Args {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(fd) = args.ready_fd {
-        check_fd(fd, "--ready-fd")?;
-        // SAFETY: `fd` is open (checked) and handed to us to own; it is used once and closed.
-        let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
-        std::io::Write::write_all(&mut pipe, &[1])
-            .map_err(|e| usage(format!("--ready-fd {fd}: {e}")))?;
-    }
+    signal_ready(args.ready_fd)?;
     if args.serial.len() > ID_LEN {
         return Err(usage(format!(
             "--serial is {} bytes, at most {ID_LEN}",
@@ -147,23 +141,5 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
-    };
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bulkhead-blk: {e:#}");
-            if e.downcast_ref::<Usage>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
-        }
-    }
+    main_with::<Args>("bulkhead-blk", run)
 }

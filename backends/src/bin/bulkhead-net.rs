@@ -1,6 +1,6 @@
 //! `bulkhead-net`: the vhost-user-net backend over a tap, standalone or under `bulkheadd`.
 
-use bulkhead_backends::cli::{check_fd, is_unix_stream, usage, Usage};
+use bulkhead_backends::cli::{check_fd, is_unix_stream, main_with, signal_ready, usage};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -90,13 +90,7 @@ fn open_tap(args: &Args) -> anyhow::Result<(Tap, bool)> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(fd) = args.ready_fd {
-        check_fd(fd, "--ready-fd")?;
-        // SAFETY: `fd` is open (checked) and handed to us to own; it is used once and closed.
-        let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
-        std::io::Write::write_all(&mut pipe, &[1])
-            .map_err(|e| usage(format!("--ready-fd {fd}: {e}")))?;
-    }
+    signal_ready(args.ready_fd)?;
     let mac = match &args.mac {
         Some(s) => Some(parse_mac(s).map_err(|e| usage(format!("--mac: {e}")))?),
         None => None,
@@ -146,23 +140,5 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
-    };
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bulkhead-net: {e:#}");
-            if e.downcast_ref::<Usage>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
-        }
-    }
+    main_with::<Args>("bulkhead-net", run)
 }
