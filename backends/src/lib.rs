@@ -3,5 +3,6 @@
 
 pub mod blk;
 pub mod cli;
+pub mod inflight;
 pub mod net;
 pub mod vhost_common;

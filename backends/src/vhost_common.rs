@@ -10,6 +10,11 @@
 //! stream and that private connection. The data path (vrings, eventfds, guest memory) does
 //! not go through the relay. The rendezvous needs `socket`/`bind`/`connect`, so it happens
 //! before the seccomp allowlist is installed.
+//!
+//! The relay also answers, on the backend's behalf, the protocol messages vhost-user-backend
+//! cannot: GET_INFLIGHT_FD and SET_INFLIGHT_FD, for a backend that keeps an in-flight log
+//! ([`crate::inflight`]). Such a backend is always served through the relay, also when
+//! `bulkheadd` hands it a listening socket.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -19,9 +24,13 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+
+use crate::inflight::{InflightRegion, InflightSlot};
 
 /// vhost-user header: request, flags, size.
 const HDR_LEN: usize = 12;
@@ -130,11 +139,12 @@ pub fn bind_path(path: &Path) -> Result<Listener, ServeError> {
 }
 
 /// Serves frontends on `listener` one after another, forever: `daemon` makes a fresh daemon
-/// for each connection, `after` runs when a connection ends. `prog` prefixes log lines.
+/// for each connection (and, for a backend that keeps an in-flight log, the slot the relay
+/// fills), `after` runs when a connection ends. `prog` prefixes log lines.
 pub fn serve_listener<T>(
     prog: &str,
     listener: &mut Listener,
-    mut daemon: impl FnMut() -> Result<VhostUserDaemon<T>, ServeError>,
+    mut daemon: impl FnMut() -> Result<DaemonAndSlot<T>, ServeError>,
     mut after: impl FnMut(),
 ) -> Result<(), ServeError>
 where
@@ -149,21 +159,27 @@ where
         eprintln!("{prog}: frontend connected");
         // Through the relay, which papers over frontends that enable rings before
         // negotiating features (QEMU's virtio-net reset).
-        let d = daemon()?;
-        if let Err(e) = serve_connected(prog, d, conn, || Ok(())) {
+        let (d, slot) = daemon()?;
+        if let Err(e) = serve_connected(prog, d, slot, conn, || Ok(())) {
             eprintln!("{prog}: {e}");
         }
         after();
     }
 }
 
+/// A connection's daemon, and the in-flight slot the relay fills for it (None for a backend
+/// that keeps no in-flight log).
+pub type DaemonAndSlot<T> = (VhostUserDaemon<T>, Option<Arc<InflightSlot>>);
+
 /// Serves the one frontend on the far end of `conn` with `daemon`; `before_serving` runs
 /// once the private connection is set up and before any frontend message is relayed (the
-/// place to install seccomp). Returns when the frontend disconnects.
+/// place to install seccomp). With `inflight`, the relay answers the in-flight messages and
+/// puts the frontend's region there. Returns when the frontend disconnects.
 pub fn serve_connected<T>(
     prog: &str,
     mut daemon: VhostUserDaemon<T>,
-    conn: UnixStream,
+    inflight: Option<Arc<InflightSlot>>,
+    mut conn: UnixStream,
     before_serving: impl FnOnce() -> Result<(), ServeError>,
 ) -> Result<(), ServeError>
 where
@@ -171,10 +187,14 @@ where
 {
     // bulkheadd hands a *listening* socket whose one connection (the runner's end) is
     // already queued: accept it directly, then close the listener, so the process holds
-    // no socket but its vhost-user connection. A connected socket goes through the relay.
+    // no socket but its vhost-user connection. A connected socket, or any connection of a
+    // backend with an in-flight log, goes through the relay.
     let listening =
         nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false);
-    if listening {
+    if listening && inflight.is_some() {
+        let listener = UnixListener::from(std::os::fd::OwnedFd::from(conn));
+        conn = listener.accept().map_err(ServeError::Socket)?.0;
+    } else if listening {
         let mut listener = Listener::from(UnixListener::from(std::os::fd::OwnedFd::from(conn)));
         daemon
             .start(&mut listener)
@@ -205,14 +225,22 @@ where
     before_serving()?;
     eprintln!("{prog}: serving the inherited connection");
 
+    // Both directions write to the frontend (the relay answers some requests itself): one
+    // whole message at a time.
+    let frontend_writes = Arc::new(Mutex::new(()));
     let (f2b_from, f2b_to) = (
         conn.try_clone().map_err(ServeError::Socket)?,
         inner.try_clone().map_err(ServeError::Socket)?,
     );
+    let in_side = Side::Frontend {
+        inflight,
+        writes: frontend_writes.clone(),
+        prog: prog.to_string(),
+    };
     let to_backend = std::thread::Builder::new()
         .name("relay-in".into())
         .spawn(move || {
-            let r = pump(&f2b_from, &f2b_to, true);
+            let r = pump(&f2b_from, &f2b_to, in_side);
             let _ = f2b_to.shutdown(std::net::Shutdown::Both);
             r
         })
@@ -221,7 +249,7 @@ where
     let to_frontend = std::thread::Builder::new()
         .name("relay-out".into())
         .spawn(move || {
-            let r = pump(&b2f_from, &b2f_to, false);
+            let r = pump(&b2f_from, &b2f_to, Side::Backend(frontend_writes));
             let _ = b2f_to.shutdown(std::net::Shutdown::Both);
             r
         })
@@ -350,24 +378,157 @@ fn recv_exact(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<b
     Ok(true)
 }
 
-/// Relays whole vhost-user messages from `from` to `to` until EOF.
 /// vhost-user request codes the relay looks at.
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const REQ_SET_VRING_KICK: u32 = 12;
+const REQ_GET_INFLIGHT_FD: u32 = 31;
+const REQ_SET_INFLIGHT_FD: u32 = 32;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const VERSION_1: u32 = 0x1;
+/// `struct VhostUserInflight`: mmap_size, mmap_offset, num_queues, queue_size (+ padding).
+const INFLIGHT_BODY: usize = 24;
 
-/// Relays whole messages from `from` to `to`. On the frontend→backend side
-/// (`frontend_side`), a SET_VRING_ENABLE that arrives before any SET_FEATURES is answered
-/// here and not passed on: QEMU sends one at virtio-net reset, which the vhost crate's
-/// request handler refuses (the protocol-features bit is not yet acked) by dropping the
-/// connection. Rings start disabled anyway and the frontend enables them after SET_FEATURES.
-fn pump(from: &UnixStream, to: &UnixStream, frontend_side: bool) -> io::Result<()> {
+/// Which way a relay thread pumps, and what it needs for that.
+enum Side {
+    /// Frontend to backend: the side that sees requests.
+    Frontend {
+        /// Where to put the in-flight region (None: the backend keeps no log).
+        inflight: Option<Arc<InflightSlot>>,
+        /// Held while writing a whole message to the frontend.
+        writes: Arc<Mutex<()>>,
+        /// Log prefix.
+        prog: String,
+    },
+    /// Backend to frontend: replies, written under the frontend lock.
+    Backend(Arc<Mutex<()>>),
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Sends one whole message (header and body in `msg`) with `fds` attached.
+fn send_message(to: &UnixStream, msg: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    let iov = [IoSlice::new(msg)];
+    let sent = loop {
+        match sendmsg::<()>(to.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => break n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    };
+    // The fds went with the first byte; send whatever the kernel did not take.
+    if sent < msg.len() {
+        let mut w = to;
+        w.write_all(&msg[sent..])?;
+    }
+    Ok(())
+}
+
+/// A reply header for `request` with a body of `size` bytes.
+fn reply_header(request: u32, size: usize) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HDR_LEN + size);
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&(VERSION_1 | FLAG_REPLY).to_le_bytes());
+    m.extend_from_slice(&(size as u32).to_le_bytes());
+    m
+}
+
+/// Answers GET_INFLIGHT_FD: a fresh zeroed region for the queues asked for. On failure the
+/// reply carries size 0 and no fd, which frontends read as "no in-flight tracking".
+fn get_inflight_fd(prog: &str, body: &[u8]) -> (Vec<u8>, Option<std::fs::File>) {
+    let (num_queues, queue_size) = if body.len() >= 20 {
+        (le16(body, 16), le16(body, 18))
+    } else {
+        (0, 0)
+    };
+    let mut reply = reply_header(REQ_GET_INFLIGHT_FD, INFLIGHT_BODY);
+    let mut answer = |size: u64| {
+        reply.extend_from_slice(&size.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        reply.extend_from_slice(&num_queues.to_le_bytes());
+        reply.extend_from_slice(&queue_size.to_le_bytes());
+        reply.extend_from_slice(&[0u8; 4]);
+    };
+    match InflightRegion::create(num_queues, queue_size) {
+        Ok((_, file)) => {
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            answer(size);
+            eprintln!("{prog}: in-flight region of {size} bytes for {num_queues} queues of {queue_size}");
+            (reply, Some(file))
+        }
+        Err(e) => {
+            eprintln!("{prog}: GET_INFLIGHT_FD: {e}");
+            answer(0);
+            (reply, None)
+        }
+    }
+}
+
+/// Takes the region SET_INFLIGHT_FD hands over; the status for a REPLY_ACK (0 = taken).
+fn set_inflight_fd(prog: &str, body: &[u8], fds: &mut Vec<OwnedFd>, slot: &InflightSlot) -> u64 {
+    if body.len() < 20 || fds.len() != 1 {
+        eprintln!(
+            "{prog}: SET_INFLIGHT_FD with a {}-byte body and {} fds: refused",
+            body.len(),
+            fds.len()
+        );
+        return 1;
+    }
+    let (size, offset) = (le64(body, 0), le64(body, 8));
+    let (num_queues, queue_size) = (le16(body, 16), le16(body, 18));
+    let file = std::fs::File::from(fds.remove(0));
+    match InflightRegion::map(file, size, offset, num_queues, queue_size) {
+        Ok(region) => {
+            slot.install(region);
+            eprintln!("{prog}: tracking in-flight requests in the frontend's region ({num_queues} queues of {queue_size})");
+            0
+        }
+        Err(e) => {
+            eprintln!("{prog}: SET_INFLIGHT_FD: {e}; requests are not tracked");
+            1
+        }
+    }
+}
+
+/// Relays whole vhost-user messages from `from` to `to` until EOF.
+///
+/// On the frontend side, a SET_VRING_ENABLE that arrives before any SET_FEATURES is
+/// answered here and not passed on: QEMU sends one at virtio-net reset, which the vhost
+/// crate's request handler refuses (the protocol-features bit is not yet acked) by dropping
+/// the connection. Rings start disabled anyway; the held enable is replayed after that
+/// ring's SET_VRING_KICK. With an in-flight slot, GET_INFLIGHT_FD and SET_INFLIGHT_FD are
+/// answered here too.
+fn pump(from: &UnixStream, to: &UnixStream, side: Side) -> io::Result<()> {
     let mut body = vec![0u8; MAX_BODY];
     let mut features_seen = false;
     let mut held_enable: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+    // Writes to the frontend happen under this lock: either our replies (frontend side,
+    // written to `from`) or relayed backend replies (backend side, written to `to`).
+    let lock = match &side {
+        Side::Frontend { writes, .. } | Side::Backend(writes) => writes.clone(),
+    };
+    let reply_to_frontend = |msg: &[u8], fds: &[RawFd]| -> io::Result<()> {
+        let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        send_message(from, msg, fds)
+    };
     loop {
         let mut fds = Vec::new();
         let mut hdr = [0u8; HDR_LEN];
@@ -377,65 +538,57 @@ fn pump(from: &UnixStream, to: &UnixStream, frontend_side: bool) -> io::Result<(
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
             Err(e) => return Err(e),
         }
-        let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+        let size = le32(&hdr, 8) as usize;
         if size > MAX_BODY {
             return Err(io::Error::other(format!("message body of {size} bytes")));
         }
         if !recv_exact(from.as_raw_fd(), &mut body[..size], &mut fds)? && size > 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         }
-        if frontend_side {
-            let request = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-            let flags = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let request = le32(&hdr, 0);
+        let flags = le32(&hdr, 4);
+        if let Side::Frontend { inflight, prog, .. } = &side {
             if request == REQ_SET_FEATURES {
                 features_seen = true;
             } else if request == REQ_SET_VRING_ENABLE && !features_seen {
                 if size >= 8 {
-                    let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
-                    let num = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
-                    held_enable.insert(index, num);
+                    held_enable.insert(le32(&body, 0), le32(&body, 4));
                 }
                 if flags & FLAG_NEED_REPLY != 0 {
-                    let mut reply = Vec::with_capacity(HDR_LEN + 8);
-                    reply.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
-                    reply.extend_from_slice(&(VERSION_1 | FLAG_REPLY).to_le_bytes());
-                    reply.extend_from_slice(&8u32.to_le_bytes());
+                    let mut reply = reply_header(REQ_SET_VRING_ENABLE, 8);
                     reply.extend_from_slice(&0u64.to_le_bytes());
-                    let mut w = from;
-                    w.write_all(&reply)?;
+                    reply_to_frontend(&reply, &[])?;
+                }
+                continue;
+            } else if inflight.is_some() && request == REQ_GET_INFLIGHT_FD {
+                let (reply, file) = get_inflight_fd(prog, &body[..size]);
+                let raw: Vec<RawFd> = file.iter().map(|f| f.as_raw_fd()).collect();
+                reply_to_frontend(&reply, &raw)?;
+                continue;
+            } else if let (Some(slot), REQ_SET_INFLIGHT_FD) = (inflight, request) {
+                let status = set_inflight_fd(prog, &body[..size], &mut fds, slot);
+                if flags & FLAG_NEED_REPLY != 0 {
+                    let mut reply = reply_header(REQ_SET_INFLIGHT_FD, 8);
+                    reply.extend_from_slice(&status.to_le_bytes());
+                    reply_to_frontend(&reply, &[])?;
                 }
                 continue;
             }
         }
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
-            Vec::new()
-        } else {
-            vec![ControlMessage::ScmRights(&raw)]
-        };
-        let iov = [IoSlice::new(&hdr), IoSlice::new(&body[..size])];
-        let total = HDR_LEN + size;
-        let sent = loop {
-            match sendmsg::<()>(to.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(io::Error::from(e)),
+        let mut msg = Vec::with_capacity(HDR_LEN + size);
+        msg.extend_from_slice(&hdr);
+        msg.extend_from_slice(&body[..size]);
+        match &side {
+            Side::Backend(writes) => {
+                let _g = writes.lock().unwrap_or_else(|e| e.into_inner());
+                send_message(to, &msg, &raw)?;
             }
-        };
-        // The fds went with the first byte; send whatever the kernel did not take.
-        if sent < total {
-            let mut rest = Vec::with_capacity(total - sent);
-            rest.extend_from_slice(&hdr);
-            rest.extend_from_slice(&body[..size]);
-            let mut w = to;
-            w.write_all(&rest[sent..])?;
+            Side::Frontend { .. } => send_message(to, &msg, &raw)?,
         }
         // Our copies of the fds are closed here; the receiver has its own.
         drop(fds);
-        if frontend_side
-            && u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) == REQ_SET_VRING_KICK
-            && size >= 8
-        {
+        if matches!(side, Side::Frontend { .. }) && request == REQ_SET_VRING_KICK && size >= 8 {
             let index = u32::from(body[0]);
             if let Some(num) = held_enable.remove(&index) {
                 let mut msg = Vec::with_capacity(HDR_LEN + 8);
@@ -444,8 +597,7 @@ fn pump(from: &UnixStream, to: &UnixStream, frontend_side: bool) -> io::Result<(
                 msg.extend_from_slice(&8u32.to_le_bytes());
                 msg.extend_from_slice(&index.to_le_bytes());
                 msg.extend_from_slice(&num.to_le_bytes());
-                let mut w = to;
-                w.write_all(&msg)?;
+                send_message(to, &msg, &[])?;
             }
         }
     }

@@ -3,14 +3,23 @@
 //! notifications are ioeventfds handed to the backend as vring kicks, and completions are
 //! the backend writing vring call eventfds that KVM injects as MSI-X interrupts (irqfd).
 //! The data path never enters this process.
+//!
+//! A backend that offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` is asked for an in-flight
+//! region once (GET_INFLIGHT_FD); this process keeps it and hands it to every backend that
+//! serves the device afterwards (SET_INFLIGHT_FD), so a restarted backend resubmits what its
+//! predecessor had taken but not completed. With a backend that lacks it, a reconnect
+//! resumes each ring at the guest-visible used index, and the log says so.
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -99,6 +108,10 @@ pub struct VhostUserPciDevice {
     device_type: u16,
     reconnects: u32,
     protocol: bool,
+    /// The current backend keeps an in-flight log.
+    inflight: bool,
+    /// The device's in-flight region, kept across backends until the driver resets.
+    inflight_region: Option<(VhostUserInflight, File)>,
     device_features: u64,
     driver_features: u64,
     dfselect: u32,
@@ -122,6 +135,7 @@ struct Handshake {
     frontend: Frontend,
     backend_features: u64,
     protocol: bool,
+    inflight: bool,
     num_queues: u16,
     device_config: Vec<u8>,
     /// A second handle on the socket, to notice the backend going away.
@@ -135,6 +149,7 @@ fn handshake(stream: UnixStream, device_type: u16) -> Result<Handshake, VirtioPc
     frontend.set_owner().map_err(vu("SET_OWNER"))?;
     let backend_features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
     let mut protocol = false;
+    let mut inflight = false;
     let mut num_queues = 1u16;
     let mut device_config = Vec::new();
     if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
@@ -145,7 +160,9 @@ fn handshake(stream: UnixStream, device_type: u16) -> Result<Handshake, VirtioPc
         let wanted = offered
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK);
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        inflight = wanted.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         frontend
             .set_protocol_features(wanted)
             .map_err(vu("SET_PROTOCOL_FEATURES"))?;
@@ -167,6 +184,7 @@ fn handshake(stream: UnixStream, device_type: u16) -> Result<Handshake, VirtioPc
         frontend,
         backend_features,
         protocol,
+        inflight,
         num_queues,
         device_config,
         watch,
@@ -189,6 +207,7 @@ impl VhostUserPciDevice {
             frontend,
             backend_features,
             protocol,
+            inflight,
             num_queues,
             device_config,
             watch,
@@ -270,6 +289,8 @@ impl VhostUserPciDevice {
             device_type,
             reconnects: 0,
             protocol,
+            inflight,
+            inflight_region: None,
             device_features,
             driver_features: 0,
             dfselect: 0,
@@ -319,8 +340,11 @@ impl VhostUserPciDevice {
 
     /// Replaces a vanished (or upgraded) backend with the one at the other end of `stream`:
     /// replays the whole vhost-user setup and restarts each vring where the old backend
-    /// stopped (from the used ring: requests it had taken but not completed are done again).
-    /// Notifications the guest made meanwhile wait in the kick eventfds.
+    /// stopped: each ring's base is the guest-visible used index, and a backend with an
+    /// in-flight log resubmits from the kept region what its predecessor had taken but not
+    /// completed (without one, those requests are redone from the used ring in avail
+    /// order). Notifications the guest made meanwhile wait in the kick eventfds, and every
+    /// ring is kicked once so the new backend looks at it.
     pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VirtioPciError> {
         let h = handshake(stream, self.device_type)?;
         let missing = self.driver_features & !h.backend_features & !VIRTIO_F_VERSION_1;
@@ -336,7 +360,13 @@ impl VhostUserPciDevice {
         }
         self.frontend = h.frontend;
         self.watch = h.watch;
+        self.inflight = h.inflight;
         self.reconnects += 1;
+        if self.active && !self.inflight {
+            self.log(
+                "the new backend lacks VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: resuming from the used index, so requests the old backend had taken but not completed are redone in avail order",
+            );
+        }
         if self.active {
             self.activate(true)?;
             for q in &self.queues {
@@ -417,6 +447,7 @@ impl VhostUserPciDevice {
         self.frontend
             .set_mem_table(&regions)
             .map_err(vu("SET_MEM_TABLE"))?;
+        self.hand_inflight_region()?;
         let host = |gpa: u64| -> Result<u64, VirtioPciError> {
             self.ram
                 .mem()
@@ -465,8 +496,13 @@ impl VhostUserPciDevice {
                             "used ring outside guest RAM",
                         ))
                     })?;
+                let how = if self.inflight_region.is_some() {
+                    "; the backend resubmits what the in-flight region holds"
+                } else {
+                    ""
+                };
                 self.log(&format!(
-                    "queue {i} resumes at index {idx} (from the used ring)"
+                    "queue {i} resumes at index {idx} (from the used ring){how}"
                 ));
                 idx
             } else {
@@ -492,7 +528,45 @@ impl VhostUserPciDevice {
         Ok(())
     }
 
+    /// Hands the backend the device's in-flight region, asking for one first if the device
+    /// has none yet. A backend without the feature gets none, and the region is dropped: a
+    /// later backend must not resubmit marks that this one's completions made stale.
+    fn hand_inflight_region(&mut self) -> Result<(), VirtioPciError> {
+        if !self.inflight {
+            self.inflight_region = None;
+            return Ok(());
+        }
+        if self.inflight_region.is_none() {
+            let ask = VhostUserInflight {
+                num_queues: self.queues.len() as u16,
+                queue_size: MAX_QUEUE_SIZE,
+                ..Default::default()
+            };
+            let (info, file) = self
+                .frontend
+                .get_inflight_fd(&ask)
+                .map_err(vu("GET_INFLIGHT_FD"))?;
+            if info.mmap_size == 0 {
+                self.log("the backend returned no in-flight region; a restart resumes from the used index");
+                return Ok(());
+            }
+            self.log(&format!(
+                "in-flight region: {} bytes for {} queues",
+                info.mmap_size, info.num_queues
+            ));
+            self.inflight_region = Some((info, file));
+        }
+        if let Some((info, file)) = &self.inflight_region {
+            self.frontend
+                .set_inflight_fd(info, file.as_raw_fd())
+                .map_err(vu("SET_INFLIGHT_FD"))?;
+        }
+        Ok(())
+    }
+
     fn reset(&mut self) {
+        // A reset driver starts over: nothing the old region holds is to be resubmitted.
+        self.inflight_region = None;
         if self.active {
             for i in 0..self.queues.len() {
                 if self.queues[i].enable {

@@ -165,8 +165,28 @@ fn disk_backend_killed_50_times_loses_nothing() {
         !text.contains("timed out") && !text.contains("needs reset"),
         "{text}"
     );
+    let backend_log = std::fs::read_to_string(d.disk_log_path("stream", 0)).unwrap_or_default();
+    let runner_log = d.log("stream");
     let out = d.cli(&["destroy", "stream"]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
+    // Every backend took over the runner's in-flight region (the first one found it fresh).
+    let took_over = backend_log
+        .matches("tracking in-flight requests in the frontend's region")
+        .count();
+    assert!(
+        took_over > 50,
+        "{took_over} backends were handed the in-flight region\n{backend_log}"
+    );
+    assert!(
+        runner_log.contains("in-flight region:") && runner_log.contains("resubmits what the in-flight region holds"),
+        "{runner_log}"
+    );
+    let resubmitted: usize = backend_log
+        .lines()
+        .filter_map(|l| l.split("resubmitting ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    eprintln!("{kills} kills: {resubmitted} in-flight requests resubmitted by the next backend");
     // Nothing lost, stale or doubled: every sector holds the one write issued for it.
     let (lo, hi) = stream_consistent(&img, 3, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
     assert!(

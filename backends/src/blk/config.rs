@@ -56,11 +56,13 @@ impl BlkConfig {
         f
     }
 
-    /// The vhost-user protocol features offered.
+    /// The vhost-user protocol features offered. INFLIGHT_SHMFD's two messages are answered
+    /// by the relay in [`crate::vhost_common`] (vhost-user-backend refuses them).
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     /// The config space, little-endian, [`CONFIG_LEN`] bytes.

@@ -168,8 +168,6 @@ where
     M: Deref + Clone,
     M::Target: GuestMemoryBackend,
 {
-    let stats = target.stats;
-    stats.requests.fetch_add(1, Ordering::Relaxed);
     let mem = chain.memory();
     let head = chain.head_index();
     // The iterator stops at a loop (ttl), at an unreadable descriptor table, at a bad next
@@ -178,7 +176,64 @@ where
     // to 65535), so a huge table cannot make us allocate much.
     let limit = target.max_descriptors.saturating_add(1);
     let descs: Vec<Descriptor> = chain.clone().take(limit).collect();
+    process_descriptors(mem, head, &descs, target)
+}
 
+/// The descriptors of the chain whose head is `head` in the descriptor table at
+/// `desc_table` of a ring of `queue_size` entries, read as virtio-queue's chain iterator
+/// reads them (indirect tables followed once, a loop cut off after `queue_size` steps, at
+/// most `limit` descriptors). Any fault ends the walk early, leaving the last descriptor
+/// with NEXT set, which [`process_descriptors`] reports as a broken chain. This is how a
+/// request named by the in-flight log (a head, not an avail ring slot) is read again.
+pub fn chain_at<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    limit: usize,
+) -> Vec<Descriptor> {
+    const DESC_SIZE: u64 = 16;
+    let mut out = Vec::new();
+    let (mut table, mut size, mut ttl) = (desc_table, u32::from(queue_size), u32::from(queue_size));
+    let mut index = head;
+    let mut indirect = false;
+    while out.len() < limit && ttl > 0 && u32::from(index) < size {
+        let Some(addr) = table.checked_add(u64::from(index) * DESC_SIZE) else {
+            break;
+        };
+        let Ok(desc) = mem.read_obj::<Descriptor>(addr) else {
+            break;
+        };
+        ttl -= 1;
+        if desc.refers_to_indirect_table() {
+            let entries = desc.len() / DESC_SIZE as u32;
+            if indirect || desc.len() % DESC_SIZE as u32 != 0 || entries > u32::from(u16::MAX) {
+                break;
+            }
+            (table, size, ttl, index, indirect) = (desc.addr(), entries, entries, 0, true);
+            continue;
+        }
+        let next = desc.next();
+        let more = desc.has_next();
+        out.push(desc);
+        if !more {
+            break;
+        }
+        index = next;
+    }
+    out
+}
+
+/// Validates and executes the request made of `descs` (the chain at `head`), writes its
+/// status byte, and says what to report.
+pub fn process_descriptors<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    head: u16,
+    descs: &[Descriptor],
+    target: &Target<'_>,
+) -> Outcome {
+    let stats = target.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
     let status_addr = match descs.last() {
         Some(last)
             if !last.has_next()
@@ -201,7 +256,7 @@ where
         return Outcome::Broken;
     };
 
-    let (status, data_written) = match execute(mem, &descs, target) {
+    let (status, data_written) = match execute(mem, descs, target) {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
         Err(e) => {
             stats.errors.fetch_add(1, Ordering::Relaxed);

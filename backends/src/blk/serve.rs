@@ -16,6 +16,7 @@ use super::backend::BlkBackend;
 use super::disk::Disk;
 use super::request::ID_LEN;
 use super::stats::Stats;
+use crate::inflight::InflightSlot;
 
 const PROG: &str = "bulkhead-blk";
 
@@ -33,19 +34,24 @@ pub struct Device {
 }
 
 impl Device {
-    fn daemon(&self) -> Result<VhostUserDaemon<BlkBackend>, ServeError> {
+    /// A daemon for one connection, and the slot its relay fills with the frontend's
+    /// in-flight region.
+    fn daemon(&self) -> Result<(VhostUserDaemon<BlkBackend>, Arc<InflightSlot>), ServeError> {
+        let slot = Arc::new(InflightSlot::default());
         let backend = BlkBackend::new(
             self.disk.clone(),
             self.serial,
             self.queues,
             self.stats.clone(),
+            slot.clone(),
         );
-        VhostUserDaemon::new(
+        let daemon = VhostUserDaemon::new(
             PROG.to_string(),
             backend,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
-        .map_err(|e| ServeError::Daemon(e.to_string()))
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        Ok((daemon, slot))
     }
 
     fn log_stats(&self) {
@@ -59,14 +65,19 @@ impl Device {
 
 /// Serves frontends on `listener` one after another, forever. The image stays open.
 pub fn serve_listener(device: &Device, listener: &mut Listener) -> Result<(), ServeError> {
-    crate::vhost_common::serve_listener(PROG, listener, || device.daemon(), || device.log_stats())
+    crate::vhost_common::serve_listener(
+        PROG,
+        listener,
+        || device.daemon().map(|(d, slot)| (d, Some(slot))),
+        || device.log_stats(),
+    )
 }
 
 /// Serves the one frontend on the far end of `conn`, with the seccomp allowlist installed
 /// once setup is done (if `sandbox`). Returns when the frontend disconnects.
 pub fn serve_connected(device: &Device, conn: UnixStream, sandbox: bool) -> Result<(), ServeError> {
-    let daemon = device.daemon()?;
-    crate::vhost_common::serve_connected(PROG, daemon, conn, || {
+    let (daemon, slot) = device.daemon()?;
+    crate::vhost_common::serve_connected(PROG, daemon, Some(slot), conn, || {
         if sandbox {
             super::sandbox::install_seccomp()?;
         }

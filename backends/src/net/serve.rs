@@ -78,14 +78,19 @@ impl Device {
 
 /// Serves frontends on `listener` one after another, forever. The tap stays open.
 pub fn serve_listener(device: &Device, listener: &mut Listener) -> Result<(), ServeError> {
-    crate::vhost_common::serve_listener(PROG, listener, || device.daemon(), || device.log_stats())
+    crate::vhost_common::serve_listener(
+        PROG,
+        listener,
+        || device.daemon().map(|d| (d, None)),
+        || device.log_stats(),
+    )
 }
 
 /// Serves the one frontend on the far end of `conn`, with the seccomp allowlist installed
 /// once setup is done (if `sandbox`). Returns when the frontend disconnects.
 pub fn serve_connected(device: &Device, conn: UnixStream, sandbox: bool) -> Result<(), ServeError> {
     let daemon = device.daemon()?;
-    crate::vhost_common::serve_connected(PROG, daemon, conn, || {
+    crate::vhost_common::serve_connected(PROG, daemon, None, conn, || {
         if sandbox {
             super::sandbox::install_seccomp()?;
         }

@@ -627,9 +627,25 @@ impl Daemon {
         let runner_end = runner_end?;
         let backend_end = OwnedFd::from(listener);
         let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("{device} pipe: {e}"))?;
+        // A device's log starts with the VM; each restart of its backend appends to it, so
+        // the log tells the device's whole history.
         let log_name = format!("{}.{device}.log", vm.name);
-        let log_file = File::create(self.state.path().join("logs").join(&log_name))
+        let respawn = lock(&vm.slots).contains_key(device);
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(respawn)
+            .truncate(!respawn)
+            .open(self.state.path().join("logs").join(&log_name))
             .map_err(|e| format!("{device} log: {e}"))?;
+        {
+            use std::io::Write;
+            let _ = writeln!(
+                log_file,
+                "bulkheadd: starting {} for {device}",
+                binary.display()
+            );
+        }
         let mut args: Vec<String> = vec![
             "--socket-fd".into(),
             "3".into(),
