@@ -155,13 +155,16 @@ impl InflightRegion {
                 "{mmap_size} bytes cannot hold {num_queues} queues of {queue_size} (need {need})"
             )));
         }
-        if mmap_offset % 4096 != 0 {
+        if !mmap_offset.is_multiple_of(4096) {
             return Err(InflightError::Invalid(format!(
                 "offset {mmap_offset} is not page-aligned"
             )));
         }
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if mmap_offset.checked_add(need as u64).is_none_or(|end| end > file_len) {
+        if mmap_offset
+            .checked_add(need as u64)
+            .is_none_or(|end| end > file_len)
+        {
             return Err(InflightError::Invalid(format!(
                 "the file is {file_len} bytes, too short for {need} bytes at offset {mmap_offset}"
             )));
@@ -205,8 +208,12 @@ impl InflightRegion {
         }
         let off = self.base(queue)? + HEADER_LEN + usize::from(head) * DESC_LEN;
         Some((
-            self.map.get_atomic_ref::<AtomicU8>(off + DOFF_INFLIGHT).ok()?,
-            self.map.get_atomic_ref::<AtomicU64>(off + DOFF_COUNTER).ok()?,
+            self.map
+                .get_atomic_ref::<AtomicU8>(off + DOFF_INFLIGHT)
+                .ok()?,
+            self.map
+                .get_atomic_ref::<AtomicU64>(off + DOFF_COUNTER)
+                .ok()?,
         ))
     }
 
@@ -469,14 +476,26 @@ mod tests {
         let (_, file) = InflightRegion::create(1, 8).expect("create");
         let len = file.metadata().expect("md").len();
         let dup = || file.try_clone().expect("dup");
-        assert!(InflightRegion::map(dup(), len, 0, 2, 8).is_err(), "too small");
+        assert!(
+            InflightRegion::map(dup(), len, 0, 2, 8).is_err(),
+            "too small"
+        );
         assert!(
             InflightRegion::map(dup(), len * 2, 0, 2, 8).is_err(),
             "claims more than the file has"
         );
-        assert!(InflightRegion::map(dup(), len, 100, 1, 8).is_err(), "unaligned");
-        assert!(InflightRegion::map(dup(), len, 0, 0, 8).is_err(), "no queues");
-        assert!(InflightRegion::map(dup(), len, 0, 1, 0).is_err(), "empty queues");
+        assert!(
+            InflightRegion::map(dup(), len, 100, 1, 8).is_err(),
+            "unaligned"
+        );
+        assert!(
+            InflightRegion::map(dup(), len, 0, 0, 8).is_err(),
+            "no queues"
+        );
+        assert!(
+            InflightRegion::map(dup(), len, 0, 1, 0).is_err(),
+            "empty queues"
+        );
         assert!(InflightRegion::create(1, 40000).is_err(), "oversized queue");
         assert!(InflightRegion::map(dup(), len, 0, 1, 8).is_ok());
     }

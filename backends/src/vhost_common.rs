@@ -471,7 +471,9 @@ fn get_inflight_fd(prog: &str, body: &[u8]) -> (Vec<u8>, Option<std::fs::File>) 
         Ok((_, file)) => {
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
             answer(size);
-            eprintln!("{prog}: in-flight region of {size} bytes for {num_queues} queues of {queue_size}");
+            eprintln!(
+                "{prog}: in-flight region of {size} bytes for {num_queues} queues of {queue_size}"
+            );
             (reply, Some(file))
         }
         Err(e) => {

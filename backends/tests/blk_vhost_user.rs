@@ -10,18 +10,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID,
-    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-blk");
@@ -50,6 +55,11 @@ impl Drop for Kill {
 }
 
 fn negotiate(fe: &mut Frontend, expect_ro: bool) -> Vec<u8> {
+    negotiate_with(fe, expect_ro, VhostUserProtocolFeatures::empty())
+}
+
+/// Negotiates like QEMU would, also acking the protocol features in `extra`.
+fn negotiate_with(fe: &mut Frontend, expect_ro: bool, extra: VhostUserProtocolFeatures) -> Vec<u8> {
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
     assert_ne!(features & (1 << VIRTIO_F_VERSION_1), 0);
@@ -61,7 +71,8 @@ fn negotiate(fe: &mut Frontend, expect_ro: bool) -> Vec<u8> {
     let pf = fe.get_protocol_features().unwrap();
     let want = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK;
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | extra;
     assert!(pf.contains(want), "protocol features {pf:?}");
     fe.set_protocol_features(want).unwrap();
     let (_, config) = fe
@@ -200,6 +211,53 @@ fn host(mem: &GuestMemoryMmap, a: GuestAddress) -> u64 {
     mem.get_host_address(a).unwrap() as u64
 }
 
+const QSIZE: u16 = 16;
+/// Split ring layout of queue 0 (the mock's own layout overlaps its rings beyond one chain).
+const DESC_TABLE: GuestAddress = GuestAddress(0);
+const AVAIL: GuestAddress = GuestAddress(0x1000);
+const USED: GuestAddress = GuestAddress(0x2000);
+
+/// Starts queue 0 (QSIZE entries at DESC_TABLE/AVAIL/USED) at avail index `base`; returns
+/// its call and kick eventfds.
+fn start_ring(fe: &mut Frontend, mem: &GuestMemoryMmap, base: u16) -> (EventFd, EventFd) {
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 256,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host(mem, DESC_TABLE),
+            used_ring_addr: host(mem, USED),
+            avail_ring_addr: host(mem, AVAIL),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, base).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    (call, kick)
+}
+
+/// Waits (with a deadline) for the used index of queue 0 to reach `want`.
+fn wait_used(mem: &GuestMemoryMmap, want: u16) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let used_idx: u16 = mem.read_obj(GuestAddress(USED.0 + 2)).unwrap();
+        if used_idx == want {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("used index {used_idx}, never reached {want}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Sets up queue 0 over memfd-backed guest memory, submits a read and a GET_ID, and checks
 /// both complete with the guest notified.
 fn data_path(fe: &mut Frontend, serial: &[u8]) -> Result<(), String> {
@@ -208,29 +266,7 @@ fn data_path(fe: &mut Frontend, serial: &[u8]) -> Result<(), String> {
     let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
     fe.set_mem_table(&[info]).unwrap();
 
-    let qsize = 16u16;
-    // Split ring layout (the mock's own layout overlaps its rings beyond one chain).
-    let (desc_table, avail, used) = (GuestAddress(0), GuestAddress(0x1000), GuestAddress(0x2000));
-    fe.set_vring_num(0, qsize).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: 256,
-            queue_size: qsize,
-            flags: 0,
-            desc_table_addr: host(&mem, desc_table),
-            used_ring_addr: host(&mem, used),
-            avail_ring_addr: host(&mem, avail),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let (call, kick) = start_ring(fe, &mem, 0);
 
     // Request 1: read sectors 3..5; request 2: GET_ID.
     let (hdr1, data1, st1) = (0x1_0000u64, 0x2_0000u64, 0x3_0000u64);
@@ -254,28 +290,18 @@ fn data_path(fe: &mut Frontend, serial: &[u8]) -> Result<(), String> {
         RawDescriptor::from(SplitDescriptor::new(st2, 1, w, 0)),
     ];
     for (i, d) in descs.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(desc_table.0 + 16 * i as u64))
+        mem.write_obj(*d, GuestAddress(DESC_TABLE.0 + 16 * i as u64))
             .unwrap();
     }
     // Two chains (heads 0 and 3); used_event 0 asks for an interrupt at once (EVENT_IDX).
-    mem.write_obj(0u16, GuestAddress(avail.0 + 4)).unwrap();
-    mem.write_obj(3u16, GuestAddress(avail.0 + 6)).unwrap();
-    mem.write_obj(0u16, GuestAddress(avail.0 + 4 + 2 * u64::from(qsize)))
+    mem.write_obj(0u16, GuestAddress(AVAIL.0 + 4)).unwrap();
+    mem.write_obj(3u16, GuestAddress(AVAIL.0 + 6)).unwrap();
+    mem.write_obj(0u16, GuestAddress(AVAIL.0 + 4 + 2 * u64::from(QSIZE)))
         .unwrap();
-    mem.write_obj(2u16, GuestAddress(avail.0 + 2)).unwrap();
+    mem.write_obj(2u16, GuestAddress(AVAIL.0 + 2)).unwrap();
     kick.write(1).unwrap();
 
-    let start = Instant::now();
-    loop {
-        let used_idx: u16 = mem.read_obj(GuestAddress(used.0 + 2)).unwrap();
-        if used_idx == 2 {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            return Err("requests never completed".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_used(&mem, 2)?;
     let start = Instant::now();
     while call.read().is_err() {
         if start.elapsed() > Duration::from_secs(5) {
@@ -301,11 +327,10 @@ fn data_path(fe: &mut Frontend, serial: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn sandboxed_inherited_socket_serves_requests() {
-    let img = scratch("sandboxed.img");
-    make_image(&img);
-    let image = File::options().read(true).write(true).open(&img).unwrap();
+/// Starts `bulkhead-blk` sandboxed on an inherited connected socket (`--socket-fd`) serving
+/// `img`; returns the process (stderr piped) and our end of the socket.
+fn spawn_sandboxed(img: &Path, serial: &str) -> (Kill, UnixStream) {
+    let image = File::options().read(true).write(true).open(img).unwrap();
     let (ours, theirs) = UnixStream::pair().unwrap();
     let theirs = OwnedFd::from(theirs);
     let (sfd, ifd) = (theirs.as_raw_fd(), image.as_raw_fd());
@@ -316,7 +341,7 @@ fn sandboxed_inherited_socket_serves_requests() {
         "--image-fd",
         &ifd.to_string(),
     ])
-    .args(["--serial", "sandboxed"])
+    .args(["--serial", serial])
     .stderr(Stdio::piped());
     // SAFETY: between fork and exec we only clear FD_CLOEXEC on two fds we own
     // (async-signal-safe fcntl calls).
@@ -333,51 +358,213 @@ fn sandboxed_inherited_socket_serves_requests() {
     let child = Kill(cmd.spawn().unwrap());
     drop(theirs);
     drop(image);
+    (child, ours)
+}
 
-    let mut fe = Frontend::from_stream(ours, 1);
-    let config = negotiate(&mut fe, false);
-    assert_eq!(le64(&config[0..8]), SECTORS);
-
-    if let Err(e) = data_path(&mut fe, b"sandboxed") {
-        let mut child = child;
-        let _ = child.0.kill();
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        panic!("{e}: {err}");
-    }
-
-    // The frontend leaves: the sandboxed backend serves one connection and exits cleanly.
-    drop(fe);
-    let mut child = child;
+/// Waits (with a deadline) for the backend to exit.
+fn wait_exit(child: &mut Kill) -> std::process::ExitStatus {
     let start = Instant::now();
-    let status = loop {
+    loop {
         if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
+            return s;
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "backend did not exit"
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
+}
+
+/// Everything the backend wrote to stderr (it must have exited or be killed first).
+fn stderr_of(child: &mut Kill) -> String {
     let mut err = String::new();
     use std::io::Read;
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    if let Some(mut e) = child.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
+#[test]
+fn sandboxed_inherited_socket_serves_requests() {
+    let img = scratch("sandboxed.img");
+    make_image(&img);
+    let (child, ours) = spawn_sandboxed(&img, "sandboxed");
+    let mut fe = Frontend::from_stream(ours, 1);
+    let config = negotiate(&mut fe, false);
+    assert_eq!(le64(&config[0..8]), SECTORS);
+
+    let mut child = child;
+    if let Err(e) = data_path(&mut fe, b"sandboxed") {
+        let _ = child.0.kill();
+        panic!("{e}: {}", stderr_of(&mut child));
+    }
+
+    // The frontend leaves: the sandboxed backend serves one connection and exits cleanly.
+    drop(fe);
+    let status = wait_exit(&mut child);
+    let err = stderr_of(&mut child);
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("serving the inherited connection"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_file(&img);
+}
+
+/// A write request of one sector of `byte` to `sector`, as descriptors `head..head+3`, with
+/// its header, data and status at `slot`-indexed addresses.
+fn write_request(mem: &GuestMemoryMmap, head: u16, slot: u64, sector: u64, byte: u8) -> u64 {
+    let (hdr, data, status) = (
+        0x1_0000 + slot * 0x100,
+        0x2_0000 + slot * 0x1000,
+        0x3_0000 + slot * 0x100,
+    );
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+    mem.write_slice(&[byte; 512], GuestAddress(data)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    let w = VRING_DESC_F_WRITE as u16;
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    let descs = [
+        SplitDescriptor::new(hdr, 16, next, head + 1),
+        SplitDescriptor::new(data, 512, next, head + 2),
+        SplitDescriptor::new(status, 1, w, 0),
+    ];
+    for (i, d) in descs.iter().enumerate() {
+        let at = DESC_TABLE.0 + 16 * (u64::from(head) + i as u64);
+        mem.write_obj(RawDescriptor::from(*d), GuestAddress(at))
+            .unwrap();
+    }
+    status
+}
+
+fn sector_of(img: &Path, sector: u64) -> Vec<u8> {
+    let data = std::fs::read(img).unwrap();
+    data[(sector * 512) as usize..(sector * 512 + 512) as usize].to_vec()
+}
+
+/// The in-flight protocol end to end, against the libvhost-user layout written here
+/// independently: a predecessor took requests C, B, A (heads 6, 3, 0) in that order, completed
+/// B out of order and was killed with C and A in flight. The new backend must resubmit C
+/// then A, must not redo B, and must continue the avail ring after them. Resuming from the
+/// used index instead would redo B and C and lose A.
+#[test]
+fn inflight_region_resubmits_what_the_previous_backend_left_in_order() {
+    let img = scratch("inflight.img");
+    make_image(&img);
+    let (mut child, ours) = spawn_sandboxed(&img, "inflight");
+    let mut fe = Frontend::from_stream(ours, 1);
+    negotiate_with(&mut fe, false, VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+
+    // The frontend asks for the region once and keeps it across backends.
+    let (info, file) = fe
+        .get_inflight_fd(&VhostUserInflight {
+            num_queues: 1,
+            queue_size: QSIZE,
+            ..Default::default()
+        })
+        .unwrap();
+    let per_queue = (16 + 16 * u64::from(QSIZE)).div_ceil(64) * 64;
+    assert_eq!(info.mmap_size, per_queue, "one queue's region");
+    assert_eq!((info.num_queues, info.queue_size), (1, QSIZE));
+    let region = MmapRegion::<()>::from_file(
+        FileOffset::new(file.try_clone().unwrap(), info.mmap_offset),
+        info.mmap_size as usize,
+    )
+    .unwrap();
+    let put16 = |off: usize, v: u16| region.as_volatile_slice().write_obj(v, off).unwrap();
+    let put_desc = |head: u16, inflight: u8, counter: u64| {
+        let off = 16 + 16 * usize::from(head);
+        region.as_volatile_slice().write_obj(inflight, off).unwrap();
+        region
+            .as_volatile_slice()
+            .write_obj(counter, off + 8)
+            .unwrap();
+    };
+    let get_desc = |head: u16| -> u8 {
+        region
+            .as_volatile_slice()
+            .read_obj(16 + 16 * usize::from(head))
+            .unwrap()
+    };
+    put16(8, 1); // version
+    put16(10, QSIZE); // desc_num
+    put16(12, 3); // last_batch_head: B
+    put16(14, 1); // used_idx: after B
+    put_desc(6, 1, 5); // C, taken first
+    put_desc(0, 1, 7); // A, taken last
+    put_desc(3, 0, 6); // B, done
+
+    let (mem, _memfd) = guest_memory();
+    let mem_info =
+        VhostUserMemoryRegionInfo::from_guest_region(mem.iter().next().unwrap()).unwrap();
+    fe.set_mem_table(&[mem_info]).unwrap();
+    let st_a = write_request(&mem, 0, 0, 10, 0xaa);
+    write_request(&mem, 3, 1, 11, 0xbb);
+    let st_c = write_request(&mem, 6, 2, 12, 0xcc);
+    let st_d = write_request(&mem, 9, 3, 13, 0xdd);
+    // Avail ring: C, B, A; used ring: B.
+    for (i, head) in [6u16, 3, 0].iter().enumerate() {
+        mem.write_obj(*head, GuestAddress(AVAIL.0 + 4 + 2 * i as u64))
+            .unwrap();
+    }
+    mem.write_obj(3u16, GuestAddress(AVAIL.0 + 2)).unwrap();
+    mem.write_obj(3u32, GuestAddress(USED.0 + 4)).unwrap();
+    mem.write_obj(1u32, GuestAddress(USED.0 + 8)).unwrap();
+    mem.write_obj(1u16, GuestAddress(USED.0 + 2)).unwrap();
+
+    fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+    // The frontend restarts the ring at the used index, as after any backend crash.
+    let (_call, kick) = start_ring(&mut fe, &mem, 1);
+    kick.write(1).unwrap();
+    if let Err(e) = wait_used(&mem, 3) {
+        let _ = child.0.kill();
+        panic!("{e}: {}", stderr_of(&mut child));
+    }
+    let used_id = |i: u64| -> u32 { mem.read_obj(GuestAddress(USED.0 + 4 + 8 * i)).unwrap() };
+    assert_eq!((used_id(1), used_id(2)), (6, 0), "C, then A");
+    for st in [st_a, st_c] {
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(st)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+    }
+    assert_eq!(sector_of(&img, 10), vec![0xaa; 512]);
+    assert_eq!(sector_of(&img, 12), vec![0xcc; 512]);
+    assert_eq!(sector_of(&img, 11), vec![12u8; 512], "B was redone");
+
+    // The avail ring continues after the resubmitted requests: D is next.
+    mem.write_obj(9u16, GuestAddress(AVAIL.0 + 4 + 2 * 3))
+        .unwrap();
+    mem.write_obj(4u16, GuestAddress(AVAIL.0 + 2)).unwrap();
+    kick.write(1).unwrap();
+    if let Err(e) = wait_used(&mem, 4) {
+        let _ = child.0.kill();
+        panic!("{e}: {}", stderr_of(&mut child));
+    }
+    assert_eq!(used_id(3), 9);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(st_d)).unwrap(),
+        VIRTIO_BLK_S_OK as u8
+    );
+    assert_eq!(sector_of(&img, 13), vec![0xdd; 512]);
+    assert_eq!(sector_of(&img, 11), vec![12u8; 512], "B was redone");
+    // Nothing is left marked, and the region's used index follows the ring.
+    for head in 0..QSIZE {
+        assert_eq!(get_desc(head), 0, "head {head} still marked in flight");
+    }
+    let shadow: u16 = region.as_volatile_slice().read_obj(14).unwrap();
+    assert_eq!(shadow, 4);
+
+    drop(fe);
+    let status = wait_exit(&mut child);
+    let err = stderr_of(&mut child);
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(
+        err.contains("resubmitting 2 in-flight request(s) [6, 0]"),
+        "{err}"
+    );
     let _ = std::fs::remove_file(&img);
 }

@@ -763,6 +763,7 @@ fn daemon_disk_backend_is_sandboxed() {
             || target == log
             || target == img
             || t.starts_with("/memfd:bulkhead-guest-ram")
+            || t.starts_with("/memfd:bulkhead-inflight")
             || t.starts_with("socket:[")
             || t.starts_with("anon_inode:");
         assert!(allowed, "bulkhead-blk fd {t} is not allowed; all: {seen:?}");
@@ -781,6 +782,10 @@ fn daemon_disk_backend_is_sandboxed() {
     assert!(
         has(&|t| t == "anon_inode:[eventfd]"),
         "no kick/call eventfd: {seen:?}"
+    );
+    assert!(
+        has(&|t| t.starts_with("/memfd:bulkhead-inflight")),
+        "the runner handed over no in-flight region: {seen:?}"
     );
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
     let open_files = limits
@@ -903,6 +908,15 @@ fn qemu_drives_a_standalone_bulkhead_blk() {
     assert!(
         sectors_zero(&img, 1024, 1024),
         "sectors after the range were touched"
+    );
+    // QEMU, a second implementation of the in-flight protocol, took our region and gave
+    // it back.
+    assert!(
+        blk.stderr
+            .text()
+            .contains("tracking in-flight requests in the frontend's region"),
+        "QEMU did not use the in-flight region\n{}",
+        blk.stderr.text()
     );
     assert_serves_on(&mut blk, 1);
     drop(blk);

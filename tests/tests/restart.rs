@@ -178,7 +178,8 @@ fn disk_backend_killed_50_times_loses_nothing() {
         "{took_over} backends were handed the in-flight region\n{backend_log}"
     );
     assert!(
-        runner_log.contains("in-flight region:") && runner_log.contains("resubmits what the in-flight region holds"),
+        runner_log.contains("in-flight region:")
+            && runner_log.contains("resubmits what the in-flight region holds"),
         "{runner_log}"
     );
     let resubmitted: usize = backend_log
@@ -389,6 +390,13 @@ fn runner_resumes_after_qemu_storage_daemon_restarts() {
     assert!(
         r.stderr.text().contains("resumes at index"),
         "the runner says how it resumed\n{}",
+        r.stderr.text()
+    );
+    assert!(
+        r.stderr
+            .text()
+            .contains("lacks VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: resuming from the used index"),
+        "the runner says it falls back for a backend without an in-flight log\n{}",
         r.stderr.text()
     );
     assert_eq!(stream_mismatch(&img, 6, 0, 2048, passes), None);

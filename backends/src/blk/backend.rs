@@ -128,7 +128,13 @@ impl BlkBackend {
                 track.counter = track.counter.wrapping_add(1);
             }
             let outcome = process_chain(chain, &target);
-            if !self.complete(queue, vring, track.region.as_deref(), head, outcome.used_len()) {
+            if !self.complete(
+                queue,
+                vring,
+                track.region.as_deref(),
+                head,
+                outcome.used_len(),
+            ) {
                 break;
             }
             any = true;
@@ -203,7 +209,9 @@ impl BlkBackend {
             return false;
         };
         if ignored > 0 {
-            eprintln!("bulkhead-blk: queue {queue}: ignored {ignored} in-flight marks outside the ring");
+            eprintln!(
+                "bulkhead-blk: queue {queue}: ignored {ignored} in-flight marks outside the ring"
+            );
         }
         {
             let mut guard = vring.get_mut();
