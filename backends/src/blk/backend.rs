@@ -44,6 +44,9 @@ struct Inner {
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     inflight: Arc<InflightSlot>,
     tracks: Vec<Mutex<QueueTrack>>,
+    /// When this connection's backend was made, and whether it has completed a request.
+    born: std::time::Instant,
+    first_completed: AtomicBool,
 }
 
 /// The vhost-user-blk backend for one connection (cheap to clone; clones share state).
@@ -79,6 +82,8 @@ impl BlkBackend {
                 tracks: (0..queues)
                     .map(|_| Mutex::new(QueueTrack::default()))
                     .collect(),
+                born: std::time::Instant::now(),
+                first_completed: AtomicBool::new(false),
             }),
         }
     }
@@ -172,7 +177,24 @@ impl BlkBackend {
         if let Some(r) = region {
             r.completed(queue, head, vring.get_ref().get_queue().next_used());
         }
+        if !self.inner.first_completed.load(Ordering::Relaxed)
+            && !self.inner.first_completed.swap(true, Ordering::Relaxed)
+        {
+            self.log_first_completion(queue);
+        }
         true
+    }
+
+    /// Says when the first request on this connection completed; the CLOCK_MONOTONIC
+    /// reading lets `scripts/bench-restart.sh` time a restart from the kill to this point.
+    fn log_first_completion(&self, queue: u16) {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+            .unwrap_or(0.0);
+        eprintln!(
+            "bulkhead-blk: first request completed on queue {queue}, {:.1} ms after start (monotonic {now:.6})",
+            self.inner.born.elapsed().as_secs_f64() * 1000.0
+        );
     }
 
     /// Takes `queue` over from a previous backend: resubmits what it left in flight, oldest
