@@ -96,8 +96,13 @@ impl Jitter {
 }
 
 fn disk_vm(d: &Bulkheadd, name: &str, img: &Path, cmdline: &str) {
+    disk_vm_with(d, name, img, cmdline, "");
+}
+
+/// A VM with one two-queue disk on `img`, whose `[[disks]]` table also holds `policy`.
+fn disk_vm_with(d: &Bulkheadd, name: &str, img: &Path, cmdline: &str, policy: &str) {
     let extra = format!(
-        "[[disks]]\npath = \"{}\"\nserial = \"stream\"\nqueues = 2\n",
+        "[[disks]]\npath = \"{}\"\nserial = \"stream\"\nqueues = 2\n{policy}",
         img.display()
     );
     let cfg = d.config_with(name, cmdline, "256M", 2, &extra);
@@ -400,5 +405,172 @@ fn runner_resumes_after_qemu_storage_daemon_restarts() {
         r.stderr.text()
     );
     assert_eq!(stream_mismatch(&img, 6, 0, 2048, passes), None);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Kills the VM's disk backend and waits for bulkheadd to record the next restart.
+fn kill_and_wait_replaced(d: &Bulkheadd, vm: &str) -> i32 {
+    let pid = backend_pid(d, vm).expect("a backend serves the disk");
+    send_signal(pid, libc::SIGKILL);
+    let replaced = wait_until(STEP, || backend_pid(d, vm).is_some_and(|p| p != pid));
+    assert!(replaced, "no new backend after the kill\n{}", d.dump());
+    pid
+}
+
+/// The stream must go on (the guest's console shows the pass counter moving) and end with
+/// every sector holding the one write issued for it.
+fn assert_stream_ends_consistent(d: &Bulkheadd, con: &Running, vm: &str, img: &Path, seed: u64) {
+    let text = con.stdout.text();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("blk-stream: pass") && l.contains("status")),
+        "the guest saw an I/O error\n{text}"
+    );
+    let out = d.cli(&["destroy", vm]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    stream_consistent(img, seed, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn restart_policy_never_leaves_the_device_stopped_until_device_restart() {
+    let test = "restart_policy_never_leaves_the_device_stopped_until_device_restart";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("rs-never", Some(&runner_uids(64800)), false);
+    let (dir, img) = temp_image("restart-never", 8);
+    let passes = 1_000_000u64;
+    disk_vm_with(
+        &d,
+        "never",
+        &img,
+        &format!("blk blk-queues=2 blk-stream=7:0:2048:{passes} echo exit=0"),
+        "restart = \"never\"\n",
+    );
+    let con = d.console("never");
+    console_text(&con, "blk0:", STEP);
+    let info = d.cli(&["info", "never"]).stdout;
+    assert!(
+        info.contains("restart never"),
+        "info shows the policy\n{info}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = backend_pid(&d, "never").expect("backend");
+    send_signal(pid, libc::SIGKILL);
+    let stopped = wait_until(STEP, || {
+        d.cli(&["info", "never"])
+            .stdout
+            .contains("STOPPED: not restarted: restart policy is 'never'")
+    });
+    assert!(
+        stopped,
+        "info never said the device stopped\n{}\n{}",
+        d.cli(&["info", "never"]).stdout,
+        d.dump()
+    );
+    assert_eq!(
+        backend_pid(&d, "never"),
+        None,
+        "a backend was started anyway"
+    );
+    assert!(
+        d.row("never").is_some_and(|r| r.contains("running")),
+        "the VM keeps running with the device stalled: {:?}",
+        d.row("never")
+    );
+    // An administrator starts it again; the stream resumes where it stalled.
+    let out = d.cli(&["device-restart", "never", "disk0"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let info = d.cli(&["info", "never"]).stdout;
+    assert!(!info.contains("STOPPED"), "{info}");
+    let new_pid = backend_pid(&d, "never").expect("a backend after device-restart");
+    assert_ne!(new_pid, pid);
+    let log = d.disk_log_path("never", 0);
+    assert!(
+        wait_until(STEP, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.matches("first request completed").count() >= 2)),
+        "the revived backend completed no request\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_stream_ends_consistent(&d, &con, "never", &img, 7);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn restart_limit_and_on_failure_stop_a_device_and_device_restart_revives_it() {
+    let test = "restart_limit_and_on_failure_stop_a_device_and_device_restart_revives_it";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("rs-limit", Some(&runner_uids(64900)), false);
+    let (dir, img) = temp_image("restart-limit", 8);
+    let passes = 1_000_000u64;
+    disk_vm_with(
+        &d,
+        "limit",
+        &img,
+        &format!("blk blk-queues=2 blk-stream=8:0:2048:{passes} echo exit=0"),
+        "restart = \"on-failure\"\nrestart_limit = 3\n",
+    );
+    let con = d.console("limit");
+    console_text(&con, "blk0:", STEP);
+    let info = d.cli(&["info", "limit"]).stdout;
+    assert!(
+        info.contains("restart on-failure, at most 3/min"),
+        "info shows the policy\n{info}"
+    );
+    // Three kills are within the limit: each is restarted.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        kill_and_wait_replaced(&d, "limit");
+    }
+    // The fourth within the minute marks the device failed; the VM runs on.
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(backend_pid(&d, "limit").expect("backend"), libc::SIGKILL);
+    let failed = wait_until(STEP, || {
+        d.cli(&["info", "limit"])
+            .stdout
+            .contains("more than its restart_limit of 3")
+    });
+    assert!(failed, "{}\n{}", d.cli(&["info", "limit"]).stdout, d.dump());
+    assert!(d.row("limit").is_some_and(|r| r.contains("running")));
+    let out = d.cli(&["device-restart", "limit", "disk0"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(!d.cli(&["info", "limit"]).stdout.contains("FAILED"));
+
+    // on-failure: a backend that exits cleanly is not restarted. (An ELF: bulkheadd execs
+    // backends by fd, which a `#!` script cannot survive.)
+    let clean = Path::new("/bin/true");
+    let out = d.cli(&[
+        "device-upgrade",
+        "limit",
+        "disk0",
+        "--binary",
+        clean.to_str().expect("path"),
+    ]);
+    assert_ne!(out.code, Some(0), "{}", out.dump());
+    assert!(
+        out.stderr
+            .contains("exited cleanly and the restart policy is 'on-failure'"),
+        "{}",
+        out.dump()
+    );
+    // Back to the real backend: the stream finishes what it started.
+    let out = d.cli(&[
+        "device-upgrade",
+        "limit",
+        "disk0",
+        "--binary",
+        bin("bulkhead-blk").to_str().expect("path"),
+    ]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let info = d.cli(&["info", "limit"]).stdout;
+    assert!(
+        !info.contains("STOPPED") && !info.contains("FAILED"),
+        "{info}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_stream_ends_consistent(&d, &con, "limit", &img, 8);
     let _ = std::fs::remove_dir_all(dir);
 }

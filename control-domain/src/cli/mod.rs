@@ -141,7 +141,7 @@ enum Verb {
         name: String,
     },
     /// Restart one device's backend process under the running guest (its I/O pauses, the
-    /// guest sees no error).
+    /// guest sees no error); also starts a device that was stopped or marked failed.
     DeviceRestart {
         /// The VM's name.
         name: String,

@@ -559,10 +559,13 @@ impl Daemon {
         self.spawn_backend(
             vm,
             &device,
-            &self.cfg.blk.clone(),
-            args,
-            OwnedFd::from(image),
-            uid,
+            BackendLaunch {
+                binary: self.cfg.blk.clone(),
+                args,
+                resource: OwnedFd::from(image),
+                uid,
+                policy: disk.restart_policy(),
+            },
         )
     }
 
@@ -592,10 +595,13 @@ impl Daemon {
         self.spawn_backend(
             vm,
             &device,
-            &self.cfg.net.clone(),
-            args,
-            OwnedFd::from(tap),
-            uid,
+            BackendLaunch {
+                binary: self.cfg.net.clone(),
+                args,
+                resource: OwnedFd::from(tap),
+                uid,
+                policy: nic.restart_policy(),
+            },
         )
     }
 
@@ -607,11 +613,16 @@ impl Daemon {
         &self,
         vm: &Arc<VmEntry>,
         device: &str,
-        binary: &Path,
-        extra_args: Vec<String>,
-        resource: OwnedFd,
-        uid: u32,
+        launch: BackendLaunch,
     ) -> Result<UnixStream, String> {
+        let BackendLaunch {
+            binary,
+            args: extra_args,
+            resource,
+            uid,
+            policy,
+        } = launch;
+        let binary = binary.as_path();
         // A listener with the runner's connection already queued: the backend accepts it and
         // closes the listener, so it ends up holding one socket, the vhost-user connection.
         let path = self
@@ -671,12 +682,18 @@ impl Daemon {
                     started: std::time::Instant::now(),
                     quick_failures: 0,
                     planned: None,
+                    policy,
+                    recent: std::collections::VecDeque::new(),
+                    alive: false,
                 });
             slot.started = std::time::Instant::now();
         }
         let handed = vec![backend_end, resource, ready_w];
         let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
             .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
+        if let Some(slot) = lock(&vm.slots).get_mut(device) {
+            slot.alive = true;
+        }
         if let Ok(fd) = spawn::pidfd_open(pid) {
             vm.add_backend(fd);
         }
@@ -690,11 +707,14 @@ impl Daemon {
                 restarts: 0,
                 last_exit: None,
                 failed: None,
+                stopped: None,
+                restart_policy: policy.to_string(),
             };
             match rec.backends.iter_mut().find(|b| b.device == device) {
                 Some(b) => {
                     b.pid = pid;
                     b.binary = record.binary;
+                    b.restart_policy = record.restart_policy;
                 }
                 None => rec.backends.push(record),
             }
@@ -743,10 +763,15 @@ impl Daemon {
                         Err(nix::errno::Errno::EINTR)
                     ) {}
                 }
+                // Not alive from here on: nobody signals the pid once it may be reaped.
+                if let Some(slot) = lock(&vm.slots).get_mut(&device) {
+                    slot.alive = false;
+                }
                 let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).ok();
                 if vm.is_ending() {
                     return;
                 }
+                let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
                 let why = match status {
                     Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
                         format!("killed by {sig}")
@@ -756,57 +781,130 @@ impl Daemon {
                     }
                     _ => "ended".to_string(),
                 };
-                me.restart_backend(&vm, &device, why);
+                me.restart_backend(&vm, &device, why, clean);
             });
     }
 
-    /// Respawns `device`'s backend after its process ended with `why`.
-    fn restart_backend(&self, vm: &Arc<VmEntry>, device: &str, why: String) {
-        // A backend that dies this soon after being handed its device "crashed at once";
-        // later deaths (a crash under load, a kill) restart it without counting.
+    /// Decides, by the device's restart policy, what follows its backend ending with `why`
+    /// (`clean`: exit status 0), and respawns it if that is the decision.
+    fn restart_backend(&self, vm: &Arc<VmEntry>, device: &str, why: String, clean: bool) {
+        // A backend that dies this soon after being handed its device "crashed at once":
+        // it is backed off, and failed after BUDGET such crashes in a row. Later deaths (a
+        // crash under load, a kill) restart it at once, up to the policy's rate.
         const QUICK: Duration = Duration::from_millis(250);
         const BUDGET: u32 = 5;
-        let (planned, quick) = {
+        const WINDOW: Duration = Duration::from_secs(60);
+        enum Next {
+            Restart { backoff: Duration },
+            Stop(String),
+            Fail(String),
+        }
+        let (reason, next) = {
             let mut slots = lock(&vm.slots);
             let Some(slot) = slots.get_mut(device) else {
                 return;
             };
             let planned = slot.planned.take();
-            if planned.is_none() && slot.started.elapsed() < QUICK {
-                slot.quick_failures += 1;
-            } else {
+            let reason = match &planned {
+                Some(p) => format!("{p} ({why})"),
+                None => why,
+            };
+            let policy = slot.policy;
+            let next = if planned.is_some() {
                 slot.quick_failures = 0;
-            }
-            (planned, slot.quick_failures)
-        };
-        let reason = match &planned {
-            Some(p) => format!("{p} ({why})"),
-            None => why,
+                Next::Restart {
+                    backoff: Duration::ZERO,
+                }
+            } else if policy.mode == vmconfig::RestartMode::Never {
+                Next::Stop("restart policy is 'never'".into())
+            } else if policy.mode == vmconfig::RestartMode::OnFailure && clean {
+                Next::Stop("it exited cleanly and the restart policy is 'on-failure'".into())
+            } else {
+                if slot.started.elapsed() < QUICK {
+                    slot.quick_failures += 1;
+                } else {
+                    slot.quick_failures = 0;
+                }
+                let now = std::time::Instant::now();
+                slot.recent.push_back(now);
+                while slot
+                    .recent
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > WINDOW)
+                {
+                    slot.recent.pop_front();
+                }
+                let quick = slot.quick_failures;
+                if quick >= BUDGET {
+                    Next::Fail(format!(
+                        "crashed {quick} times in a row within {QUICK:?} of starting; last: {reason}"
+                    ))
+                } else if policy.per_minute > 0 && slot.recent.len() > policy.per_minute as usize {
+                    Next::Fail(format!(
+                        "ended {} times within a minute, more than its restart_limit of {}; last: {reason}",
+                        slot.recent.len(),
+                        policy.per_minute
+                    ))
+                } else if quick > 0 {
+                    Next::Restart {
+                        backoff: Duration::from_millis(100u64 << (quick - 1).min(4)),
+                    }
+                } else {
+                    Next::Restart {
+                        backoff: Duration::ZERO,
+                    }
+                }
+            };
+            (reason, next)
         };
         log(&format!("VM '{}': {device} backend {reason}", vm.name));
         {
             let mut rec = lock(&vm.record);
             if let Some(b) = rec.backends.iter_mut().find(|b| b.device == device) {
                 b.last_exit = Some(reason.clone());
-                if quick >= BUDGET {
-                    b.failed = Some(format!("crashed {quick} times in a row within {QUICK:?} of starting; last: {reason}"));
+                match &next {
+                    Next::Fail(f) => b.failed = Some(f.clone()),
+                    Next::Stop(s) => b.stopped = Some(format!("not restarted: {s}")),
+                    Next::Restart { .. } => {}
                 }
             }
         }
         vm.save();
-        if quick >= BUDGET {
-            log(&format!(
-                "VM '{}': {device} marked failed; the device stalls, the VM keeps running",
-                vm.name
-            ));
-            return;
-        }
-        if quick > 0 {
-            std::thread::sleep(Duration::from_millis(100u64 << (quick - 1).min(4)));
+        match next {
+            Next::Fail(_) => {
+                log(&format!(
+                    "VM '{}': {device} marked failed; the device stalls, the VM keeps running (`bulkhead device-restart {} {device}` tries again)",
+                    vm.name, vm.name
+                ));
+                return;
+            }
+            Next::Stop(s) => {
+                log(&format!(
+                    "VM '{}': {device} not restarted ({s}); the device stalls, the VM keeps running",
+                    vm.name
+                ));
+                return;
+            }
+            Next::Restart { backoff } => {
+                if !backoff.is_zero() {
+                    std::thread::sleep(backoff);
+                }
+            }
         }
         if vm.is_ending() {
             return;
         }
+        if let Err(e) = self.respawn_backend(vm, device) {
+            log(&format!(
+                "VM '{}': restarting {device} failed: {e}",
+                vm.name
+            ));
+        }
+    }
+
+    /// Starts a new backend process for `device` from its slot (same resource, binary,
+    /// arguments, uid) and hands the runner the new connection.
+    fn respawn_backend(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
         let slot = {
             let slots = lock(&vm.slots);
             slots.get(device).map(|s| {
@@ -815,14 +913,30 @@ impl Daemon {
                     s.binary.clone(),
                     s.args.clone(),
                     s.uid,
+                    s.policy,
                 )
             })
         };
-        let Some((Ok(resource), binary, args, uid)) = slot else {
-            return;
-        };
+        let (resource, binary, args, uid, policy) =
+            slot.ok_or_else(|| format!("'{device}' is not restartable (re-adopted VM?)"))?;
+        let resource = resource.map_err(|e| format!("{device}: {e}"))?;
+        let pid_before = lock(&vm.record)
+            .backends
+            .iter()
+            .find(|b| b.device == device)
+            .map(|b| b.pid);
         let result = self
-            .spawn_backend(vm, device, &binary, args, resource, uid)
+            .spawn_backend(
+                vm,
+                device,
+                BackendLaunch {
+                    binary,
+                    args,
+                    resource,
+                    uid,
+                    policy,
+                },
+            )
             .and_then(|conn| {
                 match vm.request_with_fds(
                     &RunnerCommand::ReconnectDevice {
@@ -845,11 +959,27 @@ impl Daemon {
                 drop(rec);
                 vm.save();
                 log(&format!("VM '{}': {device} backend restarted", vm.name));
+                Ok(())
             }
-            Err(e) => log(&format!(
-                "VM '{}': restarting {device} failed: {e}",
-                vm.name
-            )),
+            Err(e) => {
+                // A process that was spawned is watched, and its end is decided by the
+                // policy. Without one, nothing would retry: say so in `info`.
+                let spawned = lock(&vm.record)
+                    .backends
+                    .iter()
+                    .find(|b| b.device == device)
+                    .map(|b| b.pid)
+                    != pid_before;
+                if !spawned {
+                    let mut rec = lock(&vm.record);
+                    if let Some(b) = rec.backends.iter_mut().find(|b| b.device == device) {
+                        b.failed = Some(format!("cannot start a backend: {e}"));
+                    }
+                    drop(rec);
+                    vm.save();
+                }
+                Err(e)
+            }
         }
     }
 
@@ -884,7 +1014,9 @@ impl Daemon {
                     format!("VM '{name}' has no device '{device}'"),
                 )
             })?;
-        {
+        // An administrator's restart also revives a device that was failed or stopped: its
+        // crash counters start over.
+        let alive = {
             let mut slots = lock(&vm.slots);
             let slot = slots.get_mut(device).ok_or_else(|| {
                 fail(
@@ -901,11 +1033,47 @@ impl Daemon {
             } else {
                 slot.planned = Some("restarted on request".into());
             }
+            slot.quick_failures = 0;
+            slot.recent.clear();
+            if slot.alive {
+                // Not yet reaped (the watcher clears `alive` under this lock before it
+                // reaps), so the pid is still this backend's.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(old_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            } else {
+                // No process will exit to trigger the restart: start one here.
+                slot.planned = None;
+            }
+            slot.alive
+        };
+        {
+            let mut rec = lock(&vm.record);
+            if let Some(b) = rec.backends.iter_mut().find(|b| b.device == device) {
+                b.failed = None;
+                b.stopped = None;
+            }
         }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(old_pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        vm.save();
+        if !alive {
+            log(&format!(
+                "VM '{name}': starting a backend for the stalled {device} on request"
+            ));
+            self.respawn_backend(&vm, device)
+                .map_err(|e| fail(ErrorCode::Internal, format!("{device}: {e}")))?;
+            let (pid, restarts) = lock(&vm.record)
+                .backends
+                .iter()
+                .find(|b| b.device == device)
+                .map(|b| (b.pid, b.restarts))
+                .unwrap_or((old_pid, old_restarts));
+            return Ok(Reply::Done {
+                message: format!(
+                    "VM '{name}': {device} now served by pid {pid} (restart #{restarts})"
+                ),
+            });
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let (pid, restarts) = lock(&vm.record)
@@ -914,13 +1082,20 @@ impl Daemon {
                 .find(|b| b.device == device)
                 .map(|b| (b.pid, b.restarts))
                 .unwrap_or((old_pid, 0));
-            let failed = lock(&vm.record)
+            let (failed, stopped) = lock(&vm.record)
                 .backends
                 .iter()
                 .find(|b| b.device == device)
-                .and_then(|b| b.failed.clone());
+                .map(|b| (b.failed.clone(), b.stopped.clone()))
+                .unwrap_or_default();
             if let Some(why) = failed {
                 return Err(fail(ErrorCode::Internal, format!("{device} failed: {why}")));
+            }
+            if let Some(why) = stopped {
+                return Err(fail(
+                    ErrorCode::Internal,
+                    format!("{device} stopped: {why}"),
+                ));
             }
             if pid != old_pid && restarts > old_restarts {
                 return Ok(Reply::Done {
@@ -1119,6 +1294,20 @@ fn summary(vm: &VmEntry) -> VmSummary {
     }
 }
 
+/// What a device's backend process is started with (the same on every restart).
+struct BackendLaunch {
+    /// The backend binary.
+    binary: PathBuf,
+    /// Device-specific arguments.
+    args: Vec<String>,
+    /// The image or tap, handed as fd 4.
+    resource: OwnedFd,
+    /// Its uid (= gid).
+    uid: u32,
+    /// When it is restarted.
+    policy: vmconfig::RestartPolicy,
+}
+
 /// How `info` describes a device's backend process.
 fn backend_words(b: &state::BackendRecord) -> String {
     let binary = Path::new(&b.binary)
@@ -1129,11 +1318,17 @@ fn backend_words(b: &state::BackendRecord) -> String {
         ", {binary} pid {} uid {} ({}), restarts {}",
         b.pid, b.uid, b.binary, b.restarts
     );
+    if !b.restart_policy.is_empty() {
+        s.push_str(&format!(", restart {}", b.restart_policy));
+    }
     if let Some(e) = &b.last_exit {
         s.push_str(&format!(", last exit: {e}"));
     }
     if let Some(f) = &b.failed {
         s.push_str(&format!(", FAILED: {f}"));
+    }
+    if let Some(f) = &b.stopped {
+        s.push_str(&format!(", STOPPED: {f}"));
     }
     s
 }

@@ -51,6 +51,13 @@ pub struct BackendRecord {
     /// Set when it kept crashing and is no longer restarted; the device is stalled.
     #[serde(default)]
     pub failed: Option<String>,
+    /// Set when it ended and its restart policy says not to restart it; the device is
+    /// stalled until `device-restart`.
+    #[serde(default)]
+    pub stopped: Option<String>,
+    /// Its restart policy, as `info` shows it.
+    #[serde(default)]
+    pub restart_policy: String,
 }
 
 /// The state directory.

@@ -55,6 +55,13 @@ pub struct DeviceSlot {
     pub quick_failures: u32,
     /// Why the next exit is expected (restart or upgrade by request), if it is.
     pub planned: Option<String>,
+    /// When to restart it, and how often at most.
+    pub policy: crate::daemon::vmconfig::RestartPolicy,
+    /// When its recent unplanned restarts happened (the last minute's).
+    pub recent: std::collections::VecDeque<std::time::Instant>,
+    /// A process serves the device (false once it ended, until one is started again). While
+    /// true, its pid is not yet reaped, so it may be signalled without a pid-reuse race.
+    pub alive: bool,
 }
 
 /// A VM known to `bulkheadd`.

@@ -32,6 +32,54 @@ pub enum MemorySetting {
     Mib(u64),
 }
 
+/// What `bulkheadd` does when a device's backend process ends without being asked to
+/// (`restart = "always"`, the default; `"on-failure"`; `"never"`). A restart asked for with
+/// `bulkhead device-restart` or `device-upgrade` happens whatever the policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartMode {
+    /// Start a new backend whenever one ends.
+    #[default]
+    Always,
+    /// Start a new backend unless the old one exited with status 0.
+    OnFailure,
+    /// Leave the device stopped (stalled) until an administrator restarts it.
+    Never,
+}
+
+impl std::fmt::Display for RestartMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RestartMode::Always => "always",
+            RestartMode::OnFailure => "on-failure",
+            RestartMode::Never => "never",
+        })
+    }
+}
+
+/// Default `restart_limit`: unplanned restarts per minute before a device is marked failed.
+pub const DEFAULT_RESTART_LIMIT: u32 = 120;
+
+/// A device's restart policy, as the supervisor applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// When to restart.
+    pub mode: RestartMode,
+    /// Most unplanned restarts within any minute (0: no limit); one more marks the device
+    /// failed. Backends that crash at once are also backed off and failed after a few tries.
+    pub per_minute: u32,
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.mode, self.per_minute) {
+            (RestartMode::Never, _) => write!(f, "never"),
+            (m, 0) => write!(f, "{m}, no rate limit"),
+            (m, n) => write!(f, "{m}, at most {n}/min"),
+        }
+    }
+}
+
 /// One disk of a VM (served by `bulkhead-blk` once the disk issue lands).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +95,22 @@ pub struct DiskConfig {
     /// Request queues (1 to 8; default: one per vCPU, at most 8).
     #[serde(default)]
     pub queues: Option<u16>,
+    /// When the backend is restarted after it ends on its own.
+    #[serde(default)]
+    pub restart: RestartMode,
+    /// Most unplanned restarts per minute (default 120; 0: no limit).
+    #[serde(default)]
+    pub restart_limit: Option<u32>,
+}
+
+impl DiskConfig {
+    /// Its restart policy.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        RestartPolicy {
+            mode: self.restart,
+            per_minute: self.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT),
+        }
+    }
 }
 
 /// One NIC of a VM (served by `bulkhead-net` once the network issue lands).
@@ -58,6 +122,22 @@ pub struct NicConfig {
     pub mac: Option<String>,
     /// Network name from the policy's networks.
     pub network: String,
+    /// When the backend is restarted after it ends on its own.
+    #[serde(default)]
+    pub restart: RestartMode,
+    /// Most unplanned restarts per minute (default 120; 0: no limit).
+    #[serde(default)]
+    pub restart_limit: Option<u32>,
+}
+
+impl NicConfig {
+    /// Its restart policy.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        RestartPolicy {
+            mode: self.restart,
+            per_minute: self.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT),
+        }
+    }
 }
 
 /// A VM config file, as written by an administrator.
@@ -322,6 +402,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn restart_policies() {
+        let s = parse(
+            &format!("{BASE}[[disks]]\npath = \"d.img\"\n[[disks]]\npath = \"e.img\"\nrestart = \"on-failure\"\nrestart_limit = 0\n[[nics]]\nnetwork = \"lan\"\nrestart = \"never\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .expect("parse");
+        let p = s.disks[0].restart_policy();
+        assert_eq!(
+            (p.mode, p.per_minute),
+            (RestartMode::Always, DEFAULT_RESTART_LIMIT)
+        );
+        assert_eq!(p.to_string(), "always, at most 120/min");
+        let p = s.disks[1].restart_policy();
+        assert_eq!((p.mode, p.per_minute), (RestartMode::OnFailure, 0));
+        assert_eq!(p.to_string(), "on-failure, no rate limit");
+        assert_eq!(s.nics[0].restart_policy().to_string(), "never");
+        let e = parse(
+            &format!("{BASE}[[disks]]\npath = \"d.img\"\nrestart = \"sometimes\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sometimes"), "{e}");
     }
 
     #[test]
