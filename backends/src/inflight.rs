@@ -360,6 +360,15 @@ impl InflightSlot {
 mod tests {
     use super::*;
 
+    fn resume(heads: &[u16], next_avail: u16, counter: u64, ignored: usize) -> Takeover {
+        Takeover::Resume {
+            heads: heads.to_vec(),
+            next_avail,
+            counter,
+            ignored,
+        }
+    }
+
     fn reopen(file: &File, queues: u16, size: u16) -> InflightRegion {
         let len = file.metadata().expect("metadata").len();
         InflightRegion::map(file.try_clone().expect("dup"), len, 0, queues, size).expect("map")
@@ -390,15 +399,7 @@ mod tests {
         drop(first);
         // A successor, through another mapping of the same memory.
         let second = reopen(&file, 2, 8);
-        assert_eq!(
-            second.take_over(1, 8, 1),
-            Takeover::Resume {
-                heads: vec![2, 7],
-                next_avail: 3,
-                counter: 3,
-                ignored: 0
-            }
-        );
+        assert_eq!(second.take_over(1, 8, 1), resume(&[2, 7], 3, 3, 0));
         // The other queue had nothing.
         assert_eq!(
             second.take_over(0, 8, 0),
@@ -417,29 +418,13 @@ mod tests {
         r.completing(0, 3);
         drop(r);
         let s = reopen(&file, 1, 4);
-        assert_eq!(
-            s.take_over(0, 4, 11),
-            Takeover::Resume {
-                heads: vec![1],
-                next_avail: 12,
-                counter: 2,
-                ignored: 0
-            }
-        );
+        assert_eq!(s.take_over(0, 4, 11), resume(&[1], 12, 2, 0));
         assert_eq!(s.in_flight(0), vec![1]);
         // Killed before the used ring update: the request is still in flight.
         s.completing(0, 1);
         drop(s);
         let t = reopen(&file, 1, 4);
-        assert_eq!(
-            t.take_over(0, 4, 11),
-            Takeover::Resume {
-                heads: vec![1],
-                next_avail: 12,
-                counter: 2,
-                ignored: 0
-            }
-        );
+        assert_eq!(t.take_over(0, 4, 11), resume(&[1], 12, 2, 0));
     }
 
     #[test]
@@ -454,15 +439,7 @@ mod tests {
         r.mark(5, 1, 3);
         drop(r);
         let s = reopen(&file, 1, 8);
-        assert_eq!(
-            s.take_over(0, 4, 0),
-            Takeover::Resume {
-                heads: vec![1],
-                next_avail: 1,
-                counter: 2,
-                ignored: 1
-            }
-        );
+        assert_eq!(s.take_over(0, 4, 0), resume(&[1], 1, 2, 1));
         // Garbage in last_batch_head points nowhere.
         let base = 0;
         s.u16_at(base + OFF_LAST_BATCH_HEAD)

@@ -408,6 +408,26 @@ fn runner_resumes_after_qemu_storage_daemon_restarts() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Creates VM `name` streaming writes (seed `seed`, endless passes) to a two-queue disk on
+/// `img` whose `[[disks]]` table also holds `policy`; once the guest has found the disk,
+/// checks that `info` words the policy as `shown`, and returns the console.
+fn stream_vm(
+    d: &Bulkheadd,
+    name: &str,
+    img: &Path,
+    seed: u64,
+    policy: &str,
+    shown: &str,
+) -> Running {
+    let cmdline = format!("blk blk-queues=2 blk-stream={seed}:0:2048:1000000 echo exit=0");
+    disk_vm_with(d, name, img, &cmdline, policy);
+    let con = d.console(name);
+    console_text(&con, "blk0:", STEP);
+    let info = d.cli(&["info", name]).stdout;
+    assert!(info.contains(shown), "info shows the policy\n{info}");
+    con
+}
+
 /// Kills the VM's disk backend and waits for bulkheadd to record the next restart.
 fn kill_and_wait_replaced(d: &Bulkheadd, vm: &str) -> i32 {
     let pid = backend_pid(d, vm).expect("a backend serves the disk");
@@ -440,20 +460,13 @@ fn restart_policy_never_leaves_the_device_stopped_until_device_restart() {
     }
     let d = Bulkheadd::start("rs-never", Some(&runner_uids(64800)), false);
     let (dir, img) = temp_image("restart-never", 8);
-    let passes = 1_000_000u64;
-    disk_vm_with(
+    let con = stream_vm(
         &d,
         "never",
         &img,
-        &format!("blk blk-queues=2 blk-stream=7:0:2048:{passes} echo exit=0"),
+        7,
         "restart = \"never\"\n",
-    );
-    let con = d.console("never");
-    console_text(&con, "blk0:", STEP);
-    let info = d.cli(&["info", "never"]).stdout;
-    assert!(
-        info.contains("restart never"),
-        "info shows the policy\n{info}"
+        "restart never",
     );
     std::thread::sleep(Duration::from_millis(300));
     let pid = backend_pid(&d, "never").expect("backend");
@@ -505,20 +518,13 @@ fn restart_limit_and_on_failure_stop_a_device_and_device_restart_revives_it() {
     }
     let d = Bulkheadd::start("rs-limit", Some(&runner_uids(64900)), false);
     let (dir, img) = temp_image("restart-limit", 8);
-    let passes = 1_000_000u64;
-    disk_vm_with(
+    let con = stream_vm(
         &d,
         "limit",
         &img,
-        &format!("blk blk-queues=2 blk-stream=8:0:2048:{passes} echo exit=0"),
+        8,
         "restart = \"on-failure\"\nrestart_limit = 3\n",
-    );
-    let con = d.console("limit");
-    console_text(&con, "blk0:", STEP);
-    let info = d.cli(&["info", "limit"]).stdout;
-    assert!(
-        info.contains("restart on-failure, at most 3/min"),
-        "info shows the policy\n{info}"
+        "restart on-failure, at most 3/min",
     );
     // Three kills are within the limit: each is restarted.
     for _ in 0..3 {
