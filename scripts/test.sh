@@ -12,6 +12,9 @@ if [ -e /dev/kvm ] && [ -z "${REQUIRE_KVM:-}" ]; then
   export REQUIRE_KVM=1
 fi
 cargo build --workspace --bins
+# A second, different build of the disk backend: the live-upgrade test moves a running
+# guest's disk between the two.
+cargo build --release -p bulkhead-backends --bin bulkhead-blk
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -95,6 +95,19 @@ impl Jitter {
     }
 }
 
+/// `name` from the release build (`target/release`), which scripts/test.sh builds too.
+fn release_bin(name: &str) -> std::path::PathBuf {
+    let debug = bin(name);
+    let target = debug.parent().and_then(|p| p.parent()).expect("target dir");
+    let p = target.join("release").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (scripts/test.sh does: cargo build --release -p bulkhead-backends --bin bulkhead-blk)",
+        p.display()
+    );
+    p
+}
+
 fn disk_vm(d: &Bulkheadd, name: &str, img: &Path, cmdline: &str) {
     disk_vm_with(d, name, img, cmdline, "");
 }
@@ -210,12 +223,18 @@ fn disk_backend_upgraded_10_times_loses_nothing() {
     }
     let d = Bulkheadd::start("rs-upg", Some(&runner_uids(64600)), false);
     let (dir, img) = temp_image("restart-upgrade", 8);
-    // Two different builds of the backend: the same binary at two paths is enough for the
-    // mechanism; the daemon records which one serves.
+    // Two different builds of the backend: this profile's and the release build
+    // (scripts/test.sh builds both), copied so the daemon's record names each.
     let a = dir.join("bulkhead-blk-a");
     let b = dir.join("bulkhead-blk-b");
+    let release = release_bin("bulkhead-blk");
     std::fs::copy(bin("bulkhead-blk"), &a).expect("copy");
-    std::fs::copy(bin("bulkhead-blk"), &b).expect("copy");
+    std::fs::copy(&release, &b).expect("copy");
+    assert_ne!(
+        std::fs::read(&a).expect("read"),
+        std::fs::read(&b).expect("read"),
+        "the two builds are the same file"
+    );
     let passes = 1_000_000u64;
     disk_vm(&d, "upg", &img, &format!("blk blk-queues=2 blk-stream=4:0:2048:{passes} blk-stream-verify=4:0:2048:{passes} echo exit=0"));
     let con = d.console("upg");
