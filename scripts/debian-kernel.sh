@@ -11,6 +11,14 @@ if [ -s "$out/vmlinuz" ] && [ -s "$out/vmlinux" ]; then
   exit 0
 fi
 mkdir -p "$out"
+# Tests run this concurrently: one fetches while the others wait, and the files appear
+# whole (renamed into place), never half-copied.
+exec 9>"$out/.lock"
+flock 9
+if [ -s "$out/vmlinuz" ] && [ -s "$out/vmlinux" ]; then
+  echo "$out"
+  exit 0
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -46,7 +54,7 @@ if [ "$(head -c4 "$work/vmlinux" | od -An -tx1 | tr -d ' \n')" != 7f454c46 ]; th
   exit 1
 fi
 
-cp "$vmlinuz" "$out/vmlinuz"
-cp "$work/vmlinux" "$out/vmlinux"
+cp "$vmlinuz" "$out/.vmlinuz.tmp" && mv -f "$out/.vmlinuz.tmp" "$out/vmlinuz"
+cp "$work/vmlinux" "$out/.vmlinux.tmp" && mv -f "$out/.vmlinux.tmp" "$out/vmlinux"
 echo "$pkg" >"$out/package"
 echo "$out"
