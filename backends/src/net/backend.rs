@@ -2,6 +2,13 @@
 //! is added to that thread's epoll (`VringEpollHandler::register_listener`) while frames can
 //! be delivered, and removed while the guest has no RX buffers (or the RX ring is stopped),
 //! so a full guest does not make the backend spin; the next RX kick puts it back.
+//!
+//! RX kicks are asked for only while they are needed: notifications on the RX ring are
+//! disabled (`VRING_USED_F_NO_NOTIFY`; with EVENT_IDX, `avail_event` is left behind) while
+//! the guest has buffers posted, and enabled, followed by a re-check of the ring, when it
+//! runs dry or the tap fails, as QEMU's virtio-net does. A driver that reposts and kicks
+//! one buffer at a time would otherwise make every received frame cost a VM exit and a
+//! wakeup of this thread.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -188,6 +195,13 @@ impl NetBackend {
                     self.poll_tap(&mut state, false);
                     return;
                 }
+                // Until the ring runs dry the tap drives RX: the guest's kicks would
+                // only cost it a VM exit per reposted buffer and us a wakeup.
+                if let Err(e) = vs.get_queue_mut().disable_notification(&*mem) {
+                    self.inner
+                        .stats
+                        .log(format_args!("cannot suppress RX notifications: {e}"));
+                }
                 state.rx.process(vs.get_queue_mut(), &mem, &ctx)
             };
             if outcome.used > 0 {
@@ -199,6 +213,8 @@ impl NetBackend {
                     return;
                 }
                 RxStop::TapError => {
+                    // Retry at the guest's next kick.
+                    let _ = vring.enable_notification();
                     self.poll_tap(&mut state, false);
                     return;
                 }
