@@ -192,6 +192,8 @@ pub struct Net {
     tx: Virtq,
     /// RX head to make available again at the next receive.
     rx_pending: Option<u16>,
+    /// RX buffers made available again since the last RX kick.
+    rx_unkicked: u16,
     ready: bool,
     ms: u64,
     ip: [u8; 4],
@@ -215,6 +217,7 @@ impl Net {
             rx: Virtq::empty(),
             tx: Virtq::empty(),
             rx_pending: None,
+            rx_unkicked: 0,
             ready: false,
             ms: crate::tsc::khz().0.max(1),
             ip: [0; 4],
@@ -306,6 +309,7 @@ impl Net {
             return Err("device refused DRIVER_OK");
         }
         self.rx.kick();
+        self.rx_unkicked = 0;
         self.ready = true;
         Ok(())
     }
@@ -342,9 +346,24 @@ impl Net {
 
     // ---- receive ----
 
+    /// Makes the last received frame's buffer available again. The device is told
+    /// (a kick, if it wants one) only once half the ring has been reposted, or when the
+    /// used ring runs empty ([`Net::kick_rx`]): a kick per buffer would cost a VM exit and
+    /// a device wakeup per frame.
     fn repost_pending(&mut self) {
         if let Some(h) = self.rx_pending.take() {
             self.rx.repost(h);
+            self.rx_unkicked += 1;
+            if self.rx_unkicked >= self.rx.size / 2 {
+                self.kick_rx();
+            }
+        }
+    }
+
+    /// Tells the device about reposted RX buffers, if there are any it was not told of.
+    fn kick_rx(&mut self) {
+        if self.rx_unkicked > 0 {
+            self.rx_unkicked = 0;
             self.rx.kick();
         }
     }
@@ -357,7 +376,10 @@ impl Net {
         }
         for _ in 0..64 {
             self.repost_pending();
-            let (id, len) = self.rx.next_used()?;
+            let Some((id, len)) = self.rx.next_used() else {
+                self.kick_rx();
+                return None;
+            };
             if id >= self.rx.size as u32 {
                 continue; // device bug: unknown buffer
             }
@@ -419,8 +441,9 @@ impl Net {
                 ok = false;
             }
             self.rx.repost(id as u16);
+            self.rx_unkicked += 1;
         }
-        self.rx.kick();
+        self.kick_rx();
         ok.then_some(&asm[..n])
     }
 
