@@ -9,16 +9,19 @@
 //! runs dry or the tap fails, as QEMU's virtio-net does. A driver that reposts and kicks
 //! one buffer at a time would otherwise make every received frame cost a VM exit and a
 //! wakeup of this thread.
+//!
+//! Used-buffer notifications (the call eventfd) honour the driver's suppression: EVENT_IDX's
+//! `used_event`, or without it `VRING_AVAIL_F_NO_INTERRUPT`, which a polling driver sets.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -34,6 +37,22 @@ use super::tx::{process_tx, TxContext};
 
 /// The epoll data the tap fd is registered with (0..=NUM_QUEUES are the library's).
 pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want used-buffer notifications.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver set `VRING_AVAIL_F_NO_INTERRUPT` (only meaningful without EVENT_IDX,
+/// which `needs_notification` handles; virtio-queue ignores this flag). A polling driver
+/// sets it for good: honouring it saves a call-eventfd write per round. A driver that
+/// clears it re-checks the used ring afterwards, so nothing is lost; the flag is read after
+/// the used-ring updates, as the spec requires.
+fn no_interrupt(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let avail = vring.get_ref().get_queue().avail_ring();
+    fence(Ordering::SeqCst);
+    mem.read_obj::<u16>(GuestAddress(avail))
+        .map(|flags| u16::from_le(flags) & AVAIL_F_NO_INTERRUPT != 0)
+        .unwrap_or(false)
+}
 
 /// RX state guarded together: the pending frame and whether the tap is in the epoll.
 struct RxState {
@@ -123,7 +142,11 @@ impl NetBackend {
         }
     }
 
-    fn signal(&self, vring: &VringRwLock) {
+    /// Tells the guest about new used entries, unless it said it does not want to know.
+    fn signal(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) {
+        if !self.inner.event_idx.load(Ordering::Relaxed) && no_interrupt(vring, mem) {
+            return;
+        }
         if vring.needs_notification().unwrap_or(true) {
             if let Err(e) = vring.signal_used_queue() {
                 self.inner
@@ -159,7 +182,7 @@ impl NetBackend {
                 process_tx(state.get_queue_mut(), &mem, &ctx, &mut buf)
             };
             if used > 0 {
-                self.signal(vring);
+                self.signal(vring, &mem);
             }
             if !event_idx {
                 break;
@@ -205,7 +228,7 @@ impl NetBackend {
                 state.rx.process(vs.get_queue_mut(), &mem, &ctx)
             };
             if outcome.used > 0 {
-                self.signal(vring);
+                self.signal(vring, &mem);
             }
             match outcome.stop {
                 RxStop::TapEmpty => {
