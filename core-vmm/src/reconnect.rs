@@ -23,14 +23,18 @@ pub fn wait_for_hangup(sock: &UnixStream) {
                 if ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
                     return;
                 }
-                // Stray data (a backend never sends unsolicited messages here): peek for EOF.
+                // Readable: EOF, or a reply the device's own thread is about to read (the
+                // watcher shares the socket). Peek: only EOF or a real error is a hang-up;
+                // EAGAIN means that thread took the reply first.
                 let mut b = [0u8; 1];
                 match nix::sys::socket::recv(
                     std::os::fd::AsRawFd::as_raw_fd(sock),
                     &mut b,
                     nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
                 ) {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) => return,
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                    Err(_) => return,
                     Ok(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -54,6 +58,10 @@ pub fn watch_by_path(dev: Arc<Mutex<VhostUserPciDevice>>, path: PathBuf) {
                 return;
             };
             wait_for_hangup(&watch);
+            // Make sure the old connection is closed before a new one is made: a standalone
+            // backend serves one frontend at a time, and would never answer the new
+            // connection while we held the old one.
+            let _ = watch.shutdown(std::net::Shutdown::Both);
             eprintln!(
             "bulkhead-runner: {name}: backend went away; reconnecting to {} (I/O waits meanwhile)",
             path.display()

@@ -953,6 +953,12 @@ fn runner_drives_a_standalone_bulkhead_blk_and_reconnects() {
     ] {
         assert!(out.stdout.contains(line), "lacks '{line}'\n{context}");
     }
+    // Nothing killed the backend: a reconnect here is the runner mistaking a reply for a
+    // hang-up (its watcher shares the socket with the thread that reads the replies).
+    assert!(
+        !out.stderr.contains("went away"),
+        "spurious reconnect\n{context}"
+    );
     assert_eq!(blk_image_mismatch(&img, 3, 0, 1024), None, "{context}");
     assert!(
         sectors_zero(&img, 1024, 1024),
@@ -971,6 +977,10 @@ fn runner_drives_a_standalone_bulkhead_blk_and_reconnects() {
     );
     assert_eq!(out.code, Some(0), "{context}");
     assert!(out.stdout.contains("blk-verify: ok"), "{context}");
+    assert!(
+        !out.stderr.contains("went away"),
+        "spurious reconnect\n{context}"
+    );
     assert_serves_on(&mut blk, 2);
     drop(blk);
     let _ = std::fs::remove_dir_all(&dir);
