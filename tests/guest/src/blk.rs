@@ -91,6 +91,8 @@ struct Opts {
     queues: Option<usize>,
     event_idx: bool,
     stream_timeout_s: u64,
+    /// `blk-stall-ms=`: stream requests that take at least this long are reported.
+    stall_ms: u64,
 }
 
 /// One virtio-blk device and its driver state.
@@ -823,6 +825,10 @@ fn parse_opts(cmdline: &str) -> Opts {
             if let Some(v @ 1..) = parse_u64(v) {
                 o.stream_timeout_s = v;
             }
+        } else if let Some(v) = tok.strip_prefix("blk-stall-ms=") {
+            if let Some(v @ 1..) = parse_u64(v) {
+                o.stall_ms = v;
+            }
         } else if let Some(v) = tok.strip_prefix("blk-queues=") {
             if let Some(v @ 1..) = parse_u64(v) {
                 o.queues = Some(v as usize);
@@ -879,6 +885,10 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             .saturating_mul(1000)
             .saturating_mul(tsc_per_ms()),
         max_wait: 0,
+        stall: o.stall_ms.saturating_mul(tsc_per_ms()),
+        stall_max: 0,
+        stall_n: 0,
+        quiet_from: 0,
     };
 
     for tok in cmdline.split_ascii_whitespace() {

@@ -59,6 +59,52 @@ pub(super) struct StreamState {
     pub timeout: u64,
     /// Longest single-request latency seen, in TSC ticks.
     pub max_wait: u64,
+    /// Requests that take at least this many TSC ticks are reported (`blk-stall-ms=`;
+    /// 0 = never).
+    pub stall: u64,
+    /// The stall being observed: its longest request (TSC ticks; 0 = none) and how many
+    /// requests took at least `stall`.
+    pub stall_max: u64,
+    pub stall_n: u64,
+    /// When the last `blk-stall:` report ended (TSC): requests submitted before then are
+    /// not measured, as the report's own serial output (several ms here) delayed them.
+    pub quiet_from: u64,
+}
+
+impl StreamState {
+    /// Records one request's latency, submitted at `t0` (TSC). A run of requests that each
+    /// took at least `blk-stall-ms=` is one stall, reported on one line when the first
+    /// quick request after it completes (or the token ends): printing in the middle of
+    /// it would delay the requests still to be seen. `ms` = TSC ticks per millisecond.
+    fn waited(&mut self, t0: u64, ms: u64) {
+        let ticks = crate::tsc::now().saturating_sub(t0);
+        self.max_wait = self.max_wait.max(ticks);
+        if self.stall == 0 || t0 < self.quiet_from {
+            return;
+        }
+        if ticks >= self.stall {
+            self.stall_max = self.stall_max.max(ticks);
+            self.stall_n += 1;
+        } else {
+            self.report_stall(ms);
+        }
+    }
+
+    /// Prints the stall being observed, if any:
+    /// `blk-stall: <longest request, us> us over <n> requests`.
+    pub(super) fn report_stall(&mut self, ms: u64) {
+        if self.stall_n == 0 {
+            return;
+        }
+        println!(
+            "blk-stall: {} us over {} requests",
+            self.stall_max.saturating_mul(1000) / ms.max(1),
+            self.stall_n
+        );
+        self.stall_max = 0;
+        self.stall_n = 0;
+        self.quiet_from = crate::tsc::now();
+    }
 }
 
 impl Disk {
@@ -122,7 +168,7 @@ impl Disk {
         self.qs[0].kick();
         match self.wait_patient(0, head, t0 + st.timeout) {
             Ok(s) => {
-                st.max_wait = st.max_wait.max(crate::tsc::now() - t0);
+                st.waited(t0, self.ms);
                 s
             }
             Err(f) => {
@@ -247,7 +293,7 @@ impl Disk {
                     }
                 };
                 blocking = false;
-                st.max_wait = st.max_wait.max(crate::tsc::now().saturating_sub(t0));
+                st.waited(t0, self.ms);
                 if s != 0 {
                     r.errors += 1;
                     if r.err.is_none() {
@@ -334,6 +380,7 @@ impl Disk {
             done = p;
             p += 1;
         }
+        st.report_stall(self.ms);
         println!(
             "blk-stream: done {} passes, {} sectors, {} errors, max wait {} ms",
             done,
@@ -374,6 +421,7 @@ impl Disk {
             qused,
             st,
         );
+        st.report_stall(self.ms);
         if let Some((sector, found)) = r.mismatch {
             println!(
                 "blk-stream-verify: MISMATCH at sector {} (pass {}, expected {})",
