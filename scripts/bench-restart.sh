@@ -27,7 +27,9 @@ cmdline="blk blk-queues=2 blk-stall-ms=2 blk-stream=1:0:2048:100000000"
 "$bin/bulkheadd" --socket "$sock" --state-dir "$work/state" --policy "$work/none.toml" >"$work/d.log" 2>&1 &
 daemon=$!
 # Runners outlive bulkheadd by design: destroy the VM before stopping the daemon.
-trap '"$bin/bulkhead" --socket "$sock" destroy bench >/dev/null 2>&1; kill $daemon 2>/dev/null; pkill -f "qemu-storage-daemon.*$work" 2>/dev/null; rm -rf "$work"' EXIT
+# (errexit holds in the trap too: every step may fail, e.g. the VM is already destroyed.)
+trap '"$bin/bulkhead" --socket "$sock" destroy bench >/dev/null 2>&1 || true; kill $daemon 2>/dev/null || true
+      pkill -f "qemu-storage-daemon.*$work" 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 100); do "$bin/bulkhead" --socket "$sock" list >/dev/null 2>&1 && break; sleep 0.05; done
 truncate -s 8M "$work/disk.img"
 cat >"$work/vm.toml" <<TOML
