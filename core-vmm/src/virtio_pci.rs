@@ -70,6 +70,67 @@ pub enum VirtioPciError {
     /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// The backend did not finish a setup exchange in time; its connection was cut.
+    #[error(
+        "the backend did not finish the vhost-user {what} within {}s; its connection was cut",
+        SETUP_DEADLINE.as_secs()
+    )]
+    SetupTimeout {
+        /// Which exchange: "handshake" or "setup".
+        what: &'static str,
+    },
+}
+
+/// How long a backend may take over a whole setup exchange (the handshake, or the replay
+/// of features, memory table and vrings) before its connection is cut. The device lock —
+/// and the runner thread that holds it: a vCPU, or the control channel — waits meanwhile.
+pub const SETUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Cuts a vhost-user connection (shutdown, both ways) unless disarmed by dropping it
+/// before `SETUP_DEADLINE`. A socket receive timeout cannot do this: the vhost crate
+/// retries a timed-out receive forever, so a backend that accepted and never answers
+/// would hold the caller for good; a shut-down socket makes every wait on it end.
+struct SetupDeadline {
+    disarm: Option<std::sync::mpsc::Sender<()>>,
+    fired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SetupDeadline {
+    fn arm(sock: &UnixStream) -> Result<Self, VirtioPciError> {
+        let sock = sock.try_clone().map_err(VirtioPciError::EventFd)?;
+        let (disarm, armed) = std::sync::mpsc::channel::<()>();
+        let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = fired.clone();
+        std::thread::Builder::new()
+            .name("setup-deadline".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    armed.recv_timeout(SETUP_DEADLINE)
+                {
+                    f.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                }
+            })
+            .map_err(VirtioPciError::EventFd)?;
+        Ok(Self {
+            disarm: Some(disarm),
+            fired,
+        })
+    }
+
+    /// Disarms the deadline; `result` becomes a [`VirtioPciError::SetupTimeout`] if it
+    /// fired (the error the cut caused says less).
+    fn finish<T>(
+        mut self,
+        what: &'static str,
+        result: Result<T, VirtioPciError>,
+    ) -> Result<T, VirtioPciError> {
+        self.disarm.take();
+        if result.is_err() && self.fired.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(VirtioPciError::SetupTimeout { what });
+        }
+        result
+    }
 }
 
 fn vu(what: &'static str) -> impl FnOnce(vhost::Error) -> VirtioPciError {
@@ -211,7 +272,10 @@ impl VhostUserPciDevice {
             num_queues,
             device_config,
             watch,
-        } = handshake(stream, device_type)?;
+        } = {
+            let deadline = SetupDeadline::arm(&stream)?;
+            deadline.finish("handshake", handshake(stream, device_type))?
+        };
         let device_features = (backend_features & TRANSPORT_FEATURES) | VIRTIO_F_VERSION_1;
         let mut queues = Vec::new();
         for _ in 0..num_queues {
@@ -346,7 +410,8 @@ impl VhostUserPciDevice {
     /// order). Notifications the guest made meanwhile wait in the kick eventfds, and every
     /// ring is kicked once so the new backend looks at it.
     pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VirtioPciError> {
-        let h = handshake(stream, self.device_type)?;
+        let deadline = SetupDeadline::arm(&stream)?;
+        let h = deadline.finish("handshake", handshake(stream, self.device_type))?;
         let missing = self.driver_features & !h.backend_features & !VIRTIO_F_VERSION_1;
         if missing != 0 {
             return Err(VirtioPciError::EventFd(std::io::Error::other(format!(
@@ -368,7 +433,8 @@ impl VhostUserPciDevice {
             );
         }
         if self.active {
-            self.activate(true)?;
+            let deadline = SetupDeadline::arm(&self.watch)?;
+            deadline.finish("setup", self.activate(true))?;
             for q in &self.queues {
                 let _ = q.kick.write(1);
             }
@@ -734,7 +800,9 @@ impl VhostUserPciDevice {
         let was_ok = self.status & 0x04 != 0;
         self.status = status;
         if status & 0x04 != 0 && !was_ok {
-            if let Err(e) = self.activate(false) {
+            let r = SetupDeadline::arm(&self.watch)
+                .and_then(|deadline| deadline.finish("setup", self.activate(false)));
+            if let Err(e) = r {
                 self.log(&format!("activation failed: {e}"));
                 self.status |= 0x40; // DEVICE_NEEDS_RESET
                 self.generation = self.generation.wrapping_add(1);

@@ -599,3 +599,73 @@ fn restart_limit_and_on_failure_stop_a_device_and_device_restart_revives_it() {
     assert_stream_ends_consistent(&d, &con, "limit", &img, 8);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Live processes running `exe`.
+fn processes_of(exe: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|t| t == exe)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_backend_that_never_answers_is_cut_off_and_the_device_is_moved_back() {
+    let test = "a_backend_that_never_answers_is_cut_off_and_the_device_is_moved_back";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("rs-silent", Some(&runner_uids(65000)), false);
+    let (dir, img) = temp_image("restart-silent", 8);
+    let con = stream_vm(&d, "silent", &img, 9, "", "restart always");
+    // Takes the connection, says it is ready, never answers a message.
+    let silent = Path::new(env!("CARGO_BIN_EXE_bulkhead-test-silent-backend"));
+    let out = d.cli(&[
+        "device-upgrade",
+        "silent",
+        "disk0",
+        "--binary",
+        silent.to_str().expect("path"),
+    ]);
+    assert_ne!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    for says in [
+        "backend was refused and ended",
+        "did not finish the vhost-user handshake within 5s",
+    ] {
+        assert!(out.stderr.contains(says), "lacks '{says}'\n{}", out.dump());
+    }
+    // The runner is not wedged (its control channel carries the next reconnect), and
+    // bulkheadd's retry with the silent binary is replaced by the real backend again.
+    let out = d.cli(&[
+        "device-upgrade",
+        "silent",
+        "disk0",
+        "--binary",
+        bin("bulkhead-blk").to_str().expect("path"),
+    ]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(
+        wait_until(STEP, || processes_of(silent).is_empty()),
+        "silent backends left running: {:?}\n{}",
+        processes_of(silent),
+        d.dump()
+    );
+    let log = d.daemon_log();
+    assert!(
+        log.contains("refused: disk0: the backend did not finish the vhost-user handshake"),
+        "bulkheadd says why it ended the silent backend\n{log}"
+    );
+    let info = d.cli(&["info", "silent"]).stdout;
+    assert!(
+        !info.contains("FAILED") && !info.contains("STOPPED"),
+        "{info}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_stream_ends_consistent(&d, &con, "silent", &img, 9);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -685,19 +685,25 @@ impl Daemon {
                     policy,
                     recent: std::collections::VecDeque::new(),
                     alive: false,
+                    refused: None,
+                    refusals: 0,
+                    last_refusal: String::new(),
+                    restarting: false,
                 });
             slot.started = std::time::Instant::now();
         }
         let handed = vec![backend_end, resource, ready_w];
         let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
             .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
-        if let Some(slot) = lock(&vm.slots).get_mut(device) {
-            slot.alive = true;
-        }
         if let Ok(fd) = spawn::pidfd_open(pid) {
             vm.add_backend(fd);
         }
         {
+            // Slots, then record: `alive` and the pid the record names change together.
+            let mut slots = lock(&vm.slots);
+            if let Some(slot) = slots.get_mut(device) {
+                slot.alive = true;
+            }
             let mut rec = lock(&vm.record);
             let record = state::BackendRecord {
                 device: device.to_string(),
@@ -729,15 +735,22 @@ impl Daemon {
             nix::poll::PollFlags::POLLIN,
         )];
         let polled = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(30_000u16))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string());
         let mut byte = [0u8; 1];
-        let got = polled > 0 && std::io::Read::read(&mut &ready, &mut byte).unwrap_or(0) == 1;
-        if !got {
-            return Err(format!(
-                "{device} backend did not start (see logs/{log_name})"
-            ));
+        let started = polled.and_then(|polled| {
+            if polled > 0 && std::io::Read::read(&mut &ready, &mut byte).unwrap_or(0) == 1 {
+                spawn::seal_root(pid, &self.state.sandbox_root())
+                    .map_err(|e| format!("{device}: {e}"))
+            } else {
+                Err(format!(
+                    "{device} backend did not start (see logs/{log_name})"
+                ))
+            }
+        });
+        if let Err(e) = started {
+            self.refuse_backend(vm, device, pid, &e);
+            return Err(e);
         }
-        spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| format!("{device}: {e}"))?;
         Ok(runner_end)
     }
 
@@ -805,9 +818,11 @@ impl Daemon {
                 return;
             };
             let planned = slot.planned.take();
-            let reason = match &planned {
-                Some(p) => format!("{p} ({why})"),
-                None => why,
+            let refused = slot.refused.take();
+            let reason = match (&planned, &refused) {
+                (Some(p), _) => format!("{p} ({why})"),
+                (None, Some(r)) => format!("{why}: refused, {r}"),
+                (None, None) => why,
             };
             let policy = slot.policy;
             let next = if planned.is_some() {
@@ -820,7 +835,7 @@ impl Daemon {
             } else if policy.mode == vmconfig::RestartMode::OnFailure && clean {
                 Next::Stop("it exited cleanly and the restart policy is 'on-failure'".into())
             } else {
-                if slot.started.elapsed() < QUICK {
+                if slot.started.elapsed() < QUICK || refused.is_some() {
                     slot.quick_failures += 1;
                 } else {
                     slot.quick_failures = 0;
@@ -855,6 +870,7 @@ impl Daemon {
                     }
                 }
             };
+            slot.restarting = matches!(next, Next::Restart { .. });
             (reason, next)
         };
         log(&format!("VM '{}': {device} backend {reason}", vm.name));
@@ -891,10 +907,15 @@ impl Daemon {
                 }
             }
         }
-        if vm.is_ending() {
-            return;
+        let result = if vm.is_ending() {
+            Ok(())
+        } else {
+            self.respawn_backend(vm, device)
+        };
+        if let Some(slot) = lock(&vm.slots).get_mut(device) {
+            slot.restarting = false;
         }
-        if let Err(e) = self.respawn_backend(vm, device) {
+        if let Err(e) = result {
             log(&format!(
                 "VM '{}': restarting {device} failed: {e}",
                 vm.name
@@ -925,6 +946,7 @@ impl Daemon {
             .iter()
             .find(|b| b.device == device)
             .map(|b| b.pid);
+        let mut spawned = None;
         let result = self
             .spawn_backend(
                 vm,
@@ -938,6 +960,12 @@ impl Daemon {
                 },
             )
             .and_then(|conn| {
+                // The process just spawned, which the runner may refuse.
+                spawned = lock(&vm.record)
+                    .backends
+                    .iter()
+                    .find(|b| b.device == device)
+                    .map(|b| b.pid);
                 match vm.request_with_fds(
                     &RunnerCommand::ReconnectDevice {
                         device: device.to_string(),
@@ -964,23 +992,58 @@ impl Daemon {
             Err(e) => {
                 // A process that was spawned is watched, and its end is decided by the
                 // policy. Without one, nothing would retry: say so in `info`.
-                let spawned = lock(&vm.record)
+                let new_pid = lock(&vm.record)
                     .backends
                     .iter()
                     .find(|b| b.device == device)
-                    .map(|b| b.pid)
-                    != pid_before;
-                if !spawned {
+                    .map(|b| b.pid);
+                if new_pid == pid_before {
                     let mut rec = lock(&vm.record);
                     if let Some(b) = rec.backends.iter_mut().find(|b| b.device == device) {
                         b.failed = Some(format!("cannot start a backend: {e}"));
                     }
                     drop(rec);
                     vm.save();
+                } else if let Some(pid) = spawned {
+                    self.refuse_backend(vm, device, pid, &e);
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Ends a new backend process that will never serve (it did not become ready, or the
+    /// runner could not set it up: e.g. it accepted the connection and never answered), so
+    /// that it does not hold the device stalled for good. Its exit is counted as a crash at
+    /// start, so a binary that always hangs ends up failed like one that always crashes.
+    fn refuse_backend(&self, vm: &Arc<VmEntry>, device: &str, pid: i32, why: &str) {
+        // Slots, then record: `alive` speaks of the process the record names, and only
+        // while that is still `pid` (not a successor) may `pid` be signalled.
+        let mut slots = lock(&vm.slots);
+        let Some(slot) = slots.get_mut(device) else {
+            return;
+        };
+        let current = lock(&vm.record)
+            .backends
+            .iter()
+            .find(|b| b.device == device)
+            .map(|b| b.pid);
+        // Not when it is being ended on request (a restart or upgrade killed it while it
+        // was being set up), nor once it is gone: its watcher decides by the usual rules.
+        if current != Some(pid) || !slot.alive || slot.planned.is_some() {
+            return;
+        }
+        slot.refusals += 1;
+        slot.last_refusal = why.to_string();
+        slot.refused = Some(why.to_string());
+        log(&format!(
+            "VM '{}': {device} backend (pid {pid}) refused: {why}; ending it",
+            vm.name
+        ));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 
     /// Restarts a device's backend (or upgrades it to `binary`) under a running guest.
@@ -1016,6 +1079,7 @@ impl Daemon {
             })?;
         // An administrator's restart also revives a device that was failed or stopped: its
         // crash counters start over.
+        let refusals_before;
         let alive = {
             let mut slots = lock(&vm.slots);
             let slot = slots.get_mut(device).ok_or_else(|| {
@@ -1035,18 +1099,27 @@ impl Daemon {
             }
             slot.quick_failures = 0;
             slot.recent.clear();
+            refusals_before = slot.refusals;
             if slot.alive {
                 // Not yet reaped (the watcher clears `alive` under this lock before it
-                // reaps), so the pid is still this backend's.
+                // reaps), so the pid the record names now is still this backend's.
+                let current = lock(&vm.record)
+                    .backends
+                    .iter()
+                    .find(|b| b.device == device)
+                    .map_or(old_pid, |b| b.pid);
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(old_pid),
+                    nix::unistd::Pid::from_raw(current),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             } else {
-                // No process will exit to trigger the restart: start one here.
+                // No process will exit to trigger the restart: one is started here, or the
+                // restart already under way is waited for.
                 slot.planned = None;
             }
-            slot.alive
+            // A restart already under way picks up the new binary; only start one if none
+            // is coming.
+            slot.alive || slot.restarting
         };
         {
             let mut rec = lock(&vm.record);
@@ -1095,6 +1168,18 @@ impl Daemon {
                 return Err(fail(
                     ErrorCode::Internal,
                     format!("{device} stopped: {why}"),
+                ));
+            }
+            let refused = lock(&vm.slots)
+                .get(device)
+                .filter(|s| s.refusals > refusals_before)
+                .map(|s| s.last_refusal.clone());
+            if let Some(why) = refused {
+                return Err(fail(
+                    ErrorCode::Internal,
+                    format!(
+                        "the new {device} backend was refused and ended: {why}; bulkheadd keeps trying by the restart policy (see `bulkhead info {name}`)"
+                    ),
                 ));
             }
             if pid != old_pid && restarts > old_restarts {

@@ -62,6 +62,16 @@ pub struct DeviceSlot {
     /// A process serves the device (false once it ended, until one is started again). While
     /// true, its pid is not yet reaped, so it may be signalled without a pid-reuse race.
     pub alive: bool,
+    /// Why the current process was refused (it never became ready, or the runner could not
+    /// set it up in time) and killed: its exit then counts as a crash at start.
+    pub refused: Option<String>,
+    /// How many processes were refused so far, and why the last one was (an upgrade
+    /// watches this to answer early).
+    pub refusals: u32,
+    pub last_refusal: String,
+    /// A restart is under way (its back-off, or the spawn): a request to start the device
+    /// waits for that one instead of starting a second process beside it.
+    pub restarting: bool,
 }
 
 /// A VM known to `bulkheadd`.

@@ -395,6 +395,14 @@ impl Bulkheadd {
         last.unwrap_or_default()
     }
 
+    /// What the running daemon wrote to stderr so far.
+    pub fn daemon_log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(|d| d.stderr.text())
+            .unwrap_or_default()
+    }
+
     pub fn log_path(&self, vm: &str) -> PathBuf {
         self.state.join("logs").join(format!("{vm}.log"))
     }
