@@ -3,8 +3,9 @@
 # The same test guest streams writes (2 vCPUs, 2 queues) and reports every request that
 # took >= 2 ms (`blk-stall-ms=2`, a `blk-stall:` console line); the disk backend is
 # SIGKILLed N times (default 100), 0.3 s apart once the guest has moved on.
-#  (a) bulkheadd + bulkhead-runner + bulkhead-blk: bulkheadd respawns the backend and the
-#      runner replays the setup. Three times per kill: to the new backend being connected
+#  (a) bulkheadd + bulkhead-runner + bulkhead-blk: bulkheadd hands the runner the disk's
+#      standby backend (or respawns one) and the runner replays the setup. Three times per
+#      kill: to the new backend being connected
 #      (bulkheadd records the restart once the runner has replayed the setup and kicked the
 #      queues), to the first request the new backend completes (its log line carries a
 #      CLOCK_MONOTONIC reading, the clock Python's time.monotonic() reads), and the longest

@@ -222,10 +222,21 @@ fn backend_pid(d: &Bulkheadd, vm: &str, index: usize) -> i32 {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|p| p.trim_end_matches(',').parse().ok())
         .unwrap_or_else(|| panic!("disk {index} of {vm} names no bulkhead-blk pid: {line}"));
-    assert_eq!(
-        d.disk_backends(vm, index),
-        vec![pid],
-        "the process writing {vm}'s disk{index} log is not the pid info names ({line})\n{}",
+    // The processes writing the disk's log: this one, and the standby info names once it
+    // is ready (one may be starting: it is not named yet).
+    let standby: Option<i32> = line
+        .split("standby pid ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok());
+    let writers = d.disk_backends(vm, index);
+    assert!(
+        writers.contains(&pid)
+            && writers
+                .iter()
+                .all(|w| *w == pid || standby.is_none_or(|s| s == *w))
+            && writers.len() <= 2,
+        "the processes writing {vm}'s disk{index} log ({writers:?}) are not the ones info names ({line})\n{}",
         d.dump()
     );
     pid

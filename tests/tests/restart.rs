@@ -132,8 +132,22 @@ fn console_text(con: &Running, needle: &str, deadline: Duration) -> String {
     con.stdout.text()
 }
 
+/// The pid `info` names as serving the VM's disk0 (the first ` pid ` on its line; a
+/// standby's comes later), if that process is alive.
 fn backend_pid(d: &Bulkheadd, vm: &str) -> Option<i32> {
-    d.disk_backends(vm, 0).into_iter().next()
+    info_pid(d, vm, " pid ").filter(|p| d.disk_backends(vm, 0).contains(p))
+}
+
+/// The pid after `key` on the disk0 line of `info`.
+fn info_pid(d: &Bulkheadd, vm: &str, key: &str) -> Option<i32> {
+    let info = d.cli(&["info", vm]).stdout;
+    let line = info.lines().find(|l| l.contains("disk0:"))?;
+    line.split(key)
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -151,7 +165,13 @@ fn disk_backend_killed_50_times_loses_nothing() {
     console_text(&con, "blk0:", STEP);
     let mut jitter = Jitter(0x5eed_1234_abcd_0001);
     let mut kills = 0;
+    let mut takeovers = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
+    assert!(
+        wait_until(STEP, || info_pid(&d, "stream", "standby pid ").is_some()),
+        "the disk got no standby backend\n{}",
+        d.cli(&["info", "stream"]).stdout
+    );
     while kills < 50 {
         assert!(
             Instant::now() < deadline,
@@ -164,12 +184,29 @@ fn disk_backend_killed_50_times_loses_nothing() {
             continue;
         };
         std::thread::sleep(Duration::from_millis(jitter.next_ms(300, 700)));
+        // A ready standby (info names it) is the one that takes over.
+        let standby = info_pid(&d, "stream", "standby pid ");
         send_signal(pid, libc::SIGKILL);
         kills += 1;
         // Wait for the replacement to be serving before the next kill.
         let replaced = wait_until(STEP, || backend_pid(&d, "stream").is_some_and(|p| p != pid));
         assert!(replaced, "no new backend after kill {kills}\n{}", d.dump());
+        if let Some(s) = standby {
+            assert_eq!(
+                backend_pid(&d, "stream"),
+                Some(s),
+                "kill {kills}: the standby did not take over\n{}",
+                d.daemon_log()
+            );
+            takeovers += 1;
+        }
     }
+    eprintln!("{kills} kills: the standby took over {takeovers} times");
+    assert!(
+        takeovers >= kills / 2,
+        "a standby was ready for only {takeovers} of {kills} kills\n{}",
+        d.daemon_log()
+    );
     // Let the stream run on the last backend for a moment, then stop the VM mid-stream.
     std::thread::sleep(Duration::from_millis(500));
     let text = con.stdout.text();

@@ -615,6 +615,20 @@ impl Daemon {
         device: &str,
         launch: BackendLaunch,
     ) -> Result<UnixStream, String> {
+        self.launch_backend(vm, device, launch, false)?
+            .ok_or_else(|| format!("{device}: no connection"))
+    }
+
+    /// [`Self::spawn_backend`], or with `standby` the same process started as the device's
+    /// standby: it is not recorded as serving, and its connection is kept in the slot
+    /// (returns None) until it takes over.
+    fn launch_backend(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        launch: BackendLaunch,
+        standby: bool,
+    ) -> Result<Option<UnixStream>, String> {
         let BackendLaunch {
             binary,
             args: extra_args,
@@ -653,8 +667,9 @@ impl Daemon {
             use std::io::Write;
             let _ = writeln!(
                 log_file,
-                "bulkheadd: starting {} for {device}",
-                binary.display()
+                "bulkheadd: starting {} for {device}{}",
+                binary.display(),
+                if standby { " (standby)" } else { "" }
             );
         }
         let mut args: Vec<String> = vec![
@@ -689,8 +704,12 @@ impl Daemon {
                     refusals: 0,
                     last_refusal: String::new(),
                     restarting: false,
+                    standby: None,
+                    standby_starting: false,
                 });
-            slot.started = std::time::Instant::now();
+            if !standby {
+                slot.started = std::time::Instant::now();
+            }
         }
         let handed = vec![backend_end, resource, ready_w];
         let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
@@ -698,7 +717,20 @@ impl Daemon {
         if let Ok(fd) = spawn::pidfd_open(pid) {
             vm.add_backend(fd);
         }
-        {
+        let mut runner_end = Some(runner_end);
+        if standby {
+            // In the slot before its watcher starts, so the watcher finds it there.
+            let mut slots = lock(&vm.slots);
+            if let (Some(slot), Some(conn)) = (slots.get_mut(device), runner_end.take()) {
+                slot.standby = Some(vm::Standby {
+                    pid,
+                    binary: binary.to_path_buf(),
+                    conn,
+                    ready: false,
+                    started: std::time::Instant::now(),
+                });
+            }
+        } else {
             // Slots, then record: `alive` and the pid the record names change together.
             let mut slots = lock(&vm.slots);
             if let Some(slot) = slots.get_mut(device) {
@@ -715,6 +747,7 @@ impl Daemon {
                 failed: None,
                 stopped: None,
                 restart_policy: policy.to_string(),
+                standby_pid: None,
             };
             match rec.backends.iter_mut().find(|b| b.device == device) {
                 Some(b) => {
@@ -724,8 +757,10 @@ impl Daemon {
                 }
                 None => rec.backends.push(record),
             }
+            drop(rec);
+            drop(slots);
+            vm.save();
         }
-        vm.save();
         self.watch_backend(vm, device, pid);
         // The backend writes one byte once it runs (its libraries are loaded): only then
         // may its root be taken away.
@@ -748,10 +783,131 @@ impl Daemon {
             }
         });
         if let Err(e) = started {
-            self.refuse_backend(vm, device, pid, &e);
+            if standby {
+                self.drop_standby(vm, device, pid, &e);
+            } else {
+                self.refuse_backend(vm, device, pid, &e);
+            }
             return Err(e);
         }
+        if standby {
+            let mut slots = lock(&vm.slots);
+            if let Some(s) = slots
+                .get_mut(device)
+                .and_then(|slot| slot.standby.as_mut())
+                .filter(|s| s.pid == pid)
+            {
+                s.ready = true;
+                if let Some(b) = lock(&vm.record)
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.device == device)
+                {
+                    b.standby_pid = Some(pid);
+                }
+            }
+        }
         Ok(runner_end)
+    }
+
+    /// Starts a standby backend for `device` in the background, if it should have one: a
+    /// disk whose restart policy restarts it, with no standby yet, in a VM that runs on.
+    fn keep_standby(&self, vm: &Arc<VmEntry>, device: &str) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if !device.starts_with("disk") || vm.is_ending() {
+            return;
+        }
+        let launch = {
+            let mut slots = lock(&vm.slots);
+            let Some(slot) = slots.get_mut(device) else {
+                return;
+            };
+            if slot.standby.is_some()
+                || slot.standby_starting
+                || slot.policy.mode == vmconfig::RestartMode::Never
+            {
+                return;
+            }
+            let Ok(resource) = slot.resource.try_clone() else {
+                return;
+            };
+            slot.standby_starting = true;
+            BackendLaunch {
+                binary: slot.binary.clone(),
+                args: slot.args.clone(),
+                resource,
+                uid: slot.uid,
+                policy: slot.policy,
+            }
+        };
+        let vm = vm.clone();
+        let device = device.to_string();
+        let _ = std::thread::Builder::new()
+            .name(format!("standby-{device}"))
+            .spawn(move || {
+                if let Err(e) = me.launch_backend(&vm, &device, launch, true) {
+                    log(&format!(
+                        "VM '{}': {device}: no standby backend: {e}",
+                        vm.name
+                    ));
+                }
+                if let Some(slot) = lock(&vm.slots).get_mut(&device) {
+                    slot.standby_starting = false;
+                }
+            });
+    }
+
+    /// Ends `device`'s standby `pid` if it is still the slot's (so unreaped), saying why.
+    fn drop_standby(&self, vm: &Arc<VmEntry>, device: &str, pid: i32, why: &str) {
+        let mut slots = lock(&vm.slots);
+        let Some(slot) = slots.get_mut(device) else {
+            return;
+        };
+        if slot.standby.as_ref().is_some_and(|s| s.pid == pid) {
+            slot.standby = None;
+            if let Some(b) = lock(&vm.record)
+                .backends
+                .iter_mut()
+                .find(|b| b.device == device)
+            {
+                b.standby_pid = None;
+            }
+            log(&format!(
+                "VM '{}': {device} standby (pid {pid}) ended: {why}",
+                vm.name
+            ));
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// Makes `device`'s ready standby (of the slot's binary) the serving backend: the
+    /// record names it from here on. Returns its pid and the runner's end of its
+    /// connection. A standby of another binary is ended instead.
+    fn take_standby(&self, vm: &Arc<VmEntry>, device: &str) -> Option<(i32, UnixStream)> {
+        let mut slots = lock(&vm.slots);
+        let slot = slots.get_mut(device)?;
+        let s = slot.standby.take()?;
+        let mut rec = lock(&vm.record);
+        let b = rec.backends.iter_mut().find(|b| b.device == device)?;
+        b.standby_pid = None;
+        if !s.ready || s.binary != slot.binary {
+            // Still in the slot until now, so unreaped.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(s.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return None;
+        }
+        b.pid = s.pid;
+        b.binary = s.binary.display().to_string();
+        slot.alive = true;
+        slot.started = std::time::Instant::now();
+        Some((s.pid, s.conn))
     }
 
     /// Watches a backend process; when it ends while the VM runs, restarts it (unless it
@@ -776,12 +932,49 @@ impl Daemon {
                         Err(nix::errno::Errno::EINTR)
                     ) {}
                 }
-                // Not alive from here on: nobody signals the pid once it may be reaped.
-                if let Some(slot) = lock(&vm.slots).get_mut(&device) {
-                    slot.alive = false;
-                }
+                // Which process ended: the serving one (the record names it), the standby,
+                // or one already set aside. Not alive (or out of the slot) from here on:
+                // nobody signals the pid once it may be reaped.
+                let (serving, standby_life) = {
+                    let mut slots = lock(&vm.slots);
+                    let mut rec = lock(&vm.record);
+                    let b = rec.backends.iter_mut().find(|b| b.device == device);
+                    let serving = b.as_ref().is_some_and(|b| b.pid == pid);
+                    let mut standby_life = None;
+                    if let Some(slot) = slots.get_mut(&device) {
+                        if serving {
+                            slot.alive = false;
+                        } else if slot.standby.as_ref().is_some_and(|s| s.pid == pid) {
+                            standby_life = slot.standby.take().map(|s| s.started.elapsed());
+                            if let Some(b) = b {
+                                b.standby_pid = None;
+                            }
+                        }
+                    }
+                    (serving, standby_life)
+                };
                 let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).ok();
                 if vm.is_ending() {
+                    return;
+                }
+                if !serving {
+                    if let Some(life) = standby_life {
+                        // A standby that lived a while is replaced; one that died at once
+                        // (a binary that crashes) is not, until the next restart.
+                        let again = life >= Duration::from_secs(1);
+                        log(&format!(
+                            "VM '{}': {device} standby (pid {pid}) ended ({status:?}){}",
+                            vm.name,
+                            if again {
+                                "; starting another"
+                            } else {
+                                "; none kept until the next restart"
+                            }
+                        ));
+                        if again {
+                            me.keep_standby(&vm, &device);
+                        }
+                    }
                     return;
                 }
                 let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
@@ -947,8 +1140,16 @@ impl Daemon {
             .find(|b| b.device == device)
             .map(|b| b.pid);
         let mut spawned = None;
-        let result = self
-            .spawn_backend(
+        let standby = self.take_standby(vm, device);
+        let connection = match standby {
+            Some((pid, conn)) => {
+                log(&format!(
+                    "VM '{}': {device}: standby backend (pid {pid}) takes over",
+                    vm.name
+                ));
+                Ok(conn)
+            }
+            None => self.spawn_backend(
                 vm,
                 device,
                 BackendLaunch {
@@ -958,26 +1159,27 @@ impl Daemon {
                     uid,
                     policy,
                 },
-            )
-            .and_then(|conn| {
-                // The process just spawned, which the runner may refuse.
-                spawned = lock(&vm.record)
-                    .backends
-                    .iter()
-                    .find(|b| b.device == device)
-                    .map(|b| b.pid);
-                match vm.request_with_fds(
-                    &RunnerCommand::ReconnectDevice {
-                        device: device.to_string(),
-                    },
-                    &[conn.as_fd()],
-                    Duration::from_secs(20),
-                )? {
-                    RunnerEvent::DeviceReconnected { .. } => Ok(()),
-                    RunnerEvent::Error { message } => Err(message),
-                    other => Err(format!("unexpected answer: {other:?}")),
-                }
-            });
+            ),
+        };
+        let result = connection.and_then(|conn| {
+            // The process just spawned, which the runner may refuse.
+            spawned = lock(&vm.record)
+                .backends
+                .iter()
+                .find(|b| b.device == device)
+                .map(|b| b.pid);
+            match vm.request_with_fds(
+                &RunnerCommand::ReconnectDevice {
+                    device: device.to_string(),
+                },
+                &[conn.as_fd()],
+                Duration::from_secs(20),
+            )? {
+                RunnerEvent::DeviceReconnected { .. } => Ok(()),
+                RunnerEvent::Error { message } => Err(message),
+                other => Err(format!("unexpected answer: {other:?}")),
+            }
+        });
         match result {
             Ok(()) => {
                 let mut rec = lock(&vm.record);
@@ -987,6 +1189,7 @@ impl Daemon {
                 drop(rec);
                 vm.save();
                 log(&format!("VM '{}': {device} backend restarted", vm.name));
+                self.keep_standby(vm, device);
                 Ok(())
             }
             Err(e) => {
@@ -1029,8 +1232,9 @@ impl Daemon {
             .find(|b| b.device == device)
             .map(|b| b.pid);
         // Not when it is being ended on request (a restart or upgrade killed it while it
-        // was being set up), nor once it is gone: its watcher decides by the usual rules.
-        if current != Some(pid) || !slot.alive || slot.planned.is_some() {
+        // was being set up), nor once it has ended on its own (e.g. exited before it said it
+        // was ready): its watcher decides by the usual rules.
+        if current != Some(pid) || !slot.alive || slot.planned.is_some() || !still_running(pid) {
             return;
         }
         slot.refusals += 1;
@@ -1094,6 +1298,8 @@ impl Daemon {
                     .map_err(|e| fail(ErrorCode::BadConfig, format!("{}: {e}", b.display())))?;
                 slot.binary = b;
                 slot.planned = Some(format!("upgraded to {}", slot.binary.display()));
+                // A standby runs the old binary: it is ended when it would take over
+                // (take_standby), and a new one of the new binary follows the upgrade.
             } else {
                 slot.planned = Some("restarted on request".into());
             }
@@ -1291,6 +1497,10 @@ impl Daemon {
         vm.set_state(VmState::Running);
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
+        // Each disk gets a standby backend, started in the background once the guest runs.
+        for i in 0..disk_count {
+            self.keep_standby(vm, &format!("disk{i}"));
+        }
         Ok(detail)
     }
 
@@ -1379,6 +1589,18 @@ fn summary(vm: &VmEntry) -> VmSummary {
     }
 }
 
+/// Whether child `pid` has not exited yet (it is not reaped by this check).
+fn still_running(pid: i32) -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    matches!(
+        waitid(
+            Id::Pid(nix::unistd::Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ),
+        Ok(WaitStatus::StillAlive)
+    )
+}
+
 /// What a device's backend process is started with (the same on every restart).
 struct BackendLaunch {
     /// The backend binary.
@@ -1405,6 +1627,9 @@ fn backend_words(b: &state::BackendRecord) -> String {
     );
     if !b.restart_policy.is_empty() {
         s.push_str(&format!(", restart {}", b.restart_policy));
+    }
+    if let Some(p) = b.standby_pid {
+        s.push_str(&format!(", standby pid {p}"));
     }
     if let Some(e) = &b.last_exit {
         s.push_str(&format!(", last exit: {e}"));

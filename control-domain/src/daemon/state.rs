@@ -58,6 +58,9 @@ pub struct BackendRecord {
     /// Its restart policy, as `info` shows it.
     #[serde(default)]
     pub restart_policy: String,
+    /// The standby backend waiting to take over, if one is ready.
+    #[serde(default)]
+    pub standby_pid: Option<i32>,
 }
 
 /// The state directory.

@@ -72,6 +72,27 @@ pub struct DeviceSlot {
     /// A restart is under way (its back-off, or the spawn): a request to start the device
     /// waits for that one instead of starting a second process beside it.
     pub restarting: bool,
+    /// The device's standby backend, if one is kept (disks).
+    pub standby: Option<Standby>,
+    /// A standby is being started.
+    pub standby_starting: bool,
+}
+
+/// A backend process started ahead of need: sandboxed like the serving one, handed the same
+/// image and a vhost-user connection of its own, which it has accepted and set up; it waits
+/// for the runner. When the serving backend dies, the runner gets `conn` and the standby
+/// takes over, so a restart skips the spawn, the exec and the backend's start-up.
+pub struct Standby {
+    /// Its pid. Unreaped while it is in the slot: its watcher takes it out first.
+    pub pid: i32,
+    /// The binary it runs (a standby of another binary than the slot's is not used).
+    pub binary: std::path::PathBuf,
+    /// The runner's end of its connection.
+    pub conn: std::os::unix::net::UnixStream,
+    /// It signalled ready and its root is sealed: it may take over.
+    pub ready: bool,
+    /// When it was started.
+    pub started: std::time::Instant,
 }
 
 /// A VM known to `bulkheadd`.
