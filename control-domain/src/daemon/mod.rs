@@ -1537,6 +1537,10 @@ impl Daemon {
     }
 
     fn adopt(&self, vm: &Arc<VmEntry>, rec: &VmRecord) -> Result<(), String> {
+        // Standby backends end with the daemon that held their connections.
+        for b in lock(&vm.record).backends.iter_mut() {
+            b.standby_pid = None;
+        }
         let pid = rec.runner_pid.ok_or("no runner pid recorded")?;
         let sock = self.state.socket_path(&vm.name);
         let gone = |e: String| {
