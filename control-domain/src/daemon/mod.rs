@@ -878,10 +878,7 @@ impl Daemon {
                 "VM '{}': {device} standby (pid {pid}) ended: {why}",
                 vm.name
             ));
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            sigkill(pid);
         }
     }
 
@@ -897,10 +894,7 @@ impl Daemon {
         b.standby_pid = None;
         if !s.ready || s.binary != slot.binary {
             // Still in the slot until now, so unreaped.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(s.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            sigkill(s.pid);
             return None;
         }
         b.pid = s.pid;
@@ -1244,10 +1238,7 @@ impl Daemon {
             "VM '{}': {device} backend (pid {pid}) refused: {why}; ending it",
             vm.name
         ));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        sigkill(pid);
     }
 
     /// Restarts a device's backend (or upgrades it to `binary`) under a running guest.
@@ -1314,10 +1305,7 @@ impl Daemon {
                     .iter()
                     .find(|b| b.device == device)
                     .map_or(old_pid, |b| b.pid);
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(current),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                sigkill(current);
             } else {
                 // No process will exit to trigger the restart: one is started here, or the
                 // restart already under way is waited for.
@@ -1591,6 +1579,14 @@ fn summary(vm: &VmEntry) -> VmSummary {
         runner_pid: rec.runner_pid.filter(|_| live),
         uptime_secs: vm.uptime(),
     }
+}
+
+/// Sends SIGKILL to `pid`. Callers make sure it is still unreaped (so not a reused pid).
+fn sigkill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 /// Whether child `pid` has not exited yet (it is not reaped by this check).
