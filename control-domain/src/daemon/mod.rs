@@ -639,11 +639,15 @@ impl Daemon {
         let binary = binary.as_path();
         // A listener with the runner's connection already queued: the backend accepts it and
         // closes the listener, so it ends up holding one socket, the vhost-user connection.
+        // A name of its own: a standby and a serving backend of one device may be started
+        // at the same time, and each must connect to its own listener.
+        static SPAWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self
             .state
             .path()
             .join("run")
-            .join(format!("{}.{device}.sock", vm.name));
+            .join(format!("{}.{device}.{n}.sock", vm.name));
         let _ = std::fs::remove_file(&path);
         let listener = std::os::unix::net::UnixListener::bind(&path)
             .map_err(|e| format!("{device} socket: {e}"))?;
