@@ -91,7 +91,7 @@ pub const SETUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5
 /// retries a timed-out receive forever, so a backend that accepted and never answers
 /// would hold the caller for good; a shut-down socket makes every wait on it end.
 struct SetupDeadline {
-    disarm: Option<std::sync::mpsc::Sender<()>>,
+    disarm: std::sync::mpsc::Sender<()>,
     fired: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -112,21 +112,19 @@ impl SetupDeadline {
                 }
             })
             .map_err(VirtioPciError::EventFd)?;
-        Ok(Self {
-            disarm: Some(disarm),
-            fired,
-        })
+        Ok(Self { disarm, fired })
     }
 
     /// Disarms the deadline; `result` becomes a [`VirtioPciError::SetupTimeout`] if it
     /// fired (the error the cut caused says less).
     fn finish<T>(
-        mut self,
+        self,
         what: &'static str,
         result: Result<T, VirtioPciError>,
     ) -> Result<T, VirtioPciError> {
-        self.disarm.take();
-        if result.is_err() && self.fired.load(std::sync::atomic::Ordering::SeqCst) {
+        let Self { disarm, fired } = self;
+        drop(disarm);
+        if result.is_err() && fired.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(VirtioPciError::SetupTimeout { what });
         }
         result

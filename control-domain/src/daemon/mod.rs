@@ -567,6 +567,7 @@ impl Daemon {
                 policy: disk.restart_policy(),
             },
         )
+        .map(|(_, conn)| conn)
     }
 
     /// Creates NIC `index`'s tap on its network's bridge and spawns one sandboxed
@@ -603,32 +604,35 @@ impl Daemon {
                 policy: nic.restart_policy(),
             },
         )
+        .map(|(_, conn)| conn)
     }
 
     /// Spawns a sandboxed vhost-user backend with fd 3 = a listener holding the runner's
     /// queued connection, fd 4 =
     /// `resource` (image or tap), fd 5 = a ready pipe; waits until it runs, then empties its
-    /// root. Returns the runner's end of the connection.
+    /// root. Returns its pid and the runner's end of the connection.
     fn spawn_backend(
         &self,
         vm: &Arc<VmEntry>,
         device: &str,
         launch: BackendLaunch,
-    ) -> Result<UnixStream, String> {
-        self.launch_backend(vm, device, launch, false)?
-            .ok_or_else(|| format!("{device}: no connection"))
+    ) -> Result<(i32, UnixStream), String> {
+        match self.launch_backend(vm, device, launch, false)? {
+            (pid, Some(conn)) => Ok((pid, conn)),
+            (_, None) => Err(format!("{device}: no connection")),
+        }
     }
 
     /// [`Self::spawn_backend`], or with `standby` the same process started as the device's
     /// standby: it is not recorded as serving, and its connection is kept in the slot
-    /// (returns None) until it takes over.
+    /// (None is returned) until it takes over.
     fn launch_backend(
         &self,
         vm: &Arc<VmEntry>,
         device: &str,
         launch: BackendLaunch,
         standby: bool,
-    ) -> Result<Option<UnixStream>, String> {
+    ) -> Result<(i32, Option<UnixStream>), String> {
         let BackendLaunch {
             binary,
             args: extra_args,
@@ -811,7 +815,7 @@ impl Daemon {
                 }
             }
         }
-        Ok(runner_end)
+        Ok((pid, runner_end))
     }
 
     /// Starts a standby backend for `device` in the background, if it should have one: a
@@ -834,17 +838,11 @@ impl Daemon {
             {
                 return;
             }
-            let Ok(resource) = slot.resource.try_clone() else {
+            let Ok(launch) = BackendLaunch::from_slot(slot, device) else {
                 return;
             };
             slot.standby_starting = true;
-            BackendLaunch {
-                binary: slot.binary.clone(),
-                args: slot.args.clone(),
-                resource,
-                uid: slot.uid,
-                policy: slot.policy,
-            }
+            launch
         };
         let vm = vm.clone();
         let device = device.to_string();
@@ -955,13 +953,23 @@ impl Daemon {
                 if vm.is_ending() {
                     return;
                 }
+                let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
+                let why = match status {
+                    Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                        format!("killed by {sig}")
+                    }
+                    Some(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                        format!("exited with status {code}")
+                    }
+                    _ => "ended".to_string(),
+                };
                 if !serving {
                     if let Some(life) = standby_life {
                         // A standby that lived a while is replaced; one that died at once
                         // (a binary that crashes) is not, until the next restart.
                         let again = life >= Duration::from_secs(1);
                         log(&format!(
-                            "VM '{}': {device} standby (pid {pid}) ended ({status:?}){}",
+                            "VM '{}': {device} standby (pid {pid}) {why}{}",
                             vm.name,
                             if again {
                                 "; starting another"
@@ -975,16 +983,6 @@ impl Daemon {
                     }
                     return;
                 }
-                let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
-                let why = match status {
-                    Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
-                        format!("killed by {sig}")
-                    }
-                    Some(nix::sys::wait::WaitStatus::Exited(_, code)) => {
-                        format!("exited with status {code}")
-                    }
-                    _ => "ended".to_string(),
-                };
                 me.restart_backend(&vm, &device, why, clean);
             });
     }
@@ -1117,67 +1115,45 @@ impl Daemon {
     /// Starts a new backend process for `device` from its slot (same resource, binary,
     /// arguments, uid) and hands the runner the new connection.
     fn respawn_backend(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
-        let slot = {
-            let slots = lock(&vm.slots);
-            slots.get(device).map(|s| {
-                (
-                    s.resource.try_clone(),
-                    s.binary.clone(),
-                    s.args.clone(),
-                    s.uid,
-                    s.policy,
-                )
-            })
-        };
-        let (resource, binary, args, uid, policy) =
-            slot.ok_or_else(|| format!("'{device}' is not restartable (re-adopted VM?)"))?;
-        let resource = resource.map_err(|e| format!("{device}: {e}"))?;
         let pid_before = lock(&vm.record)
             .backends
             .iter()
             .find(|b| b.device == device)
             .map(|b| b.pid);
-        let mut spawned = None;
-        let standby = self.take_standby(vm, device);
-        let connection = match standby {
+        let connection = match self.take_standby(vm, device) {
             Some((pid, conn)) => {
                 log(&format!(
                     "VM '{}': {device}: standby backend (pid {pid}) takes over",
                     vm.name
                 ));
-                Ok(conn)
+                Ok((pid, conn))
             }
-            None => self.spawn_backend(
-                vm,
-                device,
-                BackendLaunch {
-                    binary,
-                    args,
-                    resource,
-                    uid,
-                    policy,
-                },
-            ),
+            None => {
+                let launch = lock(&vm.slots)
+                    .get(device)
+                    .ok_or_else(|| format!("'{device}' is not restartable (re-adopted VM?)"))
+                    .and_then(|slot| BackendLaunch::from_slot(slot, device));
+                launch.and_then(|launch| self.spawn_backend(vm, device, launch))
+            }
         };
-        let result = connection.and_then(|conn| {
-            // The process just spawned, which the runner may refuse.
-            spawned = lock(&vm.record)
-                .backends
-                .iter()
-                .find(|b| b.device == device)
-                .map(|b| b.pid);
-            match vm.request_with_fds(
-                &RunnerCommand::ReconnectDevice {
-                    device: device.to_string(),
-                },
-                &[conn.as_fd()],
-                Duration::from_secs(20),
-            )? {
-                RunnerEvent::DeviceReconnected { .. } => Ok(()),
-                RunnerEvent::Error { message } => Err(message),
-                other => Err(format!("unexpected answer: {other:?}")),
+        // The error, and the new process if there is one (which the runner refused).
+        let result = match connection {
+            Err(e) => Err((None, e)),
+            Ok((pid, conn)) => {
+                match vm.request_with_fds(
+                    &RunnerCommand::ReconnectDevice {
+                        device: device.to_string(),
+                    },
+                    &[conn.as_fd()],
+                    Duration::from_secs(20),
+                ) {
+                    Ok(RunnerEvent::DeviceReconnected { .. }) => Ok(()),
+                    Ok(RunnerEvent::Error { message }) => Err((Some(pid), message)),
+                    Ok(other) => Err((Some(pid), format!("unexpected answer: {other:?}"))),
+                    Err(e) => Err((Some(pid), e)),
+                }
             }
-        });
+        };
         match result {
             Ok(()) => {
                 let mut rec = lock(&vm.record);
@@ -1190,23 +1166,22 @@ impl Daemon {
                 self.keep_standby(vm, device);
                 Ok(())
             }
-            Err(e) => {
+            Err((Some(pid), e)) => {
+                self.refuse_backend(vm, device, pid, &e);
+                Err(e)
+            }
+            Err((None, e)) => {
                 // A process that was spawned is watched, and its end is decided by the
                 // policy. Without one, nothing would retry: say so in `info`.
-                let new_pid = lock(&vm.record)
+                let mut rec = lock(&vm.record);
+                if let Some(b) = rec
                     .backends
-                    .iter()
-                    .find(|b| b.device == device)
-                    .map(|b| b.pid);
-                if new_pid == pid_before {
-                    let mut rec = lock(&vm.record);
-                    if let Some(b) = rec.backends.iter_mut().find(|b| b.device == device) {
-                        b.failed = Some(format!("cannot start a backend: {e}"));
-                    }
+                    .iter_mut()
+                    .find(|b| b.device == device && Some(b.pid) == pid_before)
+                {
+                    b.failed = Some(format!("cannot start a backend: {e}"));
                     drop(rec);
                     vm.save();
-                } else if let Some(pid) = spawned {
-                    self.refuse_backend(vm, device, pid, &e);
                 }
                 Err(e)
             }
@@ -1617,6 +1592,22 @@ struct BackendLaunch {
     uid: u32,
     /// When it is restarted.
     policy: vmconfig::RestartPolicy,
+}
+
+impl BackendLaunch {
+    /// What the slot starts its device's backend with.
+    fn from_slot(slot: &vm::DeviceSlot, device: &str) -> Result<Self, String> {
+        Ok(Self {
+            binary: slot.binary.clone(),
+            args: slot.args.clone(),
+            resource: slot
+                .resource
+                .try_clone()
+                .map_err(|e| format!("{device}: {e}"))?,
+            uid: slot.uid,
+            policy: slot.policy,
+        })
+    }
 }
 
 /// How `info` describes a device's backend process.
