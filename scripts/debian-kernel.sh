@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Fetches Debian's cloud kernel package (apt-get download, no install) and extracts its
 # bzImage (vmlinuz) and the ELF vmlinux inside it, cached under target/debian-kernel/.
-# Prints the cache directory. Used by the loader tests; safe to run repeatedly.
+# Prints the cache directory; safe to run repeatedly. scripts/test.sh runs it once before
+# the tests; the loader tests call it with --no-fetch, which only prints a complete cache
+# (exit 3 and a message when there is none), so no test ever runs apt-get.
 set -euo pipefail
+fetch=1
+[ "${1:-}" = --no-fetch ] && fetch=0
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${BULKHEAD_DEBIAN_KERNEL_DIR:-"${CARGO_TARGET_DIR:-$root/target}/debian-kernel"}
@@ -10,8 +14,12 @@ if [ -s "$out/vmlinuz" ] && [ -s "$out/vmlinux" ]; then
   echo "$out"
   exit 0
 fi
+if [ $fetch -eq 0 ]; then
+  echo "debian-kernel: no cached kernel in $out; fetch it with: bash scripts/debian-kernel.sh" >&2
+  exit 3
+fi
 mkdir -p "$out"
-# Tests run this concurrently: one fetches while the others wait, and the files appear
+# Callers may run this concurrently: one fetches while the others wait, and the files appear
 # whole (renamed into place), never half-copied.
 exec 9>"$out/.lock"
 flock 9

@@ -16,7 +16,7 @@
 # build is reused ("cache hit"). The directory is the last (only) line on stdout:
 #   d=$(scripts/guest-image.sh); initrd=$d/initramfs.cpio.gz
 # Test disks are left to the tests (e.g. `truncate -s 64M /tmp/disk.img`).
-# Installs missing build dependencies with apt-get (needs root then).
+# Installs nothing: a missing package is named, with scripts/install-deps.sh as the fix.
 set -euo pipefail
 
 self=$(readlink -f "$0")
@@ -31,14 +31,8 @@ missing=()
 for p in "${deps[@]}"; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" -eq 0 ] || die "missing packages (install as root): ${missing[*]}"
-  log "installing ${missing[*]}"
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-  fi
-fi
+[ ${#missing[@]} -eq 0 ] ||
+  die "missing packages: ${missing[*]}; install them with: sudo bash scripts/install-deps.sh"
 bbver=$(dpkg-query -W -f='${Version}' busybox-static)
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox not found (package busybox-static)"

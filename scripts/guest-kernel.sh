@@ -12,7 +12,8 @@
 # Environment: BULKHEAD_CACHE (cache root), BULKHEAD_GUEST_KEEP_BUILD=1 (keep the build
 # tree <cache>/guest-kernel/build-<hash> after a successful build; it is removed otherwise),
 # BULKHEAD_JOBS (make -j, default nproc).
-# Installs missing build dependencies with apt-get (needs root then).
+# Installs nothing: a missing package is named, with scripts/install-deps.sh as the fix.
+# Concurrent callers on a cold cache wait for one build (flock) and all print the same path.
 set -euo pipefail
 
 self=$(readlink -f "$0")
@@ -25,20 +26,14 @@ log() { echo "guest-kernel: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 elapsed() { echo "$(( $(date +%s) - t0 ))s"; }
 
-# ---- build dependencies ----
+# ---- build dependencies (installed by scripts/install-deps.sh, never here) ----
 deps=(linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils)
 missing=()
 for p in "${deps[@]}"; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" -eq 0 ] || die "missing packages (install as root): ${missing[*]}"
-  log "installing ${missing[*]}"
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-  fi
-fi
+[ ${#missing[@]} -eq 0 ] ||
+  die "missing packages: ${missing[*]}; install them with: sudo bash scripts/install-deps.sh"
 tarball=/usr/src/linux-source-6.1.tar.xz
 [ -f "$tarball" ] || die "$tarball not found (package linux-source-6.1)"
 version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
@@ -117,9 +112,16 @@ done <"$guest/config-fragment"
 log "[$(elapsed)] config ok ($(grep -c '=y$' "$build/.config") symbols =y)"
 
 # ---- build ----
-log "[$(elapsed)] make -j$jobs vmlinux (a few minutes from scratch)"
-if ! make -C "$build" -j"$jobs" vmlinux 2>&1 | tee "$out.tmp/build.log" >&2; then
-  die "kernel build failed, see $out.tmp/build.log"
+log "[$(elapsed)] make -j$jobs vmlinux (a few minutes from scratch; full output in $out.tmp/build.log)"
+# Progress: one line per 100 compiled files, with the time taken so far.
+set +e
+make -C "$build" -j"$jobs" vmlinux 2>&1 | tee "$out.tmp/build.log" |
+  awk -v t0="$t0" '/^  CC / { n++; if (n % 100 == 0) { printf "guest-kernel: [%ds] %d files compiled\n", systime() - t0, n; fflush() } }' >&2
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ]; then
+  tail -n 40 "$out.tmp/build.log" >&2
+  die "kernel build failed (make exit $status), see $out.tmp/build.log"
 fi
 
 # ---- check + install ----

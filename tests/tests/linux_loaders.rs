@@ -16,11 +16,13 @@ use core_vmm::memory::GuestRam;
 use core_vmm::VmConfig;
 use vm_memory::{Bytes, GuestAddress};
 
-/// The cached Debian kernel directory, or None (skip) when it cannot be fetched outside CI.
+/// The cached Debian kernel directory (fetched before the tests by scripts/test.sh), or None
+/// (skip) when it is not there outside CI. Tests never fetch it themselves: `--no-fetch`.
 fn debian_kernel(test: &str) -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new("bash")
         .arg(root.join("scripts/debian-kernel.sh"))
+        .arg("--no-fetch")
         .output()
         .expect("run scripts/debian-kernel.sh");
     if !out.status.success() {
@@ -28,7 +30,7 @@ fn debian_kernel(test: &str) -> Option<PathBuf> {
         if std::env::var_os("CI").is_some() {
             panic!("{test}: scripts/debian-kernel.sh failed: {msg}");
         }
-        eprintln!("\n*** SKIPPED {test}: cannot fetch Debian's kernel: {msg} ***\n");
+        eprintln!("\n*** SKIPPED {test}: Debian's kernel is not cached: {msg} ***\n");
         return None;
     }
     Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
