@@ -24,8 +24,8 @@ measure() {
   echo "$(echo "$t1 - $t0" | bc -l) $(tail -n1 "$rssfile")"
 }
 if ! [ -x /usr/bin/time ]; then
-  echo "bench-boot: installing GNU time for peak-RSS figures" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null
+  echo "bench-boot: /usr/bin/time (package time) is missing: run scripts/install-deps.sh" >&2
+  exit 1
 fi
 
 : >/tmp/bench-boot.ours; : >/tmp/bench-boot.qemu

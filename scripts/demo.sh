@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/install-deps.sh >&2
 cargo build --release --workspace --bins >&2
 cargo build --release -p bulkhead-tests >&2     # builds the test guest
 bin=target/release
