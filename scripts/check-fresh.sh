@@ -33,6 +33,8 @@ remove=(linux-source-6.1 bison flex libelf-dev busybox-static qemu-system-x86 cp
   clone=$(mktemp -d /tmp/bulkhead-fresh.XXXXXX)
   echo "check-fresh: cloning $root into $clone"
   git clone -q "$root" "$clone"
+  # mktemp makes it 0700; the tests run the CLI as other uids, which must reach the build.
+  chmod 755 "$clone"
   echo "check-fresh: CI=true bash .ci/run"
   set +e
   (cd "$clone" && CI=true bash .ci/run </dev/null)
