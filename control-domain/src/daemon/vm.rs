@@ -1,108 +1,30 @@
-//! One VM as `bulkheadd` tracks it: its record, the control channel to its runner, the
-//! console ring buffer and attached consoles, and the supervisor thread that reads the
-//! runner's events and notices when it stops.
+//! One VM as `bulkheadd` tracks it: its persistent record, the control channel to its
+//! runner and the thread that reads the runner's events and notices when it stops. It holds
+//! the VM's console ([`ConsoleRing`]) and device table ([`DeviceTable`]), whose locks are
+//! their own modules'. Owns the record lock: other modules read and change the record
+//! through its methods. May call: the runner's channel, the state dir, the console.
 
-use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use bulkhead_ipc::control::{Reply, StopReason, VmState};
+use bulkhead_ipc::control::{StopReason, VmState};
 use bulkhead_ipc::runner::{GuestOutcome, RunnerCommand, RunnerEvent};
 use bulkhead_ipc::{Channel, IpcError};
 use crossbeam_channel::Sender;
 
-use super::state::{StateDir, VmRecord};
-
-/// How much console output is kept for late attachers.
-pub const CONSOLE_RING: usize = 64 * 1024;
-
-/// The console: recent output and who is watching.
-#[derive(Default)]
-pub struct Console {
-    ring: VecDeque<u8>,
-    subscribers: Vec<(u64, Channel)>,
-}
-
-impl Console {
-    fn push(&mut self, data: &[u8]) {
-        self.ring.extend(data);
-        let excess = self.ring.len().saturating_sub(CONSOLE_RING);
-        self.ring.drain(..excess);
-        let reply = Reply::ConsoleOutput {
-            data: data.to_vec(),
-        };
-        // A subscriber whose socket fails has gone; drop it.
-        self.subscribers
-            .retain(|(_, ch)| ch.send(&reply, &[]).is_ok());
-    }
-}
-
-/// A device backend as `bulkheadd` restarts it: the same resource (a dup of the image or
-/// tap fd), binary, arguments and uid every time.
-pub struct DeviceSlot {
-    /// Image or tap.
-    pub resource: OwnedFd,
-    /// Binary to run (changed by an upgrade).
-    pub binary: std::path::PathBuf,
-    /// Device-specific arguments.
-    pub args: Vec<String>,
-    /// Its uid.
-    pub uid: u32,
-    /// When the current process started.
-    pub started: std::time::Instant,
-    /// Consecutive exits within a short time of starting.
-    pub quick_failures: u32,
-    /// Why the next exit is expected (restart or upgrade by request), if it is.
-    pub planned: Option<String>,
-    /// When to restart it, and how often at most.
-    pub policy: crate::daemon::vmconfig::RestartPolicy,
-    /// When its recent unplanned restarts happened (the last minute's).
-    pub recent: std::collections::VecDeque<std::time::Instant>,
-    /// A process serves the device (false once it ended, until one is started again). While
-    /// true, its pid is not yet reaped, so it may be signalled without a pid-reuse race.
-    pub alive: bool,
-    /// Why the current process was refused (it never became ready, or the runner could not
-    /// set it up in time) and killed: its exit then counts as a crash at start.
-    pub refused: Option<String>,
-    /// How many processes were refused so far, and why the last one was (an upgrade
-    /// watches this to answer early).
-    pub refusals: u32,
-    pub last_refusal: String,
-    /// A restart is under way (its back-off, or the spawn): a request to start the device
-    /// waits for that one instead of starting a second process beside it.
-    pub restarting: bool,
-    /// The device's standby backend, if one is kept (disks).
-    pub standby: Option<Standby>,
-    /// A standby is being started.
-    pub standby_starting: bool,
-}
-
-/// A backend process started ahead of need: sandboxed like the serving one, handed the same
-/// image and a vhost-user connection of its own, which it has accepted and set up; it waits
-/// for the runner. When the serving backend dies, the runner gets `conn` and the standby
-/// takes over, so a restart skips the spawn, the exec and the backend's start-up.
-pub struct Standby {
-    /// Its pid. Unreaped while it is in the slot: its watcher takes it out first.
-    pub pid: i32,
-    /// The binary it runs (a standby of another binary than the slot's is not used).
-    pub binary: std::path::PathBuf,
-    /// The runner's end of its connection.
-    pub conn: std::os::unix::net::UnixStream,
-    /// It signalled ready and its root is sealed: it may take over.
-    pub ready: bool,
-    /// When it was started.
-    pub started: std::time::Instant,
-}
+use super::console::ConsoleRing;
+use super::state::{BackendRecord, StateDir, VmRecord};
+use super::supervisor::DeviceTable;
 
 /// A VM known to `bulkheadd`.
 pub struct VmEntry {
     /// Name (key of the registry).
     pub name: String,
     /// The persistent record.
-    pub record: Mutex<VmRecord>,
+    record: Mutex<VmRecord>,
     /// Console buffer and subscribers.
-    pub console: Mutex<Console>,
+    pub console: ConsoleRing,
     /// Sending side of the runner's control channel.
     ctl: Mutex<Option<Channel>>,
     /// Serializes commands that wait for an answer.
@@ -119,8 +41,8 @@ pub struct VmEntry {
     destroying: Mutex<bool>,
     /// Set when the VM is ending: device backends are no longer restarted.
     ending: std::sync::atomic::AtomicBool,
-    /// What it takes to respawn each device backend.
-    pub slots: Mutex<std::collections::BTreeMap<String, DeviceSlot>>,
+    /// Each device's backend supervision.
+    pub devices: DeviceTable,
     /// The runner's report of how the guest ended.
     outcome: Mutex<Option<GuestOutcome>>,
     /// Signalled when the VM has stopped.
@@ -147,7 +69,7 @@ impl VmEntry {
         Arc::new(Self {
             name,
             record: Mutex::new(record),
-            console: Mutex::new(Console::default()),
+            console: ConsoleRing::default(),
             ctl: Mutex::new(None),
             cmd_lock: Mutex::new(()),
             waiter: Mutex::new(None),
@@ -156,7 +78,7 @@ impl VmEntry {
             spawned_here,
             destroying: Mutex::new(false),
             ending: std::sync::atomic::AtomicBool::new(false),
-            slots: Mutex::new(std::collections::BTreeMap::new()),
+            devices: DeviceTable::default(),
             outcome: Mutex::new(None),
             stopped: (Mutex::new(stopped), Condvar::new()),
             state_dir,
@@ -166,6 +88,38 @@ impl VmEntry {
     /// A copy of the record.
     pub fn snapshot(&self) -> VmRecord {
         lock(&self.record).clone()
+    }
+
+    /// Reads the record under its lock.
+    pub fn read<R>(&self, f: impl FnOnce(&VmRecord) -> R) -> R {
+        f(&lock(&self.record))
+    }
+
+    /// Changes the record under its lock (not saved: see [`Self::save`]).
+    pub fn update<R>(&self, f: impl FnOnce(&mut VmRecord) -> R) -> R {
+        f(&mut lock(&self.record))
+    }
+
+    /// A copy of `device`'s backend record.
+    pub fn backend(&self, device: &str) -> Option<BackendRecord> {
+        lock(&self.record)
+            .backends
+            .iter()
+            .find(|b| b.device == device)
+            .cloned()
+    }
+
+    /// Changes `device`'s backend record, if it has one; returns what `f` returned.
+    pub fn update_backend<R>(
+        &self,
+        device: &str,
+        f: impl FnOnce(&mut BackendRecord) -> R,
+    ) -> Option<R> {
+        lock(&self.record)
+            .backends
+            .iter_mut()
+            .find(|b| b.device == device)
+            .map(f)
     }
 
     /// Whether the VM counts against host memory (not stopped).
@@ -219,7 +173,7 @@ impl VmEntry {
 
     /// Guest output that arrived outside the supervisor (during boot).
     pub fn console_output(&self, data: &[u8]) {
-        lock(&self.console).push(data);
+        self.console.push(data);
     }
 
     /// The runner's report of how the guest ended, received outside the supervisor.
@@ -268,12 +222,17 @@ impl VmEntry {
     /// Kills and reaps the device backends.
     pub fn stop_backends(&self) {
         self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
-        lock(&self.slots).clear();
+        self.devices.clear();
         for fd in std::mem::take(&mut *lock(&self.backend_pidfds)) {
             let _ = super::spawn::pidfd_kill(&fd);
         }
         if self.spawned_here {
+            // pid 0 is a device whose first process was never started (waitpid(0) would
+            // wait for any child).
             for b in lock(&self.record).backends.clone() {
+                if b.pid <= 0 {
+                    continue;
+                }
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(b.pid), None);
             }
         }
@@ -343,18 +302,6 @@ impl VmEntry {
         }
     }
 
-    /// Adds a console subscriber; returns the buffered history.
-    pub fn subscribe(&self, id: u64, ch: Channel) -> Vec<u8> {
-        let mut c = lock(&self.console);
-        c.subscribers.push((id, ch));
-        c.ring.iter().copied().collect()
-    }
-
-    /// Removes a console subscriber.
-    pub fn unsubscribe(&self, id: u64) {
-        lock(&self.console).subscribers.retain(|(i, _)| *i != id);
-    }
-
     /// Marks a VM stopped without a runner (found dead at adoption).
     pub fn mark_stopped(&self, reason: StopReason) {
         self.set_state(VmState::Stopped(reason));
@@ -366,7 +313,7 @@ impl VmEntry {
     fn supervise(self: Arc<Self>, reader: Channel) {
         loop {
             match reader.recv::<RunnerEvent>() {
-                Ok((RunnerEvent::Console(data), _)) => lock(&self.console).push(&data),
+                Ok((RunnerEvent::Console(data), _)) => self.console.push(&data),
                 Ok((RunnerEvent::Exited(o), _)) => *lock(&self.outcome) = Some(o),
                 Ok((event, _)) => {
                     if let Some(w) = lock(&self.waiter).as_ref() {
@@ -403,12 +350,8 @@ impl VmEntry {
             }
         }
         let _ = std::fs::remove_file(self.state_dir.socket_path(&self.name));
-        let closed = Reply::ConsoleClosed {
-            reason: format!("VM stopped: {}", describe(&reason)),
-        };
-        for (_, ch) in std::mem::take(&mut lock(&self.console).subscribers) {
-            let _ = ch.send(&closed, &[]);
-        }
+        self.console
+            .close_all(format!("VM stopped: {}", describe(&reason)));
         let (m, c) = &self.stopped;
         *lock(m) = true;
         c.notify_all();

@@ -1,0 +1,152 @@
+//! The control socket: accepts connections, checks each client's hello, reads its peer
+//! credentials and serves its requests one after the other through [`super::api`]. A
+//! connection that attached a console also sends guest input and gets output pushed by the
+//! VM's console. No locks of its own.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_ipc::control::{ErrorCode, Reply, Request};
+use bulkhead_ipc::hello::server_hello;
+use bulkhead_ipc::runner::RunnerCommand;
+use bulkhead_ipc::{Channel, IpcError, Listener};
+
+use super::policy::{Action, Caller};
+use super::vm::VmEntry;
+use super::{fail, log, Daemon, Failure};
+
+impl Daemon {
+    /// Serves clients on the socket forever.
+    pub fn serve(self: &Arc<Self>) -> anyhow::Result<()> {
+        use anyhow::Context;
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(dir) = self.cfg.socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let listener = Listener::bind(&self.cfg.socket)
+            .with_context(|| format!("listening on {}", self.cfg.socket.display()))?;
+        // Anyone may connect; the policy decides what they may do.
+        std::fs::set_permissions(&self.cfg.socket, std::fs::Permissions::from_mode(0o666))?;
+        log(&format!("listening on {}", self.cfg.socket.display()));
+        loop {
+            match listener.accept() {
+                Ok(ch) => {
+                    let me = self.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("client".into())
+                        .spawn(move || me.serve_client(ch));
+                }
+                Err(e) => {
+                    log(&format!("accept failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Serves one connection until it closes.
+    fn serve_client(self: Arc<Self>, ch: Channel) {
+        if let Err(e) = server_hello(&ch, Duration::from_secs(5)) {
+            log(&format!("client refused: {e}"));
+            return;
+        }
+        let caller = match ch.peer_credentials() {
+            Ok(c) => Caller::from_peer(c.pid, c.uid, c.gid),
+            Err(e) => {
+                log(&format!("no peer credentials: {e}"));
+                return;
+            }
+        };
+        let client_id = self.next_client.fetch_add(1, Ordering::SeqCst);
+        let mut console: Option<Arc<VmEntry>> = None;
+        loop {
+            let req = match ch.recv::<Request>() {
+                Ok((req, _fds)) => req,
+                Err(IpcError::Closed) => break,
+                Err(
+                    e @ (IpcError::Decode(_)
+                    | IpcError::Truncated
+                    | IpcError::Oversized
+                    | IpcError::TooManyFds),
+                ) => {
+                    let _ = ch.send(
+                        &Reply::Error {
+                            code: ErrorCode::Protocol,
+                            message: format!("bad request frame: {e}"),
+                        },
+                        &[],
+                    );
+                    continue;
+                }
+                Err(_) => break,
+            };
+            let reply = match req {
+                Request::Console { name } => {
+                    match self.attach_console(&caller, &name, client_id, &ch) {
+                        Ok((vm, history)) => {
+                            console = Some(vm);
+                            Reply::ConsoleAttached { history }
+                        }
+                        Err((code, message)) => Reply::Error { code, message },
+                    }
+                }
+                Request::ConsoleInput { data } => match &console {
+                    Some(vm) => {
+                        let _ = vm.send(&RunnerCommand::ConsoleInput(data));
+                        continue;
+                    }
+                    None => Reply::Error {
+                        code: ErrorCode::WrongState,
+                        message: "no console attached: send Console first".into(),
+                    },
+                },
+                Request::ConsoleDetach => match console.take() {
+                    Some(vm) => {
+                        vm.console.unsubscribe(client_id);
+                        Reply::ConsoleClosed {
+                            reason: "detached".into(),
+                        }
+                    }
+                    None => Reply::Error {
+                        code: ErrorCode::WrongState,
+                        message: "no console attached".into(),
+                    },
+                },
+                other => match self.handle(&caller, other) {
+                    Ok(r) => r,
+                    Err((code, message)) => Reply::Error { code, message },
+                },
+            };
+            if ch.send(&reply, &[]).is_err() {
+                break;
+            }
+        }
+        if let Some(vm) = console {
+            vm.console.unsubscribe(client_id);
+        }
+    }
+
+    /// Attaches connection `client_id` to `name`'s console; returns the VM and the
+    /// console history.
+    fn attach_console(
+        &self,
+        caller: &Caller,
+        name: &str,
+        client_id: u64,
+        ch: &Channel,
+    ) -> Result<(Arc<VmEntry>, Vec<u8>), Failure> {
+        let vm = self.find(caller, name, Action::Console)?;
+        if !vm.is_live() {
+            return Err(fail(
+                ErrorCode::WrongState,
+                format!("VM '{name}' is not running"),
+            ));
+        }
+        let sender = ch
+            .try_clone()
+            .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        let history = vm.console.subscribe(client_id, sender);
+        Ok((vm, history))
+    }
+}
