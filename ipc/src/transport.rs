@@ -278,6 +278,28 @@ impl Channel {
     /// A message over [`MAX_FRAME`] is refused with [`IpcError::Oversized`] (nothing is
     /// sent); a peer that went away is [`IpcError::Closed`] (no `SIGPIPE`).
     pub fn send<T: Serialize + ?Sized>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_with(msg, fds, MsgFlags::MSG_NOSIGNAL)
+    }
+
+    /// [`Self::send`] that never waits: a peer whose receive queue is full gets
+    /// [`IpcError::WouldBlock`] and nothing is sent. For fan-out to clients that may not read.
+    pub fn try_send<T: Serialize + ?Sized>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_with(msg, fds, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT)
+    }
+
+    /// Shuts the connection down both ways: the peer reads end-of-file, and every clone of
+    /// this channel (a thread blocked in `recv` too) sees it closed.
+    pub fn shutdown(&self) -> Result<()> {
+        socket::shutdown(self.fd.as_raw_fd(), socket::Shutdown::Both)
+            .map_err(|e| IpcError::sys("shutdown", e))
+    }
+
+    fn send_with<T: Serialize + ?Sized>(
+        &self,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+        flags: MsgFlags,
+    ) -> Result<()> {
         if fds.len() > MAX_FDS {
             return Err(IpcError::TooManyFds);
         }
@@ -287,13 +309,7 @@ impl Channel {
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
         let iov = [io::IoSlice::new(&frame)];
         loop {
-            match socket::sendmsg::<()>(
-                self.fd.as_raw_fd(),
-                &iov,
-                cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
+            match socket::sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, flags, None) {
                 Ok(n) if n == frame.len() => return Ok(()),
                 // SOCK_SEQPACKET sends all or nothing; anything else is a broken socket.
                 Ok(_) => return Err(IpcError::io("sendmsg", io::ErrorKind::WriteZero.into())),

@@ -190,7 +190,10 @@ impl VmEntry {
     pub fn is_ending(&self) -> bool {
         self.ending.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
 
+/// The runner link: commands and answers, and the VM's end.
+impl VmEntry {
     /// Sends a command with descriptors and waits for the runner's answer.
     pub fn request_with_fds(
         &self,

@@ -24,24 +24,21 @@ impl Daemon {
     pub(super) fn start(&self, vm: &Arc<VmEntry>, backend_uids: &[u32]) -> Result<String, String> {
         let (disk_count, nic_count) = vm.read(|r| (r.spec.disks.len(), r.spec.nics.len()));
         let mut uids = backend_uids.iter().copied();
+        let mut uid = || uids.next().ok_or("no uid for a device backend");
         let mut disk_socks = Vec::new();
         for i in 0..disk_count {
-            let uid = uids.next().ok_or("no uid for a disk backend")?;
-            let launch = self.disk_launch(vm, i, uid)?;
+            let launch = self.disk_launch(vm, i, uid()?)?;
             disk_socks.push(
                 self.supervisor
                     .start_device(vm, &format!("disk{i}"), launch)?,
             );
         }
-        let mut nic_socks = Vec::new();
-        for i in 0..nic_count {
-            let uid = uids.next().ok_or("no uid for a NIC backend")?;
-            let launch = self.nic_launch(vm, i, uid)?;
-            nic_socks.push(
-                self.supervisor
-                    .start_device(vm, &format!("nic{i}"), launch)?,
-            );
-        }
+        let nic_socks = (0..nic_count)
+            .map(|i| {
+                let launch = self.nic_launch(vm, i, uid()?)?;
+                self.supervisor.start_device(vm, &format!("nic{i}"), launch)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let (ch, pidfd) = self.spawn_runner(vm)?;
         let detail = self.boot(vm, &ch, &disk_socks, &nic_socks)?;
         vm.set_state(VmState::Running);

@@ -19,6 +19,7 @@ mod requests;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -156,15 +157,16 @@ impl Supervisor {
             .unwrap_or_else(|| Err(format!("'{device}' is not restartable (re-adopted VM?)")))
     }
 
-    /// Launches a serving process for `device` and waits until it is ready. On error, the
-    /// pid of a process that was started (and refused) if there is one.
-    fn launch_serving(
+    /// Spawns `device`'s next process (a `standby` or a serving one); `fresh_log` starts its
+    /// log anew. Returns the binary it runs and the process.
+    fn spawn(
         &self,
-        vm: &Arc<VmEntry>,
+        vm: &VmEntry,
         device: &str,
-        first: bool,
-    ) -> Result<(i32, UnixStream), (Option<i32>, String)> {
-        let l = self.next_launch(vm, device).map_err(|e| (None, e))?;
+        standby: bool,
+        fresh_log: bool,
+    ) -> Result<(PathBuf, launch::Spawned), String> {
+        let l = self.next_launch(vm, device)?;
         let p = launch::spawn_backend(
             &self.state,
             &vm.name,
@@ -173,14 +175,26 @@ impl Supervisor {
             &l.args,
             l.resource,
             l.uid,
-            false,
-            first,
-        )
-        .map_err(|e| (None, e))?;
+            standby,
+            fresh_log,
+        )?;
+        Ok((l.binary, p))
+    }
+
+    /// Launches a serving process for `device` and waits until it is ready. On error, the
+    /// pid of a process that was started (and refused) if there is one.
+    fn launch_serving(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        first: bool,
+    ) -> Result<(i32, UnixStream), (Option<i32>, String)> {
+        let (binary, p) = self
+            .spawn(vm, device, false, first)
+            .map_err(|e| (None, e))?;
         if let Ok(fd) = spawn::pidfd_open(p.pid) {
             vm.add_backend(fd);
         }
-        let binary = l.binary;
         self.on(vm, device, Event::Spawned { pid: p.pid, binary });
         vm.save();
         self.watch(vm, device, p.pid);
@@ -353,7 +367,10 @@ impl Supervisor {
             ));
         }
     }
+}
 
+/// Standbys: a second backend per disk, set up and waiting to take over.
+impl Supervisor {
     /// Starts a standby backend for `device` in the background if it should have one: a
     /// disk whose restart policy restarts it, with no standby yet, in a VM that runs on.
     pub fn keep_standby(&self, vm: &Arc<VmEntry>, device: &str) {
@@ -385,25 +402,13 @@ impl Supervisor {
     }
 
     fn launch_standby(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
-        let l = self.next_launch(vm, device)?;
-        let p = launch::spawn_backend(
-            &self.state,
-            &vm.name,
-            device,
-            &l.binary,
-            &l.args,
-            l.resource,
-            l.uid,
-            true,
-            false,
-        )?;
+        let (binary, p) = self.spawn(vm, device, true, false)?;
         if let Ok(fd) = spawn::pidfd_open(p.pid) {
             vm.add_backend(fd);
         }
         let pid = p.pid;
         let conn = p.conn.try_clone().map_err(|e| format!("{device}: {e}"))?;
         // In the machine before its watcher starts, so the watcher finds it there.
-        let binary = l.binary;
         self.on(vm, device, Event::StandbySpawned { pid, binary, conn });
         self.watch(vm, device, pid);
         match p.await_ready(&self.state, device) {
