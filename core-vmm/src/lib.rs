@@ -17,6 +17,7 @@ pub mod mptable;
 pub mod pci;
 pub mod reconnect;
 pub mod sandbox;
+pub mod vhost_link;
 pub mod virtio_pci;
 pub mod vm;
 

@@ -47,6 +47,33 @@ impl BootFds {
     }
 }
 
+/// A command from `bulkheadd` with the id its answer carries ([`RunnerMessage::Answer`]).
+/// Each command gets its own answer, matched by id; a late answer to a command whose
+/// caller gave up can never be taken for another's. Commands that need no answer
+/// (`ConsoleInput`) are sent with id 0 and get none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerRequest {
+    /// Chosen by the sender; 0 for commands that get no answer.
+    pub id: u64,
+    /// What to do.
+    pub command: RunnerCommand,
+}
+
+/// What a runner sends to `bulkheadd`: the answer to one request, or an event of its own
+/// (guest output, the guest's end), which is never an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunnerMessage {
+    /// The answer to request `id`.
+    Answer {
+        /// The request's id.
+        id: u64,
+        /// What came of it.
+        event: RunnerEvent,
+    },
+    /// Something that happened: `Console` output or `Exited`.
+    Event(RunnerEvent),
+}
+
 /// A command from `bulkheadd` to a runner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunnerCommand {

@@ -84,6 +84,9 @@ pub enum Standby<C> {
 pub enum Event<C> {
     /// A serving process was started (first start or a restart).
     Spawned { pid: i32, binary: PathBuf },
+    /// A restarted `bulkheadd` found process `pid` serving the device (`None`: it ended
+    /// while nobody watched; the policy decides at once, as for any end).
+    Adopted { pid: Option<i32>, binary: PathBuf },
     /// A process of this device ended; it is not reaped yet.
     Ended { pid: i32 },
     /// The serving process that ended was reaped: `clean` if it exited with status 0, `why`
@@ -204,6 +207,26 @@ impl<C> Device<C> {
                     ending: Ending::Unplanned,
                 };
                 Action::None
+            }
+            Event::Adopted { pid, binary } => {
+                // It has served a while: its end is not a crash at start.
+                let lived = QUICK * 4;
+                self.serving = match pid {
+                    Some(pid) => Serving::Up {
+                        pid,
+                        binary,
+                        since: now.checked_sub(lived).unwrap_or(now),
+                        ending: Ending::Unplanned,
+                    },
+                    None => Serving::Restarting {
+                        ending: Ending::Unplanned,
+                        lived,
+                    },
+                };
+                match self.serving {
+                    Serving::Restarting { .. } => Action::ServingEnded,
+                    _ => Action::None,
+                }
             }
             Event::Ended { pid } => {
                 if let Serving::Up {

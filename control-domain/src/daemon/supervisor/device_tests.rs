@@ -304,3 +304,29 @@ fn restart_requests_while_restarting_wait() {
     assert_eq!(decide(&mut d, false, "x", t), Action::None);
     assert_eq!(d.on(Event::Ended { pid: 1 }, t), Action::None);
 }
+
+#[test]
+fn adopted_after_a_daemon_restart() {
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
+    let adopted = Event::Adopted {
+        pid: Some(7),
+        binary: "blk".into(),
+    };
+    assert_eq!(d.on(adopted, t), Action::None);
+    assert_eq!(d.serving_pid(), Some(7));
+    // Its end right after the adoption is no crash at start.
+    let (backoff, _) = restarted(crash(&mut d, 7, &mut t, Duration::from_millis(1)));
+    assert_eq!(backoff, Duration::ZERO);
+    assert_eq!(d.quick_failures, 0);
+    // One that ended while bulkheadd was down is decided at once.
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
+    let gone = Event::Adopted {
+        pid: None,
+        binary: "blk".into(),
+    };
+    assert_eq!(d.on(gone, t), Action::ServingEnded);
+    let (backoff, reason) = restarted(decide(&mut d, false, "ended while bulkheadd was down", t));
+    assert_eq!(backoff, Duration::ZERO);
+    assert!(reason.contains("while bulkheadd was down"));
+}

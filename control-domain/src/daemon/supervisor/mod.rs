@@ -41,6 +41,9 @@ struct DeviceSlot {
     uid: u32,
     /// The state machine.
     machine: Device<UnixStream>,
+    /// A pidfd per process of the device that may still be signalled: kills go through
+    /// these, so a reused pid is never hit (re-adopted backends are not our children).
+    pidfds: BTreeMap<i32, OwnedFd>,
 }
 
 /// The devices of one VM, by name (`disk0`, `nic0`).
@@ -83,9 +86,21 @@ impl Supervisor {
         let Some(slot) = slots.get_mut(device) else {
             return Action::None;
         };
+        let ended = match &event {
+            Event::Ended { pid } => Some(*pid),
+            _ => None,
+        };
         let action = slot.machine.on(event, Instant::now());
         if let Action::Kill(pid) = action {
-            sigkill(pid);
+            match slot.pidfds.get(&pid) {
+                Some(fd) => {
+                    let _ = spawn::pidfd_kill(fd);
+                }
+                None => sigkill(pid),
+            }
+        }
+        if let Some(pid) = ended {
+            slot.pidfds.remove(&pid);
         }
         let m = &slot.machine;
         vm.update_backend(device, |b| {
@@ -101,6 +116,57 @@ impl Supervisor {
             };
         });
         action
+    }
+
+    /// Takes over `device` of a VM re-adopted after a `bulkheadd` restart: its serving
+    /// backend `pid` is watched from now on (through a pidfd: it is not our child), and
+    /// one that ended while nobody watched (`None`) is decided on and restarted at once.
+    /// The device gets a standby again.
+    pub fn adopt_device(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        launch: BackendLaunch,
+        pid: Option<i32>,
+    ) {
+        let binary = launch.binary.clone();
+        let mut pidfds = BTreeMap::new();
+        if let Some(fd) = pid.and_then(|p| spawn::pidfd_open(p).ok()) {
+            pidfds.extend(pid.map(|p| (p, fd)));
+        }
+        lock(&vm.devices.slots).insert(
+            device.to_string(),
+            DeviceSlot {
+                resource: launch.resource,
+                args: launch.args,
+                uid: launch.uid,
+                machine: Device::new(launch.binary, launch.policy),
+                pidfds,
+            },
+        );
+        let gone = matches!(
+            self.on(vm, device, Event::Adopted { pid, binary }),
+            Action::ServingEnded
+        );
+        vm.save();
+        match (pid, gone) {
+            (Some(pid), false) => {
+                self.watch(vm, device, pid);
+                self.keep_standby(vm, device);
+            }
+            _ => {
+                let Some(me) = self.me.upgrade() else {
+                    return;
+                };
+                let vm = vm.clone();
+                let device = device.to_string();
+                let _ = std::thread::Builder::new()
+                    .name(format!("adopt-{device}"))
+                    .spawn(move || {
+                        me.decide(&vm, &device, false, "ended while bulkheadd was down".into())
+                    });
+            }
+        }
     }
 
     /// Starts `device`'s first backend; returns the runner's end of its connection.
@@ -132,6 +198,7 @@ impl Supervisor {
                 args: launch.args,
                 uid: launch.uid,
                 machine: Device::new(launch.binary, launch.policy),
+                pidfds: BTreeMap::new(),
             },
         );
         self.launch_serving(vm, device, true)
@@ -178,6 +245,9 @@ impl Supervisor {
             standby,
             fresh_log,
         )?;
+        if let Ok(fd) = spawn::pidfd_open(p.pid) {
+            vm.devices.with(device, |s| s.pidfds.insert(p.pid, fd));
+        }
         Ok((l.binary, p))
     }
 
@@ -263,7 +333,12 @@ impl Supervisor {
         status: Option<nix::sys::wait::WaitStatus>,
     ) {
         let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
-        let why = exit_words(status);
+        self.decide(vm, device, clean, exit_words(status));
+    }
+
+    /// Decides by the device's policy what follows the end of its serving process (`why`),
+    /// then restarts it or stalls it.
+    fn decide(&self, vm: &Arc<VmEntry>, device: &str, clean: bool, why: String) {
         let decided = self.on(vm, device, Event::Decide { clean, why });
         let (reason, backoff) = match &decided {
             Action::Restart { backoff, reason } => (reason.clone(), Some(*backoff)),
