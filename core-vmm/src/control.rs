@@ -211,6 +211,9 @@ fn serve_connection(
                 (Some(vm), Some(fd)) => {
                     // On a thread of its own: a backend's setup may take seconds, and the
                     // commands behind it (pause, shutdown) must not wait for it.
+                    log(&format!(
+                        "{device}: a new backend; replaying the setup to it"
+                    ));
                     let state = state.clone();
                     let stream = std::os::unix::net::UnixStream::from(fd);
                     let spawned = std::thread::Builder::new()

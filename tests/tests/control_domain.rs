@@ -1064,7 +1064,7 @@ fn console_client_that_never_reads_stalls_nothing() {
     if !root_available(name) || !kvm_available(name) {
         return;
     }
-    let d = Bulkheadd::start("deafcon", Some(&runner_uids(62900)), false);
+    let d = Bulkheadd::start("deafcon", Some(&runner_uids(65300)), false);
     // A tick every millisecond: a socket nobody reads fills within a minute.
     d.create("chatty", "ticks=1");
     let deaf = Channel::connect(&d.sock).expect("connect");

@@ -42,6 +42,7 @@ impl Daemon {
         let (ch, pidfd) = self.spawn_runner(vm)?;
         let detail = self.boot(vm, &ch, &disk_socks, &nic_socks)?;
         vm.set_state(VmState::Running);
+        self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
         // Each disk gets a standby backend, started in the background once the guest runs.

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::vmconfig::{RestartMode, RestartPolicy};
 
-/// A backend that ends this soon after it started "crashed at start": it is backed off.
-pub const QUICK: Duration = Duration::from_millis(250);
-/// Crashes at start in a row after which the device is marked failed.
+/// Crashes at start in a row after which the device is marked failed (unless its
+/// `restart_limit` is 0: no limit). A backend "crashed at start" when it ended before it
+/// served: before the runner finished its vhost-user setup with it (or it was refused).
+/// Such a backend is restarted after a back-off; one that served is restarted at once.
 pub const QUICK_BUDGET: u32 = 5;
 /// The window `restart_limit` counts unplanned restarts in.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -51,12 +52,14 @@ pub enum Serving {
     Up {
         pid: i32,
         binary: PathBuf,
-        since: Instant,
+        /// The runner finished its vhost-user setup with it: it serves.
+        served: bool,
         ending: Ending,
     },
     /// The process ended (or was found unusable): what follows is being decided, or the
-    /// restart that was decided (its back-off, its spawn) is under way.
-    Restarting { ending: Ending, lived: Duration },
+    /// restart that was decided (its back-off, its spawn) is under way. `served`: the
+    /// ended process had served.
+    Restarting { ending: Ending, served: bool },
     /// No process and none coming: the device stalls until `device-restart`.
     Stalled(Stall),
 }
@@ -84,6 +87,8 @@ pub enum Standby<C> {
 pub enum Event<C> {
     /// A serving process was started (first start or a restart).
     Spawned { pid: i32, binary: PathBuf },
+    /// The runner finished its vhost-user setup with serving process `pid`.
+    Served { pid: i32 },
     /// A restarted `bulkheadd` found process `pid` serving the device (`None`: it ended
     /// while nobody watched; the policy decides at once, as for any end).
     Adopted { pid: Option<i32>, binary: PathBuf },
@@ -203,24 +208,31 @@ impl<C> Device<C> {
                 self.serving = Serving::Up {
                     pid,
                     binary,
-                    since: now,
+                    served: false,
                     ending: Ending::Unplanned,
                 };
                 Action::None
             }
+            Event::Served { pid } => {
+                if let Serving::Up { pid: p, served, .. } = &mut self.serving {
+                    if *p == pid {
+                        *served = true;
+                    }
+                }
+                Action::None
+            }
             Event::Adopted { pid, binary } => {
-                // It has served a while: its end is not a crash at start.
-                let lived = QUICK * 4;
+                // It has served: its end is not a crash at start.
                 self.serving = match pid {
                     Some(pid) => Serving::Up {
                         pid,
                         binary,
-                        since: now.checked_sub(lived).unwrap_or(now),
+                        served: true,
                         ending: Ending::Unplanned,
                     },
                     None => Serving::Restarting {
                         ending: Ending::Unplanned,
-                        lived,
+                        served: true,
                     },
                 };
                 match self.serving {
@@ -231,7 +243,7 @@ impl<C> Device<C> {
             Event::Ended { pid } => {
                 if let Serving::Up {
                     pid: p,
-                    since,
+                    served,
                     ending,
                     ..
                 } = &self.serving
@@ -239,7 +251,7 @@ impl<C> Device<C> {
                     if *p == pid {
                         self.serving = Serving::Restarting {
                             ending: ending.clone(),
-                            lived: now.saturating_duration_since(*since),
+                            served: *served,
                         };
                         return Action::ServingEnded;
                     }
@@ -258,11 +270,11 @@ impl<C> Device<C> {
                 Action::None
             }
             Event::Decide { clean, why } => {
-                let Serving::Restarting { ending, lived } = &self.serving else {
+                let Serving::Restarting { ending, served } = &self.serving else {
                     return Action::None;
                 };
-                let (ending, lived) = (ending.clone(), *lived);
-                self.decide(ending, lived, clean, why, now)
+                let (ending, served) = (ending.clone(), *served);
+                self.decide(ending, served, clean, why, now)
             }
             Event::SpawnFailed(e) => {
                 if !matches!(self.serving, Serving::Restarting { .. } | Serving::Starting) {
@@ -309,7 +321,7 @@ impl<C> Device<C> {
                     Serving::Stalled(_) => {
                         self.serving = Serving::Restarting {
                             ending: Ending::Planned(planned),
-                            lived: Duration::ZERO,
+                            served: false,
                         };
                         Action::SpawnNow
                     }
@@ -333,7 +345,7 @@ impl<C> Device<C> {
                         self.serving = Serving::Up {
                             pid,
                             binary,
-                            since: now,
+                            served: false,
                             ending: Ending::Unplanned,
                         };
                         Action::UseStandby { pid, conn }
@@ -393,7 +405,7 @@ impl<C> Device<C> {
     fn decide(
         &mut self,
         ending: Ending,
-        lived: Duration,
+        served: bool,
         clean: bool,
         why: String,
         now: Instant,
@@ -426,7 +438,7 @@ impl<C> Device<C> {
                 Stall::Stopped("it exited cleanly and the restart policy is 'on-failure'".into()),
             );
         }
-        if lived < QUICK || matches!(ending, Ending::Refused(_)) {
+        if !served || matches!(ending, Ending::Refused(_)) {
             self.quick_failures += 1;
         } else {
             self.quick_failures = 0;
@@ -441,11 +453,11 @@ impl<C> Device<C> {
         }
         let quick = self.quick_failures;
         let limit = self.policy.per_minute;
-        if quick >= QUICK_BUDGET {
+        if limit > 0 && quick >= QUICK_BUDGET {
             stall(
                 self,
                 Stall::Failed(format!(
-                    "crashed {quick} times in a row within {QUICK:?} of starting; last: {reason}"
+                    "crashed {quick} times in a row before it served; last: {reason}"
                 )),
             )
         } else if limit > 0 && self.recent.len() > limit as usize {

@@ -206,6 +206,20 @@ impl Supervisor {
             .map_err(|(_, e)| e)
     }
 
+    /// The guest booted with every device of `vm`: the runner set up each first backend,
+    /// so each serves.
+    pub fn booted(&self, vm: &VmEntry) {
+        let devices: Vec<(String, Option<i32>)> = lock(&vm.devices.slots)
+            .iter()
+            .map(|(d, s)| (d.clone(), s.machine.serving_pid()))
+            .collect();
+        for (device, pid) in devices {
+            if let Some(pid) = pid {
+                self.on(vm, &device, Event::Served { pid });
+            }
+        }
+    }
+
     /// What the next process of `device` is started with.
     fn next_launch(&self, vm: &VmEntry, device: &str) -> Result<BackendLaunch, String> {
         vm.devices
@@ -417,6 +431,7 @@ impl Supervisor {
             self.refuse(vm, device, pid, &e);
             return Err(e);
         }
+        self.on(vm, device, Event::Served { pid });
         vm.update_backend(device, |b| b.restarts += 1);
         vm.save();
         log(&format!("VM '{}': {device} backend restarted", vm.name));
@@ -509,7 +524,8 @@ fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
     match status {
         Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("killed by {sig}"),
         Some(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
-        _ => "ended".to_string(),
+        // Not our child (a backend re-adopted after a bulkheadd restart): no status.
+        _ => "ended (exit status unknown)".to_string(),
     }
 }
 
