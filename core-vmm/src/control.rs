@@ -366,6 +366,28 @@ fn boot(
     drop(initrd);
     let running = Arc::new(vm.start(None).map_err(|e| e.to_string())?);
     *state.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
+    let timeouts = spec
+        .disks
+        .iter()
+        .chain(spec.nics.iter())
+        .enumerate()
+        .map(|(i, name)| {
+            let ms = spec.hang_timeouts_ms.get(i).copied().unwrap_or(0);
+            (name.clone(), Duration::from_millis(ms.into()))
+        })
+        .collect();
+    let reporter = state.clone();
+    crate::watchdog::watch_rings(running.clone(), timeouts, move |device, stalled| {
+        log(&format!(
+            "{device}: hung: no progress for {} ms with requests waiting",
+            stalled.as_millis()
+        ));
+        reporter.send(RunnerEvent::DeviceHung {
+            device: device.to_string(),
+            stalled_ms: stalled.as_millis() as u64,
+        });
+    })
+    .map_err(|e| format!("cannot start the watchdog: {e}"))?;
     let state2 = state.clone();
     std::thread::Builder::new()
         .name("outcome".into())

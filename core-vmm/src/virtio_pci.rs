@@ -95,12 +95,19 @@ struct Queue {
     pending: bool,
 }
 
+/// A ring's number, avail index and used index, as the progress watchdog reads them.
+pub type RingIndices = (usize, u16, u16);
+
 /// One virtio device on the PCI bus, served by a vhost-user backend.
 pub struct VhostUserPciDevice {
     name: String,
     cfg: ConfigSpace,
     vm: Arc<VmFd>,
     router: Arc<Mutex<GsiRouter>>,
+    /// Guest RAM (the watchdog reads ring indices from it).
+    ram: Arc<GuestRam>,
+    /// 2 = block, 1 = net.
+    device_type: u16,
     /// A handle on the current backend's socket (readable at EOF once it is gone).
     watch: UnixStream,
     reconnects: u32,
@@ -146,7 +153,7 @@ impl VhostUserPciDevice {
         let (backend_features, num_queues) = (h.backend_features, h.num_queues);
         let device_config = h.device_config.clone();
         let watch = h.sock.try_clone().map_err(VirtioPciError::EventFd)?;
-        let link = BackendLink::new(name, device_type, ram, h);
+        let link = BackendLink::new(name, device_type, ram.clone(), h);
         let device_features = (backend_features & TRANSPORT_FEATURES) | VIRTIO_F_VERSION_1;
         let mut queues = Vec::new();
         for _ in 0..num_queues {
@@ -218,6 +225,8 @@ impl VhostUserPciDevice {
             cfg,
             vm,
             router,
+            ram,
+            device_type,
             watch,
             reconnects: 0,
             link: Some(link),
@@ -263,6 +272,29 @@ impl VhostUserPciDevice {
     /// A handle on the current backend socket: readable (EOF) once the backend is gone.
     pub fn watch_socket(&self) -> std::io::Result<UnixStream> {
         self.watch.try_clone()
+    }
+
+    /// For the progress watchdog: the backend's reconnect count and, per ring that carries
+    /// requests (every ring of a disk; a NIC's transmit rings — receive rings hold buffers
+    /// that wait for traffic), its avail and used indices; None while the rings are not up.
+    pub fn progress(&self) -> Option<(u32, Vec<RingIndices>)> {
+        use vm_memory::{Bytes, GuestAddress};
+        if !self.active {
+            return None;
+        }
+        let mem = self.ram.mem();
+        let rings = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(i, q)| q.enable && (self.device_type != 1 || i % 2 == 1))
+            .filter_map(|(i, q)| {
+                let avail: u16 = mem.read_obj(GuestAddress(q.avail + 2)).ok()?;
+                let used: u16 = mem.read_obj(GuestAddress(q.used + 2)).ok()?;
+                Some((i, avail, used))
+            })
+            .collect();
+        Some((self.reconnects, rings))
     }
 
     /// How many times a new backend was connected.

@@ -22,6 +22,10 @@ pub struct BootSpec {
     pub nics: Vec<String>,
     /// CPU template name (`host`, `minimal`), already resolved by the control domain.
     pub cpu_template: String,
+    /// Per device (disks, then NICs): how long a ring may hold requests the backend makes
+    /// no progress on before the runner reports it hung ([`RunnerEvent::DeviceHung`]), in
+    /// milliseconds; 0 watches nothing. Missing entries are 0.
+    pub hang_timeouts_ms: Vec<u32>,
 }
 
 /// Order of the descriptors that travel with [`RunnerCommand::Boot`].
@@ -142,6 +146,14 @@ pub enum RunnerEvent {
     DeviceReconnected {
         /// Device name.
         device: String,
+    },
+    /// A device's backend has work it is not doing: a ring (a disk's, or a NIC's transmit
+    /// ring) held requests with no completion for `stalled_ms`. Reported once per backend.
+    DeviceHung {
+        /// Device name.
+        device: String,
+        /// How long nothing was completed.
+        stalled_ms: u64,
     },
     /// The guest ended; the runner exits after sending this.
     Exited(GuestOutcome),

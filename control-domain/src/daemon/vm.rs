@@ -19,6 +19,10 @@ use super::console::ConsoleRing;
 use super::state::{BackendRecord, StateDir, VmRecord};
 use super::supervisor::DeviceTable;
 
+/// Called with a device's name and how long its backend made no progress, when the runner
+/// reports it hung (set by the supervisor).
+pub type HangHandler = Arc<dyn Fn(&VmEntry, &str, u64) + Send + Sync>;
+
 /// A VM known to `bulkheadd`.
 pub struct VmEntry {
     /// Name (key of the registry).
@@ -47,6 +51,8 @@ pub struct VmEntry {
     pub devices: DeviceTable,
     /// The runner's report of how the guest ended.
     outcome: Mutex<Option<GuestOutcome>>,
+    /// Who hears of a hung device backend.
+    hang_handler: Mutex<Option<HangHandler>>,
     /// Signalled when the VM has stopped.
     stopped: (Mutex<bool>, Condvar),
     state_dir: StateDir,
@@ -82,6 +88,7 @@ impl VmEntry {
             ending: std::sync::atomic::AtomicBool::new(false),
             devices: DeviceTable::default(),
             outcome: Mutex::new(None),
+            hang_handler: Mutex::new(None),
             stopped: (Mutex::new(stopped), Condvar::new()),
             state_dir,
         })
@@ -171,6 +178,11 @@ impl VmEntry {
             .name(format!("vm-{}", self.name))
             .spawn(move || me.supervise(reader))?;
         Ok(())
+    }
+
+    /// Sets who hears of a hung device backend.
+    pub fn set_hang_handler(&self, handler: HangHandler) {
+        *lock(&self.hang_handler) = Some(handler);
     }
 
     /// Guest output that arrived outside the supervisor (during boot).
@@ -325,6 +337,12 @@ impl VmEntry {
                 }
                 Ok((RunnerMessage::Event(RunnerEvent::Exited(o)), _)) => {
                     *lock(&self.outcome) = Some(o)
+                }
+                Ok((RunnerMessage::Event(RunnerEvent::DeviceHung { device, stalled_ms }), _)) => {
+                    let handler = lock(&self.hang_handler).clone();
+                    if let Some(h) = handler {
+                        h(&self, &device, stalled_ms);
+                    }
                 }
                 Ok((RunnerMessage::Event(_), _)) => {}
                 Ok((RunnerMessage::Answer { id, event }, _)) => {

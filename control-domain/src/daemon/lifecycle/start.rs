@@ -201,6 +201,12 @@ impl Daemon {
             disks: (0..disk_socks.len()).map(|i| format!("disk{i}")).collect(),
             nics: (0..nic_socks.len()).map(|i| format!("nic{i}")).collect(),
             cpu_template: cpu_template(&vm.name, &spec.cpu_template),
+            hang_timeouts_ms: spec
+                .disks
+                .iter()
+                .map(|d| d.restart_policy().hang_timeout_ms)
+                .chain(spec.nics.iter().map(|n| n.restart_policy().hang_timeout_ms))
+                .collect(),
         });
         let mut fds = vec![kvm.as_fd(), memfd.as_fd(), kernel.as_fd()];
         if let Some(i) = &initrd {

@@ -31,6 +31,9 @@ pub enum Ending {
     /// Refused (never became ready, or the runner could not set it up) and killed: its end
     /// counts as a crash at start.
     Refused(String),
+    /// Hung (it held requests and completed none for the device's timeout) and killed:
+    /// judged by the restart policy like a crash.
+    Hung(String),
 }
 
 /// Why a device has no backend and none is coming.
@@ -105,6 +108,11 @@ pub enum Event<C> {
         why: String,
         running: bool,
     },
+    /// The runner saw the serving backend hold requests with no completion for
+    /// `stalled_ms`.
+    Hung { stalled_ms: u64 },
+    /// The slow retry of a device marked failed is due.
+    RetryFailed,
     /// An administrator's restart, or an upgrade to `binary`: revives a stalled device,
     /// and its crash counters start over.
     RestartRequested { upgrade: Option<PathBuf> },
@@ -135,8 +143,13 @@ pub enum Action<C> {
     StandbyEnded { replace: bool, lived: Duration },
     /// Start a new process after `backoff`. `reason` is the ended one's, for `info`.
     Restart { backoff: Duration, reason: String },
-    /// No restart: the device stalls. `reason` is the ended one's.
-    Stalled { reason: String, stall: Stall },
+    /// No restart: the device stalls. `reason` is the ended one's; a failed device is
+    /// tried again after `retry_in` ([`Event::RetryFailed`]), if set.
+    Stalled {
+        reason: String,
+        stall: Stall,
+        retry_in: Option<Duration>,
+    },
     /// Start a process now (a stalled device was revived).
     SpawnNow,
     /// A restart is already coming: wait for it.
@@ -282,7 +295,12 @@ impl<C> Device<C> {
                 }
                 let stall = Stall::Failed(format!("cannot start a backend: {e}"));
                 self.serving = Serving::Stalled(stall.clone());
-                Action::Stalled { reason: e, stall }
+                let retry_in = self.retry_in(&stall);
+                Action::Stalled {
+                    reason: e,
+                    stall,
+                    retry_in,
+                }
             }
             Event::Refused { pid, why, running } => match &mut self.serving {
                 Serving::Up { pid: p, ending, .. }
@@ -295,6 +313,26 @@ impl<C> Device<C> {
                 }
                 _ => Action::None,
             },
+            Event::Hung { stalled_ms } => match &mut self.serving {
+                Serving::Up { pid, ending, .. } if *ending == Ending::Unplanned => {
+                    *ending = Ending::Hung(format!("hung: no progress for {stalled_ms} ms"));
+                    Action::Kill(*pid)
+                }
+                _ => Action::None,
+            },
+            Event::RetryFailed => {
+                if !matches!(self.serving, Serving::Stalled(Stall::Failed(_))) {
+                    return Action::None;
+                }
+                // A new try from a clean slate: one more series of attempts.
+                self.quick_failures = 0;
+                self.recent.clear();
+                self.serving = Serving::Restarting {
+                    ending: Ending::Unplanned,
+                    served: false,
+                };
+                Action::SpawnNow
+            }
             Event::RestartRequested { upgrade } => {
                 let planned = match upgrade {
                     Some(b) => {
@@ -401,6 +439,17 @@ impl<C> Device<C> {
         }
     }
 
+    /// When a device stalled by `stall` is tried again on its own: a failed one after the
+    /// policy's `retry_failed_secs` (unless 0); a stopped one (its policy said so) never.
+    fn retry_in(&self, stall: &Stall) -> Option<Duration> {
+        match stall {
+            Stall::Failed(_) if self.policy.retry_failed_secs > 0 => {
+                Some(Duration::from_secs(self.policy.retry_failed_secs.into()))
+            }
+            _ => None,
+        }
+    }
+
     /// What follows the end of the serving process, by the restart policy.
     fn decide(
         &mut self,
@@ -411,15 +460,17 @@ impl<C> Device<C> {
         now: Instant,
     ) -> Action<C> {
         let reason = match &ending {
-            Ending::Planned(p) => format!("{p} ({why})"),
+            Ending::Planned(p) | Ending::Hung(p) => format!("{p} ({why})"),
             Ending::Refused(r) => format!("{why}: refused, {r}"),
             Ending::Unplanned => why,
         };
         let stall = |me: &mut Self, stall: Stall| {
             me.serving = Serving::Stalled(stall.clone());
+            let retry_in = me.retry_in(&stall);
             Action::Stalled {
                 reason: reason.clone(),
                 stall,
+                retry_in,
             }
         };
         if let Ending::Planned(_) = ending {

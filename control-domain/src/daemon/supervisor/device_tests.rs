@@ -5,7 +5,12 @@ use super::*;
 type Dev = Device<&'static str>;
 
 fn policy(mode: RestartMode, per_minute: u32) -> RestartPolicy {
-    RestartPolicy { mode, per_minute }
+    RestartPolicy {
+        mode,
+        per_minute,
+        hang_timeout_ms: 2000,
+        retry_failed_secs: 30,
+    }
 }
 
 /// Starts `pid` and has the runner set it up: it serves.

@@ -114,6 +114,9 @@ impl Supervisor {
                 Serving::Stalled(Stall::Stopped(s)) => (None, Some(format!("not restarted: {s}"))),
                 _ => (None, None),
             };
+            if b.failed.is_none() {
+                b.next_attempt_unix = None;
+            }
         });
         action
     }
@@ -129,6 +132,7 @@ impl Supervisor {
         launch: BackendLaunch,
         pid: Option<i32>,
     ) {
+        self.hear_hangs(vm);
         let binary = launch.binary.clone();
         let mut pidfds = BTreeMap::new();
         if let Some(fd) = pid.and_then(|p| spawn::pidfd_open(p).ok()) {
@@ -169,6 +173,16 @@ impl Supervisor {
         }
     }
 
+    /// Has `vm`'s runner reports of hung backends reach this supervisor.
+    fn hear_hangs(&self, vm: &VmEntry) {
+        let me = self.me.clone();
+        vm.set_hang_handler(Arc::new(move |vm, device, ms| {
+            if let Some(s) = me.upgrade() {
+                s.hung(vm, device, ms);
+            }
+        }));
+    }
+
     /// Starts `device`'s first backend; returns the runner's end of its connection.
     pub fn start_device(
         &self,
@@ -189,8 +203,10 @@ impl Supervisor {
                 stopped: None,
                 restart_policy: launch.policy.to_string(),
                 standby_pid: None,
+                next_attempt_unix: None,
             });
         });
+        self.hear_hangs(vm);
         lock(&vm.devices.slots).insert(
             device.to_string(),
             DeviceSlot {
@@ -302,14 +318,18 @@ impl Supervisor {
             .name(format!("watch-{device}"))
             .spawn(move || {
                 if let Some(fd) = &pidfd {
-                    let mut pfd = [nix::poll::PollFd::new(
-                        fd.as_fd(),
-                        nix::poll::PollFlags::POLLIN,
-                    )];
-                    while matches!(
-                        nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE),
-                        Err(nix::errno::Errno::EINTR)
-                    ) {}
+                    let mut stopped_since = None;
+                    loop {
+                        let mut pfd = [nix::poll::PollFd::new(
+                            fd.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16)) {
+                            Ok(0) => me.frozen_standby(&vm, &device, pid, &mut stopped_since),
+                            Err(nix::errno::Errno::EINTR) => {}
+                            _ => break,
+                        }
+                    }
                 }
                 // Out of the machine's "unreaped" states before it is reaped.
                 let ended = me.on(&vm, &device, Event::Ended { pid });
@@ -363,16 +383,12 @@ impl Supervisor {
         vm.update_backend(device, |b| b.last_exit = Some(reason));
         vm.save();
         match (decided, backoff) {
-            (Action::Stalled { stall, .. }, _) => match stall {
-                Stall::Failed(_) => log(&format!(
-                    "VM '{}': {device} marked failed; the device stalls, the VM keeps running (`bulkhead device-restart {} {device}` tries again)",
-                    vm.name, vm.name
-                )),
-                Stall::Stopped(s) => log(&format!(
-                    "VM '{}': {device} not restarted ({s}); the device stalls, the VM keeps running",
-                    vm.name
-                )),
-            },
+            (
+                Action::Stalled {
+                    stall, retry_in, ..
+                },
+                _,
+            ) => self.stalled(vm, device, stall, retry_in),
             (_, Some(backoff)) => {
                 if !backoff.is_zero() {
                     std::thread::sleep(backoff);
@@ -388,6 +404,80 @@ impl Supervisor {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `device` stalls (`stall`); a failed one is tried again after `retry_in`, and `info`
+    /// says when.
+    fn stalled(&self, vm: &Arc<VmEntry>, device: &str, stall: Stall, retry_in: Option<Duration>) {
+        match &stall {
+            Stall::Failed(_) => log(&format!(
+                "VM '{}': {device} marked failed; the device stalls, the VM keeps running ({}`bulkhead device-restart {} {device}` tries now)",
+                vm.name,
+                retry_in.map_or(String::new(), |r| format!("next try in {} s; ", r.as_secs())),
+                vm.name
+            )),
+            Stall::Stopped(s) => log(&format!(
+                "VM '{}': {device} not restarted ({s}); the device stalls, the VM keeps running",
+                vm.name
+            )),
+        }
+        let Some(retry_in) = retry_in else {
+            return;
+        };
+        let at = unix_now() + retry_in.as_secs();
+        vm.update_backend(device, |b| b.next_attempt_unix = Some(at));
+        vm.save();
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let vm = vm.clone();
+        let device = device.to_string();
+        let _ = std::thread::Builder::new()
+            .name(format!("retry-{device}"))
+            .spawn(move || {
+                std::thread::sleep(retry_in);
+                // Only the try this thread was scheduled for (not one a later failure or an
+                // administrator's restart replaced).
+                let due = vm
+                    .backend(&device)
+                    .is_some_and(|b| b.next_attempt_unix == Some(at));
+                if vm.is_ending() || !due {
+                    return;
+                }
+                if matches!(me.on(&vm, &device, Event::RetryFailed), Action::SpawnNow) {
+                    log(&format!(
+                        "VM '{}': trying the failed {device} again",
+                        vm.name
+                    ));
+                    if let Err(e) = me.respawn(&vm, &device) {
+                        log(&format!("VM '{}': {device}: {e}", vm.name));
+                    }
+                }
+            });
+    }
+
+    /// The runner saw `device`'s serving backend hold requests with no completion for
+    /// `stalled_ms`: it is killed, and replaced like after a crash.
+    pub fn hung(&self, vm: &VmEntry, device: &str, stalled_ms: u64) {
+        let pid = vm
+            .devices
+            .with(device, |s| s.machine.serving_pid())
+            .flatten();
+        if let Action::Kill(pid) = self.on(vm, device, Event::Hung { stalled_ms }) {
+            let words = format!("hung: no progress for {stalled_ms} ms; killing pid {pid}");
+            log(&format!("VM '{}': {device} backend {words}", vm.name));
+            launch::append_log(
+                &self.state,
+                &vm.name,
+                device,
+                &format!("bulkheadd: {words}"),
+            );
+        } else if let Some(pid) = pid {
+            log(&format!(
+                "VM '{}': {device}: the runner reports pid {pid} hung ({stalled_ms} ms), but it is already being replaced",
+                vm.name
+            ));
         }
     }
 
@@ -409,8 +499,13 @@ impl Supervisor {
             Err((Some(_), e)) => return Err(e), // refused: its watcher decides
             Err((None, e)) => {
                 // Nothing was started, so nothing will end and retry: say so in `info`.
-                self.on(vm, device, Event::SpawnFailed(e.clone()));
-                vm.save();
+                if let Action::Stalled {
+                    stall, retry_in, ..
+                } = self.on(vm, device, Event::SpawnFailed(e.clone()))
+                {
+                    vm.save();
+                    self.stalled(vm, device, stall, retry_in);
+                }
                 return Err(e);
             }
         };
@@ -461,6 +556,49 @@ impl Supervisor {
 
 /// Standbys: a second backend per disk, set up and waiting to take over.
 impl Supervisor {
+    /// A standby that is stopped (SIGSTOP) for the device's hang timeout would stall the
+    /// next takeover: it is ended and replaced. `stopped_since`: when `pid` was first seen
+    /// stopped (its watcher keeps it).
+    fn frozen_standby(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        pid: i32,
+        stopped_since: &mut Option<Instant>,
+    ) {
+        let timeout = vm.devices.with(device, |s| {
+            let is_standby =
+                matches!(s.machine.standby, device::Standby::Waiting { pid: p, .. } if p == pid);
+            (is_standby && s.machine.policy.hang_timeout_ms > 0)
+                .then(|| Duration::from_millis(s.machine.policy.hang_timeout_ms.into()))
+        });
+        let Some(timeout) = timeout.flatten() else {
+            return;
+        };
+        if !process_stopped(pid) {
+            *stopped_since = None;
+            return;
+        }
+        let since = *stopped_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < timeout {
+            return;
+        }
+        if let Action::Kill(_) = self.on(vm, device, Event::StandbyRefused { pid }) {
+            let words = format!(
+                "standby (pid {pid}) hung: stopped for {} ms; ending it and starting another",
+                since.elapsed().as_millis()
+            );
+            log(&format!("VM '{}': {device} {words}", vm.name));
+            launch::append_log(
+                &self.state,
+                &vm.name,
+                device,
+                &format!("bulkheadd: {words}"),
+            );
+            self.keep_standby(vm, device);
+        }
+    }
+
     /// Starts a standby backend for `device` in the background if it should have one: a
     /// disk whose restart policy restarts it, with no standby yet, in a VM that runs on.
     pub fn keep_standby(&self, vm: &Arc<VmEntry>, device: &str) {
@@ -527,6 +665,25 @@ fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
         // Not our child (a backend re-adopted after a bulkheadd restart): no status.
         _ => "ended (exit status unknown)".to_string(),
     }
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whether `pid` is stopped (SIGSTOP, or traced): state `T` or `t` in /proc/PID/stat.
+fn process_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            rest.trim_start().chars().next()
+        })
+        .is_some_and(|c| c == 'T' || c == 't')
 }
 
 /// Sends SIGKILL to `pid`. Callers make sure it is still unreaped (so not a reused pid).
