@@ -95,7 +95,10 @@ impl Daemon {
             let launch = if is_disk {
                 self.disk_launch_with(vm, index, b.uid, kept)
             } else {
-                self.nic_launch_with(vm, index, b.uid, kept)
+                // What its opener found the tap takes, from the live backend's arguments.
+                let ufo = std::fs::read(format!("/proc/{}/cmdline", b.pid))
+                    .is_ok_and(|c| c.split(|&x| x == 0).any(|a| a == b"ufo"));
+                self.nic_launch_with(vm, index, b.uid, kept.map(|fd| (fd, ufo)))
             };
             match launch {
                 Ok(mut launch) => {

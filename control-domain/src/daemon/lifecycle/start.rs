@@ -45,9 +45,12 @@ impl Daemon {
         self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
-        // Each disk gets a standby backend, started in the background once the guest runs.
-        for i in 0..disk_count {
-            self.supervisor.keep_standby(vm, &format!("disk{i}"));
+        // Each device gets a standby backend, started in the background once the guest runs.
+        let devices = (0..disk_count)
+            .map(|i| format!("disk{i}"))
+            .chain((0..nic_count).map(|i| format!("nic{i}")));
+        for device in devices {
+            self.supervisor.keep_standby(vm, &device);
         }
         Ok(detail)
     }
@@ -101,18 +104,19 @@ impl Daemon {
         self.nic_launch_with(vm, index, uid, None)
     }
 
-    /// [`Self::nic_launch`] with the tap already open (`tap`), or created here.
+    /// [`Self::nic_launch`] with the tap already open and probed (`tap`, and whether it
+    /// takes UFO), or created and probed here.
     pub(super) fn nic_launch_with(
         &self,
         vm: &VmEntry,
         index: usize,
         uid: u32,
-        tap: Option<OwnedFd>,
+        tap: Option<(OwnedFd, bool)>,
     ) -> Result<BackendLaunch, String> {
         let (nic, id) = vm.read(|r| (r.spec.nics[index].clone(), r.id));
         let device = format!("nic{index}");
-        let tap = match tap {
-            Some(fd) => fd,
+        let (tap, ufo) = match tap {
+            Some(t) => t,
             None => {
                 let net = self.policy.check_network(&vm.name, &nic.network)?;
                 network::ensure_bridge(&net.bridge, net.address.as_deref())
@@ -124,7 +128,9 @@ impl Daemon {
                     "VM '{}': {device} is tap {tap_name} on bridge {}",
                     vm.name, net.bridge
                 ));
-                OwnedFd::from(tap)
+                // Probed once, here: its backends (a standby too) leave it as it is.
+                let ufo = network::probe_tap(&tap).map_err(|e| format!("{device}: {e}"))?;
+                (OwnedFd::from(tap), ufo)
             }
         };
         let mac = nic
@@ -133,7 +139,14 @@ impl Daemon {
             .unwrap_or_else(|| network::default_mac(id, index));
         Ok(BackendLaunch {
             binary: self.cfg.net.clone(),
-            args: vec!["--tap-fd".into(), "4".into(), "--mac".into(), mac],
+            args: vec![
+                "--tap-fd".into(),
+                "4".into(),
+                "--mac".into(),
+                mac,
+                "--tap-probed".into(),
+                if ufo { "ufo" } else { "no-ufo" }.into(),
+            ],
             resource: tap,
             uid,
             policy: nic.restart_policy(),

@@ -325,7 +325,7 @@ impl Supervisor {
                             nix::poll::PollFlags::POLLIN,
                         )];
                         match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16)) {
-                            Ok(0) => me.frozen_standby(&vm, &device, pid, &mut stopped_since),
+                            Ok(0) => me.frozen(&vm, &device, pid, &mut stopped_since),
                             Err(nix::errno::Errno::EINTR) => {}
                             _ => break,
                         }
@@ -554,25 +554,31 @@ impl Supervisor {
     }
 }
 
-/// Standbys: a second backend per disk, set up and waiting to take over.
+/// Standbys: a second backend per device, set up and waiting to take over.
 impl Supervisor {
-    /// A standby that is stopped (SIGSTOP) for the device's hang timeout would stall the
-    /// next takeover: it is ended and replaced. `stopped_since`: when `pid` was first seen
-    /// stopped (its watcher keeps it).
-    fn frozen_standby(
+    /// A backend that is stopped (SIGSTOP) for the device's hang timeout is hung, whether
+    /// or not requests wait: a serving one is replaced like after a crash, a standby (which
+    /// would stall the next takeover) is ended and replaced. `stopped_since`: when `pid`
+    /// was first seen stopped (its watcher keeps it).
+    fn frozen(
         &self,
         vm: &Arc<VmEntry>,
         device: &str,
         pid: i32,
         stopped_since: &mut Option<Instant>,
     ) {
-        let timeout = vm.devices.with(device, |s| {
-            let is_standby =
-                matches!(s.machine.standby, device::Standby::Waiting { pid: p, .. } if p == pid);
-            (is_standby && s.machine.policy.hang_timeout_ms > 0)
-                .then(|| Duration::from_millis(s.machine.policy.hang_timeout_ms.into()))
+        let watched = vm.devices.with(device, |s| {
+            let m = &s.machine;
+            let standby = matches!(m.standby, device::Standby::Waiting { pid: p, .. } if p == pid);
+            let serving = m.serving_pid() == Some(pid);
+            ((standby || serving) && m.policy.hang_timeout_ms > 0).then(|| {
+                (
+                    standby,
+                    Duration::from_millis(m.policy.hang_timeout_ms.into()),
+                )
+            })
         });
-        let Some(timeout) = timeout.flatten() else {
+        let Some((standby, timeout)) = watched.flatten() else {
             return;
         };
         if !process_stopped(pid) {
@@ -581,6 +587,21 @@ impl Supervisor {
         }
         let since = *stopped_since.get_or_insert_with(Instant::now);
         if since.elapsed() < timeout {
+            return;
+        }
+        if !standby {
+            let stalled_ms = since.elapsed().as_millis() as u64;
+            if let Action::Kill(_) = self.on(vm, device, Event::Hung { stalled_ms }) {
+                let words =
+                    format!("hung: no progress for {stalled_ms} ms (stopped); killing pid {pid}");
+                log(&format!("VM '{}': {device} backend {words}", vm.name));
+                launch::append_log(
+                    &self.state,
+                    &vm.name,
+                    device,
+                    &format!("bulkheadd: {words}"),
+                );
+            }
             return;
         }
         if let Action::Kill(_) = self.on(vm, device, Event::StandbyRefused { pid }) {
@@ -600,12 +621,13 @@ impl Supervisor {
     }
 
     /// Starts a standby backend for `device` in the background if it should have one: a
-    /// disk whose restart policy restarts it, with no standby yet, in a VM that runs on.
+    /// device (disk or NIC) whose restart policy restarts it, with no standby yet, in a VM
+    /// that runs on.
     pub fn keep_standby(&self, vm: &Arc<VmEntry>, device: &str) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
-        if !device.starts_with("disk") || vm.is_ending() {
+        if vm.is_ending() {
             return;
         }
         if !matches!(
