@@ -277,7 +277,10 @@ pub fn build_ring(g: &GuestMem, inp: &mut Input<'_>) -> Ring {
         let slot = avail + 4 + 2 * u64::from(start.wrapping_add(i) % size);
         let _ = mem.write_obj(head, GuestAddress(slot));
     }
-    let _ = mem.write_obj(start.wrapping_add(u16::from(n_avail)), GuestAddress(avail + 2));
+    let _ = mem.write_obj(
+        start.wrapping_add(u16::from(n_avail)),
+        GuestAddress(avail + 2),
+    );
     let _ = mem.write_obj(start, GuestAddress(used + 2));
     for i in 0..n_desc {
         let d = read_desc(inp, size);
@@ -360,5 +363,6 @@ pub fn in_ram(addr: u64, len: u64) -> bool {
     let Some(end) = addr.checked_add(len) else {
         return false;
     };
-    (addr >= A_BASE && end <= A_BASE + A_SIZE as u64) || (addr >= B_BASE && end <= B_BASE + B_SIZE as u64)
+    let within = |base: u64, size: usize| addr >= base && end <= base + size as u64;
+    within(A_BASE, A_SIZE) || within(B_BASE, B_SIZE)
 }

@@ -190,7 +190,9 @@ pub fn mutate(rng: &mut Rng, data: &mut Vec<u8>, pool: &[Vec<u8>], max_len: usiz
                     let v = if rng.one_in(2) {
                         INTERESTING[rng.below(INTERESTING.len())]
                     } else {
-                        u64::from_le_bytes(cur).wrapping_add(rng.below(33) as u64).wrapping_sub(16)
+                        u64::from_le_bytes(cur)
+                            .wrapping_add(rng.below(33) as u64)
+                            .wrapping_sub(16)
                     };
                     data[i..i + width].copy_from_slice(&v.to_le_bytes()[..width]);
                 }
@@ -381,10 +383,7 @@ pub fn run(target: &Target, opts: &Options) -> Report {
         .as_ref()
         .map(|root| corpus_files(root, target.name))
         .unwrap_or_default();
-    let mut initial: Vec<Vec<u8>> = files
-        .iter()
-        .filter_map(|p| std::fs::read(p).ok())
-        .collect();
+    let mut initial: Vec<Vec<u8>> = files.iter().filter_map(|p| std::fs::read(p).ok()).collect();
     if initial.is_empty() {
         initial.extend((target.seeds)());
     }
@@ -404,7 +403,9 @@ pub fn run(target: &Target, opts: &Options) -> Report {
         match opts.budget {
             Budget::Cases(n) if generated >= n => break,
             // Checking the clock every 256 inputs keeps it off the profile.
-            Budget::Time(_) if generated % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d) => {
+            Budget::Time(_)
+                if generated.is_multiple_of(256) && deadline.is_some_and(|d| Instant::now() >= d) =>
+            {
                 break
             }
             _ => {}

@@ -89,7 +89,11 @@ fn real_main() -> Result<ExitCode, String> {
                 }
             }
         }
-        return Ok(if bad { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+        return Ok(if bad {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
     }
 
     let selected: Vec<_> = if names.is_empty() {
@@ -110,7 +114,12 @@ fn real_main() -> Result<ExitCode, String> {
                 let p = dir.join(format!("seed-{i:02}"));
                 std::fs::write(&p, s).map_err(|e| format!("{}: {e}", p.display()))?;
             }
-            println!("{}: {} seeds in {}", t.name, (t.seeds)().len(), dir.display());
+            println!(
+                "{}: {} seeds in {}",
+                t.name,
+                (t.seeds)().len(),
+                dir.display()
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }

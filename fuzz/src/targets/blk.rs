@@ -24,7 +24,9 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest::{build_ring, in_ram, GuestMem, RingSeed, DATA, F_INDIRECT, F_NEXT, F_WRITE, INDIRECT};
+use crate::guest::{
+    build_ring, in_ram, GuestMem, RingSeed, DATA, F_INDIRECT, F_NEXT, F_WRITE, INDIRECT,
+};
 use crate::input::Input;
 use crate::mix;
 
@@ -132,7 +134,10 @@ fn run_with(fx: &mut Fixture, data: &[u8]) -> u64 {
         let outcome = process_chain(chain, &target);
         // The signature is the set of (request type, chain length, outcome) seen, so that
         // inputs doing something new, not just more of the same, join the pool.
-        let mut f = mix(descs.len().min(4) as u64, u64::from(kind.unwrap_or(u32::MAX).min(64)));
+        let mut f = mix(
+            descs.len().min(4) as u64,
+            u64::from(kind.unwrap_or(u32::MAX).min(64)),
+        );
         match outcome {
             Outcome::Broken => f = mix(f, 0xb0),
             Outcome::Completed { status, used_len } => {
@@ -146,7 +151,11 @@ fn run_with(fx: &mut Fixture, data: &[u8]) -> u64 {
     let size = disk.file().metadata().map(|m| m.len()).unwrap_or(0);
     assert_eq!(size, SECTORS * 512, "the image changed size");
     if readonly {
-        assert_eq!(checksum(&fx.ro_file), fx.ro_sum, "a read-only image was written");
+        assert_eq!(
+            checksum(&fx.ro_file),
+            fx.ro_sum,
+            "a read-only image was written"
+        );
     }
     sig
 }
@@ -172,8 +181,13 @@ fn check_completed(
     );
     let status_addr = last.addr().0 + u64::from(last.len()) - 1;
     assert!(in_ram(status_addr, 1), "status byte outside guest RAM");
-    let got: u8 = mem.read_obj(GuestAddress(status_addr)).expect("status byte");
-    assert_eq!(got, status, "status byte in memory differs from the outcome");
+    let got: u8 = mem
+        .read_obj(GuestAddress(status_addr))
+        .expect("status byte");
+    assert_eq!(
+        got, status,
+        "status byte in memory differs from the outcome"
+    );
     let writable: u64 = descs
         .iter()
         .filter(|d| d.is_write_only())
@@ -217,7 +231,12 @@ fn check_completed(
         );
         if readonly {
             assert!(
-                ![VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES].contains(&kind),
+                ![
+                    VIRTIO_BLK_T_OUT,
+                    VIRTIO_BLK_T_DISCARD,
+                    VIRTIO_BLK_T_WRITE_ZEROES
+                ]
+                .contains(&kind),
                 "OK status for a write (type {kind}) on a read-only disk"
             );
         }
@@ -297,11 +316,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             cfg: 4,
             heads: vec![0],
             descs: vec![(INDIRECT, 48, F_INDIRECT, 0)],
-            indirect: vec![
-                (hdr, 16, r | n, 1),
-                (buf, 512, w | n, 2),
-                (status, 1, w, 0),
-            ],
+            indirect: vec![(hdr, 16, r | n, 1), (buf, 512, w | n, 2), (status, 1, w, 0)],
             data: header(VIRTIO_BLK_T_IN, 1),
         }
         .encode(),
@@ -344,6 +359,10 @@ mod tests {
         }
         let mut fx = Fixture::new();
         run_with(&mut fx, &seeds()[4]);
-        assert_eq!(fx.stats.snapshot().errors, 1, "the read-only write is refused");
+        assert_eq!(
+            fx.stats.snapshot().errors,
+            1,
+            "the read-only write is refused"
+        );
     }
 }

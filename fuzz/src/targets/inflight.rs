@@ -16,7 +16,9 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::FromRawFd;
 
-use bulkhead_backends::inflight::{queue_region_size, InflightRegion, Takeover, MAX_QUEUES, MAX_QUEUE_SIZE};
+use bulkhead_backends::inflight::{
+    queue_region_size, InflightRegion, Takeover, MAX_QUEUES, MAX_QUEUE_SIZE,
+};
 
 use crate::input::{Input, Writer};
 use crate::mix;
@@ -47,7 +49,8 @@ fn fill(file: &File, content: &[u8], len: usize) {
     let mut w = file;
     use std::io::Seek;
     w.seek(std::io::SeekFrom::Start(0)).expect("seek");
-    w.write_all(&content[..content.len().min(len)]).expect("write");
+    w.write_all(&content[..content.len().min(len)])
+        .expect("write");
 }
 
 fn dup(file: &File) -> File {
@@ -153,9 +156,8 @@ fn shape(inp: &mut Input<'_>) -> u64 {
     with_file(|file| {
         fill(file, &[], file_len as usize);
         let r = InflightRegion::map(dup(file), mmap_size, offset, queues, queue_size);
-        let fits = (1..=MAX_QUEUES).contains(&queues)
-            && (1..=MAX_QUEUE_SIZE).contains(&queue_size)
-            && {
+        let fits =
+            (1..=MAX_QUEUES).contains(&queues) && (1..=MAX_QUEUE_SIZE).contains(&queue_size) && {
                 let need = (usize::from(queues) * queue_region_size(queue_size)) as u64;
                 mmap_size >= need
                     && offset % 4096 == 0
@@ -164,7 +166,10 @@ fn shape(inp: &mut Input<'_>) -> u64 {
         match r {
             Ok(region) => {
                 assert!(fits, "mapped a region that does not fit: {queues}x{queue_size}, size {mmap_size}, offset {offset}, file {file_len}");
-                assert_eq!((region.num_queues(), region.queue_size()), (queues, queue_size));
+                assert_eq!(
+                    (region.num_queues(), region.queue_size()),
+                    (queues, queue_size)
+                );
                 let t = region.take_over(queues - 1, queue_size, 0);
                 check_takeover(&t, &region, queue_size, 0);
                 3
@@ -220,7 +225,11 @@ fn model(inp: &mut Input<'_>) -> u64 {
             }
             // Complete one in flight, both phases.
             3 | 4 => {
-                if let Some((&h, _)) = m.inflight.iter().nth(usize::from(head) % m.inflight.len().max(1)) {
+                if let Some((&h, _)) = m
+                    .inflight
+                    .iter()
+                    .nth(usize::from(head) % m.inflight.len().max(1))
+                {
                     region.completing(q, h);
                     m.used = m.used.wrapping_add(1);
                     region.completed(q, h, m.used);
@@ -257,7 +266,13 @@ fn model(inp: &mut Input<'_>) -> u64 {
 
 /// A successor maps the same region, takes every queue over and must be told exactly what
 /// the model has in flight, oldest first; it then completes those, as the backend does.
-fn restart(file: &File, len: u64, queues: u16, queue_size: u16, models: &mut [Model]) -> InflightRegion {
+fn restart(
+    file: &File,
+    len: u64,
+    queues: u16,
+    queue_size: u16,
+    models: &mut [Model],
+) -> InflightRegion {
     let region = InflightRegion::map(dup(file), len, 0, queues, queue_size).expect("remap");
     for (q, m) in models.iter_mut().enumerate() {
         let q = q as u16;
@@ -290,7 +305,10 @@ fn restart(file: &File, len: u64, queues: u16, queue_size: u16, models: &mut [Mo
         }
         m.inflight.clear();
         m.counter = counter;
-        assert!(region.in_flight(q).is_empty(), "marks left after resubmission");
+        assert!(
+            region.in_flight(q).is_empty(),
+            "marks left after resubmission"
+        );
     }
     region
 }
@@ -326,7 +344,18 @@ pub fn seeds() -> Vec<Vec<u8>> {
     shape.u8(1).u32(8192).u8(0).u8(0).u16(2).u16(8);
     let mut life = Writer::new();
     life.u8(2).u8(1).u8(15).u16(65530);
-    for (op, head) in [(0u8, 1u8), (0, 4), (0x10, 2), (3, 0), (0, 7), (5, 0), (0, 3), (6, 0), (0x13, 0), (7, 0)] {
+    for (op, head) in [
+        (0u8, 1u8),
+        (0, 4),
+        (0x10, 2),
+        (3, 0),
+        (0, 7),
+        (5, 0),
+        (0, 3),
+        (6, 0),
+        (0x13, 0),
+        (7, 0),
+    ] {
         life.u8(op).u8(head);
     }
     vec![raw.finish(), shape.finish(), life.finish()]

@@ -22,7 +22,8 @@ use serde::Serialize;
 use crate::mix;
 
 fn hash_str(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| mix(h, u64::from(b)))
+    s.bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| mix(h, u64::from(b)))
 }
 
 /// Decodes `payload` as a `T`; a value must survive encode → frame → decode unchanged.
@@ -133,7 +134,10 @@ pub fn run_hello(data: &[u8]) -> u64 {
         Some((n, rest)) => (usize::from(*n % 12), rest),
         None => (0, data),
     };
-    let mut sig = mix(roundtrip::<Hello>(datagram), roundtrip::<HelloReply>(datagram));
+    let mut sig = mix(
+        roundtrip::<Hello>(datagram),
+        roundtrip::<HelloReply>(datagram),
+    );
     PAIR.with(|cell| {
         let mut slot = cell.borrow_mut();
         let pair = slot.get_or_insert_with(|| {
@@ -183,7 +187,10 @@ pub fn run_hello(data: &[u8]) -> u64 {
             .expect("the server answers every hello");
         match reply {
             HelloReply::Welcome { version } => {
-                assert!(got.is_ok() && version == PROTOCOL_VERSION, "welcome for a refused hello")
+                assert!(
+                    got.is_ok() && version == PROTOCOL_VERSION,
+                    "welcome for a refused hello"
+                )
             }
             HelloReply::Refused { .. } => assert!(got.is_err(), "refused an accepted hello"),
         }
@@ -226,7 +233,9 @@ pub fn seeds_request() -> Vec<Vec<u8>> {
         Request::List,
         Request::Info { name: n() },
         Request::Console { name: n() },
-        Request::ConsoleInput { data: b"ls\r".to_vec() },
+        Request::ConsoleInput {
+            data: b"ls\r".to_vec(),
+        },
         Request::ConsoleDetach,
         Request::Pause { name: n() },
         Request::Unpause { name: n() },
@@ -374,7 +383,10 @@ pub fn seeds_hello() -> Vec<Vec<u8>> {
     let mut bad = Hello::new(Role::Runner);
     bad.magic = *b"XULKHEAD";
     out.push(with(1, encode_frame(&bad).expect("frame")));
-    out.push(with(9, encode_frame(&Hello::new(Role::Cli)).expect("frame")));
+    out.push(with(
+        9,
+        encode_frame(&Hello::new(Role::Cli)).expect("frame"),
+    ));
     out.push(with(
         0,
         encode_frame(&HelloReply::Welcome { version: 1 }).expect("frame"),

@@ -80,8 +80,8 @@ fn chains(g: &GuestMem, ring: &Ring) -> Vec<(u16, Vec<Descriptor>)> {
     out
 }
 
-/// Whether any descriptor of `chains` may be written by the device over the rings, the
-/// indirect area or the descriptor table (a guest that does that rewrites its own chains
+/// Whether any descriptor of `chains` may be written by the device over the rings (wherever
+/// the input placed them), the indirect area or the descriptor table (a guest that does that rewrites its own chains
 /// while they are processed, and the models below no longer apply).
 fn self_modifying(ring: &Ring, chains: &[(u16, Vec<Descriptor>)]) -> bool {
     let table = (ring.desc, ring.desc + 16 * u64::from(ring.size));
@@ -90,7 +90,10 @@ fn self_modifying(ring: &Ring, chains: &[(u16, Vec<Descriptor>)]) -> bool {
         a < hi && a.saturating_add(u64::from(d.len())) > lo
     };
     chains.iter().flat_map(|(_, ds)| ds).any(|d| {
-        overlaps(d, (0, DATA)) || overlaps(d, table) || overlaps(d, (ring.used, ring.used + 8 * 257))
+        overlaps(d, (0, DATA))
+            || overlaps(d, table)
+            || overlaps(d, (ring.avail, ring.avail + 6 + 2 * u64::from(ring.size)))
+            || overlaps(d, (ring.used, ring.used + 8 * 257))
     })
 }
 
@@ -99,7 +102,11 @@ pub fn run_tx(data: &[u8]) -> u64 {
     with_fixture(|fx| {
         let mut inp = Input::new(data);
         let mut ring = build_ring(&fx.g, &mut inp);
-        let hdr_len = if ring.extra & 1 != 0 { LEGACY_HDR_LEN } else { HDR_LEN };
+        let hdr_len = if ring.extra & 1 != 0 {
+            LEGACY_HDR_LEN
+        } else {
+            HDR_LEN
+        };
         let offered = chains(&fx.g, &ring);
         // The model: which chains go out, and as which bytes.
         let max = usize::from(ring.size);
@@ -139,8 +146,14 @@ pub fn run_tx(data: &[u8]) -> u64 {
             .iter()
             .position(|(h, _)| *h >= ring.size)
             .map_or(offered.len(), |i| i + 1);
-        let returned = offered[..cut].iter().filter(|(h, _)| *h < ring.size).count();
-        assert_eq!(n, returned, "process_tx returned {n} chains, the model {returned}");
+        let returned = offered[..cut]
+            .iter()
+            .filter(|(h, _)| *h < ring.size)
+            .count();
+        assert_eq!(
+            n, returned,
+            "process_tx returned {n} chains, the model {returned}"
+        );
         let mut sig = mix(offered.len() as u64, hdr_len as u64);
         let modifying = self_modifying(&ring, &offered);
         if !modifying {
@@ -157,7 +170,11 @@ pub fn run_tx(data: &[u8]) -> u64 {
         let sent = after.tx_packets - before.tx_packets;
         let tap_refused = after.tx_drop(TxDrop::Tap) - before.tx_drop(TxDrop::Tap);
         let drops: u64 = (0..6).map(|i| after.tx_drops[i] - before.tx_drops[i]).sum();
-        assert_eq!(sent + drops, cut as u64, "every chain taken is sent or dropped");
+        assert_eq!(
+            sent + drops,
+            cut as u64,
+            "every chain taken is sent or dropped"
+        );
         for i in 0..6 {
             sig = mix(sig, after.tx_drops[i] - before.tx_drops[i]);
         }
@@ -176,7 +193,10 @@ pub fn run_tx(data: &[u8]) -> u64 {
                 while at < want.len() && want[at].as_slice() != got {
                     at += 1;
                 }
-                assert!(at < want.len(), "a frame on the wire that the model did not send");
+                assert!(
+                    at < want.len(),
+                    "a frame on the wire that the model did not send"
+                );
                 at += 1;
             }
         }
@@ -237,15 +257,25 @@ pub fn run_rx(data: &[u8]) -> u64 {
         let after = fx.stats.snapshot();
         let used = first.used + second.used;
         let delivered = first.delivered + second.delivered;
-        assert!(delivered <= queued, "delivered {delivered} of {queued} frames");
+        assert!(
+            delivered <= queued,
+            "delivered {delivered} of {queued} frames"
+        );
         assert_eq!(
             after.rx_packets - before.rx_packets,
             delivered as u64,
             "rx_packets"
         );
-        assert!(used <= offered.len(), "{used} used entries for {} chains", offered.len());
+        assert!(
+            used <= offered.len(),
+            "{used} used entries for {} chains",
+            offered.len()
+        );
         if second.stop == RxStop::TapEmpty {
-            assert!(!rx.pending(), "a frame is pending although the tap is empty");
+            assert!(
+                !rx.pending(),
+                "a frame is pending although the tap is empty"
+            );
         }
         if !modifying {
             assert_eq!(
@@ -272,7 +302,8 @@ pub fn run_rx(data: &[u8]) -> u64 {
                 );
                 if len > 0 {
                     assert!(
-                        ds.iter().all(|d| d.is_write_only() && in_ram(d.addr().0, u64::from(d.len()))),
+                        ds.iter()
+                            .all(|d| d.is_write_only() && in_ram(d.addr().0, u64::from(d.len()))),
                         "bytes written into a chain with a read-only or outside descriptor"
                     );
                 }
@@ -322,7 +353,12 @@ pub fn seeds_tx() -> Vec<Vec<u8>> {
     };
     let mut legacy = one.clone();
     legacy.cfg |= 0x10;
-    vec![one.encode(), split.encode(), indirect.encode(), legacy.encode()]
+    vec![
+        one.encode(),
+        split.encode(),
+        indirect.encode(),
+        legacy.encode(),
+    ]
 }
 
 /// RX seeds: a small frame into one buffer, a large one over mergeable buffers.
@@ -369,7 +405,10 @@ mod tests {
             let before = stats_or_default();
             run_tx(seed);
             let after = stats();
-            assert!(after.tx_packets > before.tx_packets, "seed {i} sent nothing");
+            assert!(
+                after.tx_packets > before.tx_packets,
+                "seed {i} sent nothing"
+            );
             assert_eq!(after.tx_drops, before.tx_drops, "seed {i} dropped a chain");
         }
     }
@@ -381,15 +420,27 @@ mod tests {
             run_rx(seed);
             let after = stats();
             if i == 3 {
-                assert_eq!(after.rx_dropped, before.rx_dropped + 1, "too big for the buffer");
+                assert_eq!(
+                    after.rx_dropped,
+                    before.rx_dropped + 1,
+                    "too big for the buffer"
+                );
             } else {
-                assert!(after.rx_packets > before.rx_packets, "seed {i} delivered nothing");
+                assert!(
+                    after.rx_packets > before.rx_packets,
+                    "seed {i} delivered nothing"
+                );
                 assert_eq!(after.rx_skips, before.rx_skips, "seed {i} skipped a chain");
             }
         }
     }
 
     fn stats_or_default() -> bulkhead_backends::net::stats::NetStatsSnapshot {
-        FIXTURE.with(|c| c.borrow().as_ref().map(|f| f.stats.snapshot()).unwrap_or_default())
+        FIXTURE.with(|c| {
+            c.borrow()
+                .as_ref()
+                .map(|f| f.stats.snapshot())
+                .unwrap_or_default()
+        })
     }
 }
