@@ -404,7 +404,8 @@ pub fn run(target: &Target, opts: &Options) -> Report {
             Budget::Cases(n) if generated >= n => break,
             // Checking the clock every 256 inputs keeps it off the profile.
             Budget::Time(_)
-                if generated.is_multiple_of(256) && deadline.is_some_and(|d| Instant::now() >= d) =>
+                if generated.is_multiple_of(256)
+                    && deadline.is_some_and(|d| Instant::now() >= d) =>
             {
                 break
             }
