@@ -250,6 +250,18 @@ impl Channel {
         Ok(())
     }
 
+    /// Lets `bytes` of sent frames wait in the socket for a slow reader before a send
+    /// blocks (or [`Self::try_send`] says [`IpcError::WouldBlock`]). Beyond the system's
+    /// `wmem_max` this needs `CAP_NET_ADMIN` (SO_SNDBUFFORCE); without it the largest
+    /// allowed size is taken.
+    pub fn set_send_buffer(&self, bytes: usize) -> Result<()> {
+        if socket::setsockopt(&self.fd, sockopt::SndBufForce, &bytes).is_ok() {
+            return Ok(());
+        }
+        socket::setsockopt(&self.fd, sockopt::SndBuf, &bytes)
+            .map_err(|e| IpcError::sys("SO_SNDBUF", e))
+    }
+
     /// Another handle on the same socket (`dup`, close-on-exec). The two share the
     /// non-blocking flag.
     pub fn try_clone(&self) -> Result<Channel> {

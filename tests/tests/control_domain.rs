@@ -1064,8 +1064,8 @@ fn console_client_that_never_reads_stalls_nothing() {
     if !root_available(name) || !kvm_available(name) {
         return;
     }
-    let d = Bulkheadd::start("deafcon", Some(&runner_uids(62900)), false);
-    // A tick every millisecond: a socket nobody reads fills within a second or so.
+    let d = Bulkheadd::start("deafcon", Some(&runner_uids(65300)), false);
+    // A tick every millisecond: a socket nobody reads fills within a minute.
     d.create("chatty", "ticks=1");
     let deaf = Channel::connect(&d.sock).expect("connect");
     client_hello(&deaf, Role::Cli, STEP).expect("hello");
@@ -1078,7 +1078,7 @@ fn console_client_that_never_reads_stalls_nothing() {
     .expect("send Console");
     // Never read from `deaf` again. bulkheadd cuts it off once its socket is full.
     assert!(
-        wait_until(Duration::from_secs(60), || d
+        wait_until(Duration::from_secs(120), || d
             .daemon_log()
             .contains("does not read its output; disconnecting it")),
         "the deaf console client was never cut off\n{}",
@@ -1087,7 +1087,13 @@ fn console_client_that_never_reads_stalls_nothing() {
     // The VM's other clients and verbs are unaffected: a reading console sees new ticks,
     // pause and unpause answer, destroy works.
     let con = d.console("chatty");
-    assert!(con.stdout.wait_for("tick", STEP), "{}", d.dump());
+    assert!(
+        con.stdout.wait_for("tick", STEP),
+        "no tick on a second console\n--- stdout ---\n{}\n--- stderr ---\n{}\n{}",
+        con.stdout.text(),
+        con.stderr.text(),
+        d.dump()
+    );
     let seen = max_tick(&con.stdout.text());
     assert!(
         wait_until(STEP, || max_tick(&con.stdout.text()) > seen + 100),

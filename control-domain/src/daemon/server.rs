@@ -16,6 +16,10 @@ use super::policy::{Action, Caller};
 use super::vm::VmEntry;
 use super::{fail, log, Daemon, Failure};
 
+/// How much console output may wait in a client's socket before the client is taken for
+/// one that does not read and is cut off.
+const CONSOLE_SEND_BUFFER: usize = 1 << 20;
+
 impl Daemon {
     /// Serves clients on the socket forever.
     pub fn serve(self: &Arc<Self>) -> anyhow::Result<()> {
@@ -146,6 +150,9 @@ impl Daemon {
         let sender = ch
             .try_clone()
             .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        // Room for a few seconds of a chatty guest's output, so a client that is merely
+        // slow for a moment (a loaded host) is not taken for one that does not read.
+        let _ = sender.set_send_buffer(CONSOLE_SEND_BUFFER);
         let history = vm.console.subscribe(client_id, sender);
         Ok((vm, history))
     }

@@ -319,3 +319,26 @@ pub fn pidfd_kill(pidfd: &OwnedFd) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A copy of descriptor `fd` of the process behind `pidfd` (a re-adopted backend's image
+/// or tap, so it is never reopened by path).
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall on a pidfd we own; on success the return value is a new fd
+    // (close-on-exec) that we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0u32) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `r` was just returned by pidfd_getfd and is owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable then).
+pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    use std::os::fd::AsFd;
+    let mut pfd = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+}

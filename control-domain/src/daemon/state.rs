@@ -61,6 +61,9 @@ pub struct BackendRecord {
     /// The standby backend waiting to take over, if one is ready.
     #[serde(default)]
     pub standby_pid: Option<i32>,
+    /// When a failed device is tried again (seconds since the epoch).
+    #[serde(default)]
+    pub next_attempt_unix: Option<u64>,
 }
 
 /// The state directory.

@@ -5,10 +5,22 @@ use super::*;
 type Dev = Device<&'static str>;
 
 fn policy(mode: RestartMode, per_minute: u32) -> RestartPolicy {
-    RestartPolicy { mode, per_minute }
+    RestartPolicy {
+        mode,
+        per_minute,
+        hang_timeout_ms: 2000,
+        retry_failed_secs: 30,
+    }
 }
 
+/// Starts `pid` and has the runner set it up: it serves.
 fn up(d: &mut Dev, pid: i32, t: Instant) {
+    spawned(d, pid, t);
+    assert_eq!(d.on(Event::Served { pid }, t), Action::None);
+}
+
+/// Starts `pid`; the runner has not set it up yet.
+fn spawned(d: &mut Dev, pid: i32, t: Instant) {
     let binary = d.binary.clone();
     assert_eq!(d.on(Event::Spawned { pid, binary }, t), Action::None);
     assert_eq!(d.serving_pid(), Some(pid));
@@ -95,14 +107,16 @@ fn start_serve_crash_restart() {
 #[test]
 fn crash_at_start_backs_off_then_fails() {
     let mut t = Instant::now();
-    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 0));
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
     let mut pid = 20;
-    up(&mut d, pid, t);
+    // Each process dies before the runner set it up: a crash at start, however long it
+    // lived.
+    spawned(&mut d, pid, t);
     for n in 1..QUICK_BUDGET {
-        let (backoff, _) = restarted(crash(&mut d, pid, &mut t, Duration::from_millis(10)));
+        let (backoff, _) = restarted(crash(&mut d, pid, &mut t, Duration::from_secs(3)));
         assert_eq!(backoff, Duration::from_millis(100 << (n - 1)), "crash {n}");
         pid += 1;
-        up(&mut d, pid, t);
+        spawned(&mut d, pid, t);
     }
     let why = failed(crash(&mut d, pid, &mut t, Duration::from_millis(10)));
     assert!(why.contains("crashed 5 times"), "{why}");
@@ -116,6 +130,39 @@ fn crash_at_start_backs_off_then_fails() {
     );
     assert_eq!(d.quick_failures, 0);
     up(&mut d, 99, t);
+}
+
+#[test]
+fn no_restart_limit_means_no_limit_for_crashes_at_start_either() {
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 0));
+    let mut pid = 1;
+    spawned(&mut d, pid, t);
+    for n in 1..=50u32 {
+        let (backoff, _) = restarted(crash(&mut d, pid, &mut t, Duration::from_millis(1)));
+        assert_eq!(
+            backoff,
+            Duration::from_millis(100 << (n - 1).min(4)),
+            "crash {n}: backed off, never failed"
+        );
+        pid += 1;
+        spawned(&mut d, pid, t);
+    }
+}
+
+#[test]
+fn kills_of_backends_that_served_are_never_crashes_at_start() {
+    // Ten kills 50 ms apart, each of a backend (a standby that just took over) that the
+    // runner had set up: restarted at once every time, never failed.
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 0));
+    up(&mut d, 1, t);
+    for pid in 1..=10 {
+        let (backoff, _) = restarted(crash(&mut d, pid, &mut t, Duration::from_millis(50)));
+        assert_eq!(backoff, Duration::ZERO, "kill {pid}");
+        up(&mut d, pid + 1, t);
+    }
+    assert_eq!(d.quick_failures, 0);
 }
 
 #[test]
@@ -303,4 +350,30 @@ fn restart_requests_while_restarting_wait() {
     assert_eq!(d.on(Event::Takeover, t), Action::None);
     assert_eq!(decide(&mut d, false, "x", t), Action::None);
     assert_eq!(d.on(Event::Ended { pid: 1 }, t), Action::None);
+}
+
+#[test]
+fn adopted_after_a_daemon_restart() {
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
+    let adopted = Event::Adopted {
+        pid: Some(7),
+        binary: "blk".into(),
+    };
+    assert_eq!(d.on(adopted, t), Action::None);
+    assert_eq!(d.serving_pid(), Some(7));
+    // Its end right after the adoption is no crash at start.
+    let (backoff, _) = restarted(crash(&mut d, 7, &mut t, Duration::from_millis(1)));
+    assert_eq!(backoff, Duration::ZERO);
+    assert_eq!(d.quick_failures, 0);
+    // One that ended while bulkheadd was down is decided at once.
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
+    let gone = Event::Adopted {
+        pid: None,
+        binary: "blk".into(),
+    };
+    assert_eq!(d.on(gone, t), Action::ServingEnded);
+    let (backoff, reason) = restarted(decide(&mut d, false, "ended while bulkheadd was down", t));
+    assert_eq!(backoff, Duration::ZERO);
+    assert!(reason.contains("while bulkheadd was down"));
 }

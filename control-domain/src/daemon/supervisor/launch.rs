@@ -135,3 +135,12 @@ impl Spawned {
         }
     }
 }
+
+/// Appends one line to `vm`'s `device` log (what bulkheadd did to its backends).
+pub fn append_log(state: &StateDir, vm: &str, device: &str, line: &str) {
+    use std::io::Write;
+    let path = state.path().join("logs").join(format!("{vm}.{device}.log"));
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}

@@ -41,6 +41,9 @@ struct DeviceSlot {
     uid: u32,
     /// The state machine.
     machine: Device<UnixStream>,
+    /// A pidfd per process of the device that may still be signalled: kills go through
+    /// these, so a reused pid is never hit (re-adopted backends are not our children).
+    pidfds: BTreeMap<i32, OwnedFd>,
 }
 
 /// The devices of one VM, by name (`disk0`, `nic0`).
@@ -83,9 +86,21 @@ impl Supervisor {
         let Some(slot) = slots.get_mut(device) else {
             return Action::None;
         };
+        let ended = match &event {
+            Event::Ended { pid } => Some(*pid),
+            _ => None,
+        };
         let action = slot.machine.on(event, Instant::now());
         if let Action::Kill(pid) = action {
-            sigkill(pid);
+            match slot.pidfds.get(&pid) {
+                Some(fd) => {
+                    let _ = spawn::pidfd_kill(fd);
+                }
+                None => sigkill(pid),
+            }
+        }
+        if let Some(pid) = ended {
+            slot.pidfds.remove(&pid);
         }
         let m = &slot.machine;
         vm.update_backend(device, |b| {
@@ -99,8 +114,73 @@ impl Supervisor {
                 Serving::Stalled(Stall::Stopped(s)) => (None, Some(format!("not restarted: {s}"))),
                 _ => (None, None),
             };
+            if b.failed.is_none() {
+                b.next_attempt_unix = None;
+            }
         });
         action
+    }
+
+    /// Takes over `device` of a VM re-adopted after a `bulkheadd` restart: its serving
+    /// backend `pid` is watched from now on (through a pidfd: it is not our child), and
+    /// one that ended while nobody watched (`None`) is decided on and restarted at once.
+    /// The device gets a standby again.
+    pub fn adopt_device(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        launch: BackendLaunch,
+        pid: Option<i32>,
+    ) {
+        self.hear_hangs(vm);
+        let binary = launch.binary.clone();
+        let mut pidfds = BTreeMap::new();
+        if let Some(fd) = pid.and_then(|p| spawn::pidfd_open(p).ok()) {
+            pidfds.extend(pid.map(|p| (p, fd)));
+        }
+        lock(&vm.devices.slots).insert(
+            device.to_string(),
+            DeviceSlot {
+                resource: launch.resource,
+                args: launch.args,
+                uid: launch.uid,
+                machine: Device::new(launch.binary, launch.policy),
+                pidfds,
+            },
+        );
+        let gone = matches!(
+            self.on(vm, device, Event::Adopted { pid, binary }),
+            Action::ServingEnded
+        );
+        vm.save();
+        match (pid, gone) {
+            (Some(pid), false) => {
+                self.watch(vm, device, pid);
+                self.keep_standby(vm, device);
+            }
+            _ => {
+                let Some(me) = self.me.upgrade() else {
+                    return;
+                };
+                let vm = vm.clone();
+                let device = device.to_string();
+                let _ = std::thread::Builder::new()
+                    .name(format!("adopt-{device}"))
+                    .spawn(move || {
+                        me.decide(&vm, &device, false, "ended while bulkheadd was down".into())
+                    });
+            }
+        }
+    }
+
+    /// Has `vm`'s runner reports of hung backends reach this supervisor.
+    fn hear_hangs(&self, vm: &VmEntry) {
+        let me = self.me.clone();
+        vm.set_hang_handler(Arc::new(move |vm, device, ms| {
+            if let Some(s) = me.upgrade() {
+                s.hung(vm, device, ms);
+            }
+        }));
     }
 
     /// Starts `device`'s first backend; returns the runner's end of its connection.
@@ -123,8 +203,10 @@ impl Supervisor {
                 stopped: None,
                 restart_policy: launch.policy.to_string(),
                 standby_pid: None,
+                next_attempt_unix: None,
             });
         });
+        self.hear_hangs(vm);
         lock(&vm.devices.slots).insert(
             device.to_string(),
             DeviceSlot {
@@ -132,11 +214,26 @@ impl Supervisor {
                 args: launch.args,
                 uid: launch.uid,
                 machine: Device::new(launch.binary, launch.policy),
+                pidfds: BTreeMap::new(),
             },
         );
         self.launch_serving(vm, device, true)
             .map(|(_, conn)| conn)
             .map_err(|(_, e)| e)
+    }
+
+    /// The guest booted with every device of `vm`: the runner set up each first backend,
+    /// so each serves.
+    pub fn booted(&self, vm: &VmEntry) {
+        let devices: Vec<(String, Option<i32>)> = lock(&vm.devices.slots)
+            .iter()
+            .map(|(d, s)| (d.clone(), s.machine.serving_pid()))
+            .collect();
+        for (device, pid) in devices {
+            if let Some(pid) = pid {
+                self.on(vm, &device, Event::Served { pid });
+            }
+        }
     }
 
     /// What the next process of `device` is started with.
@@ -178,6 +275,9 @@ impl Supervisor {
             standby,
             fresh_log,
         )?;
+        if let Ok(fd) = spawn::pidfd_open(p.pid) {
+            vm.devices.with(device, |s| s.pidfds.insert(p.pid, fd));
+        }
         Ok((l.binary, p))
     }
 
@@ -218,14 +318,18 @@ impl Supervisor {
             .name(format!("watch-{device}"))
             .spawn(move || {
                 if let Some(fd) = &pidfd {
-                    let mut pfd = [nix::poll::PollFd::new(
-                        fd.as_fd(),
-                        nix::poll::PollFlags::POLLIN,
-                    )];
-                    while matches!(
-                        nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE),
-                        Err(nix::errno::Errno::EINTR)
-                    ) {}
+                    let mut stopped_since = None;
+                    loop {
+                        let mut pfd = [nix::poll::PollFd::new(
+                            fd.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16)) {
+                            Ok(0) => me.frozen_standby(&vm, &device, pid, &mut stopped_since),
+                            Err(nix::errno::Errno::EINTR) => {}
+                            _ => break,
+                        }
+                    }
                 }
                 // Out of the machine's "unreaped" states before it is reaped.
                 let ended = me.on(&vm, &device, Event::Ended { pid });
@@ -263,7 +367,12 @@ impl Supervisor {
         status: Option<nix::sys::wait::WaitStatus>,
     ) {
         let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
-        let why = exit_words(status);
+        self.decide(vm, device, clean, exit_words(status));
+    }
+
+    /// Decides by the device's policy what follows the end of its serving process (`why`),
+    /// then restarts it or stalls it.
+    fn decide(&self, vm: &Arc<VmEntry>, device: &str, clean: bool, why: String) {
         let decided = self.on(vm, device, Event::Decide { clean, why });
         let (reason, backoff) = match &decided {
             Action::Restart { backoff, reason } => (reason.clone(), Some(*backoff)),
@@ -274,16 +383,12 @@ impl Supervisor {
         vm.update_backend(device, |b| b.last_exit = Some(reason));
         vm.save();
         match (decided, backoff) {
-            (Action::Stalled { stall, .. }, _) => match stall {
-                Stall::Failed(_) => log(&format!(
-                    "VM '{}': {device} marked failed; the device stalls, the VM keeps running (`bulkhead device-restart {} {device}` tries again)",
-                    vm.name, vm.name
-                )),
-                Stall::Stopped(s) => log(&format!(
-                    "VM '{}': {device} not restarted ({s}); the device stalls, the VM keeps running",
-                    vm.name
-                )),
-            },
+            (
+                Action::Stalled {
+                    stall, retry_in, ..
+                },
+                _,
+            ) => self.stalled(vm, device, stall, retry_in),
             (_, Some(backoff)) => {
                 if !backoff.is_zero() {
                     std::thread::sleep(backoff);
@@ -299,6 +404,80 @@ impl Supervisor {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `device` stalls (`stall`); a failed one is tried again after `retry_in`, and `info`
+    /// says when.
+    fn stalled(&self, vm: &Arc<VmEntry>, device: &str, stall: Stall, retry_in: Option<Duration>) {
+        match &stall {
+            Stall::Failed(_) => log(&format!(
+                "VM '{}': {device} marked failed; the device stalls, the VM keeps running ({}`bulkhead device-restart {} {device}` tries now)",
+                vm.name,
+                retry_in.map_or(String::new(), |r| format!("next try in {} s; ", r.as_secs())),
+                vm.name
+            )),
+            Stall::Stopped(s) => log(&format!(
+                "VM '{}': {device} not restarted ({s}); the device stalls, the VM keeps running",
+                vm.name
+            )),
+        }
+        let Some(retry_in) = retry_in else {
+            return;
+        };
+        let at = unix_now() + retry_in.as_secs();
+        vm.update_backend(device, |b| b.next_attempt_unix = Some(at));
+        vm.save();
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let vm = vm.clone();
+        let device = device.to_string();
+        let _ = std::thread::Builder::new()
+            .name(format!("retry-{device}"))
+            .spawn(move || {
+                std::thread::sleep(retry_in);
+                // Only the try this thread was scheduled for (not one a later failure or an
+                // administrator's restart replaced).
+                let due = vm
+                    .backend(&device)
+                    .is_some_and(|b| b.next_attempt_unix == Some(at));
+                if vm.is_ending() || !due {
+                    return;
+                }
+                if matches!(me.on(&vm, &device, Event::RetryFailed), Action::SpawnNow) {
+                    log(&format!(
+                        "VM '{}': trying the failed {device} again",
+                        vm.name
+                    ));
+                    if let Err(e) = me.respawn(&vm, &device) {
+                        log(&format!("VM '{}': {device}: {e}", vm.name));
+                    }
+                }
+            });
+    }
+
+    /// The runner saw `device`'s serving backend hold requests with no completion for
+    /// `stalled_ms`: it is killed, and replaced like after a crash.
+    pub fn hung(&self, vm: &VmEntry, device: &str, stalled_ms: u64) {
+        let pid = vm
+            .devices
+            .with(device, |s| s.machine.serving_pid())
+            .flatten();
+        if let Action::Kill(pid) = self.on(vm, device, Event::Hung { stalled_ms }) {
+            let words = format!("hung: no progress for {stalled_ms} ms; killing pid {pid}");
+            log(&format!("VM '{}': {device} backend {words}", vm.name));
+            launch::append_log(
+                &self.state,
+                &vm.name,
+                device,
+                &format!("bulkheadd: {words}"),
+            );
+        } else if let Some(pid) = pid {
+            log(&format!(
+                "VM '{}': {device}: the runner reports pid {pid} hung ({stalled_ms} ms), but it is already being replaced",
+                vm.name
+            ));
         }
     }
 
@@ -320,8 +499,13 @@ impl Supervisor {
             Err((Some(_), e)) => return Err(e), // refused: its watcher decides
             Err((None, e)) => {
                 // Nothing was started, so nothing will end and retry: say so in `info`.
-                self.on(vm, device, Event::SpawnFailed(e.clone()));
-                vm.save();
+                if let Action::Stalled {
+                    stall, retry_in, ..
+                } = self.on(vm, device, Event::SpawnFailed(e.clone()))
+                {
+                    vm.save();
+                    self.stalled(vm, device, stall, retry_in);
+                }
                 return Err(e);
             }
         };
@@ -342,6 +526,7 @@ impl Supervisor {
             self.refuse(vm, device, pid, &e);
             return Err(e);
         }
+        self.on(vm, device, Event::Served { pid });
         vm.update_backend(device, |b| b.restarts += 1);
         vm.save();
         log(&format!("VM '{}': {device} backend restarted", vm.name));
@@ -371,6 +556,49 @@ impl Supervisor {
 
 /// Standbys: a second backend per disk, set up and waiting to take over.
 impl Supervisor {
+    /// A standby that is stopped (SIGSTOP) for the device's hang timeout would stall the
+    /// next takeover: it is ended and replaced. `stopped_since`: when `pid` was first seen
+    /// stopped (its watcher keeps it).
+    fn frozen_standby(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        pid: i32,
+        stopped_since: &mut Option<Instant>,
+    ) {
+        let timeout = vm.devices.with(device, |s| {
+            let is_standby =
+                matches!(s.machine.standby, device::Standby::Waiting { pid: p, .. } if p == pid);
+            (is_standby && s.machine.policy.hang_timeout_ms > 0)
+                .then(|| Duration::from_millis(s.machine.policy.hang_timeout_ms.into()))
+        });
+        let Some(timeout) = timeout.flatten() else {
+            return;
+        };
+        if !process_stopped(pid) {
+            *stopped_since = None;
+            return;
+        }
+        let since = *stopped_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < timeout {
+            return;
+        }
+        if let Action::Kill(_) = self.on(vm, device, Event::StandbyRefused { pid }) {
+            let words = format!(
+                "standby (pid {pid}) hung: stopped for {} ms; ending it and starting another",
+                since.elapsed().as_millis()
+            );
+            log(&format!("VM '{}': {device} {words}", vm.name));
+            launch::append_log(
+                &self.state,
+                &vm.name,
+                device,
+                &format!("bulkheadd: {words}"),
+            );
+            self.keep_standby(vm, device);
+        }
+    }
+
     /// Starts a standby backend for `device` in the background if it should have one: a
     /// disk whose restart policy restarts it, with no standby yet, in a VM that runs on.
     pub fn keep_standby(&self, vm: &Arc<VmEntry>, device: &str) {
@@ -434,8 +662,28 @@ fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
     match status {
         Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("killed by {sig}"),
         Some(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
-        _ => "ended".to_string(),
+        // Not our child (a backend re-adopted after a bulkheadd restart): no status.
+        _ => "ended (exit status unknown)".to_string(),
     }
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whether `pid` is stopped (SIGSTOP, or traced): state `T` or `t` in /proc/PID/stat.
+fn process_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            rest.trim_start().chars().next()
+        })
+        .is_some_and(|c| c == 'T' || c == 't')
 }
 
 /// Sends SIGKILL to `pid`. Callers make sure it is still unreaped (so not a reused pid).
