@@ -58,5 +58,7 @@ passes! {
     ipc_reply => "ipc-reply",
     ipc_runner_command => "ipc-runner-command",
     ipc_runner_event => "ipc-runner-event",
+    ipc_runner_request => "ipc-runner-request",
+    ipc_runner_message => "ipc-runner-message",
     ipc_hello => "ipc-hello",
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bulkhead_ipc::control::{ErrorCode, Reply, Request, StopReason, VmInfo, VmState, VmSummary};
 use bulkhead_ipc::hello::{server_hello, Hello, HelloReply, MAGIC};
-use bulkhead_ipc::runner::{BootSpec, GuestOutcome, RunnerCommand, RunnerEvent};
+use bulkhead_ipc::runner::{
+    BootSpec, GuestOutcome, RunnerCommand, RunnerEvent, RunnerMessage, RunnerRequest,
+};
 use bulkhead_ipc::transport::{decode, decode_frame, encode_frame, HEADER_LEN, MAX_FRAME};
 use bulkhead_ipc::{Channel, IpcError, Role, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
@@ -65,6 +67,8 @@ pub fn run_frame(data: &[u8]) -> u64 {
             s = mix(s, roundtrip::<Reply>(p));
             s = mix(s, roundtrip::<RunnerCommand>(p));
             s = mix(s, roundtrip::<RunnerEvent>(p));
+            s = mix(s, roundtrip::<RunnerRequest>(p));
+            s = mix(s, roundtrip::<RunnerMessage>(p));
             s = mix(s, roundtrip::<Hello>(p));
             mix(s, roundtrip::<HelloReply>(p))
         }
@@ -103,6 +107,16 @@ pub fn run_runner_command(data: &[u8]) -> u64 {
 /// `decode::<RunnerEvent>`.
 pub fn run_runner_event(data: &[u8]) -> u64 {
     roundtrip::<RunnerEvent>(data)
+}
+
+/// `decode::<RunnerRequest>` (what a runner reads).
+pub fn run_runner_request(data: &[u8]) -> u64 {
+    roundtrip::<RunnerRequest>(data)
+}
+
+/// `decode::<RunnerMessage>` (what `bulkheadd` reads from a runner).
+pub fn run_runner_message(data: &[u8]) -> u64 {
+    roundtrip::<RunnerMessage>(data)
 }
 
 struct Pair {
@@ -299,7 +313,11 @@ pub fn seeds_reply() -> Vec<Vec<u8>> {
 
 /// Every `RunnerCommand` variant.
 pub fn seeds_runner_command() -> Vec<Vec<u8>> {
-    [
+    runner_commands().iter().map(payload).collect()
+}
+
+fn runner_commands() -> Vec<RunnerCommand> {
+    vec![
         RunnerCommand::Boot(BootSpec {
             cmdline: "console=ttyS0".into(),
             vcpus: 2,
@@ -308,6 +326,7 @@ pub fn seeds_runner_command() -> Vec<Vec<u8>> {
             disks: vec!["disk0".into()],
             nics: vec!["nic0".into()],
             cpu_template: "minimal".into(),
+            hang_timeouts_ms: vec![2000, 0],
         }),
         RunnerCommand::Pause,
         RunnerCommand::Resume,
@@ -318,14 +337,47 @@ pub fn seeds_runner_command() -> Vec<Vec<u8>> {
             device: "disk0".into(),
         },
     ]
-    .iter()
-    .map(payload)
-    .collect()
+}
+
+/// Every `RunnerCommand` variant, with ids.
+pub fn seeds_runner_request() -> Vec<Vec<u8>> {
+    runner_commands()
+        .into_iter()
+        .enumerate()
+        .map(|(i, command)| {
+            payload(&RunnerRequest {
+                id: [0, 1, 300, u64::MAX][i % 4],
+                command,
+            })
+        })
+        .collect()
+}
+
+/// Answers and events, every `RunnerEvent` variant.
+pub fn seeds_runner_message() -> Vec<Vec<u8>> {
+    runner_events()
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            payload(&if i % 2 == 0 {
+                RunnerMessage::Answer {
+                    id: i as u64 * 1000,
+                    event,
+                }
+            } else {
+                RunnerMessage::Event(event)
+            })
+        })
+        .collect()
 }
 
 /// Every `RunnerEvent` variant.
 pub fn seeds_runner_event() -> Vec<Vec<u8>> {
-    [
+    runner_events().iter().map(payload).collect()
+}
+
+fn runner_events() -> Vec<RunnerEvent> {
+    vec![
         RunnerEvent::Started {
             detail: "pvh".into(),
         },
@@ -346,13 +398,14 @@ pub fn seeds_runner_event() -> Vec<Vec<u8>> {
         RunnerEvent::Exited(GuestOutcome::DebugExit(7)),
         RunnerEvent::Exited(GuestOutcome::Failed("triple fault".into())),
         RunnerEvent::Exited(GuestOutcome::Reset),
+        RunnerEvent::DeviceHung {
+            device: "disk0".into(),
+            stalled_ms: 2000,
+        },
         RunnerEvent::Error {
             message: "bad".into(),
         },
     ]
-    .iter()
-    .map(payload)
-    .collect()
 }
 
 /// Frames of a few messages.

@@ -73,6 +73,20 @@ pub const ALL: &[Target] = &[
         max_len: 2048,
     },
     Target {
+        name: "ipc-runner-request",
+        about: "decode::<runner::RunnerRequest> (bulkheadd -> runner, with ids)",
+        run: ipc::run_runner_request,
+        seeds: ipc::seeds_runner_request,
+        max_len: 2048,
+    },
+    Target {
+        name: "ipc-runner-message",
+        about: "decode::<runner::RunnerMessage> (runner -> bulkheadd: answers and events)",
+        run: ipc::run_runner_message,
+        seeds: ipc::seeds_runner_message,
+        max_len: 2048,
+    },
+    Target {
         name: "ipc-hello",
         about: "server_hello on a raw first datagram (with descriptors), Hello/HelloReply decoders",
         run: ipc::run_hello,
