@@ -103,7 +103,8 @@ impl Supervisor {
             slot.pidfds.remove(&pid);
         }
         let m = &slot.machine;
-        vm.update_backend(device, |b| {
+        let changed = vm.update_backend(device, |b| {
+            let before = b.clone();
             if let Serving::Up { pid, binary, .. } = &m.serving {
                 b.pid = *pid;
                 b.binary = binary.display().to_string();
@@ -117,7 +118,12 @@ impl Supervisor {
             if b.failed.is_none() {
                 b.next_attempt_unix = None;
             }
+            *b != before
         });
+        // The state file says what `info` says (a restarted bulkheadd reads it).
+        if changed == Some(true) {
+            vm.save();
+        }
         action
     }
 
