@@ -1038,6 +1038,37 @@ while not stop.is_set():
 print(f"sent {sent} received {received}", flush=True)
 "#;
 
+/// VM `name` on network lan echoing UDP port 7000, and ECHO_CLIENT in `ns` sending to it,
+/// once the first echo came back.
+fn echo_vm_and_client(d: &Bulkheadd, ns: &Netns, name: &str) -> (Running, Running) {
+    let con = create_nic_vm(
+        d,
+        name,
+        "lan",
+        "net ip=10.77.1.2/24 peer=10.77.1.1 udp-echo=7000:100000000 net-idle=600000",
+    );
+    expect_line(d, &con, name, "net0: 00:");
+    let mut client = ns.exec("python3");
+    client.args(["-c", ECHO_CLIENT, "10.77.1.2", "7000"]);
+    let client = Running::spawn(client);
+    assert!(
+        client.stdout.wait_for("ok ", Duration::from_secs(30)),
+        "no echo to begin with\n{}",
+        con.stdout.text()
+    );
+    (con, client)
+}
+
+/// Ends ECHO_CLIENT; its closing `sent ...` line.
+fn stop_echo_client(client: &mut Running) -> String {
+    client.send(b"");
+    drop(client.child.stdin.take());
+    let _ = client.wait(Duration::from_secs(10));
+    last_line(&client.stdout.text(), "sent ")
+        .map(str::to_string)
+        .unwrap_or_default()
+}
+
 #[test]
 fn net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets() {
     let name = "net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets";
@@ -1047,21 +1078,7 @@ fn net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets() {
     let _serial = serial();
     let ns = Netns::new("net-restart");
     let d = Bulkheadd::start_in_netns("net-restart", Some(&policy(64300, LAN)), false, &ns.name);
-    let con = create_nic_vm(
-        &d,
-        "echoer",
-        "lan",
-        "net ip=10.77.1.2/24 peer=10.77.1.1 udp-echo=7000:100000000 net-idle=600000",
-    );
-    expect_line(&d, &con, "echoer", "net0: 00:");
-    let mut client = ns.exec("python3");
-    client.args(["-c", ECHO_CLIENT, "10.77.1.2", "7000"]);
-    let mut client = Running::spawn(client);
-    assert!(
-        client.stdout.wait_for("ok ", Duration::from_secs(30)),
-        "no echo before the kills\n{}",
-        con.stdout.text()
-    );
+    let (con, mut client) = echo_vm_and_client(&d, &ns, "echoer");
     let mut losses = Vec::new();
     for kill in 1..=20 {
         let pid = nic_pid(&d, "echoer", 0);
@@ -1090,12 +1107,7 @@ fn net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets() {
         losses.push(kill);
         std::thread::sleep(Duration::from_millis(300));
     }
-    client.send(b"");
-    drop(client.child.stdin.take());
-    let _ = client.wait(Duration::from_secs(10));
-    let summary = last_line(&client.stdout.text(), "sent ")
-        .map(str::to_string)
-        .unwrap_or_default();
+    let summary = stop_echo_client(&mut client);
     eprintln!("{name}: 20 kills, UDP echo {summary}");
     let text = con.stdout.text();
     // The guest's NIC was never reset or re-initialized.
@@ -1117,21 +1129,7 @@ fn frozen_net_backend_is_replaced_and_echo_resumes() {
     let _serial = serial();
     let ns = Netns::new("net-freeze");
     let d = Bulkheadd::start_in_netns("net-freeze", Some(&policy(66200, LAN)), false, &ns.name);
-    let con = create_nic_vm(
-        &d,
-        "frozen",
-        "lan",
-        "net ip=10.77.1.2/24 peer=10.77.1.1 udp-echo=7000:100000000 net-idle=600000",
-    );
-    expect_line(&d, &con, "frozen", "net0: 00:");
-    let mut client = ns.exec("python3");
-    client.args(["-c", ECHO_CLIENT, "10.77.1.2", "7000"]);
-    let mut client = Running::spawn(client);
-    assert!(
-        client.stdout.wait_for("ok ", Duration::from_secs(30)),
-        "no echo before the freezes\n{}",
-        con.stdout.text()
-    );
+    let (con, mut client) = echo_vm_and_client(&d, &ns, "frozen");
     // The default hang_timeout_ms.
     let hang = Duration::from_millis(2000);
     for round in 1..=3 {
@@ -1170,12 +1168,7 @@ fn frozen_net_backend_is_replaced_and_echo_resumes() {
             d.dump()
         );
     }
-    client.send(b"");
-    drop(client.child.stdin.take());
-    let _ = client.wait(Duration::from_secs(10));
-    let summary = last_line(&client.stdout.text(), "sent ")
-        .map(str::to_string)
-        .unwrap_or_default();
+    let summary = stop_echo_client(&mut client);
     eprintln!("{name}: 3 freezes, UDP echo {summary}");
     let info = d.cli(&["info", "frozen"]).stdout;
     assert!(info.contains("hung: no progress for"), "{info}");

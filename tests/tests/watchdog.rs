@@ -59,13 +59,7 @@ fn a_frozen_serving_backend_is_replaced_and_nothing_is_lost() {
         log.contains("hung: no progress for"),
         "the device log says why\n{log}"
     );
-    let passes = |t: &str| t.matches("blk-stream: pass").count();
-    let seen = passes(&con.stdout.text());
-    assert!(
-        wait_until(STEP, || passes(&con.stdout.text()) > seen),
-        "the stream stopped\n{}",
-        con.stdout.text()
-    );
+    assert_stream_moves(&con);
     stream_verifies(&d, &con, "frozen", &img, 31);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -248,13 +242,7 @@ fn ten_kills_50_ms_apart_with_no_restart_limit_never_fail_the_device() {
     );
     let info = d.cli(&["info", "kills"]).stdout;
     assert!(!info.contains("FAILED"), "{info}");
-    let passes = |t: &str| t.matches("blk-stream: pass").count();
-    let seen = passes(&con.stdout.text());
-    assert!(
-        wait_until(STEP, || passes(&con.stdout.text()) > seen),
-        "the stream stopped\n{}",
-        con.stdout.text()
-    );
+    assert_stream_moves(&con);
     stream_verifies(&d, &con, "kills", &img, 34);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -308,13 +296,7 @@ fn a_failed_device_is_tried_again_and_comes_back_once_its_binary_works() {
         "{}",
         d.daemon_log()
     );
-    let passes = |t: &str| t.matches("blk-stream: pass").count();
-    let seen = passes(&con.stdout.text());
-    assert!(
-        wait_until(STEP, || passes(&con.stdout.text()) > seen),
-        "the stream did not resume\n{}",
-        con.stdout.text()
-    );
+    assert_stream_moves(&con);
     stream_verifies(&d, &con, "retry", &img, 35);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -61,6 +61,19 @@ pub fn restarts(d: &Bulkheadd, vm: &str) -> u32 {
 /// Stops the VM and checks what the stream left: no I/O error seen, every sector holding
 /// the one write issued for it, and progress made.
 pub fn stream_verifies(d: &Bulkheadd, con: &Running, vm: &str, img: &Path, seed: u64) {
+    let (lo, hi) = assert_stream_ends_consistent(d, con, vm, img, seed);
+    assert!(lo >= 2, "the stream made progress (passes {lo}..={hi})");
+}
+
+/// Stops the VM, checks that the guest saw no I/O error and that every sector holds the
+/// one write issued for it; returns the passes found (min, max).
+pub fn assert_stream_ends_consistent(
+    d: &Bulkheadd,
+    con: &Running,
+    vm: &str,
+    img: &Path,
+    seed: u64,
+) -> (u64, u64) {
     let text = con.stdout.text();
     assert!(
         !text
@@ -70,20 +83,87 @@ pub fn stream_verifies(d: &Bulkheadd, con: &Running, vm: &str, img: &Path, seed:
     );
     let out = d.cli(&["destroy", vm]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
-    let data = std::fs::read(img).expect("image");
-    // Word 1 of each sector is the pass that wrote it; every sector of the range is a
-    // stream write and the passes present are within one of each other.
-    let (mut lo, mut hi) = (u64::MAX, 0);
-    for n in 0..2048usize {
-        let s = &data[n * 512..n * 512 + 512];
-        let word = |i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        assert!(
-            word(0) == n as u64 && word(2) == seed && word(1) > 0,
-            "sector {n} is not a stream write of seed {seed}"
-        );
-        lo = lo.min(word(1));
-        hi = hi.max(word(1));
+    stream_consistent(img, seed, 0, 2048).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits until the guest finishes another stream pass (the stream goes on).
+pub fn assert_stream_moves(con: &Running) {
+    let passes = |t: &str| t.matches("blk-stream: pass").count();
+    let seen = passes(&con.stdout.text());
+    assert!(
+        wait_until(STEP, || passes(&con.stdout.text()) > seen),
+        "the stream stopped\n{}",
+        con.stdout.text()
+    );
+}
+
+/// One sector of the stream format: words 0..=2 and 4..=63 (word 3 is a request number).
+pub fn stream_sector_ok(data: &[u8], seed: u64, n: u64, pass: u64) -> bool {
+    let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    if word(0) != n || word(1) != pass || word(2) != seed || word(3) == 0 {
+        return false;
     }
-    assert!(hi - lo <= 1, "passes {lo}..={hi}: a stale sector survived");
-    assert!(lo >= 2, "the stream made progress (passes {lo}..={hi})");
+    let mut x = seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (pass << 32);
+    if x == 0 {
+        x = 0x9e37_79b9_7f4a_7c15;
+    }
+    (4..64).all(|i| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word(i) == x
+    })
+}
+
+/// The first sector of [start, start+count) not holding pass `pass` of the stream.
+pub fn stream_mismatch(
+    image: &Path,
+    seed: u64,
+    start: u64,
+    count: u64,
+    pass: u64,
+) -> Option<(u64, u64)> {
+    let data = std::fs::read(image).expect("image");
+    (start..start + count).find_map(|n| {
+        let s = &data[(n * 512) as usize..(n * 512 + 512) as usize];
+        (!stream_sector_ok(s, seed, n, pass))
+            .then(|| (n, u64::from_le_bytes(s[8..16].try_into().unwrap_or([0; 8]))))
+    })
+}
+
+/// Checks a stream range left by a VM stopped mid-stream: every sector holds exactly the
+/// write the guest issued for it in some pass (pattern and request number match), and all
+/// passes present are within one of each other (nothing stale). Returns (min, max) pass.
+pub fn stream_consistent(
+    image: &Path,
+    seed: u64,
+    start: u64,
+    count: u64,
+) -> Result<(u64, u64), String> {
+    const PER_REQ: u64 = 128; // 64 KiB requests
+    let requests = count.div_ceil(PER_REQ);
+    let data = std::fs::read(image).map_err(|e| e.to_string())?;
+    let (mut lo, mut hi) = (u64::MAX, 0);
+    for n in start..start + count {
+        let s = &data[(n * 512) as usize..(n * 512 + 512) as usize];
+        let pass = u64::from_le_bytes(s[8..16].try_into().unwrap_or([0; 8]));
+        let q = u64::from_le_bytes(s[24..32].try_into().unwrap_or([0; 8]));
+        if pass == 0 || !stream_sector_ok(s, seed, n, pass) {
+            return Err(format!("sector {n}: not a stream write (pass {pass})"));
+        }
+        let want_q = (pass - 1) * requests + (n - start) / PER_REQ + 1;
+        if q != want_q {
+            return Err(format!(
+                "sector {n}: request number {q}, expected {want_q} for pass {pass}"
+            ));
+        }
+        lo = lo.min(pass);
+        hi = hi.max(pass);
+    }
+    if hi - lo > 1 {
+        return Err(format!(
+            "passes {lo}..={hi} on one range: a stale sector survived"
+        ));
+    }
+    Ok((lo, hi))
 }

@@ -438,7 +438,10 @@ impl<C> Device<C> {
             }
         }
     }
+}
 
+/// The restart policy's decisions.
+impl<C> Device<C> {
     /// When a device stalled by `stall` is tried again on its own: a failed one after the
     /// policy's `retry_failed_secs` (unless 0); a stopped one (its policy said so) never.
     fn retry_in(&self, stall: &Stall) -> Option<Duration> {

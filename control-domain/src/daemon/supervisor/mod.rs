@@ -15,15 +15,15 @@
 pub mod device;
 pub mod launch;
 mod requests;
+mod restart;
+mod standby;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
-
-use bulkhead_ipc::runner::{RunnerCommand, RunnerEvent};
+use std::time::Instant;
 
 use super::state::{BackendRecord, StateDir};
 use super::vm::{lock, VmEntry};
@@ -81,7 +81,12 @@ impl Supervisor {
 
     /// Feeds `device`'s machine one event; carries out a `Kill` at once (under the lock,
     /// see the module doc) and brings the record in line with the machine.
-    fn on(&self, vm: &VmEntry, device: &str, event: Event<UnixStream>) -> Action<UnixStream> {
+    pub(super) fn on(
+        &self,
+        vm: &VmEntry,
+        device: &str,
+        event: Event<UnixStream>,
+    ) -> Action<UnixStream> {
         let mut slots = lock(&vm.devices.slots);
         let Some(slot) = slots.get_mut(device) else {
             return Action::None;
@@ -138,22 +143,12 @@ impl Supervisor {
         launch: BackendLaunch,
         pid: Option<i32>,
     ) {
-        self.hear_hangs(vm);
         let binary = launch.binary.clone();
         let mut pidfds = BTreeMap::new();
         if let Some(fd) = pid.and_then(|p| spawn::pidfd_open(p).ok()) {
             pidfds.extend(pid.map(|p| (p, fd)));
         }
-        lock(&vm.devices.slots).insert(
-            device.to_string(),
-            DeviceSlot {
-                resource: launch.resource,
-                args: launch.args,
-                uid: launch.uid,
-                machine: Device::new(launch.binary, launch.policy),
-                pidfds,
-            },
-        );
+        self.add_device(vm, device, launch, pidfds);
         let gone = matches!(
             self.on(vm, device, Event::Adopted { pid, binary }),
             Action::ServingEnded
@@ -164,19 +159,62 @@ impl Supervisor {
                 self.watch(vm, device, pid);
                 self.keep_standby(vm, device);
             }
-            _ => {
-                let Some(me) = self.me.upgrade() else {
-                    return;
-                };
-                let vm = vm.clone();
-                let device = device.to_string();
-                let _ = std::thread::Builder::new()
-                    .name(format!("adopt-{device}"))
-                    .spawn(move || {
-                        me.decide(&vm, &device, false, "ended while bulkheadd was down".into())
-                    });
-            }
+            _ => self.in_background("adopt", vm, device, |me, vm, device| {
+                me.decide(vm, device, false, "ended while bulkheadd was down".into())
+            }),
         }
+    }
+
+    /// Puts `device` under supervision: its slot (what its processes are started with, a
+    /// fresh state machine, the pidfds of processes it already has), and `vm`'s reports of
+    /// hung backends reach this supervisor.
+    fn add_device(
+        &self,
+        vm: &VmEntry,
+        device: &str,
+        launch: BackendLaunch,
+        pidfds: BTreeMap<i32, OwnedFd>,
+    ) {
+        self.hear_hangs(vm);
+        lock(&vm.devices.slots).insert(
+            device.to_string(),
+            DeviceSlot {
+                resource: launch.resource,
+                args: launch.args,
+                uid: launch.uid,
+                machine: Device::new(launch.binary, launch.policy),
+                pidfds,
+            },
+        );
+    }
+
+    /// Says what was done to `device`'s backends, in bulkheadd's log and the device's.
+    pub(super) fn tell(&self, vm: &VmEntry, device: &str, words: &str) {
+        log(&format!("VM '{}': {device} {words}", vm.name));
+        launch::append_log(
+            &self.state,
+            &vm.name,
+            device,
+            &format!("bulkheadd: {words}"),
+        );
+    }
+
+    /// Runs `work` for `vm`'s `device` on a thread of its own, named `what-DEVICE`.
+    pub(super) fn in_background(
+        &self,
+        what: &str,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        work: impl FnOnce(&Supervisor, &Arc<VmEntry>, &str) + Send + 'static,
+    ) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let vm = vm.clone();
+        let device = device.to_string();
+        let _ = std::thread::Builder::new()
+            .name(format!("{what}-{device}"))
+            .spawn(move || work(&me, &vm, &device));
     }
 
     /// Has `vm`'s runner reports of hung backends reach this supervisor.
@@ -212,17 +250,7 @@ impl Supervisor {
                 next_attempt_unix: None,
             });
         });
-        self.hear_hangs(vm);
-        lock(&vm.devices.slots).insert(
-            device.to_string(),
-            DeviceSlot {
-                resource: launch.resource,
-                args: launch.args,
-                uid: launch.uid,
-                machine: Device::new(launch.binary, launch.policy),
-                pidfds: BTreeMap::new(),
-            },
-        );
+        self.add_device(vm, device, launch, BTreeMap::new());
         self.launch_serving(vm, device, true)
             .map(|(_, conn)| conn)
             .map_err(|(_, e)| e)
@@ -243,7 +271,7 @@ impl Supervisor {
     }
 
     /// What the next process of `device` is started with.
-    fn next_launch(&self, vm: &VmEntry, device: &str) -> Result<BackendLaunch, String> {
+    pub(super) fn next_launch(&self, vm: &VmEntry, device: &str) -> Result<BackendLaunch, String> {
         vm.devices
             .with(device, |slot| {
                 Ok(BackendLaunch {
@@ -262,7 +290,7 @@ impl Supervisor {
 
     /// Spawns `device`'s next process (a `standby` or a serving one); `fresh_log` starts its
     /// log anew. Returns the binary it runs and the process.
-    fn spawn(
+    pub(super) fn spawn(
         &self,
         vm: &VmEntry,
         device: &str,
@@ -289,7 +317,7 @@ impl Supervisor {
 
     /// Launches a serving process for `device` and waits until it is ready. On error, the
     /// pid of a process that was started (and refused) if there is one.
-    fn launch_serving(
+    pub(super) fn launch_serving(
         &self,
         vm: &Arc<VmEntry>,
         device: &str,
@@ -313,7 +341,7 @@ impl Supervisor {
 
     /// Watches a backend process; when it ends while the VM runs, its device's machine
     /// decides what follows.
-    fn watch(&self, vm: &Arc<VmEntry>, device: &str, pid: i32) {
+    pub(super) fn watch(&self, vm: &Arc<VmEntry>, device: &str, pid: i32) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
@@ -364,329 +392,10 @@ impl Supervisor {
                 }
             });
     }
-
-    /// The serving process of `device` ended with `status`: decide, then restart or stall.
-    fn serving_ended(
-        &self,
-        vm: &Arc<VmEntry>,
-        device: &str,
-        status: Option<nix::sys::wait::WaitStatus>,
-    ) {
-        let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
-        self.decide(vm, device, clean, exit_words(status));
-    }
-
-    /// Decides by the device's policy what follows the end of its serving process (`why`),
-    /// then restarts it or stalls it.
-    fn decide(&self, vm: &Arc<VmEntry>, device: &str, clean: bool, why: String) {
-        let decided = self.on(vm, device, Event::Decide { clean, why });
-        let (reason, backoff) = match &decided {
-            Action::Restart { backoff, reason } => (reason.clone(), Some(*backoff)),
-            Action::Stalled { reason, .. } => (reason.clone(), None),
-            _ => return,
-        };
-        log(&format!("VM '{}': {device} backend {reason}", vm.name));
-        vm.update_backend(device, |b| b.last_exit = Some(reason));
-        vm.save();
-        match (decided, backoff) {
-            (
-                Action::Stalled {
-                    stall, retry_in, ..
-                },
-                _,
-            ) => self.stalled(vm, device, stall, retry_in),
-            (_, Some(backoff)) => {
-                if !backoff.is_zero() {
-                    std::thread::sleep(backoff);
-                }
-                if vm.is_ending() {
-                    return;
-                }
-                if let Err(e) = self.respawn(vm, device) {
-                    log(&format!(
-                        "VM '{}': restarting {device} failed: {e}",
-                        vm.name
-                    ));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// `device` stalls (`stall`); a failed one is tried again after `retry_in`, and `info`
-    /// says when.
-    fn stalled(&self, vm: &Arc<VmEntry>, device: &str, stall: Stall, retry_in: Option<Duration>) {
-        match &stall {
-            Stall::Failed(_) => log(&format!(
-                "VM '{}': {device} marked failed; the device stalls, the VM keeps running ({}`bulkhead device-restart {} {device}` tries now)",
-                vm.name,
-                retry_in.map_or(String::new(), |r| format!("next try in {} s; ", r.as_secs())),
-                vm.name
-            )),
-            Stall::Stopped(s) => log(&format!(
-                "VM '{}': {device} not restarted ({s}); the device stalls, the VM keeps running",
-                vm.name
-            )),
-        }
-        let Some(retry_in) = retry_in else {
-            return;
-        };
-        let at = unix_now() + retry_in.as_secs();
-        vm.update_backend(device, |b| b.next_attempt_unix = Some(at));
-        vm.save();
-        let Some(me) = self.me.upgrade() else {
-            return;
-        };
-        let vm = vm.clone();
-        let device = device.to_string();
-        let _ = std::thread::Builder::new()
-            .name(format!("retry-{device}"))
-            .spawn(move || {
-                std::thread::sleep(retry_in);
-                // Only the try this thread was scheduled for (not one a later failure or an
-                // administrator's restart replaced).
-                let due = vm
-                    .backend(&device)
-                    .is_some_and(|b| b.next_attempt_unix == Some(at));
-                if vm.is_ending() || !due {
-                    return;
-                }
-                if matches!(me.on(&vm, &device, Event::RetryFailed), Action::SpawnNow) {
-                    log(&format!(
-                        "VM '{}': trying the failed {device} again",
-                        vm.name
-                    ));
-                    if let Err(e) = me.respawn(&vm, &device) {
-                        log(&format!("VM '{}': {device}: {e}", vm.name));
-                    }
-                }
-            });
-    }
-
-    /// The runner saw `device`'s serving backend hold requests with no completion for
-    /// `stalled_ms`: it is killed, and replaced like after a crash.
-    pub fn hung(&self, vm: &VmEntry, device: &str, stalled_ms: u64) {
-        let pid = vm
-            .devices
-            .with(device, |s| s.machine.serving_pid())
-            .flatten();
-        if let Action::Kill(pid) = self.on(vm, device, Event::Hung { stalled_ms }) {
-            let words = format!("hung: no progress for {stalled_ms} ms; killing pid {pid}");
-            log(&format!("VM '{}': {device} backend {words}", vm.name));
-            launch::append_log(
-                &self.state,
-                &vm.name,
-                device,
-                &format!("bulkheadd: {words}"),
-            );
-        } else if let Some(pid) = pid {
-            log(&format!(
-                "VM '{}': {device}: the runner reports pid {pid} hung ({stalled_ms} ms), but it is already being replaced",
-                vm.name
-            ));
-        }
-    }
-
-    /// Gives `device` a new serving process (its standby, or a new one) and hands the
-    /// runner its connection.
-    fn respawn(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
-        let connection = match self.on(vm, device, Event::Takeover) {
-            Action::UseStandby { pid, conn } => {
-                log(&format!(
-                    "VM '{}': {device}: standby backend (pid {pid}) takes over",
-                    vm.name
-                ));
-                Ok((pid, conn))
-            }
-            _ => self.launch_serving(vm, device, false),
-        };
-        let (pid, conn) = match connection {
-            Ok(c) => c,
-            Err((Some(_), e)) => return Err(e), // refused: its watcher decides
-            Err((None, e)) => {
-                // Nothing was started, so nothing will end and retry: say so in `info`.
-                if let Action::Stalled {
-                    stall, retry_in, ..
-                } = self.on(vm, device, Event::SpawnFailed(e.clone()))
-                {
-                    vm.save();
-                    self.stalled(vm, device, stall, retry_in);
-                }
-                return Err(e);
-            }
-        };
-        let answer = vm.request_with_fds(
-            &RunnerCommand::ReconnectDevice {
-                device: device.to_string(),
-            },
-            &[conn.as_fd()],
-            Duration::from_secs(20),
-        );
-        let refusal = match answer {
-            Ok(RunnerEvent::DeviceReconnected { .. }) => None,
-            Ok(RunnerEvent::Error { message }) => Some(message),
-            Ok(other) => Some(format!("unexpected answer: {other:?}")),
-            Err(e) => Some(e),
-        };
-        if let Some(e) = refusal {
-            self.refuse(vm, device, pid, &e);
-            return Err(e);
-        }
-        self.on(vm, device, Event::Served { pid });
-        vm.update_backend(device, |b| b.restarts += 1);
-        vm.save();
-        log(&format!("VM '{}': {device} backend restarted", vm.name));
-        self.keep_standby(vm, device);
-        Ok(())
-    }
-
-    /// Ends a new serving process that will never serve (it did not become ready, or the
-    /// runner could not set it up), so that it does not hold the device stalled for good.
-    /// Its end counts as a crash at start, so a binary that always hangs ends up failed
-    /// like one that always crashes.
-    fn refuse(&self, vm: &VmEntry, device: &str, pid: i32, why: &str) {
-        let running = still_running(pid);
-        let event = Event::Refused {
-            pid,
-            why: why.to_string(),
-            running,
-        };
-        if let Action::Kill(_) = self.on(vm, device, event) {
-            log(&format!(
-                "VM '{}': {device} backend (pid {pid}) refused: {why}; ending it",
-                vm.name
-            ));
-        }
-    }
-}
-
-/// Standbys: a second backend per device, set up and waiting to take over.
-impl Supervisor {
-    /// A backend that is stopped (SIGSTOP) for the device's hang timeout is hung, whether
-    /// or not requests wait: a serving one is replaced like after a crash, a standby (which
-    /// would stall the next takeover) is ended and replaced. `stopped_since`: when `pid`
-    /// was first seen stopped (its watcher keeps it).
-    fn frozen(
-        &self,
-        vm: &Arc<VmEntry>,
-        device: &str,
-        pid: i32,
-        stopped_since: &mut Option<Instant>,
-    ) {
-        let watched = vm.devices.with(device, |s| {
-            let m = &s.machine;
-            let standby = matches!(m.standby, device::Standby::Waiting { pid: p, .. } if p == pid);
-            let serving = m.serving_pid() == Some(pid);
-            ((standby || serving) && m.policy.hang_timeout_ms > 0).then(|| {
-                (
-                    standby,
-                    Duration::from_millis(m.policy.hang_timeout_ms.into()),
-                )
-            })
-        });
-        let Some((standby, timeout)) = watched.flatten() else {
-            return;
-        };
-        if !process_stopped(pid) {
-            *stopped_since = None;
-            return;
-        }
-        let since = *stopped_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < timeout {
-            return;
-        }
-        if !standby {
-            let stalled_ms = since.elapsed().as_millis() as u64;
-            if let Action::Kill(_) = self.on(vm, device, Event::Hung { stalled_ms }) {
-                let words =
-                    format!("hung: no progress for {stalled_ms} ms (stopped); killing pid {pid}");
-                log(&format!("VM '{}': {device} backend {words}", vm.name));
-                launch::append_log(
-                    &self.state,
-                    &vm.name,
-                    device,
-                    &format!("bulkheadd: {words}"),
-                );
-            }
-            return;
-        }
-        if let Action::Kill(_) = self.on(vm, device, Event::StandbyRefused { pid }) {
-            let words = format!(
-                "standby (pid {pid}) hung: stopped for {} ms; ending it and starting another",
-                since.elapsed().as_millis()
-            );
-            log(&format!("VM '{}': {device} {words}", vm.name));
-            launch::append_log(
-                &self.state,
-                &vm.name,
-                device,
-                &format!("bulkheadd: {words}"),
-            );
-            self.keep_standby(vm, device);
-        }
-    }
-
-    /// Starts a standby backend for `device` in the background if it should have one: a
-    /// device (disk or NIC) whose restart policy restarts it, with no standby yet, in a VM
-    /// that runs on.
-    pub fn keep_standby(&self, vm: &Arc<VmEntry>, device: &str) {
-        let Some(me) = self.me.upgrade() else {
-            return;
-        };
-        if vm.is_ending() {
-            return;
-        }
-        if !matches!(
-            self.on(vm, device, Event::StandbyWanted),
-            Action::LaunchStandby
-        ) {
-            return;
-        }
-        let vm = vm.clone();
-        let device = device.to_string();
-        let _ = std::thread::Builder::new()
-            .name(format!("standby-{device}"))
-            .spawn(move || {
-                if let Err(e) = me.launch_standby(&vm, &device) {
-                    log(&format!(
-                        "VM '{}': {device}: no standby backend: {e}",
-                        vm.name
-                    ));
-                }
-                me.on(&vm, &device, Event::StandbyLaunchOver);
-            });
-    }
-
-    fn launch_standby(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
-        let (binary, p) = self.spawn(vm, device, true, false)?;
-        if let Ok(fd) = spawn::pidfd_open(p.pid) {
-            vm.add_backend(fd);
-        }
-        let pid = p.pid;
-        let conn = p.conn.try_clone().map_err(|e| format!("{device}: {e}"))?;
-        // In the machine before its watcher starts, so the watcher finds it there.
-        self.on(vm, device, Event::StandbySpawned { pid, binary, conn });
-        self.watch(vm, device, pid);
-        match p.await_ready(&self.state, device) {
-            Ok(()) => {
-                self.on(vm, device, Event::StandbyReady { pid });
-                Ok(())
-            }
-            Err(e) => {
-                if let Action::Kill(_) = self.on(vm, device, Event::StandbyRefused { pid }) {
-                    log(&format!(
-                        "VM '{}': {device} standby (pid {pid}) ended: {e}",
-                        vm.name
-                    ));
-                }
-                Err(e)
-            }
-        }
-    }
 }
 
 /// How a reaped process ended, in words.
-fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
+pub(super) fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
     match status {
         Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("killed by {sig}"),
         Some(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
@@ -696,7 +405,7 @@ fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
 }
 
 /// Seconds since the epoch.
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -704,7 +413,7 @@ fn unix_now() -> u64 {
 }
 
 /// Whether `pid` is stopped (SIGSTOP, or traced): state `T` or `t` in /proc/PID/stat.
-fn process_stopped(pid: i32) -> bool {
+pub(super) fn process_stopped(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -723,7 +432,7 @@ fn sigkill(pid: i32) {
 }
 
 /// Whether child `pid` has not exited yet (it is not reaped by this check).
-fn still_running(pid: i32) -> bool {
+pub(super) fn still_running(pid: i32) -> bool {
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
     matches!(
         waitid(
