@@ -225,3 +225,31 @@ fn device_verbs_are_authorized_by_their_own_rules() {
     assert_eq!(out.code, Some(0), "{}", out.dump());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_1_gib_disk_is_written_at_its_last_sector() {
+    let test = "a_1_gib_disk_is_written_at_its_last_sector";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("cp-big", Some(&runner_uids(66300)), false);
+    let (dir, img) = temp_image("cp-big", 1024);
+    let last = (1u64 << 30) / 512 - 8;
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    let cmdline = format!("blk blk-write=5:{last}:8 blk-verify=5:{last}:8 exit=0");
+    let cfg = d.config_with("big", &cmdline, "256M", 1, &extra);
+    d.create_config("big", &cfg);
+    // The guest exits 0 only if every request succeeded.
+    let row = d.wait_row("big", "stopped");
+    assert!(
+        row.contains("exit 0") || row.contains("status 0"),
+        "{row}\n{}",
+        d.dump()
+    );
+    // The last sector holds the pattern (word 0 = sector number, word 2 = seed).
+    let data = std::fs::read(&img).expect("image");
+    let s = &data[(last as usize + 7) * 512..(last as usize + 8) * 512];
+    let word = |i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    assert_eq!(word(0), last + 7, "the last sector was not written");
+    let _ = std::fs::remove_dir_all(dir);
+}

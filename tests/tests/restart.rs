@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use daemon::*;
 use stream::{
-    assert_stream_ends_consistent, info_pid, serving as backend_pid, stream_consistent,
+    assert_stream_ends_consistent, info_pid, restarts, serving as backend_pid, stream_consistent,
     stream_mismatch,
 };
 
@@ -103,10 +103,14 @@ fn disk_backend_killed_50_times_loses_nothing() {
         std::thread::sleep(Duration::from_millis(jitter.next_ms(300, 700)));
         // A ready standby (info names it) is the one that takes over.
         let standby = info_pid(&d, "stream", "standby pid ");
+        let count = restarts(&d, "stream");
         send_signal(pid, libc::SIGKILL);
         kills += 1;
-        // Wait for the replacement to be serving before the next kill.
-        let replaced = wait_until(STEP, || backend_pid(&d, "stream").is_some_and(|p| p != pid));
+        // Wait for the replacement to be serving (the runner set it up: the restart is
+        // counted) before the next kill.
+        let replaced = wait_until(STEP, || {
+            backend_pid(&d, "stream").is_some_and(|p| p != pid) && restarts(&d, "stream") > count
+        });
         assert!(replaced, "no new backend after kill {kills}\n{}", d.dump());
         if let Some(s) = standby {
             assert_eq!(

@@ -18,7 +18,13 @@ pub struct Sandbox {
     pub max_threads: u64,
     /// Host name inside its UTS namespace.
     pub hostname: String,
+    /// Largest file it may write (RLIMIT_FSIZE): its log, and for a disk backend its image,
+    /// whose size the control domain fixed when it opened it.
+    pub max_file_size: u64,
 }
+
+/// What RLIMIT_FSIZE allows a process that writes only its log.
+pub const LOG_FILE_LIMIT: u64 = 64 << 20;
 
 /// Who and what a runner becomes.
 #[derive(Debug, Clone)]
@@ -74,6 +80,7 @@ pub fn spawn_runner(
         uid: sb.uid,
         max_threads: u64::from(sb.vcpus) + 64,
         hostname: sb.hostname.clone(),
+        max_file_size: LOG_FILE_LIMIT,
     };
     spawn_sandboxed(runner, &args, vec![listener], log, &sandbox)
 }
@@ -114,6 +121,7 @@ pub fn spawn_sandboxed(
     let hostname = sandbox.hostname.as_bytes().to_vec();
     let uid = sandbox.uid;
     let threads = sandbox.max_threads;
+    let max_file_size = sandbox.max_file_size;
     let root = cstr(b"/")?;
     let mut stack = vec![0u8; 256 * 1024];
 
@@ -158,7 +166,7 @@ pub fn spawn_sandboxed(
                 (libc::RLIMIT_NOFILE, 256),
                 (libc::RLIMIT_NPROC, threads),
                 (libc::RLIMIT_CORE, 0),
-                (libc::RLIMIT_FSIZE, 64 << 20),
+                (libc::RLIMIT_FSIZE, max_file_size),
                 (libc::RLIMIT_MEMLOCK, 64 << 10),
             ];
             for (res, v) in limits {

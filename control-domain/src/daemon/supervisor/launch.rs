@@ -98,10 +98,17 @@ pub fn spawn_backend(
         "5".into(),
     ];
     args.extend(extra_args.iter().cloned());
+    // A disk backend writes up to its image's end (the image cannot grow: the backend
+    // refuses requests past it); every backend writes its log.
+    let image_size = File::from(resource.try_clone().map_err(|e| format!("{device}: {e}"))?)
+        .metadata()
+        .map(|m| m.len())
+        .unwrap_or(0);
     let sandbox = spawn::Sandbox {
         uid,
         max_threads: 64,
         hostname: format!("bulkhead-{vm}-{device}"),
+        max_file_size: image_size.max(spawn::LOG_FILE_LIMIT),
     };
     let handed = vec![OwnedFd::from(listener), resource, ready_w];
     let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
