@@ -10,6 +10,7 @@ mod daemon;
 #[path = "common/stream.rs"]
 mod stream;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -251,5 +252,97 @@ fn a_1_gib_disk_is_written_at_its_last_sector() {
     let s = &data[(last as usize + 7) * 512..(last as usize + 8) * 512];
     let word = |i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
     assert_eq!(word(0), last + 7, "the last sector was not written");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn nobody_but_root_reads_the_state_dir() {
+    let test = "nobody_but_root_reads_the_state_dir";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    const OWNER: u32 = 1000;
+    let d = Bulkheadd::start("cp-perms", Some(&runner_uids(66400)), false);
+    let (dir, img) = temp_image("cp-perms", 8);
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    let cfg = d.config_with(
+        "secret",
+        "blk ticks=100 secret-token=hunter2",
+        "128M",
+        1,
+        &extra,
+    );
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("owner = {OWNER}\n{text}")).expect("config");
+    d.create_config("secret", &cfg);
+    // Every file bulkheadd keeps (records, logs, sockets), tried as the VM's owner and as
+    // another user: none can be read, and no directory but the root can be listed.
+    let mut files = Vec::new();
+    let mut dirs = vec![d.state.clone()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() && !path.ends_with("root") => dirs.push(path),
+                Ok(t) if !t.is_dir() => files.push(path),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().ends_with("vms/secret.toml")),
+        "{files:?}"
+    );
+    for uid in [OWNER, OWNER + 1] {
+        for f in &files {
+            let out = std::process::Command::new("cat")
+                .arg(f)
+                .uid(uid)
+                .gid(uid)
+                .output()
+                .expect("cat");
+            assert!(
+                !out.status.success(),
+                "uid {uid} read {}:\n{}",
+                f.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        for sub in ["vms", "logs", "run"] {
+            let out = std::process::Command::new("ls")
+                .arg(d.state.join(sub))
+                .uid(uid)
+                .gid(uid)
+                .output()
+                .expect("ls");
+            assert!(!out.status.success(), "uid {uid} listed {sub}");
+        }
+    }
+    // The owner still reaches its VM through bulkheadd.
+    let out = d.cli_as(OWNER, &["info", "secret"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let out = d.cli(&["destroy", "secret"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_vm_name_of_64_characters_works() {
+    let test = "a_vm_name_of_64_characters_works";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("cp-long", Some(&runner_uids(66500)), false);
+    let (dir, img) = temp_image("cp-long", 8);
+    let name = "a-very-long-vm-name-that-is-exactly-sixty-four-characters-long-x";
+    assert_eq!(name.len(), 64);
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    let cfg = d.config_with(name, "blk ticks=100", "128M", 1, &extra);
+    d.create_config(name, &cfg);
+    d.wait_row(name, "running");
+    let out = d.cli(&["destroy", name]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -25,8 +25,10 @@ impl Daemon {
     pub fn serve(self: &Arc<Self>) -> anyhow::Result<()> {
         use anyhow::Context;
         use std::os::unix::fs::PermissionsExt;
-        if let Some(dir) = self.cfg.socket.parent() {
+        if let Some(dir) = self.cfg.socket.parent().filter(|d| !d.exists()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Every user may reach the socket (the umask made the directory root's only).
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
         }
         let listener = Listener::bind(&self.cfg.socket)
             .with_context(|| format!("listening on {}", self.cfg.socket.display()))?;

@@ -156,7 +156,7 @@ impl Daemon {
     /// Spawns the VM's runner in its sandbox, waits for its hello and seals its root;
     /// returns its control channel and its pidfd.
     fn spawn_runner(&self, vm: &VmEntry) -> Result<(Channel, Option<OwnedFd>), String> {
-        let (uid, vcpus) = vm.read(|r| (r.runner_uid, r.spec.vcpus));
+        let (uid, vcpus, id) = vm.read(|r| (r.runner_uid, r.spec.vcpus, r.id));
         let uid = uid.ok_or("no runner uid")?;
         let sock = self.state.socket_path(&vm.name);
         let listener =
@@ -166,7 +166,8 @@ impl Daemon {
         let sandbox = RunnerSandbox {
             uid,
             vcpus,
-            hostname: format!("bulkhead-{}", vm.name),
+            // From the id: a name may be as long as a host name may be.
+            hostname: format!("bulkhead-vm{id}"),
             selftest: self.cfg.runner_selftest,
         };
         let pid = spawn::spawn_runner(&self.cfg.runner, listener.into_fd(), log_file, &sandbox)

@@ -63,10 +63,7 @@ pub fn spawn_backend(
     // to its own listener.
     static SPAWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = state
-        .path()
-        .join("run")
-        .join(format!("{vm}.{device}.{n}.sock"));
+    let path = state.path().join("run").join(format!("backend-{n}.sock"));
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path)
         .map_err(|e| format!("{device} socket: {e}"))?;
@@ -107,7 +104,10 @@ pub fn spawn_backend(
     let sandbox = spawn::Sandbox {
         uid,
         max_threads: 64,
-        hostname: format!("bulkhead-{vm}-{device}"),
+        hostname: format!(
+            "bulkhead-{}-{device}",
+            vm.chars().take(32).collect::<String>()
+        ),
         max_file_size: image_size.max(spawn::LOG_FILE_LIMIT),
     };
     let handed = vec![OwnedFd::from(listener), resource, ready_w];
