@@ -274,6 +274,36 @@ impl Channel {
         set_nonblocking(self.fd.as_fd(), nonblocking)
     }
 
+    /// The peer's supplementary groups as they were when it connected (`SO_PEERGROUPS`):
+    /// no race with the peer exiting and its pid being reused, as reading /proc would have.
+    pub fn peer_groups(&self) -> Result<Vec<u32>> {
+        let mut groups = vec![0u32; 64];
+        loop {
+            let mut len = (groups.len() * std::mem::size_of::<u32>()) as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that
+            // many, and stores the length it needs (or wrote) in `len`.
+            let r = unsafe {
+                libc::getsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERGROUPS,
+                    groups.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            let n = len as usize / std::mem::size_of::<u32>();
+            if r == 0 {
+                groups.truncate(n);
+                return Ok(groups);
+            }
+            let err = Errno::last();
+            if err != Errno::ERANGE || n <= groups.len() || n > 65_536 {
+                return Err(IpcError::sys("SO_PEERGROUPS", err));
+            }
+            groups.resize(n, 0);
+        }
+    }
+
     /// The peer's pid, uid and gid (`SO_PEERCRED`).
     pub fn peer_credentials(&self) -> Result<Credentials> {
         let cred = socket::getsockopt(&self.fd, sockopt::PeerCredentials)

@@ -165,18 +165,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Builds the caller from peer credentials, reading supplementary groups from /proc.
-    pub fn from_peer(pid: i32, uid: u32, gid: u32) -> Self {
+    /// The caller with primary group `gid` and supplementary `groups` (from the socket:
+    /// `SO_PEERCRED` and `SO_PEERGROUPS`).
+    pub fn from_peer(uid: u32, gid: u32, groups: &[u32]) -> Self {
         let mut gids = vec![gid];
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
-                gids.extend(
-                    line[7..]
-                        .split_whitespace()
-                        .filter_map(|g| g.parse::<u32>().ok()),
-                );
-            }
-        }
+        gids.extend(groups.iter().copied().filter(|g| *g != gid));
         Self { uid, gids }
     }
 }

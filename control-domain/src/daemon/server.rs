@@ -57,8 +57,11 @@ impl Daemon {
             log(&format!("client refused: {e}"));
             return;
         }
-        let caller = match ch.peer_credentials() {
-            Ok(c) => Caller::from_peer(c.pid, c.uid, c.gid),
+        let caller = match ch
+            .peer_credentials()
+            .and_then(|c| Ok((c, ch.peer_groups()?)))
+        {
+            Ok((c, groups)) => Caller::from_peer(c.uid, c.gid, &groups),
             Err(e) => {
                 log(&format!("no peer credentials: {e}"));
                 return;
