@@ -106,6 +106,22 @@ pub fn serve(listener: Listener, selftest: bool) -> i32 {
                 continue;
             }
         };
+        // Only the control domain (root) commands a runner: whoever else reached the socket
+        // (the runner's own uid included) is refused before a byte is read.
+        match conn.peer_credentials() {
+            Ok(c) if c.uid == 0 => {}
+            Ok(c) => {
+                log(&format!(
+                    "refusing a control connection from uid {} (pid {}): only the control domain may command a runner",
+                    c.uid, c.pid
+                ));
+                continue;
+            }
+            Err(e) => {
+                log(&format!("control connection without peer credentials: {e}"));
+                continue;
+            }
+        }
         match server_hello(&conn, Duration::from_secs(5)) {
             Ok(Role::Daemon) => {}
             Ok(other) => {
