@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Proves that a fresh machine passes CI on the first try: removes the packages that
 # scripts/install-deps.sh adds on top of the base machine (the kernel build's, busybox,
-# QEMU), empties the guest caches (/var/cache/bulkhead), clones the committed HEAD into a new
-# directory and runs its `.ci/run` there with CI=true, as CI does. Destructive for this
-# machine's caches; run as root. The whole run is logged to $LOG (default
-# /tmp/bulkhead-check-fresh.log); the last lines (the `total:` line) are printed at the end.
+# QEMU), empties the guest caches (${BULKHEAD_CACHE:-/var/cache/bulkhead}), clones the
+# committed HEAD into a new directory and runs its `.ci/run` there with CI=true, as CI does.
+# Destructive for this machine's caches; run as root. The whole run is logged to $LOG
+# (default /tmp/bulkhead-check-fresh.log); the last lines (the `total:` line) are printed.
 #   KEEP_PACKAGES=1   skip the package removal (only the caches and the clone are fresh)
+#   BULKHEAD_CACHE=D  use (and empty) D instead of /var/cache/bulkhead, e.g. to leave the
+#                     machine's own cache alone while others use it
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 log=${LOG:-/tmp/bulkhead-check-fresh.log}
@@ -28,8 +30,9 @@ remove=(linux-source-6.1 bison flex libelf-dev busybox-static qemu-system-x86 cp
     fi
     DEBIAN_FRONTEND=noninteractive apt-get autoremove -y -qq
   fi
-  echo "check-fresh: emptying /var/cache/bulkhead"
-  rm -rf /var/cache/bulkhead
+  cache=${BULKHEAD_CACHE:-/var/cache/bulkhead}
+  echo "check-fresh: emptying $cache"
+  rm -rf "$cache"
   clone=$(mktemp -d /tmp/bulkhead-fresh.XXXXXX)
   echo "check-fresh: cloning $root into $clone"
   git clone -q "$root" "$clone"
