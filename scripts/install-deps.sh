@@ -23,6 +23,8 @@ packages=(
   lz4 zstd
   # scripts/bench-boot.sh: peak RSS
   time
+  # scripts/bench-blk.sh: the host's own numbers for the same I/O patterns
+  fio
 )
 
 mode=install
