@@ -21,10 +21,11 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 const NO_VECTOR: u16 = 0xffff;
 
-/// Largest queue size used (the device's maximum is clamped to it).
-pub const QMAX: usize = 64;
-/// Guest memory one queue needs (desc, avail, used, per-head scratch: a page each).
-pub const QUEUE_MEM: u64 = 0x4000;
+/// Largest queue size used (the device's maximum is clamped to it): 42 requests of 3
+/// descriptors in flight.
+pub const QMAX: usize = 128;
+/// Guest memory one queue needs (desc, avail, used: a page each; per-head scratch: two).
+pub const QUEUE_MEM: u64 = 0x5000;
 /// Bytes of per-head scratch (request header, segment, status, ID buffer).
 pub const SCRATCH: u64 = 64;
 
