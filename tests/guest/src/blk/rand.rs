@@ -143,6 +143,7 @@ impl Disk {
         let timeout = 10_000 * self.ms;
         let t_start = crate::tsc::now();
         let mut last_progress = t_start;
+        let mut last_kick = t_start;
         while done < spec.count {
             // Submit in sequence order while the next request's queue has room.
             let mut dirty = 0u32;
@@ -246,7 +247,17 @@ impl Disk {
             let now = crate::tsc::now();
             if progressed {
                 last_progress = now;
-            } else if now - last_progress > timeout {
+                last_kick = now;
+            } else if now - last_kick > 100 * self.ms {
+                // A backend being replaced may have missed a notification: repeat it.
+                last_kick = now;
+                for q in 0..nq {
+                    if busy[q] > 0 {
+                        self.qs[q].kick_always();
+                    }
+                }
+            }
+            if !progressed && now - last_progress > timeout {
                 println!(
                     "blk{}: random {} timed out with {} of {} done",
                     self.index, name, done, spec.count
