@@ -72,6 +72,8 @@ impl Daemon {
         }
         args.push("--queues".into());
         args.push(disk.queues.unwrap_or(1).to_string());
+        args.push("--cache".into());
+        args.push(disk.cache.as_str().into());
         Ok(BackendLaunch {
             binary: self.cfg.blk.clone(),
             args,
