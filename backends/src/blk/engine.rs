@@ -72,7 +72,7 @@ pub struct Engine {
 }
 
 enum Imp {
-    Uring(io_uring::IoUring),
+    Uring(Box<io_uring::IoUring>),
     Threads(Pool),
     Inline(Arc<Disk>, VecDeque<(u64, io::Result<usize>)>),
 }
@@ -99,9 +99,9 @@ impl Engine {
         match kind {
             EngineKind::Inline => Ok((make(Imp::Inline(disk.clone(), VecDeque::new())), None)),
             EngineKind::Threads => Ok((make(Imp::Threads(Pool::new(disk)?)), None)),
-            EngineKind::IoUring => Ok((make(Imp::Uring(uring(disk, depth)?)), None)),
+            EngineKind::IoUring => Ok((make(Imp::Uring(Box::new(uring(disk, depth)?))), None)),
             EngineKind::Auto => match uring(disk, depth) {
-                Ok(ring) => Ok((make(Imp::Uring(ring)), None)),
+                Ok(ring) => Ok((make(Imp::Uring(Box::new(ring))), None)),
                 Err(e) => Ok((make(Imp::Threads(Pool::new(disk)?)), Some(e))),
             },
         }

@@ -467,7 +467,8 @@ fn io_request<M: GuestMemoryBackend + ?Sized>(
         for slice in mem.get_slices(s.addr, s.len as usize) {
             let slice = slice.map_err(|_| RequestError::Memory)?;
             let base = slice.ptr_guard_mut().as_ptr();
-            aligned &= (base as usize) % DIRECT_ALIGN == 0 && slice.len() % DIRECT_ALIGN == 0;
+            aligned &= (base as usize).is_multiple_of(DIRECT_ALIGN)
+                && slice.len().is_multiple_of(DIRECT_ALIGN);
             iovecs.push(libc::iovec {
                 iov_base: base.cast(),
                 iov_len: slice.len(),
