@@ -510,17 +510,15 @@ impl VhostUserBackend for BlkBackend {
         // One queue per worker thread, in order: the thread index is the queue index.
         let queue = u16::try_from(thread_id).unwrap_or(u16::MAX);
         // Errors here must not end the worker thread: that would silently kill the queue.
-        if self.inner.event_idx.load(Ordering::Relaxed) {
-            loop {
-                let _ = vring.disable_notification();
-                let _ = self.process_queue(queue, vring);
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            }
-        } else {
+        // Notifications stay off (EVENT_IDX: avail_event is not advanced; otherwise
+        // NO_NOTIFY) while requests are in flight.
+        loop {
+            let _ = vring.disable_notification();
             let _ = self.process_queue(queue, vring);
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
         }
         Ok(())
     }
