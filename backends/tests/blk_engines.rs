@@ -114,7 +114,7 @@ fn exercise(kind: EngineKind, cache: Cache) {
             return;
         }
     };
-    let mut engine = match Engine::new(kind, &disk, 64) {
+    let mut engine = match Engine::new(kind, &disk, 64, &mut None) {
         Ok((e, _)) => e,
         Err(e) => {
             eprintln!("SKIP {kind:?}: {e}");
@@ -201,7 +201,7 @@ fn auto_falls_back_or_uses_io_uring() {
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(4096).unwrap();
     let disk = Arc::new(Disk::new(f, false).unwrap());
-    let (engine, fallback) = Engine::new(EngineKind::Auto, &disk, 8).expect("auto");
+    let (engine, fallback) = Engine::new(EngineKind::Auto, &disk, 8, &mut None).expect("auto");
     match fallback {
         None => assert_eq!(engine.name(), "io-uring"),
         Some(why) => {

@@ -93,6 +93,8 @@ struct Inner {
     /// When this connection's backend was made, and whether it has completed a request.
     born: std::time::Instant,
     first_completed: AtomicBool,
+    /// Whether a request came back from the engine undone (logged once).
+    redone: AtomicBool,
 }
 
 /// The vhost-user-blk backend for one connection (cheap to clone; clones share state).
@@ -118,8 +120,10 @@ impl BlkBackend {
             readonly: disk.readonly(),
         };
         let mut tracks = Vec::with_capacity(usize::from(queues));
+        let mut pool = None;
         for q in 0..queues {
-            let (engine, fallback) = Engine::new(engine, &disk, u32::from(MAX_QUEUE_SIZE))?;
+            let (engine, fallback) =
+                Engine::new(engine, &disk, u32::from(MAX_QUEUE_SIZE), &mut pool)?;
             if q == 0 {
                 match fallback {
                     Some(why) => eprintln!("bulkhead-blk: I/O engine {} ({why})", engine.name()),
@@ -146,6 +150,7 @@ impl BlkBackend {
                 tracks,
                 born: std::time::Instant::now(),
                 first_completed: AtomicBool::new(false),
+                redone: AtomicBool::new(false),
             }),
         })
     }
@@ -305,7 +310,7 @@ impl BlkBackend {
                     );
                 }
             }
-            track.engine = match Engine::new(EngineKind::Inline, &self.inner.disk, 1) {
+            track.engine = match Engine::new(EngineKind::Inline, &self.inner.disk, 1, &mut None) {
                 Ok((e, _)) => e,
                 Err(_) => return false,
             };
@@ -322,6 +327,19 @@ impl BlkBackend {
                     req.run_blocking_from(target.disk, n)
                 }
                 Ok(_) => Ok(()),
+                // The kernel found no worker for it (io-wq at its thread limit) or gave
+                // up: nothing was done, so do it here.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECANCELED) | Some(libc::EAGAIN) | Some(libc::EINTR)
+                    ) =>
+                {
+                    if !self.inner.redone.swap(true, Ordering::Relaxed) {
+                        eprintln!("bulkhead-blk: queue {queue}: the I/O engine gave a request back undone ({e}); doing it on the queue thread (said once)");
+                    }
+                    req.run_blocking(target.disk)
+                }
                 Err(e) => Err(e),
             };
             let head = req.head;

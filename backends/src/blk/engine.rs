@@ -5,8 +5,13 @@
 //!   fsync the image (registered as fixed file 0; every submission must use it). Once
 //!   sandboxed the process needs only `io_uring_enter`, which the allowlist admits;
 //!   `io_uring_setup` and `io_uring_register` stay denied.
-//! - `threads`: a pool of threads per queue doing blocking `preadv`/`pwritev`/`fdatasync`;
-//!   used when the kernel refuses io_uring (old kernel, `kernel.io_uring_disabled`).
+//!   Each ring's kernel worker threads (io-wq, which take buffered writes) are capped at
+//!   [`IOWQ_WORKERS`]: under `bulkheadd` the backend's threads count against a per-uid
+//!   RLIMIT_NPROC. A request the kernel gives back undone (ECANCELED — seen once in the
+//!   disk suite, cause not pinned down; EAGAIN, EINTR) is done by the queue thread itself.
+//! - `threads`: one pool of [`POOL_THREADS`] threads per backend, shared by its queues,
+//!   doing blocking `preadv`/`pwritev`/`fdatasync`; used when the kernel refuses io_uring
+//!   (old kernel, `kernel.io_uring_disabled`).
 //! - `inline`: each request done on the queue thread as it is taken (one in flight; the
 //!   behaviour before engines existed, kept for comparison).
 //!
@@ -62,8 +67,10 @@ pub enum EngineError {
     Thread(#[source] io::Error),
 }
 
-/// Threads per queue in the `threads` engine.
+/// Threads in the `threads` engine's pool (one pool per backend).
 pub const POOL_THREADS: usize = 8;
+/// Most io-wq kernel workers per queue thread, for file I/O ("bounded") and for the rest.
+pub const IOWQ_WORKERS: [u32; 2] = [4, 1];
 
 /// One queue's engine.
 pub struct Engine {
@@ -73,7 +80,7 @@ pub struct Engine {
 
 enum Imp {
     Uring(Box<io_uring::IoUring>),
-    Threads(Pool),
+    Threads(PoolClient),
     Inline(Arc<Disk>, VecDeque<(u64, io::Result<usize>)>),
 }
 
@@ -87,22 +94,31 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// An engine of `kind` for `disk`, able to hold `depth` requests in flight. With
-    /// [`EngineKind::Auto`], a refused io_uring falls back to the thread pool; the second
-    /// value then says why.
+    /// An engine of `kind` for `disk`, able to hold `depth` requests in flight; `pool` is
+    /// the backend's thread pool, started on first use by a `threads` engine and shared by
+    /// the others. With [`EngineKind::Auto`], a refused io_uring falls back to the thread
+    /// pool; the second value then says why.
     pub fn new(
         kind: EngineKind,
         disk: &Arc<Disk>,
         depth: u32,
+        pool: &mut Option<Arc<Pool>>,
     ) -> Result<(Engine, Option<EngineError>), EngineError> {
         let make = |imp| Engine { imp, in_flight: 0 };
+        let mut threads = || -> Result<Imp, EngineError> {
+            let p = match pool {
+                Some(p) => p.clone(),
+                None => pool.insert(Arc::new(Pool::new(disk)?)).clone(),
+            };
+            Ok(Imp::Threads(PoolClient::new(p)))
+        };
         match kind {
             EngineKind::Inline => Ok((make(Imp::Inline(disk.clone(), VecDeque::new())), None)),
-            EngineKind::Threads => Ok((make(Imp::Threads(Pool::new(disk)?)), None)),
+            EngineKind::Threads => Ok((make(threads()?), None)),
             EngineKind::IoUring => Ok((make(Imp::Uring(Box::new(uring(disk, depth)?))), None)),
             EngineKind::Auto => match uring(disk, depth) {
                 Ok(ring) => Ok((make(Imp::Uring(Box::new(ring))), None)),
-                Err(e) => Ok((make(Imp::Threads(Pool::new(disk)?)), Some(e))),
+                Err(e) => Ok((make(threads()?), Some(e))),
             },
         }
     }
@@ -218,6 +234,9 @@ fn uring(disk: &Disk, depth: u32) -> Result<io_uring::IoUring, EngineError> {
     let sub = ring.submitter();
     sub.register_files(&[disk.file().as_raw_fd()])
         .map_err(EngineError::Uring)?;
+    let mut max = IOWQ_WORKERS;
+    sub.register_iowq_max_workers(&mut max)
+        .map_err(EngineError::Uring)?;
     let mut only = [
         Restriction::sqe_op(opcode::Readv::CODE),
         Restriction::sqe_op(opcode::Writev::CODE),
@@ -230,12 +249,13 @@ fn uring(disk: &Disk, depth: u32) -> Result<io_uring::IoUring, EngineError> {
     Ok(ring)
 }
 
-/// One request for a pool thread: what to do, and where (raw iovecs).
+/// One request for a pool thread: what to do, where (raw iovecs), and whom to tell.
 struct Job {
     token: u64,
     op: IoOp,
     offset: u64,
     iovecs: Vec<libc::iovec>,
+    done: crossbeam_channel::Sender<(u64, io::Result<usize>)>,
 }
 
 // SAFETY: the iovecs point into guest memory or a request's bounce buffer, both kept alive
@@ -243,19 +263,26 @@ struct Job {
 // that took the job touches that memory meanwhile.
 unsafe impl Send for Job {}
 
-struct Pool {
+/// The `threads` engine's pool: one per backend, shared by its queues.
+pub struct Pool {
     jobs: Option<crossbeam_channel::Sender<Job>>,
-    done: crossbeam_channel::Receiver<(u64, io::Result<usize>)>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("threads", &self.threads.len())
+            .finish()
+    }
 }
 
 impl Pool {
     fn new(disk: &Arc<Disk>) -> Result<Pool, EngineError> {
         let (jobs, job_rx) = crossbeam_channel::unbounded::<Job>();
-        let (done_tx, done) = crossbeam_channel::unbounded();
         let mut threads = Vec::with_capacity(POOL_THREADS);
         for i in 0..POOL_THREADS {
-            let (rx, tx, disk) = (job_rx.clone(), done_tx.clone(), disk.clone());
+            let (rx, disk) = (job_rx.clone(), disk.clone());
             let t = std::thread::Builder::new()
                 .name(format!("blk-io{i}"))
                 .spawn(move || {
@@ -269,9 +296,8 @@ impl Pool {
                                 unsafe { disk.transfer(rw, &job.iovecs, job.offset, 0) }.map(|()| n)
                             }
                         };
-                        if tx.send((job.token, r)).is_err() {
-                            break;
-                        }
+                        // A queue that went away no longer wants the answer.
+                        let _ = job.done.send((job.token, r));
                     }
                 })
                 .map_err(EngineError::Thread)?;
@@ -279,9 +305,36 @@ impl Pool {
         }
         Ok(Pool {
             jobs: Some(jobs),
-            done,
             threads,
         })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Closing the job channel ends the threads once they finish what they hold.
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One queue's use of the pool: its own completion channel.
+struct PoolClient {
+    pool: Arc<Pool>,
+    done_tx: crossbeam_channel::Sender<(u64, io::Result<usize>)>,
+    done: crossbeam_channel::Receiver<(u64, io::Result<usize>)>,
+}
+
+impl PoolClient {
+    fn new(pool: Arc<Pool>) -> PoolClient {
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        PoolClient {
+            pool,
+            done_tx,
+            done,
+        }
     }
 
     fn submit(&mut self, token: u64, req: &IoRequest) -> io::Result<()> {
@@ -290,8 +343,10 @@ impl Pool {
             op: req.op,
             offset: req.offset,
             iovecs: req.iovecs().to_vec(),
+            done: self.done_tx.clone(),
         };
-        self.jobs
+        self.pool
+            .jobs
             .as_ref()
             .and_then(|j| j.send(job).ok())
             .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))
@@ -305,15 +360,5 @@ impl Pool {
             }
         }
         out.extend(self.done.try_iter());
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Closing the job channel ends the threads once they finish what they hold.
-        self.jobs = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
     }
 }
