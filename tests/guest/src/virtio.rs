@@ -255,7 +255,7 @@ impl Virtq {
         }
     }
 
-    /// Lays the rings out in `mem` (QUEUE_MEM bytes, page aligned), zeroes them and
+    /// Lays the rings out in `mem` (QUEUE_MEM bytes for QMAX entries, page aligned), zeroes them and
     /// resets the driver-side state.
     pub fn init(&mut self, idx: u16, size: u16, mem: u64, event_idx: bool) {
         *self = Virtq::empty();
@@ -266,7 +266,8 @@ impl Virtq {
         self.used = mem + 0x2000;
         self.scratch = mem + 0x3000;
         self.event_idx = event_idx;
-        zero(mem, QUEUE_MEM);
+        // Rings and the scratch of `size` heads (a smaller queue leaves the rest alone).
+        zero(mem, 0x3000 + size as u64 * SCRATCH);
         for i in 0..size as usize {
             self.free[i] = (size as usize - 1 - i) as u16;
         }
