@@ -263,6 +263,10 @@ impl BlkBackend {
         if any {
             self.notify(vring);
         }
+        if stalled {
+            // Taking more would only fail the same way (the guest's used ring is bad).
+            return Err(io::Error::other("the used ring cannot be written"));
+        }
         Ok(any)
     }
 
@@ -532,7 +536,11 @@ impl VhostUserBackend for BlkBackend {
         // NO_NOTIFY) while requests are in flight.
         loop {
             let _ = vring.disable_notification();
-            let _ = self.process_queue(queue, vring);
+            if self.process_queue(queue, vring).is_err() {
+                // Wait for the next notification rather than spin on a broken ring.
+                let _ = vring.enable_notification();
+                break;
+            }
             match vring.enable_notification() {
                 Ok(true) => continue,
                 _ => break,
