@@ -178,6 +178,22 @@ fn bad_arguments_exit_2() {
             "--serial",
             "012345678901234567890",
         ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/etc/hostname",
+            "--cache",
+            "unsafe",
+        ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/etc/hostname",
+            "--io-engine",
+            "aio",
+        ],
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
