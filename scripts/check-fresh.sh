@@ -13,7 +13,7 @@ log=${LOG:-/tmp/bulkhead-check-fresh.log}
 
 # What install-deps.sh adds that the base machine lacks. The compiler, libc headers and
 # qemu-utils stay: cargo itself needs the first two, and the machine image ships the third.
-remove=(linux-source-6.1 bison flex libelf-dev busybox-static qemu-system-x86 cpio iputils-ping lz4 zstd time)
+remove=(linux-source-6.1 bison flex libelf-dev busybox-static qemu-system-x86 cpio iputils-ping lz4 zstd time python3-fusepy)
 
 {
   echo "check-fresh: $(date -u +%FT%TZ) on $(git -C "$root" rev-parse --short HEAD)"

@@ -23,6 +23,8 @@ packages=(
   lz4 zstd
   # scripts/bench-boot.sh: peak RSS
   time
+  # the watchdog suite's slow disk (tests/tools/slowfs.py, a FUSE filesystem)
+  python3-fusepy
   # scripts/bench-blk.sh: the host's own numbers for the same I/O patterns
   fio
 )

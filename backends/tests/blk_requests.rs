@@ -6,7 +6,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use bulkhead_backends::blk::request::{process_chain, serial_bytes, Outcome, Target};
+use bulkhead_backends::blk::request::{
+    chain_at, process_chain, process_descriptors, serial_bytes, Outcome, Target,
+};
 use bulkhead_backends::blk::{Disk, Stats};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -663,5 +665,48 @@ fn chain_longer_than_queue_via_indirect() {
     ));
     let chain = q.build_desc_chain(&[head]).unwrap();
     // Too long to trust: no status is written, the chain comes back with len 0.
+    assert_eq!(process_chain(chain, &f.target()), Outcome::Broken);
+}
+
+/// A chain of more than 2^32 bytes ends where virtio-queue's iterator ends it, also when
+/// the in-flight log makes a new backend read it again by its head (`chain_at`): the
+/// request is broken both times, not broken first and an I/O error on resubmission. Found
+/// by the `blk` fuzz target (`fuzz/corpus/blk/regress-chain-over-4g`).
+#[test]
+fn chain_over_4_gib_reads_the_same_when_resubmitted() {
+    let f = Fixture::new(false);
+    f.header(VIRTIO_BLK_T_IN, 0);
+    let raw = [
+        RawDescriptor::from(SplitDescriptor::new(HDR, 0xf000_0000, 0, 0)),
+        RawDescriptor::from(SplitDescriptor::new(
+            STATUS,
+            0x2000_0000,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        )),
+    ];
+    let q = MockSplitQueue::create(&f.mem, GuestAddress(0), QSIZE);
+    let table = q.desc_table_addr();
+    let chain = q.build_desc_chain(&raw).unwrap();
+    let head = chain.head_index();
+    let limit = usize::from(QSIZE) + 1;
+    let first: Vec<(u64, u32)> = chain.clone().map(|d| (d.addr().0, d.len())).collect();
+    let again = chain_at(&f.mem, table, QSIZE, head, limit);
+    assert_eq!(
+        first,
+        vec![(HDR, 0xf000_0000)],
+        "the iterator stops at 2^32 bytes"
+    );
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| (d.addr().0, d.len()))
+            .collect::<Vec<_>>(),
+        first
+    );
+    assert_eq!(
+        process_descriptors(&f.mem, head, &again, &f.target()),
+        Outcome::Broken
+    );
     assert_eq!(process_chain(chain, &f.target()), Outcome::Broken);
 }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulkhead_ipc::hello::{server_hello, Role};
-use bulkhead_ipc::runner::{BootFds, BootSpec, GuestOutcome, RunnerCommand, RunnerEvent};
+use bulkhead_ipc::runner::{
+    BootFds, BootSpec, GuestOutcome, RunnerCommand, RunnerEvent, RunnerMessage, RunnerRequest,
+};
 use bulkhead_ipc::{Channel, IpcError, Listener};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
@@ -35,11 +37,21 @@ struct RunnerState {
 }
 
 impl RunnerState {
-    fn send(&self, event: &RunnerEvent) {
+    /// Reports an event nobody asked for (console output, the guest's end).
+    fn send(&self, event: RunnerEvent) {
+        self.send_message(&RunnerMessage::Event(event));
+    }
+
+    /// Answers request `id`.
+    fn answer(&self, id: u64, event: RunnerEvent) {
+        self.send_message(&RunnerMessage::Answer { id, event });
+    }
+
+    fn send_message(&self, msg: &RunnerMessage) {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = conn.as_ref() {
             // A control domain that went away will reconnect; nothing to do here.
-            let _ = c.send(event, &[]);
+            let _ = c.send(msg, &[]);
         }
     }
 
@@ -94,6 +106,22 @@ pub fn serve(listener: Listener, selftest: bool) -> i32 {
                 continue;
             }
         };
+        // Only the control domain (root) commands a runner: whoever else reached the socket
+        // (the runner's own uid included) is refused before a byte is read.
+        match conn.peer_credentials() {
+            Ok(c) if c.uid == 0 => {}
+            Ok(c) => {
+                log(&format!(
+                    "refusing a control connection from uid {} (pid {}): only the control domain may command a runner",
+                    c.uid, c.pid
+                ));
+                continue;
+            }
+            Err(e) => {
+                log(&format!("control connection without peer credentials: {e}"));
+                continue;
+            }
+        }
         match server_hello(&conn, Duration::from_secs(5)) {
             Ok(Role::Daemon) => {}
             Ok(other) => {
@@ -119,7 +147,7 @@ pub fn serve(listener: Listener, selftest: bool) -> i32 {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
-            state.send(&RunnerEvent::Exited(guest_outcome(&outcome)));
+            state.send(RunnerEvent::Exited(guest_outcome(&outcome)));
             return outcome.exit_status();
         }
         serve_connection(&state, &conn, &mut console, selftest);
@@ -143,7 +171,7 @@ fn serve_connection(
     selftest: bool,
 ) {
     loop {
-        let (cmd, fds) = match conn.recv::<RunnerCommand>() {
+        let (RunnerRequest { id, command: cmd }, fds) = match conn.recv::<RunnerRequest>() {
             Ok(m) => m,
             Err(IpcError::Closed) => return,
             Err(e) => {
@@ -158,7 +186,7 @@ fn serve_connection(
                     Ok(detail) => RunnerEvent::Started { detail },
                     Err(message) => {
                         log(&format!("boot failed: {message}"));
-                        state.send(&RunnerEvent::BootFailed { message });
+                        state.answer(id, RunnerEvent::BootFailed { message });
                         std::process::exit(2);
                     }
                 },
@@ -196,24 +224,27 @@ fn serve_connection(
             }
             RunnerCommand::ReconnectDevice { device } => match (state.vm(), fds.into_iter().next())
             {
-                (Some(vm), Some(fd)) => match vm.devices().vhost_device(&device) {
-                    Some(dev) => {
-                        let stream = std::os::unix::net::UnixStream::from(fd);
-                        match dev
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .reconnect(stream)
-                        {
-                            Ok(()) => RunnerEvent::DeviceReconnected { device },
-                            Err(e) => RunnerEvent::Error {
-                                message: format!("{device}: {e}"),
-                            },
-                        }
+                (Some(vm), Some(fd)) => {
+                    // On a thread of its own: a backend's setup may take seconds, and the
+                    // commands behind it (pause, shutdown) must not wait for it.
+                    log(&format!(
+                        "{device}: a new backend; replaying the setup to it"
+                    ));
+                    let state = state.clone();
+                    let stream = std::os::unix::net::UnixStream::from(fd);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("reconnect-{device}"))
+                        .spawn(move || {
+                            let event = reconnect_device(&vm, &device, stream);
+                            state.answer(id, event);
+                        });
+                    match spawned {
+                        Ok(_) => continue,
+                        Err(e) => RunnerEvent::Error {
+                            message: format!("cannot start the reconnect: {e}"),
+                        },
                     }
-                    None => RunnerEvent::Error {
-                        message: format!("no device named {device}"),
-                    },
-                },
+                }
                 (None, _) => not_booted(),
                 (_, None) => RunnerEvent::Error {
                     message: "ReconnectDevice carried no connection".into(),
@@ -226,7 +257,28 @@ fn serve_connection(
                 continue;
             }
         };
-        state.send(&reply);
+        state.answer(id, reply);
+    }
+}
+
+/// Hands `device` its new backend's connection; answers how it went.
+fn reconnect_device(
+    vm: &RunningVm,
+    device: &str,
+    stream: std::os::unix::net::UnixStream,
+) -> RunnerEvent {
+    let Some(dev) = vm.devices().vhost_device(device) else {
+        return RunnerEvent::Error {
+            message: format!("no device named {device}"),
+        };
+    };
+    match crate::virtio_pci::reconnect(&dev, stream) {
+        Ok(()) => RunnerEvent::DeviceReconnected {
+            device: device.to_string(),
+        },
+        Err(e) => RunnerEvent::Error {
+            message: format!("{device}: {e}"),
+        },
     }
 }
 
@@ -330,6 +382,28 @@ fn boot(
     drop(initrd);
     let running = Arc::new(vm.start(None).map_err(|e| e.to_string())?);
     *state.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
+    let timeouts = spec
+        .disks
+        .iter()
+        .chain(spec.nics.iter())
+        .enumerate()
+        .map(|(i, name)| {
+            let ms = spec.hang_timeouts_ms.get(i).copied().unwrap_or(0);
+            (name.clone(), Duration::from_millis(ms.into()))
+        })
+        .collect();
+    let reporter = state.clone();
+    crate::watchdog::watch_rings(running.clone(), timeouts, move |device, stalled| {
+        log(&format!(
+            "{device}: hung: no progress for {} ms with requests waiting",
+            stalled.as_millis()
+        ));
+        reporter.send(RunnerEvent::DeviceHung {
+            device: device.to_string(),
+            stalled_ms: stalled.as_millis() as u64,
+        });
+    })
+    .map_err(|e| format!("cannot start the watchdog: {e}"))?;
     let state2 = state.clone();
     std::thread::Builder::new()
         .name("outcome".into())
@@ -353,7 +427,7 @@ fn watch_outcome(state: Arc<RunnerState>, vm: Arc<RunningVm>) {
         .unwrap_or_else(|e| e.into_inner())
         .is_some();
     if connected {
-        state.send(&RunnerEvent::Exited(guest_outcome(&outcome)));
+        state.send(RunnerEvent::Exited(guest_outcome(&outcome)));
         std::process::exit(outcome.exit_status());
     }
     // Nobody is listening (bulkheadd restarting): the accept loop hands the outcome to the
@@ -375,6 +449,6 @@ fn console_pump(rx: Receiver<u8>, state: Arc<RunnerState>) {
                 Err(_) => break,
             }
         }
-        state.send(&RunnerEvent::Console(buf.clone()));
+        state.send(RunnerEvent::Console(buf.clone()));
     }
 }

@@ -17,8 +17,10 @@ pub mod mptable;
 pub mod pci;
 pub mod reconnect;
 pub mod sandbox;
+pub mod vhost_link;
 pub mod virtio_pci;
 pub mod vm;
+pub mod watchdog;
 
 pub use config::{parse_memory_size, VmConfig};
 pub use vm::{Vm, VmError, VmOutcome};

@@ -1,7 +1,7 @@
 //! Reconnecting a vhost-user device whose backend went away, in one place: a watcher thread
 //! notices the socket closing and, for backends reached by path (standalone use, e.g.
 //! qemu-storage-daemon), connects again with a growing back-off — with no give-up timeout —
-//! and replays the setup through [`VhostUserPciDevice::reconnect`]. Under `bulkheadd` the
+//! and replays the setup through [`crate::virtio_pci::reconnect`]. Under `bulkheadd` the
 //! control domain respawns the backend and hands the runner the new connection instead.
 
 use std::os::fd::AsFd;
@@ -69,10 +69,7 @@ pub fn watch_by_path(dev: Arc<Mutex<VhostUserPciDevice>>, path: PathBuf) {
             let mut delay = Duration::from_millis(20);
             loop {
                 if let Ok(stream) = UnixStream::connect(&path) {
-                    let r = dev
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .reconnect(stream);
+                    let r = crate::virtio_pci::reconnect(&dev, stream);
                     match r {
                         Ok(()) => break,
                         Err(e) => {

@@ -1,33 +1,26 @@
 //! A modern (virtio 1.x) PCI transport whose device is a vhost-user backend in another
-//! process: feature negotiation and config space go through the vhost-user frontend; queue
-//! notifications are ioeventfds handed to the backend as vring kicks, and completions are
-//! the backend writing vring call eventfds that KVM injects as MSI-X interrupts (irqfd).
-//! The data path never enters this process.
+//! process: feature negotiation and config space are answered here; queue notifications
+//! are ioeventfds handed to the backend as vring kicks, and completions are the backend
+//! writing vring call eventfds that KVM injects as MSI-X interrupts (irqfd). The data path
+//! never enters this process.
 //!
-//! A backend that offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` is asked for an in-flight
-//! region once (GET_INFLIGHT_FD); this process keeps it and hands it to every backend that
-//! serves the device afterwards (SET_INFLIGHT_FD), so a restarted backend resubmits what its
-//! predecessor had taken but not completed. With a backend that lacks it, a reconnect
-//! resumes each ring at the guest-visible used index, and the log says so.
+//! The transport never talks to the backend itself: its registers are answered at once,
+//! and the vhost-user work (bringing the rings up at DRIVER_OK, stopping them on a reset,
+//! replaying the setup to a new backend) is a job for the device's worker thread
+//! ([`crate::vhost_link`]), so no vCPU waits on a backend.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::interrupts::GsiRouter;
 use crate::memory::GuestRam;
 use crate::pci::{ConfigSpace, PciDevice};
+pub use crate::vhost_link::SETUP_DEADLINE;
+use crate::vhost_link::{handshake, BackendLink, Job, Plan, QueuePlan};
 
 /// Size of BAR 0, which holds every virtio structure and the MSI-X table.
 pub const BAR0_SIZE: u64 = 0x1_0000;
@@ -39,12 +32,13 @@ const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x8000;
 const MSIX_PBA_OFFSET: u64 = 0xc000;
 const NO_VECTOR: u16 = 0xffff;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The virtio 1.x feature bit.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bits we pass through to the guest: device-specific ones, indirect descriptors,
 /// event idx, and VERSION_1.
 const TRANSPORT_FEATURES: u64 = 0x00ff_ffff | (1 << 28) | (1 << 29) | VIRTIO_F_VERSION_1;
-const MAX_QUEUE_SIZE: u16 = 256;
+/// The largest ring the transport offers.
+pub const MAX_QUEUE_SIZE: u16 = 256;
 
 /// A vhost-user device that cannot be set up.
 #[derive(Debug, Error)]
@@ -81,60 +75,6 @@ pub enum VirtioPciError {
     },
 }
 
-/// How long a backend may take over a whole setup exchange (the handshake, or the replay
-/// of features, memory table and vrings) before its connection is cut. The device lock —
-/// and the runner thread that holds it: a vCPU, or the control channel — waits meanwhile.
-pub const SETUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Cuts a vhost-user connection (shutdown, both ways) unless disarmed by dropping it
-/// before `SETUP_DEADLINE`. A socket receive timeout cannot do this: the vhost crate
-/// retries a timed-out receive forever, so a backend that accepted and never answers
-/// would hold the caller for good; a shut-down socket makes every wait on it end.
-struct SetupDeadline {
-    disarm: std::sync::mpsc::Sender<()>,
-    fired: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl SetupDeadline {
-    fn arm(sock: &UnixStream) -> Result<Self, VirtioPciError> {
-        let sock = sock.try_clone().map_err(VirtioPciError::EventFd)?;
-        let (disarm, armed) = std::sync::mpsc::channel::<()>();
-        let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let f = fired.clone();
-        std::thread::Builder::new()
-            .name("setup-deadline".into())
-            .spawn(move || {
-                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    armed.recv_timeout(SETUP_DEADLINE)
-                {
-                    f.store(true, std::sync::atomic::Ordering::SeqCst);
-                    let _ = sock.shutdown(std::net::Shutdown::Both);
-                }
-            })
-            .map_err(VirtioPciError::EventFd)?;
-        Ok(Self { disarm, fired })
-    }
-
-    /// Disarms the deadline; `result` becomes a [`VirtioPciError::SetupTimeout`] if it
-    /// fired (the error the cut caused says less).
-    fn finish<T>(
-        self,
-        what: &'static str,
-        result: Result<T, VirtioPciError>,
-    ) -> Result<T, VirtioPciError> {
-        let Self { disarm, fired } = self;
-        drop(disarm);
-        if result.is_err() && fired.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(VirtioPciError::SetupTimeout { what });
-        }
-        result
-    }
-}
-
-fn vu(what: &'static str) -> impl FnOnce(vhost::Error) -> VirtioPciError {
-    move |source| VirtioPciError::VhostUser { what, source }
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct MsixEntry {
     addr: u64,
@@ -155,22 +95,29 @@ struct Queue {
     pending: bool,
 }
 
+/// A ring's number, avail index and used index, as the progress watchdog reads them.
+pub type RingIndices = (usize, u16, u16);
+
 /// One virtio device on the PCI bus, served by a vhost-user backend.
 pub struct VhostUserPciDevice {
     name: String,
     cfg: ConfigSpace,
     vm: Arc<VmFd>,
     router: Arc<Mutex<GsiRouter>>,
+    /// Guest RAM (the watchdog reads ring indices from it).
     ram: Arc<GuestRam>,
-    frontend: Frontend,
-    watch: UnixStream,
+    /// 2 = block, 1 = net.
     device_type: u16,
+    /// A handle on the current backend's socket (readable at EOF once it is gone).
+    watch: UnixStream,
     reconnects: u32,
-    protocol: bool,
-    /// The current backend keeps an in-flight log.
-    inflight: bool,
-    /// The device's in-flight region, kept across backends until the driver resets.
-    inflight_region: Option<(VhostUserInflight, File)>,
+    /// The link, until the worker takes it ([`Self::start_worker`]).
+    link: Option<BackendLink>,
+    /// The worker's job queue.
+    jobs: Option<mpsc::Sender<Job>>,
+    /// Bumped by every activation and reset: an activation that finishes after the driver
+    /// reset (or activated again) is ignored.
+    epoch: u64,
     device_features: u64,
     driver_features: u64,
     dfselect: u32,
@@ -186,68 +133,8 @@ pub struct VhostUserPciDevice {
     msix_masked: bool,
     gsi_base: u32,
     notify_base: u64,
+    /// The backend's rings are up (the worker said so): irqfds may be bound.
     active: bool,
-}
-
-/// What a fresh vhost-user connection told us.
-struct Handshake {
-    frontend: Frontend,
-    backend_features: u64,
-    protocol: bool,
-    inflight: bool,
-    num_queues: u16,
-    device_config: Vec<u8>,
-    /// A second handle on the socket, to notice the backend going away.
-    watch: UnixStream,
-}
-
-/// SET_OWNER, features, protocol features, queue count and config space.
-fn handshake(stream: UnixStream, device_type: u16) -> Result<Handshake, VirtioPciError> {
-    let watch = stream.try_clone().map_err(VirtioPciError::EventFd)?;
-    let mut frontend = Frontend::from_stream(stream, 64);
-    frontend.set_owner().map_err(vu("SET_OWNER"))?;
-    let backend_features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
-    let mut protocol = false;
-    let mut inflight = false;
-    let mut num_queues = 1u16;
-    let mut device_config = Vec::new();
-    if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-        protocol = true;
-        let offered = frontend
-            .get_protocol_features()
-            .map_err(vu("GET_PROTOCOL_FEATURES"))?;
-        let wanted = offered
-            & (VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
-        inflight = wanted.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
-        frontend
-            .set_protocol_features(wanted)
-            .map_err(vu("SET_PROTOCOL_FEATURES"))?;
-        if wanted.contains(VhostUserProtocolFeatures::MQ) {
-            let n = frontend.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?;
-            num_queues = u16::try_from(n.clamp(1, 16)).unwrap_or(1);
-        }
-        if wanted.contains(VhostUserProtocolFeatures::CONFIG) {
-            // virtio-blk's config is 60 bytes; virtio-net's is smaller.
-            let len: u32 = if device_type == 2 { 60 } else { 12 };
-            let buf = vec![0u8; len as usize];
-            let (_, payload) = frontend
-                .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
-                .map_err(vu("GET_CONFIG"))?;
-            device_config = payload;
-        }
-    }
-    Ok(Handshake {
-        frontend,
-        backend_features,
-        protocol,
-        inflight,
-        num_queues,
-        device_config,
-        watch,
-    })
 }
 
 impl VhostUserPciDevice {
@@ -262,18 +149,11 @@ impl VhostUserPciDevice {
         ram: Arc<GuestRam>,
         bar_addr: u64,
     ) -> Result<Self, VirtioPciError> {
-        let Handshake {
-            frontend,
-            backend_features,
-            protocol,
-            inflight,
-            num_queues,
-            device_config,
-            watch,
-        } = {
-            let deadline = SetupDeadline::arm(&stream)?;
-            deadline.finish("handshake", handshake(stream, device_type))?
-        };
+        let h = handshake(stream, device_type)?;
+        let (backend_features, num_queues) = (h.backend_features, h.num_queues);
+        let device_config = h.device_config.clone();
+        let watch = h.sock.try_clone().map_err(VirtioPciError::EventFd)?;
+        let link = BackendLink::new(name, device_type, ram.clone(), h);
         let device_features = (backend_features & TRANSPORT_FEATURES) | VIRTIO_F_VERSION_1;
         let mut queues = Vec::new();
         for _ in 0..num_queues {
@@ -346,13 +226,12 @@ impl VhostUserPciDevice {
             vm,
             router,
             ram,
-            frontend,
-            watch,
             device_type,
+            watch,
             reconnects: 0,
-            protocol,
-            inflight,
-            inflight_region: None,
+            link: Some(link),
+            jobs: None,
+            epoch: 0,
             device_features,
             driver_features: 0,
             dfselect: 0,
@@ -395,53 +274,112 @@ impl VhostUserPciDevice {
         self.watch.try_clone()
     }
 
+    /// For the progress watchdog: the backend's reconnect count and, per ring that carries
+    /// requests (every ring of a disk; a NIC's transmit rings — receive rings hold buffers
+    /// that wait for traffic), its avail and used indices; None while the rings are not up.
+    pub fn progress(&self) -> Option<(u32, Vec<RingIndices>)> {
+        use vm_memory::{Bytes, GuestAddress};
+        if !self.active {
+            return None;
+        }
+        let mem = self.ram.mem();
+        let rings = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(i, q)| q.enable && (self.device_type != 1 || i % 2 == 1))
+            .filter_map(|(i, q)| {
+                let avail: u16 = mem.read_obj(GuestAddress(q.avail + 2)).ok()?;
+                let used: u16 = mem.read_obj(GuestAddress(q.used + 2)).ok()?;
+                Some((i, avail, used))
+            })
+            .collect();
+        Some((self.reconnects, rings))
+    }
+
     /// How many times a new backend was connected.
     pub fn reconnects(&self) -> u32 {
         self.reconnects
     }
 
-    /// Replaces a vanished (or upgraded) backend with the one at the other end of `stream`:
-    /// replays the whole vhost-user setup and restarts each vring where the old backend
-    /// stopped: each ring's base is the guest-visible used index, and a backend with an
-    /// in-flight log resubmits from the kept region what its predecessor had taken but not
-    /// completed (without one, those requests are redone from the used ring in avail
-    /// order). Notifications the guest made meanwhile wait in the kick eventfds, and every
-    /// ring is kicked once so the new backend looks at it.
-    pub fn reconnect(&mut self, stream: UnixStream) -> Result<(), VirtioPciError> {
-        let deadline = SetupDeadline::arm(&stream)?;
-        let h = deadline.finish("handshake", handshake(stream, self.device_type))?;
-        let missing = self.driver_features & !h.backend_features & !VIRTIO_F_VERSION_1;
-        if missing != 0 {
-            return Err(VirtioPciError::EventFd(std::io::Error::other(format!(
-                "the new backend lacks negotiated features {missing:#x}"
-            ))));
-        }
-        if usize::from(h.num_queues) < self.queues.len() || h.protocol != self.protocol {
-            return Err(VirtioPciError::EventFd(std::io::Error::other(
-                "the new backend serves fewer queues or another protocol",
-            )));
-        }
-        self.frontend = h.frontend;
-        self.watch = h.watch;
-        self.inflight = h.inflight;
-        self.reconnects += 1;
-        if self.active && !self.inflight {
-            self.log(
-                "the new backend lacks VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: resuming from the used index, so requests the old backend had taken but not completed are redone in avail order",
-            );
-        }
-        if self.active {
-            let deadline = SetupDeadline::arm(&self.watch)?;
-            deadline.finish("setup", self.activate(true))?;
-            for q in &self.queues {
-                let _ = q.kick.write(1);
-            }
-        }
-        self.log(&format!(
-            "backend reconnected (reconnect #{})",
-            self.reconnects
-        ));
+    /// Starts the device's worker thread, the only one that talks to its backend.
+    pub fn start_worker(dev: &Arc<Mutex<Self>>) -> Result<(), VirtioPciError> {
+        let mut d = lock(dev);
+        let Some(link) = d.link.take() else {
+            return Ok(());
+        };
+        let (tx, rx) = mpsc::channel();
+        let weak = Arc::downgrade(dev);
+        std::thread::Builder::new()
+            .name(format!("vhost-{}", d.name))
+            .spawn(move || link.serve(rx, weak))
+            .map_err(VirtioPciError::EventFd)?;
+        d.jobs = Some(tx);
         Ok(())
+    }
+
+    /// Queues a job for the worker; false if there is no worker.
+    fn submit(&self, job: Job) -> bool {
+        self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())
+    }
+
+    /// The negotiated features and, if the rings are up, the plan to bring a new backend's
+    /// rings up the same way (the worker asks, for a reconnect).
+    pub(crate) fn plan(&self) -> (u64, Option<Plan>) {
+        let plan = if self.active {
+            self.make_plan().ok()
+        } else {
+            None
+        };
+        (self.driver_features, plan)
+    }
+
+    fn make_plan(&self) -> std::io::Result<Plan> {
+        let mut queues = Vec::new();
+        for (index, q) in self.queues.iter().enumerate() {
+            if !q.enable {
+                continue;
+            }
+            queues.push(QueuePlan {
+                index,
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick: q.kick.try_clone()?,
+                call: q.call.try_clone()?,
+            });
+        }
+        Ok(Plan {
+            epoch: self.epoch,
+            driver_features: self.driver_features,
+            queues,
+        })
+    }
+
+    /// The worker finished the activation of `epoch`.
+    pub(crate) fn activated(&mut self, epoch: u64, ok: bool) {
+        if epoch != self.epoch {
+            return;
+        }
+        if ok {
+            self.active = true;
+            self.update_interrupts();
+        } else {
+            self.needs_reset();
+        }
+    }
+
+    /// The worker moved the device to a new backend, reached through `watch`.
+    pub(crate) fn reconnected(&mut self, watch: UnixStream) -> u32 {
+        self.watch = watch;
+        self.reconnects += 1;
+        self.reconnects
+    }
+
+    fn needs_reset(&mut self) {
+        self.status |= 0x40; // DEVICE_NEEDS_RESET
+        self.generation = self.generation.wrapping_add(1);
     }
 
     fn register_notifiers(&mut self, bar: u64) -> Result<(), VirtioPciError> {
@@ -478,169 +416,15 @@ impl VhostUserPciDevice {
         eprintln!("bulkhead-runner: {}: {msg}", self.name);
     }
 
-    /// Brings the backend up: features, memory table, every enabled vring. With `resume`,
-    /// each vring starts where the guest-visible used ring says the last backend stopped.
-    fn activate(&mut self, resume: bool) -> Result<(), VirtioPciError> {
-        let features = self.driver_features
-            | if self.protocol {
-                VHOST_USER_F_PROTOCOL_FEATURES
-            } else {
-                0
-            };
-        self.frontend
-            .set_features(features)
-            .map_err(vu("SET_FEATURES"))?;
-        let memfd = self.ram.memfd().as_raw_fd();
-        let mut regions = Vec::new();
-        for r in self.ram.regions() {
-            let host = self
-                .ram
-                .mem()
-                .get_host_address(GuestAddress(r.guest_addr))
-                .map_err(|_| {
-                    VirtioPciError::EventFd(std::io::Error::other("guest RAM not mapped"))
-                })?;
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.guest_addr,
-                memory_size: r.size,
-                userspace_addr: host as u64,
-                mmap_offset: r.file_offset,
-                mmap_handle: memfd,
-            });
-        }
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(vu("SET_MEM_TABLE"))?;
-        self.hand_inflight_region()?;
-        let host = |gpa: u64| -> Result<u64, VirtioPciError> {
-            self.ram
-                .mem()
-                .get_host_address(GuestAddress(gpa))
-                .map(|p| p as u64)
-                .map_err(|_| {
-                    VirtioPciError::EventFd(std::io::Error::other(format!(
-                        "vring address {gpa:#x} is outside guest RAM"
-                    )))
-                })
-        };
-        let mut plan = Vec::new();
-        for (i, q) in self.queues.iter().enumerate() {
-            if !q.enable {
-                continue;
-            }
-            plan.push((
-                i,
-                VringConfigData {
-                    queue_max_size: MAX_QUEUE_SIZE,
-                    queue_size: q.size,
-                    flags: 0,
-                    desc_table_addr: host(q.desc)?,
-                    used_ring_addr: host(q.used)?,
-                    avail_ring_addr: host(q.avail)?,
-                    log_addr: None,
-                },
-            ));
-        }
-        for (i, data) in plan {
-            let q = &self.queues[i];
-            self.frontend
-                .set_vring_num(i, q.size)
-                .map_err(vu("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_addr(i, &data)
-                .map_err(vu("SET_VRING_ADDR"))?;
-            let base = if resume {
-                // used->idx: the next avail entry the old backend had not completed.
-                let idx: u16 = self
-                    .ram
-                    .mem()
-                    .read_obj(GuestAddress(q.used + 2))
-                    .map_err(|_| {
-                        VirtioPciError::EventFd(std::io::Error::other(
-                            "used ring outside guest RAM",
-                        ))
-                    })?;
-                let how = if self.inflight_region.is_some() {
-                    "; the backend resubmits what the in-flight region holds"
-                } else {
-                    ""
-                };
-                self.log(&format!(
-                    "queue {i} resumes at index {idx} (from the used ring){how}"
-                ));
-                idx
-            } else {
-                0
-            };
-            self.frontend
-                .set_vring_base(i, base)
-                .map_err(vu("SET_VRING_BASE"))?;
-            self.frontend
-                .set_vring_call(i, &q.call)
-                .map_err(vu("SET_VRING_CALL"))?;
-            self.frontend
-                .set_vring_kick(i, &q.kick)
-                .map_err(vu("SET_VRING_KICK"))?;
-            if self.protocol {
-                self.frontend
-                    .set_vring_enable(i, true)
-                    .map_err(vu("SET_VRING_ENABLE"))?;
-            }
-        }
-        self.active = true;
-        self.update_interrupts();
-        Ok(())
-    }
-
-    /// Hands the backend the device's in-flight region, asking for one first if the device
-    /// has none yet. A backend without the feature gets none, and the region is dropped: a
-    /// later backend must not resubmit marks that this one's completions made stale.
-    fn hand_inflight_region(&mut self) -> Result<(), VirtioPciError> {
-        if !self.inflight {
-            self.inflight_region = None;
-            return Ok(());
-        }
-        if self.inflight_region.is_none() {
-            let ask = VhostUserInflight {
-                num_queues: self.queues.len() as u16,
-                queue_size: MAX_QUEUE_SIZE,
-                ..Default::default()
-            };
-            let (info, file) = self
-                .frontend
-                .get_inflight_fd(&ask)
-                .map_err(vu("GET_INFLIGHT_FD"))?;
-            if info.mmap_size == 0 {
-                self.log("the backend returned no in-flight region; a restart resumes from the used index");
-                return Ok(());
-            }
-            self.log(&format!(
-                "in-flight region: {} bytes for {} queues",
-                info.mmap_size, info.num_queues
-            ));
-            self.inflight_region = Some((info, file));
-        }
-        if let Some((info, file)) = &self.inflight_region {
-            self.frontend
-                .set_inflight_fd(info, file.as_raw_fd())
-                .map_err(vu("SET_INFLIGHT_FD"))?;
-        }
-        Ok(())
-    }
-
     fn reset(&mut self) {
-        // A reset driver starts over: nothing the old region holds is to be resubmitted.
-        self.inflight_region = None;
-        if self.active {
-            for i in 0..self.queues.len() {
-                if self.queues[i].enable {
-                    if self.protocol {
-                        let _ = self.frontend.set_vring_enable(i, false);
-                    }
-                    let _ = self.frontend.get_vring_base(i);
-                }
-            }
+        // The worker stops the rings; the transport starts over at once.
+        if self.active || self.status & 0x04 != 0 {
+            let queues = (0..self.queues.len())
+                .filter(|&i| self.queues[i].enable)
+                .collect();
+            self.submit(Job::Reset { queues });
         }
+        self.epoch += 1;
         self.active = false;
         self.driver_features = 0;
         self.status = 0;
@@ -798,12 +582,18 @@ impl VhostUserPciDevice {
         let was_ok = self.status & 0x04 != 0;
         self.status = status;
         if status & 0x04 != 0 && !was_ok {
-            let r = SetupDeadline::arm(&self.watch)
-                .and_then(|deadline| deadline.finish("setup", self.activate(false)));
-            if let Err(e) = r {
-                self.log(&format!("activation failed: {e}"));
-                self.status |= 0x40; // DEVICE_NEEDS_RESET
-                self.generation = self.generation.wrapping_add(1);
+            // The worker brings the rings up; the vCPU goes on at once. The guest's
+            // notifications meanwhile wait in the kick eventfds.
+            self.epoch += 1;
+            let queued = match self.make_plan() {
+                Ok(plan) => self.submit(Job::Activate(plan)),
+                Err(e) => {
+                    self.log(&format!("activation failed: {e}"));
+                    false
+                }
+            };
+            if !queued {
+                self.needs_reset();
             }
         }
     }
@@ -851,6 +641,30 @@ impl VhostUserPciDevice {
             self.update_interrupts();
         }
     }
+}
+
+/// Moves `dev` to the backend at the other end of `stream` (a restart or upgrade): the
+/// device's worker replays the setup, and the rings resume where the guest's used rings
+/// say; waits for the worker's answer. vCPUs are not held meanwhile.
+pub fn reconnect(
+    dev: &Arc<Mutex<VhostUserPciDevice>>,
+    stream: UnixStream,
+) -> Result<(), VirtioPciError> {
+    let (done, answer) = mpsc::channel();
+    if !lock(dev).submit(Job::Reconnect { stream, done }) {
+        return Err(VirtioPciError::EventFd(std::io::Error::other(
+            "the device has no worker",
+        )));
+    }
+    answer.recv().unwrap_or_else(|_| {
+        Err(VirtioPciError::EventFd(std::io::Error::other(
+            "the device's worker ended",
+        )))
+    })
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn to_u64(data: &[u8]) -> u64 {

@@ -344,6 +344,8 @@ impl Vm {
             )
             .map_err(|e| VmError::Device(format!("{}: {e}", d.name)))?;
             let dev = Arc::new(Mutex::new(dev));
+            VhostUserPciDevice::start_worker(&dev)
+                .map_err(|e| VmError::Device(format!("{}: {e}", d.name)))?;
             vhost.push(dev.clone());
             pci.add(dev)
                 .ok_or(VmError::Device("the PCI bus is full".into()))?;

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::transport::{decode, Channel, IpcError, Result};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks (2: runner requests carry ids, `RunnerRequest`).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The first bytes of every [`Hello`].
 pub const MAGIC: [u8; 8] = *b"BULKHEAD";

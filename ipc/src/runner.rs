@@ -22,6 +22,10 @@ pub struct BootSpec {
     pub nics: Vec<String>,
     /// CPU template name (`host`, `minimal`), already resolved by the control domain.
     pub cpu_template: String,
+    /// Per device (disks, then NICs): how long a ring may hold requests the backend makes
+    /// no progress on before the runner reports it hung ([`RunnerEvent::DeviceHung`]), in
+    /// milliseconds; 0 watches nothing. Missing entries are 0.
+    pub hang_timeouts_ms: Vec<u32>,
 }
 
 /// Order of the descriptors that travel with [`RunnerCommand::Boot`].
@@ -45,6 +49,33 @@ impl BootFds {
             Self::KERNEL + 1
         }
     }
+}
+
+/// A command from `bulkheadd` with the id its answer carries ([`RunnerMessage::Answer`]).
+/// Each command gets its own answer, matched by id; a late answer to a command whose
+/// caller gave up can never be taken for another's. Commands that need no answer
+/// (`ConsoleInput`) are sent with id 0 and get none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerRequest {
+    /// Chosen by the sender; 0 for commands that get no answer.
+    pub id: u64,
+    /// What to do.
+    pub command: RunnerCommand,
+}
+
+/// What a runner sends to `bulkheadd`: the answer to one request, or an event of its own
+/// (guest output, the guest's end), which is never an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunnerMessage {
+    /// The answer to request `id`.
+    Answer {
+        /// The request's id.
+        id: u64,
+        /// What came of it.
+        event: RunnerEvent,
+    },
+    /// Something that happened: `Console` output or `Exited`.
+    Event(RunnerEvent),
 }
 
 /// A command from `bulkheadd` to a runner.
@@ -115,6 +146,14 @@ pub enum RunnerEvent {
     DeviceReconnected {
         /// Device name.
         device: String,
+    },
+    /// A device's backend has work it is not doing: a ring (a disk's, or a NIC's transmit
+    /// ring) held requests with no completion for `stalled_ms`. Reported once per backend.
+    DeviceHung {
+        /// Device name.
+        device: String,
+        /// How long nothing was completed.
+        stalled_ms: u64,
     },
     /// The guest ended; the runner exits after sending this.
     Exited(GuestOutcome),

@@ -250,6 +250,18 @@ impl Channel {
         Ok(())
     }
 
+    /// Lets `bytes` of sent frames wait in the socket for a slow reader before a send
+    /// blocks (or [`Self::try_send`] says [`IpcError::WouldBlock`]). Beyond the system's
+    /// `wmem_max` this needs `CAP_NET_ADMIN` (SO_SNDBUFFORCE); without it the largest
+    /// allowed size is taken.
+    pub fn set_send_buffer(&self, bytes: usize) -> Result<()> {
+        if socket::setsockopt(&self.fd, sockopt::SndBufForce, &bytes).is_ok() {
+            return Ok(());
+        }
+        socket::setsockopt(&self.fd, sockopt::SndBuf, &bytes)
+            .map_err(|e| IpcError::sys("SO_SNDBUF", e))
+    }
+
     /// Another handle on the same socket (`dup`, close-on-exec). The two share the
     /// non-blocking flag.
     pub fn try_clone(&self) -> Result<Channel> {
@@ -260,6 +272,36 @@ impl Channel {
     /// Make `send`/`recv` return [`IpcError::WouldBlock`] instead of waiting.
     pub fn set_nonblocking(&self, nonblocking: bool) -> Result<()> {
         set_nonblocking(self.fd.as_fd(), nonblocking)
+    }
+
+    /// The peer's supplementary groups as they were when it connected (`SO_PEERGROUPS`):
+    /// no race with the peer exiting and its pid being reused, as reading /proc would have.
+    pub fn peer_groups(&self) -> Result<Vec<u32>> {
+        let mut groups = vec![0u32; 64];
+        loop {
+            let mut len = (groups.len() * std::mem::size_of::<u32>()) as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that
+            // many, and stores the length it needs (or wrote) in `len`.
+            let r = unsafe {
+                libc::getsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERGROUPS,
+                    groups.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            let n = len as usize / std::mem::size_of::<u32>();
+            if r == 0 {
+                groups.truncate(n);
+                return Ok(groups);
+            }
+            let err = Errno::last();
+            if err != Errno::ERANGE || n <= groups.len() || n > 65_536 {
+                return Err(IpcError::sys("SO_PEERGROUPS", err));
+            }
+            groups.resize(n, 0);
+        }
     }
 
     /// The peer's pid, uid and gid (`SO_PEERCRED`).
@@ -278,6 +320,28 @@ impl Channel {
     /// A message over [`MAX_FRAME`] is refused with [`IpcError::Oversized`] (nothing is
     /// sent); a peer that went away is [`IpcError::Closed`] (no `SIGPIPE`).
     pub fn send<T: Serialize + ?Sized>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_with(msg, fds, MsgFlags::MSG_NOSIGNAL)
+    }
+
+    /// [`Self::send`] that never waits: a peer whose receive queue is full gets
+    /// [`IpcError::WouldBlock`] and nothing is sent. For fan-out to clients that may not read.
+    pub fn try_send<T: Serialize + ?Sized>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_with(msg, fds, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT)
+    }
+
+    /// Shuts the connection down both ways: the peer reads end-of-file, and every clone of
+    /// this channel (a thread blocked in `recv` too) sees it closed.
+    pub fn shutdown(&self) -> Result<()> {
+        socket::shutdown(self.fd.as_raw_fd(), socket::Shutdown::Both)
+            .map_err(|e| IpcError::sys("shutdown", e))
+    }
+
+    fn send_with<T: Serialize + ?Sized>(
+        &self,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+        flags: MsgFlags,
+    ) -> Result<()> {
         if fds.len() > MAX_FDS {
             return Err(IpcError::TooManyFds);
         }
@@ -287,13 +351,7 @@ impl Channel {
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
         let iov = [io::IoSlice::new(&frame)];
         loop {
-            match socket::sendmsg::<()>(
-                self.fd.as_raw_fd(),
-                &iov,
-                cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
+            match socket::sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, flags, None) {
                 Ok(n) if n == frame.len() => return Ok(()),
                 // SOCK_SEQPACKET sends all or nothing; anything else is a broken socket.
                 Ok(_) => return Err(IpcError::io("sendmsg", io::ErrorKind::WriteZero.into())),

@@ -74,18 +74,19 @@ fn wrong_magic_is_refused() {
 
 #[test]
 fn wrong_version_is_refused_with_both_versions_named() {
+    let theirs = PROTOCOL_VERSION + 1;
     let (res, reply) = serve(&Hello {
         magic: MAGIC,
-        version: 2,
+        version: theirs,
         role: Role::Cli,
     });
     assert!(
-        matches!(res, Err(IpcError::VersionMismatch { ours: 1, theirs: 2 })),
+        matches!(res, Err(IpcError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: t }) if t == theirs),
         "{res:?}"
     );
     assert_eq!(
         refused_reason(reply),
-        "protocol version 2 is not supported; this bulkheadd speaks version 1"
+        format!("protocol version {theirs} is not supported; this bulkheadd speaks version {PROTOCOL_VERSION}")
     );
 }
 
@@ -107,7 +108,13 @@ fn future_hello_with_more_fields_gets_a_version_answer() {
         features: vec!["live-migration".into()],
     });
     assert!(
-        matches!(res, Err(IpcError::VersionMismatch { ours: 1, theirs: 7 })),
+        matches!(
+            res,
+            Err(IpcError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: 7
+            })
+        ),
         "{res:?}"
     );
     assert!(refused_reason(reply).contains("protocol version 7 is not supported"));
@@ -195,7 +202,10 @@ fn client_rejects_a_welcome_of_another_version() {
     t.join().expect("join");
     assert!(matches!(
         res,
-        Err(IpcError::VersionMismatch { ours: 1, theirs: 3 })
+        Err(IpcError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: 3
+        })
     ));
 }
 

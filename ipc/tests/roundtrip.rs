@@ -71,9 +71,10 @@ fn event_index(e: &RunnerEvent) -> usize {
         RunnerEvent::Console(_) => 7,
         RunnerEvent::ShutdownRequested => 8,
         RunnerEvent::DeviceReconnected { .. } => 9,
+        RunnerEvent::DeviceHung { .. } => 10,
     }
 }
-const EVENT_VARIANTS: usize = 10;
+const EVENT_VARIANTS: usize = 11;
 
 fn summary(name: &str, state: VmState) -> VmSummary {
     VmSummary {
@@ -208,6 +209,7 @@ fn commands() -> Vec<RunnerCommand> {
             disks: vec!["disk0".into()],
             nics: vec!["nic0".into()],
             cpu_template: "minimal".into(),
+            hang_timeouts_ms: vec![2000],
         }),
         RunnerCommand::Pause,
         RunnerCommand::Resume,
@@ -243,6 +245,10 @@ fn events() -> Vec<RunnerEvent> {
         RunnerEvent::ShutdownRequested,
         RunnerEvent::DeviceReconnected {
             device: "nic0".into(),
+        },
+        RunnerEvent::DeviceHung {
+            device: "disk0".into(),
+            stalled_ms: 2050,
         },
         RunnerEvent::Exited(GuestOutcome::Reset),
         RunnerEvent::Exited(GuestOutcome::DebugExit(0x31)),

@@ -1053,3 +1053,69 @@ fn create_is_reliable_on_a_busy_host() {
         failures.join("\n")
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// 11. a console client that never reads
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn console_client_that_never_reads_stalls_nothing() {
+    let name = "console_client_that_never_reads_stalls_nothing";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("deafcon", Some(&runner_uids(65300)), false);
+    // A tick every millisecond: a socket nobody reads fills within a minute.
+    d.create("chatty", "ticks=1");
+    let deaf = Channel::connect(&d.sock).expect("connect");
+    client_hello(&deaf, Role::Cli, STEP).expect("hello");
+    deaf.send(
+        &Request::Console {
+            name: "chatty".into(),
+        },
+        &[],
+    )
+    .expect("send Console");
+    // Never read from `deaf` again. bulkheadd cuts it off once its socket is full.
+    assert!(
+        wait_until(Duration::from_secs(120), || d
+            .daemon_log()
+            .contains("does not read its output; disconnecting it")),
+        "the deaf console client was never cut off\n{}",
+        d.dump()
+    );
+    // The VM's other clients and verbs are unaffected: a reading console sees new ticks,
+    // pause and unpause answer, destroy works.
+    let con = d.console("chatty");
+    assert!(
+        con.stdout.wait_for("tick", STEP),
+        "no tick on a second console\n--- stdout ---\n{}\n--- stderr ---\n{}\n{}",
+        con.stdout.text(),
+        con.stderr.text(),
+        d.dump()
+    );
+    let seen = max_tick(&con.stdout.text());
+    assert!(
+        wait_until(STEP, || max_tick(&con.stdout.text()) > seen + 100),
+        "the second console stopped moving\n{}",
+        con.stdout.text()
+    );
+    for verb in ["pause", "unpause"] {
+        let out = d.cli(&[verb, "chatty"]);
+        assert_eq!(out.code, Some(0), "{verb}\n{}\n{}", out.dump(), d.dump());
+    }
+    let out = d.cli(&["destroy", "chatty"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    // The cut-off client reads what was queued, then end-of-file.
+    let mut closed = false;
+    for _ in 0..100_000 {
+        match deaf.recv_timeout::<Reply>(STEP) {
+            Ok(_) => continue,
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the cut-off client was never closed");
+}

@@ -62,6 +62,12 @@ struct Args {
     /// MAC address offered to the guest (VIRTIO_NET_F_MAC), e.g. 52:54:00:12:34:56.
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
+    /// Whoever opened the tap already set its vnet header size and probed its offloads:
+    /// `ufo` if it takes UFO, `no-ufo` if not. The tap is then left untouched until a
+    /// frontend acknowledges features, so a standby backend on the same tap does not
+    /// disturb the one serving it.
+    #[arg(long, value_name = "UFO", requires = "tap_fd", value_parser = ["ufo", "no-ufo"])]
+    tap_probed: Option<String>,
 }
 
 /// Opens or adopts the tap, checks its flags and finds out whether it takes UFO.
@@ -77,6 +83,14 @@ fn open_tap(args: &Args) -> anyhow::Result<(Tap, bool)> {
         _ => bail!(usage("give exactly one of --tap and --tap-fd")),
     };
     let name = tap.check().map_err(|e| usage(format!("tap: {e}")))?;
+    if let Some(probed) = &args.tap_probed {
+        let ufo = probed == "ufo";
+        eprintln!(
+            "bulkhead-net: tap {name}{} (probed by its opener; left as it is)",
+            if ufo { "" } else { " (no UFO)" }
+        );
+        return Ok((tap, ufo));
+    }
     tap.set_vnet_hdr_len(HDR_LEN)
         .map_err(|e| usage(format!("tap {name}: TUNSETVNETHDRSZ: {e}")))?;
     let ufo = tap.set_offload(all_tap_offloads()).is_ok();

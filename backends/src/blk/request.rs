@@ -182,9 +182,11 @@ where
 /// The descriptors of the chain whose head is `head` in the descriptor table at
 /// `desc_table` of a ring of `queue_size` entries, read as virtio-queue's chain iterator
 /// reads them (indirect tables followed once, a loop cut off after `queue_size` steps, at
-/// most `limit` descriptors). Any fault ends the walk early, leaving the last descriptor
-/// with NEXT set, which [`process_descriptors`] reports as a broken chain. This is how a
-/// request named by the in-flight log (a head, not an avail ring slot) is read again.
+/// most `limit` descriptors, and none that would take the chain past 2^32 bytes). Any fault
+/// ends the walk early, leaving the last descriptor with NEXT set, which
+/// [`process_descriptors`] reports as a broken chain. This is how a request named by the
+/// in-flight log (a head, not an avail ring slot) is read again: it must be read exactly as
+/// it was the first time, or a resubmitted request could complete differently.
 pub fn chain_at<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
     desc_table: GuestAddress,
@@ -197,6 +199,7 @@ pub fn chain_at<M: GuestMemoryBackend + ?Sized>(
     let (mut table, mut size, mut ttl) = (desc_table, u32::from(queue_size), u32::from(queue_size));
     let mut index = head;
     let mut indirect = false;
+    let mut bytes = 0u32;
     while out.len() < limit && ttl > 0 && u32::from(index) < size {
         let Some(addr) = table.checked_add(u64::from(index) * DESC_SIZE) else {
             break;
@@ -213,6 +216,12 @@ pub fn chain_at<M: GuestMemoryBackend + ?Sized>(
             (table, size, ttl, index, indirect) = (desc.addr(), entries, entries, 0, true);
             continue;
         }
+        // virtio 1.2, 2.7.5.2: a chain is at most 2^32 bytes; the iterator stops before a
+        // descriptor that would go past that.
+        let Some(total) = bytes.checked_add(desc.len()) else {
+            break;
+        };
+        bytes = total;
         let next = desc.next();
         let more = desc.has_next();
         out.push(desc);

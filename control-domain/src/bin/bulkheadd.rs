@@ -45,6 +45,9 @@ fn main() -> ExitCode {
     }));
     // SAFETY: ignoring SIGPIPE before any thread starts; vanished clients become EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // Everything bulkheadd creates (records, logs, sockets) is its own unless it says
+    // otherwise: VM records hold command lines, logs hold guests' secrets.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = Args::parse();
     let sibling = |given: Option<PathBuf>, name: &str| -> Option<PathBuf> {
         given.or_else(|| {

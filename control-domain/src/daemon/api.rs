@@ -54,7 +54,7 @@ impl Daemon {
                 self.destroy(&*self.find(caller, &name, Action::Destroy)?)
             }
             Request::DeviceRestart { name, device } => {
-                self.device_restart(caller, &name, &device, None, Action::Pause)
+                self.device_restart(caller, &name, &device, None, Action::DeviceRestart)
             }
             Request::DeviceUpgrade {
                 name,
@@ -65,7 +65,7 @@ impl Daemon {
                 &name,
                 &device,
                 Some(PathBuf::from(binary)),
-                Action::Create,
+                Action::DeviceUpgrade,
             ),
             Request::Console { .. } | Request::ConsoleInput { .. } | Request::ConsoleDetach => {
                 Err(fail(

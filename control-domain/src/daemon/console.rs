@@ -1,13 +1,14 @@
 //! A VM's console: the ring of recent guest output (for late attachers) and the clients
 //! attached to it. Owns its lock; callers only push output, subscribe and unsubscribe.
-//! May call: the ipc channel of each subscriber (a send), nothing else.
+//! May call: the ipc channel of each subscriber (a send that never waits), nothing else.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use bulkhead_ipc::control::Reply;
-use bulkhead_ipc::Channel;
+use bulkhead_ipc::{Channel, IpcError};
 
+use super::log;
 use super::vm::lock;
 
 /// How much console output is kept for late attachers.
@@ -26,8 +27,9 @@ struct Inner {
 }
 
 impl ConsoleRing {
-    /// Keeps guest output and sends it to every subscriber; one whose socket fails has gone
-    /// and is dropped.
+    /// Keeps guest output and sends it to every subscriber without waiting: one whose
+    /// socket fails has gone, and one that does not read (its socket is full) is cut off, so
+    /// no client can stall the VM's event thread.
     pub fn push(&self, data: &[u8]) {
         let mut c = lock(&self.inner);
         c.ring.extend(data);
@@ -36,7 +38,18 @@ impl ConsoleRing {
         let reply = Reply::ConsoleOutput {
             data: data.to_vec(),
         };
-        c.subscribers.retain(|(_, ch)| ch.send(&reply, &[]).is_ok());
+        c.subscribers
+            .retain(|(id, ch)| match ch.try_send(&reply, &[]) {
+                Ok(()) => true,
+                Err(IpcError::WouldBlock) => {
+                    log(&format!(
+                        "console client {id} does not read its output; disconnecting it"
+                    ));
+                    let _ = ch.shutdown();
+                    false
+                }
+                Err(_) => false,
+            });
     }
 
     /// Adds subscriber `id`; returns the buffered history.
@@ -56,7 +69,7 @@ impl ConsoleRing {
         let subscribers = std::mem::take(&mut lock(&self.inner).subscribers);
         let closed = Reply::ConsoleClosed { reason };
         for (_, ch) in subscribers {
-            let _ = ch.send(&closed, &[]);
+            let _ = ch.try_send(&closed, &[]);
         }
     }
 }

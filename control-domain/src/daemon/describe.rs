@@ -102,6 +102,13 @@ fn backend_words(b: &BackendRecord) -> String {
     }
     if let Some(f) = &b.failed {
         s.push_str(&format!(", FAILED: {f}"));
+        if let Some(at) = b.next_attempt_unix {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            s.push_str(&format!(", next attempt in {} s", at.saturating_sub(now)));
+        }
     }
     if let Some(f) = &b.stopped {
         s.push_str(&format!(", STOPPED: {f}"));

@@ -83,6 +83,36 @@ pub fn open_tap(name: &str, bridge: &str) -> Result<File, String> {
     Ok(tun)
 }
 
+/// Sets `tap`'s vnet header size (12 bytes, virtio 1.x) and finds out whether it takes
+/// UFO; leaves its offloads off. Done once, here, so that a backend (or its standby) never
+/// has to touch the tap before a guest's features are known.
+pub fn probe_tap(tap: &File) -> Result<bool, String> {
+    let fd = tap.as_raw_fd();
+    let hdr: libc::c_int = 12;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer we pass, on a tap fd.
+    if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &hdr as *const libc::c_int) } < 0 {
+        return Err(format!(
+            "TUNSETVNETHDRSZ: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let all = libc::TUN_F_CSUM
+        | libc::TUN_F_TSO4
+        | libc::TUN_F_TSO6
+        | libc::TUN_F_TSO_ECN
+        | libc::TUN_F_UFO;
+    // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+    let ufo = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(all)) } == 0;
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        return Err(format!(
+            "TUNSETOFFLOAD: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(ufo)
+}
+
 /// A stable MAC for NIC `index` of VM `id` (locally administered, QEMU's 52:54:00 prefix).
 pub fn default_mac(id: u32, index: usize) -> String {
     format!(

@@ -132,6 +132,27 @@ pub enum Action {
     Shutdown,
     /// Destroy it.
     Destroy,
+    /// Restart a device's backend (`device-restart`): its owner or an administrator.
+    DeviceRestart,
+    /// Move a device to another backend binary (`device-upgrade`): administrators only,
+    /// since it names a program that `bulkheadd` runs.
+    DeviceUpgrade,
+}
+
+impl Action {
+    /// The verb, as refusals name it.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::View => "view",
+            Action::Console => "console",
+            Action::Pause => "pause",
+            Action::Shutdown => "shutdown",
+            Action::Destroy => "destroy",
+            Action::DeviceRestart => "device-restart",
+            Action::DeviceUpgrade => "device-upgrade",
+        }
+    }
 }
 
 /// The caller, from `SO_PEERCRED` plus its supplementary groups.
@@ -144,18 +165,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Builds the caller from peer credentials, reading supplementary groups from /proc.
-    pub fn from_peer(pid: i32, uid: u32, gid: u32) -> Self {
+    /// The caller with primary group `gid` and supplementary `groups` (from the socket:
+    /// `SO_PEERCRED` and `SO_PEERGROUPS`).
+    pub fn from_peer(uid: u32, gid: u32, groups: &[u32]) -> Self {
         let mut gids = vec![gid];
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
-                gids.extend(
-                    line[7..]
-                        .split_whitespace()
-                        .filter_map(|g| g.parse::<u32>().ok()),
-                );
-            }
-        }
+        gids.extend(groups.iter().copied().filter(|g| *g != gid));
         Self { uid, gids }
     }
 }
@@ -281,10 +295,15 @@ impl DomainPolicy {
                 "denied by rule 'admins': only administrators may create VMs, and uid {} is not one",
                 caller.uid
             )),
+            (Action::DeviceUpgrade, _) => Err(format!(
+                "denied by rule 'device-upgrade': only administrators may move a device to another backend binary, and uid {} is not one",
+                caller.uid
+            )),
             (_, Some((_, owner))) if owner == caller.uid => Ok(()),
             (_, Some((name, _))) => Err(format!(
-                "denied by rule 'owner': uid {} does not own VM '{name}' and is not an administrator",
-                caller.uid
+                "denied by rule 'owner': uid {} may not {} VM '{name}': it does not own it and is not an administrator",
+                caller.uid,
+                action.verb()
             )),
             (_, None) => Ok(()),
         }
@@ -390,6 +409,28 @@ mod tests {
             .authorize(&caller(1000), Action::Console, Some(("b", 1001)))
             .unwrap_err();
         assert!(e.contains("rule 'owner'") && e.contains("'b'"), "{e}");
+    }
+
+    #[test]
+    fn device_verbs_have_rules_of_their_own() {
+        let p = DomainPolicy::parse("[admins]\nuids = [0]\n").expect("parse");
+        let mine = Some(("a", 1000));
+        assert!(p
+            .authorize(&caller(1000), Action::DeviceRestart, mine)
+            .is_ok());
+        let e = p
+            .authorize(&caller(1001), Action::DeviceRestart, mine)
+            .unwrap_err();
+        assert!(
+            e.contains("rule 'owner'") && e.contains("device-restart"),
+            "{e}"
+        );
+        // An owner may not pick a program for bulkheadd to run.
+        let e = p
+            .authorize(&caller(1000), Action::DeviceUpgrade, mine)
+            .unwrap_err();
+        assert!(e.contains("rule 'device-upgrade'"), "{e}");
+        assert!(p.authorize(&caller(0), Action::DeviceUpgrade, mine).is_ok());
     }
 
     #[test]

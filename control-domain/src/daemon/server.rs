@@ -16,13 +16,19 @@ use super::policy::{Action, Caller};
 use super::vm::VmEntry;
 use super::{fail, log, Daemon, Failure};
 
+/// How much console output may wait in a client's socket before the client is taken for
+/// one that does not read and is cut off.
+const CONSOLE_SEND_BUFFER: usize = 1 << 20;
+
 impl Daemon {
     /// Serves clients on the socket forever.
     pub fn serve(self: &Arc<Self>) -> anyhow::Result<()> {
         use anyhow::Context;
         use std::os::unix::fs::PermissionsExt;
-        if let Some(dir) = self.cfg.socket.parent() {
+        if let Some(dir) = self.cfg.socket.parent().filter(|d| !d.exists()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Every user may reach the socket (the umask made the directory root's only).
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
         }
         let listener = Listener::bind(&self.cfg.socket)
             .with_context(|| format!("listening on {}", self.cfg.socket.display()))?;
@@ -51,8 +57,11 @@ impl Daemon {
             log(&format!("client refused: {e}"));
             return;
         }
-        let caller = match ch.peer_credentials() {
-            Ok(c) => Caller::from_peer(c.pid, c.uid, c.gid),
+        let caller = match ch
+            .peer_credentials()
+            .and_then(|c| Ok((c, ch.peer_groups()?)))
+        {
+            Ok((c, groups)) => Caller::from_peer(c.uid, c.gid, &groups),
             Err(e) => {
                 log(&format!("no peer credentials: {e}"));
                 return;
@@ -146,6 +155,9 @@ impl Daemon {
         let sender = ch
             .try_clone()
             .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        // Room for a few seconds of a chatty guest's output, so a client that is merely
+        // slow for a moment (a loaded host) is not taken for one that does not read.
+        let _ = sender.set_send_buffer(CONSOLE_SEND_BUFFER);
         let history = vm.console.subscribe(client_id, sender);
         Ok((vm, history))
     }

@@ -18,7 +18,13 @@ pub struct Sandbox {
     pub max_threads: u64,
     /// Host name inside its UTS namespace.
     pub hostname: String,
+    /// Largest file it may write (RLIMIT_FSIZE): its log, and for a disk backend its image,
+    /// whose size the control domain fixed when it opened it.
+    pub max_file_size: u64,
 }
+
+/// What RLIMIT_FSIZE allows a process that writes only its log.
+pub const LOG_FILE_LIMIT: u64 = 64 << 20;
 
 /// Who and what a runner becomes.
 #[derive(Debug, Clone)]
@@ -74,6 +80,7 @@ pub fn spawn_runner(
         uid: sb.uid,
         max_threads: u64::from(sb.vcpus) + 64,
         hostname: sb.hostname.clone(),
+        max_file_size: LOG_FILE_LIMIT,
     };
     spawn_sandboxed(runner, &args, vec![listener], log, &sandbox)
 }
@@ -114,6 +121,7 @@ pub fn spawn_sandboxed(
     let hostname = sandbox.hostname.as_bytes().to_vec();
     let uid = sandbox.uid;
     let threads = sandbox.max_threads;
+    let max_file_size = sandbox.max_file_size;
     let root = cstr(b"/")?;
     let mut stack = vec![0u8; 256 * 1024];
 
@@ -158,7 +166,7 @@ pub fn spawn_sandboxed(
                 (libc::RLIMIT_NOFILE, 256),
                 (libc::RLIMIT_NPROC, threads),
                 (libc::RLIMIT_CORE, 0),
-                (libc::RLIMIT_FSIZE, 64 << 20),
+                (libc::RLIMIT_FSIZE, max_file_size),
                 (libc::RLIMIT_MEMLOCK, 64 << 10),
             ];
             for (res, v) in limits {
@@ -318,4 +326,27 @@ pub fn pidfd_kill(pidfd: &OwnedFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A copy of descriptor `fd` of the process behind `pidfd` (a re-adopted backend's image
+/// or tap, so it is never reopened by path).
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall on a pidfd we own; on success the return value is a new fd
+    // (close-on-exec) that we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0u32) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `r` was just returned by pidfd_getfd and is owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable then).
+pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    use std::os::fd::AsFd;
+    let mut pfd = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
 }

@@ -61,6 +61,9 @@ pub struct BackendRecord {
     /// The standby backend waiting to take over, if one is ready.
     #[serde(default)]
     pub standby_pid: Option<i32>,
+    /// When a failed device is tried again (seconds since the epoch).
+    #[serde(default)]
+    pub next_attempt_unix: Option<u64>,
 }
 
 /// The state directory.
@@ -70,7 +73,9 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Creates the layout under `root` (mode 0700 for the root itself).
+    /// Creates the layout under `root`: records, sockets and logs readable by root only
+    /// (dirs 0700, files 0600, also for a state dir an older bulkheadd left readable), the
+    /// root itself 0711 and the sandboxes' empty root 0555.
     pub fn open(root: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         for sub in ["vms", "run", "logs", "root"] {
@@ -78,6 +83,15 @@ impl StateDir {
         }
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
         std::fs::set_permissions(root.join("root"), std::fs::Permissions::from_mode(0o555))?;
+        for sub in ["vms", "run", "logs"] {
+            let dir = root.join(sub);
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            for entry in std::fs::read_dir(&dir)?.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+                }
+            }
+        }
         Ok(Self {
             root: root.to_path_buf(),
         })

@@ -9,13 +9,19 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::control::{StopReason, VmState};
-use bulkhead_ipc::runner::{GuestOutcome, RunnerCommand, RunnerEvent};
+use bulkhead_ipc::runner::{
+    GuestOutcome, RunnerCommand, RunnerEvent, RunnerMessage, RunnerRequest,
+};
 use bulkhead_ipc::{Channel, IpcError};
 use crossbeam_channel::Sender;
 
 use super::console::ConsoleRing;
 use super::state::{BackendRecord, StateDir, VmRecord};
 use super::supervisor::DeviceTable;
+
+/// Called with a device's name and how long its backend made no progress, when the runner
+/// reports it hung (set by the supervisor).
+pub type HangHandler = Arc<dyn Fn(&VmEntry, &str, u64) + Send + Sync>;
 
 /// A VM known to `bulkheadd`.
 pub struct VmEntry {
@@ -28,9 +34,9 @@ pub struct VmEntry {
     /// Sending side of the runner's control channel.
     ctl: Mutex<Option<Channel>>,
     /// Serializes commands that wait for an answer.
-    cmd_lock: Mutex<()>,
+    next_id: std::sync::atomic::AtomicU64,
     /// Where the supervisor forwards answers while a command waits.
-    waiter: Mutex<Option<Sender<RunnerEvent>>>,
+    waiters: Mutex<std::collections::HashMap<u64, Sender<RunnerEvent>>>,
     /// pidfd of the runner (for kill without pid reuse races).
     pidfd: Mutex<Option<OwnedFd>>,
     /// pidfds of the device backends, killed when the VM stops.
@@ -45,6 +51,8 @@ pub struct VmEntry {
     pub devices: DeviceTable,
     /// The runner's report of how the guest ended.
     outcome: Mutex<Option<GuestOutcome>>,
+    /// Who hears of a hung device backend.
+    hang_handler: Mutex<Option<HangHandler>>,
     /// Signalled when the VM has stopped.
     stopped: (Mutex<bool>, Condvar),
     state_dir: StateDir,
@@ -71,8 +79,8 @@ impl VmEntry {
             record: Mutex::new(record),
             console: ConsoleRing::default(),
             ctl: Mutex::new(None),
-            cmd_lock: Mutex::new(()),
-            waiter: Mutex::new(None),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            waiters: Mutex::new(std::collections::HashMap::new()),
             pidfd: Mutex::new(None),
             backend_pidfds: Mutex::new(Vec::new()),
             spawned_here,
@@ -80,6 +88,7 @@ impl VmEntry {
             ending: std::sync::atomic::AtomicBool::new(false),
             devices: DeviceTable::default(),
             outcome: Mutex::new(None),
+            hang_handler: Mutex::new(None),
             stopped: (Mutex::new(stopped), Condvar::new()),
             state_dir,
         })
@@ -171,6 +180,11 @@ impl VmEntry {
         Ok(())
     }
 
+    /// Sets who hears of a hung device backend.
+    pub fn set_hang_handler(&self, handler: HangHandler) {
+        *lock(&self.hang_handler) = Some(handler);
+    }
+
     /// Guest output that arrived outside the supervisor (during boot).
     pub fn console_output(&self, data: &[u8]) {
         self.console.push(data);
@@ -190,24 +204,29 @@ impl VmEntry {
     pub fn is_ending(&self) -> bool {
         self.ending.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
 
-    /// Sends a command with descriptors and waits for the runner's answer.
+/// The runner link: commands and answers, and the VM's end.
+impl VmEntry {
+    /// A fresh request id (never 0, which asks for no answer).
+    pub fn request_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends a command with descriptors and waits for the runner's answer to it (matched by
+    /// id: other commands may be answered meanwhile, in any order, and an answer that comes
+    /// after `timeout` is dropped, never taken for another command's).
     pub fn request_with_fds(
         &self,
         cmd: &RunnerCommand,
         fds: &[std::os::fd::BorrowedFd<'_>],
         timeout: Duration,
     ) -> Result<RunnerEvent, String> {
-        let _one_at_a_time = lock(&self.cmd_lock);
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        *lock(&self.waiter) = Some(tx);
-        let sent = match lock(&self.ctl).as_ref() {
-            Some(ch) => ch
-                .send(cmd, fds)
-                .map_err(|e| format!("runner of '{}' is unreachable: {e}", self.name)),
-            None => Err(format!("VM '{}' has no runner", self.name)),
-        };
-        let answer = sent.and_then(|()| {
+        let id = self.request_id();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        lock(&self.waiters).insert(id, tx);
+        let answer = self.send_request(id, cmd, fds).and_then(|()| {
             rx.recv_timeout(timeout).map_err(|_| {
                 format!(
                     "runner of '{}' did not answer within {timeout:?}",
@@ -215,8 +234,26 @@ impl VmEntry {
                 )
             })
         });
-        *lock(&self.waiter) = None;
+        lock(&self.waiters).remove(&id);
         answer
+    }
+
+    fn send_request(
+        &self,
+        id: u64,
+        cmd: &RunnerCommand,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), String> {
+        let request = RunnerRequest {
+            id,
+            command: cmd.clone(),
+        };
+        match lock(&self.ctl).as_ref() {
+            Some(ch) => ch
+                .send(&request, fds)
+                .map_err(|e| format!("runner of '{}' is unreachable: {e}", self.name)),
+            None => Err(format!("VM '{}' has no runner", self.name)),
+        }
     }
 
     /// Kills and reaps the device backends.
@@ -238,32 +275,14 @@ impl VmEntry {
         }
     }
 
-    /// Sends a command without waiting.
+    /// Sends a command that gets no answer (console input).
     pub fn send(&self, cmd: &RunnerCommand) -> Result<(), String> {
-        match lock(&self.ctl).as_ref() {
-            Some(ch) => ch
-                .send(cmd, &[])
-                .map_err(|e| format!("runner of '{}' is unreachable: {e}", self.name)),
-            None => Err(format!("VM '{}' has no runner", self.name)),
-        }
+        self.send_request(0, cmd, &[])
     }
 
-    /// Sends a command and waits for the runner's answer.
+    /// Sends a command and waits for the runner's answer to it.
     pub fn request(&self, cmd: &RunnerCommand, timeout: Duration) -> Result<RunnerEvent, String> {
-        let _one_at_a_time = lock(&self.cmd_lock);
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        *lock(&self.waiter) = Some(tx);
-        let sent = self.send(cmd);
-        let answer = sent.and_then(|()| {
-            rx.recv_timeout(timeout).map_err(|_| {
-                format!(
-                    "runner of '{}' did not answer within {timeout:?}",
-                    self.name
-                )
-            })
-        });
-        *lock(&self.waiter) = None;
-        answer
+        self.request_with_fds(cmd, &[], timeout)
     }
 
     /// Waits until the VM has stopped, up to `timeout`. True if it has.
@@ -312,12 +331,32 @@ impl VmEntry {
 
     fn supervise(self: Arc<Self>, reader: Channel) {
         loop {
-            match reader.recv::<RunnerEvent>() {
-                Ok((RunnerEvent::Console(data), _)) => self.console.push(&data),
-                Ok((RunnerEvent::Exited(o), _)) => *lock(&self.outcome) = Some(o),
-                Ok((event, _)) => {
-                    if let Some(w) = lock(&self.waiter).as_ref() {
-                        let _ = w.try_send(event);
+            match reader.recv::<RunnerMessage>() {
+                Ok((RunnerMessage::Event(RunnerEvent::Console(data)), _)) => {
+                    self.console.push(&data)
+                }
+                Ok((RunnerMessage::Event(RunnerEvent::Exited(o)), _)) => {
+                    *lock(&self.outcome) = Some(o)
+                }
+                Ok((RunnerMessage::Event(RunnerEvent::DeviceHung { device, stalled_ms }), _)) => {
+                    let handler = lock(&self.hang_handler).clone();
+                    if let Some(h) = handler {
+                        h(&self, &device, stalled_ms);
+                    }
+                }
+                Ok((RunnerMessage::Event(_), _)) => {}
+                Ok((RunnerMessage::Answer { id, event }, _)) => {
+                    let waiter = lock(&self.waiters).remove(&id);
+                    match waiter {
+                        Some(w) => {
+                            let _ = w.try_send(event);
+                        }
+                        // Id 0 asked for no answer (a re-adoption's Status).
+                        None if id == 0 => {}
+                        None => eprintln!(
+                            "bulkheadd: VM '{}': late answer to request {id} dropped: {event:?}",
+                            self.name
+                        ),
                     }
                 }
                 Err(IpcError::Closed) => break,

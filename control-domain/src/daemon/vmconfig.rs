@@ -57,6 +57,12 @@ impl std::fmt::Display for RestartMode {
     }
 }
 
+/// Default `hang_timeout_ms`: how long a backend may hold requests with no completion
+/// before it is declared hung and replaced.
+pub const DEFAULT_HANG_TIMEOUT_MS: u32 = 2000;
+/// Default `retry_failed_secs`: how long a device marked failed waits for its next try.
+pub const DEFAULT_RETRY_FAILED_SECS: u32 = 30;
+
 /// Default `restart_limit`: unplanned restarts per minute before a device is marked failed.
 pub const DEFAULT_RESTART_LIMIT: u32 = 120;
 
@@ -66,8 +72,12 @@ pub struct RestartPolicy {
     /// When to restart.
     pub mode: RestartMode,
     /// Most unplanned restarts within any minute (0: no limit); one more marks the device
-    /// failed. Backends that crash at once are also backed off and failed after a few tries.
+    /// failed. Backends that crash at start are also backed off and failed after a few tries.
     pub per_minute: u32,
+    /// A backend that holds requests with no completion this long is hung (0: not watched).
+    pub hang_timeout_ms: u32,
+    /// A device marked failed is tried again after this long (0: only on request).
+    pub retry_failed_secs: u32,
 }
 
 impl std::fmt::Display for RestartPolicy {
@@ -101,6 +111,13 @@ pub struct DiskConfig {
     /// Most unplanned restarts per minute (default 120; 0: no limit).
     #[serde(default)]
     pub restart_limit: Option<u32>,
+    /// How long the backend may hold requests with no completion before it is declared
+    /// hung, killed and replaced (default 2000; 0: not watched).
+    #[serde(default)]
+    pub hang_timeout_ms: Option<u32>,
+    /// Seconds until a device marked failed is tried again (default 30; 0: only on request).
+    #[serde(default)]
+    pub retry_failed_secs: Option<u32>,
     /// Host caching of the image (QEMU's words): `writeback` (the default, through the
     /// host page cache) or `none` (O_DIRECT). FLUSH makes completed writes durable in both.
     #[serde(default)]
@@ -134,6 +151,8 @@ impl DiskConfig {
         RestartPolicy {
             mode: self.restart,
             per_minute: self.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT),
+            hang_timeout_ms: self.hang_timeout_ms.unwrap_or(DEFAULT_HANG_TIMEOUT_MS),
+            retry_failed_secs: self.retry_failed_secs.unwrap_or(DEFAULT_RETRY_FAILED_SECS),
         }
     }
 }
@@ -153,6 +172,13 @@ pub struct NicConfig {
     /// Most unplanned restarts per minute (default 120; 0: no limit).
     #[serde(default)]
     pub restart_limit: Option<u32>,
+    /// How long the backend may hold requests with no completion before it is declared
+    /// hung, killed and replaced (default 2000; 0: not watched).
+    #[serde(default)]
+    pub hang_timeout_ms: Option<u32>,
+    /// Seconds until a device marked failed is tried again (default 30; 0: only on request).
+    #[serde(default)]
+    pub retry_failed_secs: Option<u32>,
 }
 
 impl NicConfig {
@@ -161,6 +187,8 @@ impl NicConfig {
         RestartPolicy {
             mode: self.restart,
             per_minute: self.restart_limit.unwrap_or(DEFAULT_RESTART_LIMIT),
+            hang_timeout_ms: self.hang_timeout_ms.unwrap_or(DEFAULT_HANG_TIMEOUT_MS),
+            retry_failed_secs: self.retry_failed_secs.unwrap_or(DEFAULT_RETRY_FAILED_SECS),
         }
     }
 }

@@ -876,6 +876,19 @@ fn parse_opts(cmdline: &str) -> Opts {
 }
 
 /// Runs the `pci` / `blk*` tokens. Returns true if a (non-hostile-case) request failed.
+struct FirstDisk(core::cell::UnsafeCell<Option<VirtioPci>>);
+// SAFETY: the guest's drivers run on the BSP only.
+unsafe impl Sync for FirstDisk {}
+static FIRST_DISK: FirstDisk = FirstDisk(core::cell::UnsafeCell::new(None));
+
+/// Reads the first disk's device status register (an MMIO read that the VMM answers), for
+/// `ticks-touch-blk`: None without a disk.
+pub fn touch_registers() -> Option<u8> {
+    // SAFETY: single-threaded use (BSP only); `run` has finished writing it.
+    let pci = unsafe { *FIRST_DISK.0.get() }?;
+    Some(crate::virtio::Transport { pci }.status())
+}
+
 pub fn run(si: &StartInfo, cmdline: &str) -> bool {
     let o = parse_opts(cmdline);
     if !o.any && !o.pci {
@@ -895,6 +908,10 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
                 ndevs += 1;
             }
         }
+    }
+    if ndevs > 0 {
+        // SAFETY: single-threaded use (BSP only); nothing else holds a reference.
+        unsafe { *FIRST_DISK.0.get() = Some(devs[0]) };
     }
 
     // DMA memory: from the image end rounded up to 2 MiB (the checksum fill region is

@@ -38,6 +38,8 @@ const BLK_FAILED_EXIT: u8 = 4;
 struct Options {
     echo: bool,
     ticks_ms: Option<u64>,
+    /// Each tick also reads the first disk's status register (`ticks-touch-blk`).
+    touch_blk: bool,
     fault: Option<Fault>,
     exit: u8,
     reboot: bool,
@@ -56,6 +58,7 @@ fn parse_options(cmdline: &str) -> Options {
     let mut o = Options {
         echo: false,
         ticks_ms: None,
+        touch_blk: false,
         fault: None,
         exit: 0,
         reboot: false,
@@ -64,6 +67,7 @@ fn parse_options(cmdline: &str) -> Options {
     for tok in cmdline.split_ascii_whitespace() {
         match tok {
             "echo" => o.echo = true,
+            "ticks-touch-blk" => o.touch_blk = true,
             "reboot" => o.reboot = true,
             "fault=triple" => o.fault = Some(Fault::Triple),
             "fault=unemulated" => o.fault = Some(Fault::Unemulated),
@@ -210,7 +214,7 @@ fn echo() {
 
 /// Ticks mode: prints `tick <n>` every `ms` milliseconds (TSC time) forever; polls the
 /// shutdown port and echoes console input about once per millisecond in between.
-fn ticks(ms: u64) -> ! {
+fn ticks(ms: u64, touch_blk: bool) -> ! {
     let (khz, source) = tsc::khz();
     println!("tsc: {} kHz ({})", khz, source.name());
     let period = ms.saturating_mul(khz).max(1);
@@ -226,6 +230,9 @@ fn ticks(ms: u64) -> ! {
             if mid_line {
                 serial::write_raw(b"\n");
                 mid_line = false;
+            }
+            if touch_blk {
+                blk::touch_registers();
             }
             println!("tick {}", n);
             next_tick = next_tick.saturating_add(period);
@@ -311,7 +318,7 @@ fn main(start_info_paddr: u64) -> ! {
         echo();
     }
     if let Some(ms) = opts.ticks_ms {
-        ticks(ms);
+        ticks(ms, opts.touch_blk);
     }
     match opts.fault {
         Some(Fault::Triple) => {

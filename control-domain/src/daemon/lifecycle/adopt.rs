@@ -1,11 +1,14 @@
 //! Re-adoption: when `bulkheadd` starts, the VMs in the state dir whose runners still run
-//! are reconnected; the others are recorded as crashed.
+//! are reconnected, with every guarantee they had: each device's backend is supervised
+//! again (one that died while `bulkheadd` was down is restarted at once) and gets a new
+//! standby. VMs whose runners are gone are recorded as crashed.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bulkhead_ipc::control::{StopReason, VmState};
 use bulkhead_ipc::hello::{client_hello, Role};
-use bulkhead_ipc::runner::RunnerCommand;
+use bulkhead_ipc::runner::{RunnerCommand, RunnerRequest};
 use bulkhead_ipc::Channel;
 
 use crate::daemon::spawn;
@@ -60,9 +63,66 @@ impl Daemon {
                 vm.add_backend(fd);
             }
         }
-        ch.send(&RunnerCommand::Status, &[])
-            .map_err(|e| gone(e.to_string()))?;
+        let status = RunnerRequest {
+            id: 0,
+            command: RunnerCommand::Status,
+        };
+        ch.send(&status, &[]).map_err(|e| gone(e.to_string()))?;
         // The answer (or an Exited report, if the guest ended meanwhile) reaches the supervisor.
-        vm.attach(ch, pidfd).map_err(|e| e.to_string())
+        vm.attach(ch, pidfd).map_err(|e| e.to_string())?;
+        self.adopt_devices(vm);
+        Ok(())
+    }
+
+    /// Rebuilds the supervision of `vm`'s devices from its record.
+    fn adopt_devices(&self, vm: &std::sync::Arc<VmEntry>) {
+        let (disks, nics) = vm.read(|r| (r.spec.disks.len(), r.spec.nics.len()));
+        let devices = (0..disks)
+            .map(|i| (format!("disk{i}"), i, true))
+            .chain((0..nics).map(|i| (format!("nic{i}"), i, false)));
+        for (device, index, is_disk) in devices {
+            let Some(b) = vm.backend(&device) else {
+                continue;
+            };
+            let pidfd = spawn::pidfd_open(b.pid).ok();
+            let alive = pidfd.as_ref().is_some_and(|fd| !spawn::pidfd_exited(fd));
+            // The backend's own image or tap (its fd 4), so nothing is reopened by path;
+            // one that is gone took its tap with it, and a new one is made.
+            let kept = pidfd
+                .as_ref()
+                .filter(|_| alive)
+                .and_then(|fd| spawn::pidfd_getfd(fd, 4).ok());
+            let launch = if is_disk {
+                self.disk_launch_with(vm, index, b.uid, kept)
+            } else {
+                // What its opener found the tap takes, from the live backend's arguments.
+                let ufo = std::fs::read(format!("/proc/{}/cmdline", b.pid))
+                    .is_ok_and(|c| c.split(|&x| x == 0).any(|a| a == b"ufo"));
+                self.nic_launch_with(vm, index, b.uid, kept.map(|fd| (fd, ufo)))
+            };
+            match launch {
+                Ok(mut launch) => {
+                    launch.binary = PathBuf::from(&b.binary);
+                    log(&format!(
+                        "VM '{}': {device}: {}",
+                        vm.name,
+                        if alive {
+                            format!("backend pid {} supervised again", b.pid)
+                        } else {
+                            format!(
+                                "backend pid {} ended while bulkheadd was down; restarting it",
+                                b.pid
+                            )
+                        }
+                    ));
+                    self.supervisor
+                        .adopt_device(vm, &device, launch, alive.then_some(b.pid));
+                }
+                Err(e) => log(&format!(
+                    "VM '{}': {device}: cannot supervise its backend again: {e}",
+                    vm.name
+                )),
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bulkhead_ipc::control::VmState;
 use bulkhead_ipc::hello::{client_hello, Role};
-use bulkhead_ipc::runner::{BootSpec, RunnerCommand, RunnerEvent};
+use bulkhead_ipc::runner::{BootSpec, RunnerCommand, RunnerEvent, RunnerMessage, RunnerRequest};
 use bulkhead_ipc::{Channel, Listener};
 
 use crate::daemon::spawn::{self, RunnerSandbox};
@@ -24,44 +24,61 @@ impl Daemon {
     pub(super) fn start(&self, vm: &Arc<VmEntry>, backend_uids: &[u32]) -> Result<String, String> {
         let (disk_count, nic_count) = vm.read(|r| (r.spec.disks.len(), r.spec.nics.len()));
         let mut uids = backend_uids.iter().copied();
+        let mut uid = || uids.next().ok_or("no uid for a device backend");
         let mut disk_socks = Vec::new();
         for i in 0..disk_count {
-            let uid = uids.next().ok_or("no uid for a disk backend")?;
-            let launch = self.disk_launch(vm, i, uid)?;
+            let launch = self.disk_launch(vm, i, uid()?)?;
             disk_socks.push(
                 self.supervisor
                     .start_device(vm, &format!("disk{i}"), launch)?,
             );
         }
-        let mut nic_socks = Vec::new();
-        for i in 0..nic_count {
-            let uid = uids.next().ok_or("no uid for a NIC backend")?;
-            let launch = self.nic_launch(vm, i, uid)?;
-            nic_socks.push(
-                self.supervisor
-                    .start_device(vm, &format!("nic{i}"), launch)?,
-            );
-        }
+        let nic_socks = (0..nic_count)
+            .map(|i| {
+                let launch = self.nic_launch(vm, i, uid()?)?;
+                self.supervisor.start_device(vm, &format!("nic{i}"), launch)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let (ch, pidfd) = self.spawn_runner(vm)?;
         let detail = self.boot(vm, &ch, &disk_socks, &nic_socks)?;
         vm.set_state(VmState::Running);
+        self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
-        // Each disk gets a standby backend, started in the background once the guest runs.
-        for i in 0..disk_count {
-            self.supervisor.keep_standby(vm, &format!("disk{i}"));
+        // Each device gets a standby backend, started in the background once the guest runs.
+        let devices = (0..disk_count)
+            .map(|i| format!("disk{i}"))
+            .chain((0..nic_count).map(|i| format!("nic{i}")));
+        for device in devices {
+            self.supervisor.keep_standby(vm, &device);
         }
         Ok(detail)
     }
 
     /// Disk `index`'s backend: `bulkhead-blk` holding only the opened image.
     fn disk_launch(&self, vm: &VmEntry, index: usize, uid: u32) -> Result<BackendLaunch, String> {
+        self.disk_launch_with(vm, index, uid, None)
+    }
+
+    /// [`Self::disk_launch`] with the image already open (`image`), or opened here.
+    pub(super) fn disk_launch_with(
+        &self,
+        vm: &VmEntry,
+        index: usize,
+        uid: u32,
+        image: Option<OwnedFd>,
+    ) -> Result<BackendLaunch, String> {
         let disk = vm.read(|r| r.spec.disks[index].clone());
-        let image = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!disk.readonly)
-            .open(&disk.path)
-            .map_err(|e| format!("disk{index} image {}: {e}", disk.path.display()))?;
+        let image = match image {
+            Some(fd) => fd,
+            None => OwnedFd::from(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!disk.readonly)
+                    .open(&disk.path)
+                    .map_err(|e| format!("disk{index} image {}: {e}", disk.path.display()))?,
+            ),
+        };
         let mut args: Vec<String> = vec!["--image-fd".into(), "4".into()];
         if disk.readonly {
             args.push("--readonly".into());
@@ -77,7 +94,7 @@ impl Daemon {
         Ok(BackendLaunch {
             binary: self.cfg.blk.clone(),
             args,
-            resource: OwnedFd::from(image),
+            resource: image,
             uid,
             policy: disk.restart_policy(),
         })
@@ -86,26 +103,53 @@ impl Daemon {
     /// NIC `index`'s backend: its tap, created here on its network's bridge, and
     /// `bulkhead-net` holding only that tap.
     fn nic_launch(&self, vm: &VmEntry, index: usize, uid: u32) -> Result<BackendLaunch, String> {
+        self.nic_launch_with(vm, index, uid, None)
+    }
+
+    /// [`Self::nic_launch`] with the tap already open and probed (`tap`, and whether it
+    /// takes UFO), or created and probed here.
+    pub(super) fn nic_launch_with(
+        &self,
+        vm: &VmEntry,
+        index: usize,
+        uid: u32,
+        tap: Option<(OwnedFd, bool)>,
+    ) -> Result<BackendLaunch, String> {
         let (nic, id) = vm.read(|r| (r.spec.nics[index].clone(), r.id));
         let device = format!("nic{index}");
-        let net = self.policy.check_network(&vm.name, &nic.network)?;
-        network::ensure_bridge(&net.bridge, net.address.as_deref())
-            .map_err(|e| format!("{device}: {e}"))?;
-        let tap_name = format!("bh{id}n{index}");
-        let tap =
-            network::open_tap(&tap_name, &net.bridge).map_err(|e| format!("{device}: {e}"))?;
-        log(&format!(
-            "VM '{}': {device} is tap {tap_name} on bridge {}",
-            vm.name, net.bridge
-        ));
+        let (tap, ufo) = match tap {
+            Some(t) => t,
+            None => {
+                let net = self.policy.check_network(&vm.name, &nic.network)?;
+                network::ensure_bridge(&net.bridge, net.address.as_deref())
+                    .map_err(|e| format!("{device}: {e}"))?;
+                let tap_name = format!("bh{id}n{index}");
+                let tap = network::open_tap(&tap_name, &net.bridge)
+                    .map_err(|e| format!("{device}: {e}"))?;
+                log(&format!(
+                    "VM '{}': {device} is tap {tap_name} on bridge {}",
+                    vm.name, net.bridge
+                ));
+                // Probed once, here: its backends (a standby too) leave it as it is.
+                let ufo = network::probe_tap(&tap).map_err(|e| format!("{device}: {e}"))?;
+                (OwnedFd::from(tap), ufo)
+            }
+        };
         let mac = nic
             .mac
             .clone()
             .unwrap_or_else(|| network::default_mac(id, index));
         Ok(BackendLaunch {
             binary: self.cfg.net.clone(),
-            args: vec!["--tap-fd".into(), "4".into(), "--mac".into(), mac],
-            resource: OwnedFd::from(tap),
+            args: vec![
+                "--tap-fd".into(),
+                "4".into(),
+                "--mac".into(),
+                mac,
+                "--tap-probed".into(),
+                if ufo { "ufo" } else { "no-ufo" }.into(),
+            ],
+            resource: tap,
             uid,
             policy: nic.restart_policy(),
         })
@@ -114,7 +158,7 @@ impl Daemon {
     /// Spawns the VM's runner in its sandbox, waits for its hello and seals its root;
     /// returns its control channel and its pidfd.
     fn spawn_runner(&self, vm: &VmEntry) -> Result<(Channel, Option<OwnedFd>), String> {
-        let (uid, vcpus) = vm.read(|r| (r.runner_uid, r.spec.vcpus));
+        let (uid, vcpus, id) = vm.read(|r| (r.runner_uid, r.spec.vcpus, r.id));
         let uid = uid.ok_or("no runner uid")?;
         let sock = self.state.socket_path(&vm.name);
         let listener =
@@ -124,7 +168,8 @@ impl Daemon {
         let sandbox = RunnerSandbox {
             uid,
             vcpus,
-            hostname: format!("bulkhead-{}", vm.name),
+            // From the id: a name may be as long as a host name may be.
+            hostname: format!("bulkhead-vm{id}"),
             selftest: self.cfg.runner_selftest,
         };
         let pid = spawn::spawn_runner(&self.cfg.runner, listener.into_fd(), log_file, &sandbox)
@@ -172,6 +217,12 @@ impl Daemon {
             disks: (0..disk_socks.len()).map(|i| format!("disk{i}")).collect(),
             nics: (0..nic_socks.len()).map(|i| format!("nic{i}")).collect(),
             cpu_template: cpu_template(&vm.name, &spec.cpu_template),
+            hang_timeouts_ms: spec
+                .disks
+                .iter()
+                .map(|d| d.restart_policy().hang_timeout_ms)
+                .chain(spec.nics.iter().map(|n| n.restart_policy().hang_timeout_ms))
+                .collect(),
         });
         let mut fds = vec![kvm.as_fd(), memfd.as_fd(), kernel.as_fd()];
         if let Some(i) = &initrd {
@@ -179,20 +230,28 @@ impl Daemon {
         }
         fds.extend(disk_socks.iter().map(|s| s.as_fd()));
         fds.extend(nic_socks.iter().map(|s| s.as_fd()));
+        let id = vm.request_id();
+        let boot = RunnerRequest { id, command: boot };
         ch.send(&boot, &fds)
             .map_err(|e| format!("sending Boot: {e}"))?;
         // Guest output (and, for a very short guest, its exit) may overtake `Started`.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let (event, _) = ch
-                .recv_timeout::<RunnerEvent>(left)
+            let (msg, _) = ch
+                .recv_timeout::<RunnerMessage>(left)
                 .map_err(|e| format!("no answer to Boot: {e}"))?;
-            match event {
-                RunnerEvent::Started { detail } => return Ok(detail),
-                RunnerEvent::BootFailed { message } => return Err(message),
-                RunnerEvent::Console(data) => vm.console_output(&data),
-                RunnerEvent::Exited(outcome) => vm.record_outcome(outcome),
+            match msg {
+                RunnerMessage::Answer {
+                    id: answered,
+                    event: RunnerEvent::Started { detail },
+                } if answered == id => return Ok(detail),
+                RunnerMessage::Answer {
+                    event: RunnerEvent::BootFailed { message },
+                    ..
+                } => return Err(message),
+                RunnerMessage::Event(RunnerEvent::Console(data)) => vm.console_output(&data),
+                RunnerMessage::Event(RunnerEvent::Exited(outcome)) => vm.record_outcome(outcome),
                 other => return Err(format!("unexpected answer to Boot: {other:?}")),
             }
         }

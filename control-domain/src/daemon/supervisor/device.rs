@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::vmconfig::{RestartMode, RestartPolicy};
 
-/// A backend that ends this soon after it started "crashed at start": it is backed off.
-pub const QUICK: Duration = Duration::from_millis(250);
-/// Crashes at start in a row after which the device is marked failed.
+/// Crashes at start in a row after which the device is marked failed (unless its
+/// `restart_limit` is 0: no limit). A backend "crashed at start" when it ended before it
+/// served: before the runner finished its vhost-user setup with it (or it was refused).
+/// Such a backend is restarted after a back-off; one that served is restarted at once.
 pub const QUICK_BUDGET: u32 = 5;
 /// The window `restart_limit` counts unplanned restarts in.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -30,6 +31,9 @@ pub enum Ending {
     /// Refused (never became ready, or the runner could not set it up) and killed: its end
     /// counts as a crash at start.
     Refused(String),
+    /// Hung (it held requests and completed none for the device's timeout) and killed:
+    /// judged by the restart policy like a crash.
+    Hung(String),
 }
 
 /// Why a device has no backend and none is coming.
@@ -51,12 +55,14 @@ pub enum Serving {
     Up {
         pid: i32,
         binary: PathBuf,
-        since: Instant,
+        /// The runner finished its vhost-user setup with it: it serves.
+        served: bool,
         ending: Ending,
     },
     /// The process ended (or was found unusable): what follows is being decided, or the
-    /// restart that was decided (its back-off, its spawn) is under way.
-    Restarting { ending: Ending, lived: Duration },
+    /// restart that was decided (its back-off, its spawn) is under way. `served`: the
+    /// ended process had served.
+    Restarting { ending: Ending, served: bool },
     /// No process and none coming: the device stalls until `device-restart`.
     Stalled(Stall),
 }
@@ -84,6 +90,11 @@ pub enum Standby<C> {
 pub enum Event<C> {
     /// A serving process was started (first start or a restart).
     Spawned { pid: i32, binary: PathBuf },
+    /// The runner finished its vhost-user setup with serving process `pid`.
+    Served { pid: i32 },
+    /// A restarted `bulkheadd` found process `pid` serving the device (`None`: it ended
+    /// while nobody watched; the policy decides at once, as for any end).
+    Adopted { pid: Option<i32>, binary: PathBuf },
     /// A process of this device ended; it is not reaped yet.
     Ended { pid: i32 },
     /// The serving process that ended was reaped: `clean` if it exited with status 0, `why`
@@ -97,6 +108,11 @@ pub enum Event<C> {
         why: String,
         running: bool,
     },
+    /// The runner saw the serving backend hold requests with no completion for
+    /// `stalled_ms`.
+    Hung { stalled_ms: u64 },
+    /// The slow retry of a device marked failed is due.
+    RetryFailed,
     /// An administrator's restart, or an upgrade to `binary`: revives a stalled device,
     /// and its crash counters start over.
     RestartRequested { upgrade: Option<PathBuf> },
@@ -127,8 +143,13 @@ pub enum Action<C> {
     StandbyEnded { replace: bool, lived: Duration },
     /// Start a new process after `backoff`. `reason` is the ended one's, for `info`.
     Restart { backoff: Duration, reason: String },
-    /// No restart: the device stalls. `reason` is the ended one's.
-    Stalled { reason: String, stall: Stall },
+    /// No restart: the device stalls. `reason` is the ended one's; a failed device is
+    /// tried again after `retry_in` ([`Event::RetryFailed`]), if set.
+    Stalled {
+        reason: String,
+        stall: Stall,
+        retry_in: Option<Duration>,
+    },
     /// Start a process now (a stalled device was revived).
     SpawnNow,
     /// A restart is already coming: wait for it.
@@ -200,15 +221,42 @@ impl<C> Device<C> {
                 self.serving = Serving::Up {
                     pid,
                     binary,
-                    since: now,
+                    served: false,
                     ending: Ending::Unplanned,
                 };
                 Action::None
             }
+            Event::Served { pid } => {
+                if let Serving::Up { pid: p, served, .. } = &mut self.serving {
+                    if *p == pid {
+                        *served = true;
+                    }
+                }
+                Action::None
+            }
+            Event::Adopted { pid, binary } => {
+                // It has served: its end is not a crash at start.
+                self.serving = match pid {
+                    Some(pid) => Serving::Up {
+                        pid,
+                        binary,
+                        served: true,
+                        ending: Ending::Unplanned,
+                    },
+                    None => Serving::Restarting {
+                        ending: Ending::Unplanned,
+                        served: true,
+                    },
+                };
+                match self.serving {
+                    Serving::Restarting { .. } => Action::ServingEnded,
+                    _ => Action::None,
+                }
+            }
             Event::Ended { pid } => {
                 if let Serving::Up {
                     pid: p,
-                    since,
+                    served,
                     ending,
                     ..
                 } = &self.serving
@@ -216,7 +264,7 @@ impl<C> Device<C> {
                     if *p == pid {
                         self.serving = Serving::Restarting {
                             ending: ending.clone(),
-                            lived: now.saturating_duration_since(*since),
+                            served: *served,
                         };
                         return Action::ServingEnded;
                     }
@@ -235,11 +283,11 @@ impl<C> Device<C> {
                 Action::None
             }
             Event::Decide { clean, why } => {
-                let Serving::Restarting { ending, lived } = &self.serving else {
+                let Serving::Restarting { ending, served } = &self.serving else {
                     return Action::None;
                 };
-                let (ending, lived) = (ending.clone(), *lived);
-                self.decide(ending, lived, clean, why, now)
+                let (ending, served) = (ending.clone(), *served);
+                self.decide(ending, served, clean, why, now)
             }
             Event::SpawnFailed(e) => {
                 if !matches!(self.serving, Serving::Restarting { .. } | Serving::Starting) {
@@ -247,7 +295,12 @@ impl<C> Device<C> {
                 }
                 let stall = Stall::Failed(format!("cannot start a backend: {e}"));
                 self.serving = Serving::Stalled(stall.clone());
-                Action::Stalled { reason: e, stall }
+                let retry_in = self.retry_in(&stall);
+                Action::Stalled {
+                    reason: e,
+                    stall,
+                    retry_in,
+                }
             }
             Event::Refused { pid, why, running } => match &mut self.serving {
                 Serving::Up { pid: p, ending, .. }
@@ -260,6 +313,26 @@ impl<C> Device<C> {
                 }
                 _ => Action::None,
             },
+            Event::Hung { stalled_ms } => match &mut self.serving {
+                Serving::Up { pid, ending, .. } if *ending == Ending::Unplanned => {
+                    *ending = Ending::Hung(format!("hung: no progress for {stalled_ms} ms"));
+                    Action::Kill(*pid)
+                }
+                _ => Action::None,
+            },
+            Event::RetryFailed => {
+                if !matches!(self.serving, Serving::Stalled(Stall::Failed(_))) {
+                    return Action::None;
+                }
+                // A new try from a clean slate: one more series of attempts.
+                self.quick_failures = 0;
+                self.recent.clear();
+                self.serving = Serving::Restarting {
+                    ending: Ending::Unplanned,
+                    served: false,
+                };
+                Action::SpawnNow
+            }
             Event::RestartRequested { upgrade } => {
                 let planned = match upgrade {
                     Some(b) => {
@@ -286,7 +359,7 @@ impl<C> Device<C> {
                     Serving::Stalled(_) => {
                         self.serving = Serving::Restarting {
                             ending: Ending::Planned(planned),
-                            lived: Duration::ZERO,
+                            served: false,
                         };
                         Action::SpawnNow
                     }
@@ -310,7 +383,7 @@ impl<C> Device<C> {
                         self.serving = Serving::Up {
                             pid,
                             binary,
-                            since: now,
+                            served: false,
                             ending: Ending::Unplanned,
                         };
                         Action::UseStandby { pid, conn }
@@ -365,26 +438,42 @@ impl<C> Device<C> {
             }
         }
     }
+}
+
+/// The restart policy's decisions.
+impl<C> Device<C> {
+    /// When a device stalled by `stall` is tried again on its own: a failed one after the
+    /// policy's `retry_failed_secs` (unless 0); a stopped one (its policy said so) never.
+    fn retry_in(&self, stall: &Stall) -> Option<Duration> {
+        match stall {
+            Stall::Failed(_) if self.policy.retry_failed_secs > 0 => {
+                Some(Duration::from_secs(self.policy.retry_failed_secs.into()))
+            }
+            _ => None,
+        }
+    }
 
     /// What follows the end of the serving process, by the restart policy.
     fn decide(
         &mut self,
         ending: Ending,
-        lived: Duration,
+        served: bool,
         clean: bool,
         why: String,
         now: Instant,
     ) -> Action<C> {
         let reason = match &ending {
-            Ending::Planned(p) => format!("{p} ({why})"),
+            Ending::Planned(p) | Ending::Hung(p) => format!("{p} ({why})"),
             Ending::Refused(r) => format!("{why}: refused, {r}"),
             Ending::Unplanned => why,
         };
         let stall = |me: &mut Self, stall: Stall| {
             me.serving = Serving::Stalled(stall.clone());
+            let retry_in = me.retry_in(&stall);
             Action::Stalled {
                 reason: reason.clone(),
                 stall,
+                retry_in,
             }
         };
         if let Ending::Planned(_) = ending {
@@ -403,7 +492,7 @@ impl<C> Device<C> {
                 Stall::Stopped("it exited cleanly and the restart policy is 'on-failure'".into()),
             );
         }
-        if lived < QUICK || matches!(ending, Ending::Refused(_)) {
+        if !served || matches!(ending, Ending::Refused(_)) {
             self.quick_failures += 1;
         } else {
             self.quick_failures = 0;
@@ -418,11 +507,11 @@ impl<C> Device<C> {
         }
         let quick = self.quick_failures;
         let limit = self.policy.per_minute;
-        if quick >= QUICK_BUDGET {
+        if limit > 0 && quick >= QUICK_BUDGET {
             stall(
                 self,
                 Stall::Failed(format!(
-                    "crashed {quick} times in a row within {QUICK:?} of starting; last: {reason}"
+                    "crashed {quick} times in a row before it served; last: {reason}"
                 )),
             )
         } else if limit > 0 && self.recent.len() > limit as usize {

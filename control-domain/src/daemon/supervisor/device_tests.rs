@@ -5,13 +5,70 @@ use super::*;
 type Dev = Device<&'static str>;
 
 fn policy(mode: RestartMode, per_minute: u32) -> RestartPolicy {
-    RestartPolicy { mode, per_minute }
+    RestartPolicy {
+        mode,
+        per_minute,
+        hang_timeout_ms: 2000,
+        retry_failed_secs: 30,
+    }
 }
 
+/// Starts `pid` and has the runner set it up: it serves.
 fn up(d: &mut Dev, pid: i32, t: Instant) {
+    spawned(d, pid, t);
+    assert_eq!(d.on(Event::Served { pid }, t), Action::None);
+}
+
+/// Starts `pid`; the runner has not set it up yet.
+fn spawned(d: &mut Dev, pid: i32, t: Instant) {
     let binary = d.binary.clone();
     assert_eq!(d.on(Event::Spawned { pid, binary }, t), Action::None);
     assert_eq!(d.serving_pid(), Some(pid));
+}
+
+/// Wants a standby and spawns it as `pid` running `binary` (not ready yet).
+fn spawn_standby(d: &mut Dev, pid: i32, binary: &str, conn: &'static str, t: Instant) {
+    assert_eq!(d.on(Event::StandbyWanted, t), Action::LaunchStandby);
+    let binary = binary.into();
+    d.on(Event::StandbySpawned { pid, binary, conn }, t);
+}
+
+/// Why a decision stalled the device.
+fn stall(a: Action<&'static str>) -> Stall {
+    match a {
+        Action::Stalled { stall, .. } => stall,
+        other => panic!("expected a stall: {other:?}"),
+    }
+}
+
+/// The reason of a `Stalled(Stopped)` decision.
+fn stopped(a: Action<&'static str>) -> String {
+    let Stall::Stopped(why) = stall(a) else {
+        panic!("expected stopped")
+    };
+    why
+}
+
+/// The reason of a `Stalled(Failed)` decision.
+fn failed(a: Action<&'static str>) -> String {
+    let Stall::Failed(why) = stall(a) else {
+        panic!("expected failed")
+    };
+    why
+}
+
+/// The back-off and reason of a `Restart` decision.
+fn restarted(a: Action<&'static str>) -> (Duration, String) {
+    match a {
+        Action::Restart { backoff, reason } => (backoff, reason),
+        other => panic!("expected a restart: {other:?}"),
+    }
+}
+
+/// Decides after the serving process ended `clean` (or not) because of `why`.
+fn decide(d: &mut Dev, clean: bool, why: &str, t: Instant) -> Action<&'static str> {
+    let why = why.to_string();
+    d.on(Event::Decide { clean, why }, t)
 }
 
 /// Ends the serving `pid` after `life` and decides; returns the decision.
@@ -23,13 +80,7 @@ fn crash(d: &mut Dev, pid: i32, t: &mut Instant, life: Duration) -> Action<&'sta
         None,
         "not Up once ended: never signalled again"
     );
-    d.on(
-        Event::Decide {
-            clean: false,
-            why: "killed by SIGKILL".into(),
-        },
-        *t,
-    )
+    decide(d, false, "killed by SIGKILL", *t)
 }
 
 #[test]
@@ -56,26 +107,19 @@ fn start_serve_crash_restart() {
 #[test]
 fn crash_at_start_backs_off_then_fails() {
     let mut t = Instant::now();
-    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 0));
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
     let mut pid = 20;
-    up(&mut d, pid, t);
+    // Each process dies before the runner set it up: a crash at start, however long it
+    // lived.
+    spawned(&mut d, pid, t);
     for n in 1..QUICK_BUDGET {
-        match crash(&mut d, pid, &mut t, Duration::from_millis(10)) {
-            Action::Restart { backoff, .. } => {
-                assert_eq!(backoff, Duration::from_millis(100 << (n - 1)))
-            }
-            other => panic!("crash {n}: {other:?}"),
-        }
+        let (backoff, _) = restarted(crash(&mut d, pid, &mut t, Duration::from_secs(3)));
+        assert_eq!(backoff, Duration::from_millis(100 << (n - 1)), "crash {n}");
         pid += 1;
-        up(&mut d, pid, t);
+        spawned(&mut d, pid, t);
     }
-    match crash(&mut d, pid, &mut t, Duration::from_millis(10)) {
-        Action::Stalled {
-            stall: Stall::Failed(why),
-            ..
-        } => assert!(why.contains("crashed 5 times"), "{why}"),
-        other => panic!("{other:?}"),
-    }
+    let why = failed(crash(&mut d, pid, &mut t, Duration::from_millis(10)));
+    assert!(why.contains("crashed 5 times"), "{why}");
     assert!(matches!(d.serving, Serving::Stalled(Stall::Failed(_))));
     // No standby is started for a failed device.
     assert_eq!(d.on(Event::StandbyWanted, t), Action::None);
@@ -89,39 +133,55 @@ fn crash_at_start_backs_off_then_fails() {
 }
 
 #[test]
+fn no_restart_limit_means_no_limit_for_crashes_at_start_either() {
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 0));
+    let mut pid = 1;
+    spawned(&mut d, pid, t);
+    for n in 1..=50u32 {
+        let (backoff, _) = restarted(crash(&mut d, pid, &mut t, Duration::from_millis(1)));
+        assert_eq!(
+            backoff,
+            Duration::from_millis(100 << (n - 1).min(4)),
+            "crash {n}: backed off, never failed"
+        );
+        pid += 1;
+        spawned(&mut d, pid, t);
+    }
+}
+
+#[test]
+fn kills_of_backends_that_served_are_never_crashes_at_start() {
+    // Ten kills 50 ms apart, each of a backend (a standby that just took over) that the
+    // runner had set up: restarted at once every time, never failed.
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 0));
+    up(&mut d, 1, t);
+    for pid in 1..=10 {
+        let (backoff, _) = restarted(crash(&mut d, pid, &mut t, Duration::from_millis(50)));
+        assert_eq!(backoff, Duration::ZERO, "kill {pid}");
+        up(&mut d, pid + 1, t);
+    }
+    assert_eq!(d.quick_failures, 0);
+}
+
+#[test]
 fn restart_limit_per_minute() {
     let mut t = Instant::now();
     let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 2));
     up(&mut d, 1, t);
-    assert!(matches!(
-        crash(&mut d, 1, &mut t, Duration::from_secs(1)),
-        Action::Restart { .. }
-    ));
+    restarted(crash(&mut d, 1, &mut t, Duration::from_secs(1)));
     up(&mut d, 2, t);
-    assert!(matches!(
-        crash(&mut d, 2, &mut t, Duration::from_secs(1)),
-        Action::Restart { .. }
-    ));
+    restarted(crash(&mut d, 2, &mut t, Duration::from_secs(1)));
     up(&mut d, 3, t);
-    match crash(&mut d, 3, &mut t, Duration::from_secs(1)) {
-        Action::Stalled {
-            stall: Stall::Failed(why),
-            ..
-        } => assert!(why.contains("restart_limit of 2"), "{why}"),
-        other => panic!("{other:?}"),
-    }
+    let why = failed(crash(&mut d, 3, &mut t, Duration::from_secs(1)));
+    assert!(why.contains("restart_limit of 2"), "{why}");
     // A minute later the window is empty again.
     let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 1));
     up(&mut d, 1, t);
-    assert!(matches!(
-        crash(&mut d, 1, &mut t, Duration::from_secs(1)),
-        Action::Restart { .. }
-    ));
+    restarted(crash(&mut d, 1, &mut t, Duration::from_secs(1)));
     up(&mut d, 2, t);
-    assert!(matches!(
-        crash(&mut d, 2, &mut t, WINDOW + Duration::from_secs(1)),
-        Action::Restart { .. }
-    ));
+    restarted(crash(&mut d, 2, &mut t, WINDOW + Duration::from_secs(1)));
 }
 
 #[test]
@@ -129,36 +189,17 @@ fn stopped_by_policy() {
     let mut t = Instant::now();
     let mut d = Dev::new("blk".into(), policy(RestartMode::Never, 120));
     up(&mut d, 1, t);
-    match crash(&mut d, 1, &mut t, Duration::from_secs(1)) {
-        Action::Stalled {
-            stall: Stall::Stopped(why),
-            ..
-        } => assert!(why.contains("never")),
-        other => panic!("{other:?}"),
-    }
+    let why = stopped(crash(&mut d, 1, &mut t, Duration::from_secs(1)));
+    assert!(why.contains("never"));
     let mut d = Dev::new("blk".into(), policy(RestartMode::OnFailure, 120));
     up(&mut d, 1, t);
     t += Duration::from_secs(1);
     d.on(Event::Ended { pid: 1 }, t);
-    match d.on(
-        Event::Decide {
-            clean: true,
-            why: "exited with status 0".into(),
-        },
-        t,
-    ) {
-        Action::Stalled {
-            stall: Stall::Stopped(why),
-            ..
-        } => assert!(why.contains("on-failure")),
-        other => panic!("{other:?}"),
-    }
+    let why = stopped(decide(&mut d, true, "exited with status 0", t));
+    assert!(why.contains("on-failure"));
     // A non-clean exit under on-failure is restarted.
     up(&mut d, 2, t);
-    assert!(matches!(
-        crash(&mut d, 2, &mut t, Duration::from_secs(1)),
-        Action::Restart { .. }
-    ));
+    restarted(crash(&mut d, 2, &mut t, Duration::from_secs(1)));
 }
 
 #[test]
@@ -188,23 +229,13 @@ fn refused_counts_as_crash_at_start() {
     assert_eq!(d.on(refused, t), Action::Kill(5));
     assert_eq!(d.refusals, 1);
     d.on(Event::Ended { pid: 5 }, t);
-    match d.on(
-        Event::Decide {
-            clean: false,
-            why: "killed by SIGKILL".into(),
-        },
-        t,
-    ) {
-        Action::Restart { backoff, reason } => {
-            assert_eq!(
-                backoff,
-                Duration::from_millis(100),
-                "backed off: a crash at start"
-            );
-            assert!(reason.contains("refused, setup timed out"), "{reason}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let (backoff, reason) = restarted(decide(&mut d, false, "killed by SIGKILL", t));
+    assert_eq!(
+        backoff,
+        Duration::from_millis(100),
+        "backed off: a crash at start"
+    );
+    assert!(reason.contains("refused, setup timed out"), "{reason}");
 }
 
 #[test]
@@ -232,19 +263,9 @@ fn upgrade_is_planned_and_skips_an_old_standby() {
     assert_eq!(d.on(upgrade, t), Action::Kill(1));
     t += Duration::from_millis(1);
     d.on(Event::Ended { pid: 1 }, t);
-    match d.on(
-        Event::Decide {
-            clean: false,
-            why: "killed by SIGKILL".into(),
-        },
-        t,
-    ) {
-        Action::Restart { backoff, reason } => {
-            assert_eq!(backoff, Duration::ZERO);
-            assert!(reason.starts_with("upgraded to new"), "{reason}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let (backoff, reason) = restarted(decide(&mut d, false, "killed by SIGKILL", t));
+    assert_eq!(backoff, Duration::ZERO);
+    assert!(reason.starts_with("upgraded to new"), "{reason}");
     assert_eq!(d.quick_failures, 0, "a planned end is no crash");
     // The standby runs the old binary: ended, not used.
     assert_eq!(d.on(Event::Takeover, t), Action::Kill(2));
@@ -262,37 +283,18 @@ fn standby_takeover_and_standby_death() {
     let mut t = Instant::now();
     let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
     up(&mut d, 1, t);
-    d.on(Event::StandbyWanted, t);
-    d.on(
-        Event::StandbySpawned {
-            pid: 2,
-            binary: "blk".into(),
-            conn: "conn2",
-        },
-        t,
-    );
+    spawn_standby(&mut d, 2, "blk", "conn2", t);
     // Not ready yet: a takeover ends it instead.
     let mut not_ready = Dev::new("blk".into(), policy(RestartMode::Always, 120));
     up(&mut not_ready, 1, t);
-    not_ready.on(Event::StandbyWanted, t);
-    not_ready.on(
-        Event::StandbySpawned {
-            pid: 2,
-            binary: "blk".into(),
-            conn: "c",
-        },
-        t,
-    );
+    spawn_standby(&mut not_ready, 2, "blk", "c", t);
     let mut t2 = t;
     crash(&mut not_ready, 1, &mut t2, Duration::from_secs(1));
     assert_eq!(not_ready.on(Event::Takeover, t2), Action::Kill(2));
 
     d.on(Event::StandbyReady { pid: 2 }, t);
     d.on(Event::StandbyLaunchOver, t);
-    assert!(matches!(
-        crash(&mut d, 1, &mut t, Duration::from_secs(2)),
-        Action::Restart { .. }
-    ));
+    restarted(crash(&mut d, 1, &mut t, Duration::from_secs(2)));
     assert_eq!(
         d.on(Event::Takeover, t),
         Action::UseStandby {
@@ -302,45 +304,21 @@ fn standby_takeover_and_standby_death() {
     );
     assert_eq!(d.serving_pid(), Some(2));
     // The next standby dies young: not replaced. One that lived is.
-    d.on(Event::StandbyWanted, t);
-    d.on(
-        Event::StandbySpawned {
-            pid: 3,
-            binary: "blk".into(),
-            conn: "conn3",
-        },
-        t,
-    );
+    spawn_standby(&mut d, 3, "blk", "conn3", t);
     t += Duration::from_millis(10);
     assert!(matches!(
         d.on(Event::Ended { pid: 3 }, t),
         Action::StandbyEnded { replace: false, .. }
     ));
     d.on(Event::StandbyLaunchOver, t);
-    d.on(Event::StandbyWanted, t);
-    d.on(
-        Event::StandbySpawned {
-            pid: 4,
-            binary: "blk".into(),
-            conn: "conn4",
-        },
-        t,
-    );
+    spawn_standby(&mut d, 4, "blk", "conn4", t);
     t += Duration::from_secs(2);
     assert!(matches!(
         d.on(Event::Ended { pid: 4 }, t),
         Action::StandbyEnded { replace: true, .. }
     ));
     // A standby that never becomes ready is ended.
-    d.on(Event::StandbyWanted, t);
-    d.on(
-        Event::StandbySpawned {
-            pid: 5,
-            binary: "blk".into(),
-            conn: "conn5",
-        },
-        t,
-    );
+    spawn_standby(&mut d, 5, "blk", "conn5", t);
     assert_eq!(d.on(Event::StandbyRefused { pid: 5 }, t), Action::Kill(5));
     assert_eq!(d.on(Event::StandbyRefused { pid: 5 }, t), Action::None);
 }
@@ -362,38 +340,40 @@ fn restart_requests_while_restarting_wait() {
         d.on(Event::RestartRequested { upgrade: None }, t),
         Action::Wait
     );
-    match d.on(
-        Event::Decide {
-            clean: true,
-            why: "exited with status 0".into(),
-        },
-        t,
-    ) {
-        Action::Restart { backoff, reason } => {
-            assert_eq!(backoff, Duration::ZERO);
-            assert!(reason.starts_with("restarted on request"), "{reason}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let (backoff, reason) = restarted(decide(&mut d, true, "exited with status 0", t));
+    assert_eq!(backoff, Duration::ZERO);
+    assert!(reason.starts_with("restarted on request"), "{reason}");
     // A restart whose spawn fails stalls the device as failed.
-    match d.on(Event::SpawnFailed("no such file".into()), t) {
-        Action::Stalled {
-            stall: Stall::Failed(why),
-            ..
-        } => assert!(why.contains("cannot start a backend: no such file")),
-        other => panic!("{other:?}"),
-    }
+    let why = failed(d.on(Event::SpawnFailed("no such file".into()), t));
+    assert!(why.contains("cannot start a backend: no such file"));
     // Events that do not apply in a state change nothing.
     assert_eq!(d.on(Event::Takeover, t), Action::None);
-    assert_eq!(
-        d.on(
-            Event::Decide {
-                clean: false,
-                why: "x".into()
-            },
-            t
-        ),
-        Action::None
-    );
+    assert_eq!(decide(&mut d, false, "x", t), Action::None);
     assert_eq!(d.on(Event::Ended { pid: 1 }, t), Action::None);
+}
+
+#[test]
+fn adopted_after_a_daemon_restart() {
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
+    let adopted = Event::Adopted {
+        pid: Some(7),
+        binary: "blk".into(),
+    };
+    assert_eq!(d.on(adopted, t), Action::None);
+    assert_eq!(d.serving_pid(), Some(7));
+    // Its end right after the adoption is no crash at start.
+    let (backoff, _) = restarted(crash(&mut d, 7, &mut t, Duration::from_millis(1)));
+    assert_eq!(backoff, Duration::ZERO);
+    assert_eq!(d.quick_failures, 0);
+    // One that ended while bulkheadd was down is decided at once.
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
+    let gone = Event::Adopted {
+        pid: None,
+        binary: "blk".into(),
+    };
+    assert_eq!(d.on(gone, t), Action::ServingEnded);
+    let (backoff, reason) = restarted(decide(&mut d, false, "ended while bulkheadd was down", t));
+    assert_eq!(backoff, Duration::ZERO);
+    assert!(reason.contains("while bulkheadd was down"));
 }

@@ -63,10 +63,7 @@ pub fn spawn_backend(
     // to its own listener.
     static SPAWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = state
-        .path()
-        .join("run")
-        .join(format!("{vm}.{device}.{n}.sock"));
+    let path = state.path().join("run").join(format!("backend-{n}.sock"));
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path)
         .map_err(|e| format!("{device} socket: {e}"))?;
@@ -98,10 +95,20 @@ pub fn spawn_backend(
         "5".into(),
     ];
     args.extend(extra_args.iter().cloned());
+    // A disk backend writes up to its image's end (the image cannot grow: the backend
+    // refuses requests past it); every backend writes its log.
+    let image_size = File::from(resource.try_clone().map_err(|e| format!("{device}: {e}"))?)
+        .metadata()
+        .map(|m| m.len())
+        .unwrap_or(0);
     let sandbox = spawn::Sandbox {
         uid,
         max_threads: 64,
-        hostname: format!("bulkhead-{vm}-{device}"),
+        hostname: format!(
+            "bulkhead-{}-{device}",
+            vm.chars().take(32).collect::<String>()
+        ),
+        max_file_size: image_size.max(spawn::LOG_FILE_LIMIT),
     };
     let handed = vec![OwnedFd::from(listener), resource, ready_w];
     let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
@@ -133,5 +140,14 @@ impl Spawned {
                 self.log_name
             ))
         }
+    }
+}
+
+/// Appends one line to `vm`'s `device` log (what bulkheadd did to its backends).
+pub fn append_log(state: &StateDir, vm: &str, device: &str, line: &str) {
+    use std::io::Write;
+    let path = state.path().join("logs").join(format!("{vm}.{device}.log"));
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = writeln!(f, "{line}");
     }
 }

@@ -15,14 +15,15 @@
 pub mod device;
 pub mod launch;
 mod requests;
+mod restart;
+mod standby;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
-
-use bulkhead_ipc::runner::{RunnerCommand, RunnerEvent};
+use std::time::Instant;
 
 use super::state::{BackendRecord, StateDir};
 use super::vm::{lock, VmEntry};
@@ -40,6 +41,9 @@ struct DeviceSlot {
     uid: u32,
     /// The state machine.
     machine: Device<UnixStream>,
+    /// A pidfd per process of the device that may still be signalled: kills go through
+    /// these, so a reused pid is never hit (re-adopted backends are not our children).
+    pidfds: BTreeMap<i32, OwnedFd>,
 }
 
 /// The devices of one VM, by name (`disk0`, `nic0`).
@@ -77,17 +81,35 @@ impl Supervisor {
 
     /// Feeds `device`'s machine one event; carries out a `Kill` at once (under the lock,
     /// see the module doc) and brings the record in line with the machine.
-    fn on(&self, vm: &VmEntry, device: &str, event: Event<UnixStream>) -> Action<UnixStream> {
+    pub(super) fn on(
+        &self,
+        vm: &VmEntry,
+        device: &str,
+        event: Event<UnixStream>,
+    ) -> Action<UnixStream> {
         let mut slots = lock(&vm.devices.slots);
         let Some(slot) = slots.get_mut(device) else {
             return Action::None;
         };
+        let ended = match &event {
+            Event::Ended { pid } => Some(*pid),
+            _ => None,
+        };
         let action = slot.machine.on(event, Instant::now());
         if let Action::Kill(pid) = action {
-            sigkill(pid);
+            match slot.pidfds.get(&pid) {
+                Some(fd) => {
+                    let _ = spawn::pidfd_kill(fd);
+                }
+                None => sigkill(pid),
+            }
+        }
+        if let Some(pid) = ended {
+            slot.pidfds.remove(&pid);
         }
         let m = &slot.machine;
-        vm.update_backend(device, |b| {
+        let changed = vm.update_backend(device, |b| {
+            let before = b.clone();
             if let Serving::Up { pid, binary, .. } = &m.serving {
                 b.pid = *pid;
                 b.binary = binary.display().to_string();
@@ -98,8 +120,111 @@ impl Supervisor {
                 Serving::Stalled(Stall::Stopped(s)) => (None, Some(format!("not restarted: {s}"))),
                 _ => (None, None),
             };
+            if b.failed.is_none() {
+                b.next_attempt_unix = None;
+            }
+            *b != before
         });
+        // The state file says what `info` says (a restarted bulkheadd reads it).
+        if changed == Some(true) {
+            vm.save();
+        }
         action
+    }
+
+    /// Takes over `device` of a VM re-adopted after a `bulkheadd` restart: its serving
+    /// backend `pid` is watched from now on (through a pidfd: it is not our child), and
+    /// one that ended while nobody watched (`None`) is decided on and restarted at once.
+    /// The device gets a standby again.
+    pub fn adopt_device(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        launch: BackendLaunch,
+        pid: Option<i32>,
+    ) {
+        let binary = launch.binary.clone();
+        let mut pidfds = BTreeMap::new();
+        if let Some(fd) = pid.and_then(|p| spawn::pidfd_open(p).ok()) {
+            pidfds.extend(pid.map(|p| (p, fd)));
+        }
+        self.add_device(vm, device, launch, pidfds);
+        let gone = matches!(
+            self.on(vm, device, Event::Adopted { pid, binary }),
+            Action::ServingEnded
+        );
+        vm.save();
+        match (pid, gone) {
+            (Some(pid), false) => {
+                self.watch(vm, device, pid);
+                self.keep_standby(vm, device);
+            }
+            _ => self.in_background("adopt", vm, device, |me, vm, device| {
+                me.decide(vm, device, false, "ended while bulkheadd was down".into())
+            }),
+        }
+    }
+
+    /// Puts `device` under supervision: its slot (what its processes are started with, a
+    /// fresh state machine, the pidfds of processes it already has), and `vm`'s reports of
+    /// hung backends reach this supervisor.
+    fn add_device(
+        &self,
+        vm: &VmEntry,
+        device: &str,
+        launch: BackendLaunch,
+        pidfds: BTreeMap<i32, OwnedFd>,
+    ) {
+        self.hear_hangs(vm);
+        lock(&vm.devices.slots).insert(
+            device.to_string(),
+            DeviceSlot {
+                resource: launch.resource,
+                args: launch.args,
+                uid: launch.uid,
+                machine: Device::new(launch.binary, launch.policy),
+                pidfds,
+            },
+        );
+    }
+
+    /// Says what was done to `device`'s backends, in bulkheadd's log and the device's.
+    pub(super) fn tell(&self, vm: &VmEntry, device: &str, words: &str) {
+        log(&format!("VM '{}': {device} {words}", vm.name));
+        launch::append_log(
+            &self.state,
+            &vm.name,
+            device,
+            &format!("bulkheadd: {words}"),
+        );
+    }
+
+    /// Runs `work` for `vm`'s `device` on a thread of its own, named `what-DEVICE`.
+    pub(super) fn in_background(
+        &self,
+        what: &str,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        work: impl FnOnce(&Supervisor, &Arc<VmEntry>, &str) + Send + 'static,
+    ) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let vm = vm.clone();
+        let device = device.to_string();
+        let _ = std::thread::Builder::new()
+            .name(format!("{what}-{device}"))
+            .spawn(move || work(&me, &vm, &device));
+    }
+
+    /// Has `vm`'s runner reports of hung backends reach this supervisor.
+    fn hear_hangs(&self, vm: &VmEntry) {
+        let me = self.me.clone();
+        vm.set_hang_handler(Arc::new(move |vm, device, ms| {
+            if let Some(s) = me.upgrade() {
+                s.hung(vm, device, ms);
+            }
+        }));
     }
 
     /// Starts `device`'s first backend; returns the runner's end of its connection.
@@ -122,24 +247,31 @@ impl Supervisor {
                 stopped: None,
                 restart_policy: launch.policy.to_string(),
                 standby_pid: None,
+                next_attempt_unix: None,
             });
         });
-        lock(&vm.devices.slots).insert(
-            device.to_string(),
-            DeviceSlot {
-                resource: launch.resource,
-                args: launch.args,
-                uid: launch.uid,
-                machine: Device::new(launch.binary, launch.policy),
-            },
-        );
+        self.add_device(vm, device, launch, BTreeMap::new());
         self.launch_serving(vm, device, true)
             .map(|(_, conn)| conn)
             .map_err(|(_, e)| e)
     }
 
+    /// The guest booted with every device of `vm`: the runner set up each first backend,
+    /// so each serves.
+    pub fn booted(&self, vm: &VmEntry) {
+        let devices: Vec<(String, Option<i32>)> = lock(&vm.devices.slots)
+            .iter()
+            .map(|(d, s)| (d.clone(), s.machine.serving_pid()))
+            .collect();
+        for (device, pid) in devices {
+            if let Some(pid) = pid {
+                self.on(vm, &device, Event::Served { pid });
+            }
+        }
+    }
+
     /// What the next process of `device` is started with.
-    fn next_launch(&self, vm: &VmEntry, device: &str) -> Result<BackendLaunch, String> {
+    pub(super) fn next_launch(&self, vm: &VmEntry, device: &str) -> Result<BackendLaunch, String> {
         vm.devices
             .with(device, |slot| {
                 Ok(BackendLaunch {
@@ -156,15 +288,16 @@ impl Supervisor {
             .unwrap_or_else(|| Err(format!("'{device}' is not restartable (re-adopted VM?)")))
     }
 
-    /// Launches a serving process for `device` and waits until it is ready. On error, the
-    /// pid of a process that was started (and refused) if there is one.
-    fn launch_serving(
+    /// Spawns `device`'s next process (a `standby` or a serving one); `fresh_log` starts its
+    /// log anew. Returns the binary it runs and the process.
+    pub(super) fn spawn(
         &self,
-        vm: &Arc<VmEntry>,
+        vm: &VmEntry,
         device: &str,
-        first: bool,
-    ) -> Result<(i32, UnixStream), (Option<i32>, String)> {
-        let l = self.next_launch(vm, device).map_err(|e| (None, e))?;
+        standby: bool,
+        fresh_log: bool,
+    ) -> Result<(PathBuf, launch::Spawned), String> {
+        let l = self.next_launch(vm, device)?;
         let p = launch::spawn_backend(
             &self.state,
             &vm.name,
@@ -173,14 +306,29 @@ impl Supervisor {
             &l.args,
             l.resource,
             l.uid,
-            false,
-            first,
-        )
-        .map_err(|e| (None, e))?;
+            standby,
+            fresh_log,
+        )?;
+        if let Ok(fd) = spawn::pidfd_open(p.pid) {
+            vm.devices.with(device, |s| s.pidfds.insert(p.pid, fd));
+        }
+        Ok((l.binary, p))
+    }
+
+    /// Launches a serving process for `device` and waits until it is ready. On error, the
+    /// pid of a process that was started (and refused) if there is one.
+    pub(super) fn launch_serving(
+        &self,
+        vm: &Arc<VmEntry>,
+        device: &str,
+        first: bool,
+    ) -> Result<(i32, UnixStream), (Option<i32>, String)> {
+        let (binary, p) = self
+            .spawn(vm, device, false, first)
+            .map_err(|e| (None, e))?;
         if let Ok(fd) = spawn::pidfd_open(p.pid) {
             vm.add_backend(fd);
         }
-        let binary = l.binary;
         self.on(vm, device, Event::Spawned { pid: p.pid, binary });
         vm.save();
         self.watch(vm, device, p.pid);
@@ -193,7 +341,7 @@ impl Supervisor {
 
     /// Watches a backend process; when it ends while the VM runs, its device's machine
     /// decides what follows.
-    fn watch(&self, vm: &Arc<VmEntry>, device: &str, pid: i32) {
+    pub(super) fn watch(&self, vm: &Arc<VmEntry>, device: &str, pid: i32) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
@@ -204,14 +352,18 @@ impl Supervisor {
             .name(format!("watch-{device}"))
             .spawn(move || {
                 if let Some(fd) = &pidfd {
-                    let mut pfd = [nix::poll::PollFd::new(
-                        fd.as_fd(),
-                        nix::poll::PollFlags::POLLIN,
-                    )];
-                    while matches!(
-                        nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE),
-                        Err(nix::errno::Errno::EINTR)
-                    ) {}
+                    let mut stopped_since = None;
+                    loop {
+                        let mut pfd = [nix::poll::PollFd::new(
+                            fd.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16)) {
+                            Ok(0) => me.frozen(&vm, &device, pid, &mut stopped_since),
+                            Err(nix::errno::Errno::EINTR) => {}
+                            _ => break,
+                        }
+                    }
                 }
                 // Out of the machine's "unreaped" states before it is reaped.
                 let ended = me.on(&vm, &device, Event::Ended { pid });
@@ -240,197 +392,35 @@ impl Supervisor {
                 }
             });
     }
-
-    /// The serving process of `device` ended with `status`: decide, then restart or stall.
-    fn serving_ended(
-        &self,
-        vm: &Arc<VmEntry>,
-        device: &str,
-        status: Option<nix::sys::wait::WaitStatus>,
-    ) {
-        let clean = matches!(status, Some(nix::sys::wait::WaitStatus::Exited(_, 0)));
-        let why = exit_words(status);
-        let decided = self.on(vm, device, Event::Decide { clean, why });
-        let (reason, backoff) = match &decided {
-            Action::Restart { backoff, reason } => (reason.clone(), Some(*backoff)),
-            Action::Stalled { reason, .. } => (reason.clone(), None),
-            _ => return,
-        };
-        log(&format!("VM '{}': {device} backend {reason}", vm.name));
-        vm.update_backend(device, |b| b.last_exit = Some(reason));
-        vm.save();
-        match (decided, backoff) {
-            (Action::Stalled { stall, .. }, _) => match stall {
-                Stall::Failed(_) => log(&format!(
-                    "VM '{}': {device} marked failed; the device stalls, the VM keeps running (`bulkhead device-restart {} {device}` tries again)",
-                    vm.name, vm.name
-                )),
-                Stall::Stopped(s) => log(&format!(
-                    "VM '{}': {device} not restarted ({s}); the device stalls, the VM keeps running",
-                    vm.name
-                )),
-            },
-            (_, Some(backoff)) => {
-                if !backoff.is_zero() {
-                    std::thread::sleep(backoff);
-                }
-                if vm.is_ending() {
-                    return;
-                }
-                if let Err(e) = self.respawn(vm, device) {
-                    log(&format!(
-                        "VM '{}': restarting {device} failed: {e}",
-                        vm.name
-                    ));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Gives `device` a new serving process (its standby, or a new one) and hands the
-    /// runner its connection.
-    fn respawn(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
-        let connection = match self.on(vm, device, Event::Takeover) {
-            Action::UseStandby { pid, conn } => {
-                log(&format!(
-                    "VM '{}': {device}: standby backend (pid {pid}) takes over",
-                    vm.name
-                ));
-                Ok((pid, conn))
-            }
-            _ => self.launch_serving(vm, device, false),
-        };
-        let (pid, conn) = match connection {
-            Ok(c) => c,
-            Err((Some(_), e)) => return Err(e), // refused: its watcher decides
-            Err((None, e)) => {
-                // Nothing was started, so nothing will end and retry: say so in `info`.
-                self.on(vm, device, Event::SpawnFailed(e.clone()));
-                vm.save();
-                return Err(e);
-            }
-        };
-        let answer = vm.request_with_fds(
-            &RunnerCommand::ReconnectDevice {
-                device: device.to_string(),
-            },
-            &[conn.as_fd()],
-            Duration::from_secs(20),
-        );
-        let refusal = match answer {
-            Ok(RunnerEvent::DeviceReconnected { .. }) => None,
-            Ok(RunnerEvent::Error { message }) => Some(message),
-            Ok(other) => Some(format!("unexpected answer: {other:?}")),
-            Err(e) => Some(e),
-        };
-        if let Some(e) = refusal {
-            self.refuse(vm, device, pid, &e);
-            return Err(e);
-        }
-        vm.update_backend(device, |b| b.restarts += 1);
-        vm.save();
-        log(&format!("VM '{}': {device} backend restarted", vm.name));
-        self.keep_standby(vm, device);
-        Ok(())
-    }
-
-    /// Ends a new serving process that will never serve (it did not become ready, or the
-    /// runner could not set it up), so that it does not hold the device stalled for good.
-    /// Its end counts as a crash at start, so a binary that always hangs ends up failed
-    /// like one that always crashes.
-    fn refuse(&self, vm: &VmEntry, device: &str, pid: i32, why: &str) {
-        let running = still_running(pid);
-        let event = Event::Refused {
-            pid,
-            why: why.to_string(),
-            running,
-        };
-        if let Action::Kill(_) = self.on(vm, device, event) {
-            log(&format!(
-                "VM '{}': {device} backend (pid {pid}) refused: {why}; ending it",
-                vm.name
-            ));
-        }
-    }
-
-    /// Starts a standby backend for `device` in the background if it should have one: a
-    /// disk whose restart policy restarts it, with no standby yet, in a VM that runs on.
-    pub fn keep_standby(&self, vm: &Arc<VmEntry>, device: &str) {
-        let Some(me) = self.me.upgrade() else {
-            return;
-        };
-        if !device.starts_with("disk") || vm.is_ending() {
-            return;
-        }
-        if !matches!(
-            self.on(vm, device, Event::StandbyWanted),
-            Action::LaunchStandby
-        ) {
-            return;
-        }
-        let vm = vm.clone();
-        let device = device.to_string();
-        let _ = std::thread::Builder::new()
-            .name(format!("standby-{device}"))
-            .spawn(move || {
-                if let Err(e) = me.launch_standby(&vm, &device) {
-                    log(&format!(
-                        "VM '{}': {device}: no standby backend: {e}",
-                        vm.name
-                    ));
-                }
-                me.on(&vm, &device, Event::StandbyLaunchOver);
-            });
-    }
-
-    fn launch_standby(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
-        let l = self.next_launch(vm, device)?;
-        let p = launch::spawn_backend(
-            &self.state,
-            &vm.name,
-            device,
-            &l.binary,
-            &l.args,
-            l.resource,
-            l.uid,
-            true,
-            false,
-        )?;
-        if let Ok(fd) = spawn::pidfd_open(p.pid) {
-            vm.add_backend(fd);
-        }
-        let pid = p.pid;
-        let conn = p.conn.try_clone().map_err(|e| format!("{device}: {e}"))?;
-        // In the machine before its watcher starts, so the watcher finds it there.
-        let binary = l.binary;
-        self.on(vm, device, Event::StandbySpawned { pid, binary, conn });
-        self.watch(vm, device, pid);
-        match p.await_ready(&self.state, device) {
-            Ok(()) => {
-                self.on(vm, device, Event::StandbyReady { pid });
-                Ok(())
-            }
-            Err(e) => {
-                if let Action::Kill(_) = self.on(vm, device, Event::StandbyRefused { pid }) {
-                    log(&format!(
-                        "VM '{}': {device} standby (pid {pid}) ended: {e}",
-                        vm.name
-                    ));
-                }
-                Err(e)
-            }
-        }
-    }
 }
 
 /// How a reaped process ended, in words.
-fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
+pub(super) fn exit_words(status: Option<nix::sys::wait::WaitStatus>) -> String {
     match status {
         Some(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => format!("killed by {sig}"),
         Some(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
-        _ => "ended".to_string(),
+        // Not our child (a backend re-adopted after a bulkheadd restart): no status.
+        _ => "ended (exit status unknown)".to_string(),
     }
+}
+
+/// Seconds since the epoch.
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whether `pid` is stopped (SIGSTOP, or traced): state `T` or `t` in /proc/PID/stat.
+pub(super) fn process_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            rest.trim_start().chars().next()
+        })
+        .is_some_and(|c| c == 'T' || c == 't')
 }
 
 /// Sends SIGKILL to `pid`. Callers make sure it is still unreaped (so not a reused pid).
@@ -442,7 +432,7 @@ fn sigkill(pid: i32) {
 }
 
 /// Whether child `pid` has not exited yet (it is not reaped by this check).
-fn still_running(pid: i32) -> bool {
+pub(super) fn still_running(pid: i32) -> bool {
     use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
     matches!(
         waitid(

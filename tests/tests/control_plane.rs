@@ -1,0 +1,348 @@
+//! The control plane keeps its promises across its own restarts and under slow backends:
+//! a re-adopted VM's devices are supervised as before (restarts, standbys), a backend that
+//! died while `bulkheadd` was down is restarted when it comes back, runner commands are
+//! answered while a device's backend takes seconds to set up, and no vCPU waits on a
+//! backend. Device verbs have policy rules of their own.
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+#[path = "common/stream.rs"]
+mod stream;
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use daemon::*;
+use stream::*;
+
+#[test]
+fn readopted_vm_keeps_restarts_and_standbys() {
+    let test = "readopted_vm_keeps_restarts_and_standbys";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let mut d = Bulkheadd::start("cp-adopt", Some(&runner_uids(65400)), false);
+    let (dir, img) = temp_image("cp-adopt", 8);
+    let con = stream_vm(&d, "adopt", &img, 21, "", "");
+    assert!(
+        wait_until(STEP, || info_pid(&d, "adopt", "standby pid ").is_some()),
+        "no standby before the restart\n{}",
+        d.dump()
+    );
+    // bulkheadd goes down; the serving backend is killed while nobody watches.
+    let before = serving(&d, "adopt").expect("a backend serves disk0");
+    d.terminate();
+    drop(con);
+    send_signal(before, libc::SIGKILL);
+    assert!(
+        wait_until(STEP, || !Path::new(&format!("/proc/{before}")).exists()),
+        "backend {before} survived SIGKILL"
+    );
+    d.launch();
+    // It is restarted as soon as bulkheadd is back, and gets a standby again.
+    assert!(
+        wait_until(STEP, || serving(&d, "adopt").is_some_and(|p| p != before)),
+        "the backend killed while bulkheadd was down was not restarted\n{}",
+        d.dump()
+    );
+    let info = d.cli(&["info", "adopt"]).stdout;
+    assert!(info.contains("ended while bulkheadd was down"), "{info}");
+    assert!(
+        wait_until(STEP, || info_pid(&d, "adopt", "standby pid ").is_some()),
+        "no standby after the restart\n{}",
+        d.cli(&["info", "adopt"]).stdout
+    );
+    let con = d.console("adopt");
+    // Ten kills: each is restarted, by the standby (one is kept ready before each kill).
+    for kill in 1..=10 {
+        let pid = serving(&d, "adopt").expect("a backend serves disk0");
+        let count = restarts(&d, "adopt");
+        assert!(
+            wait_until(STEP, || info_pid(&d, "adopt", "standby pid ").is_some()),
+            "kill {kill}: no standby\n{}",
+            d.cli(&["info", "adopt"]).stdout
+        );
+        let standby = info_pid(&d, "adopt", "standby pid ");
+        send_signal(pid, libc::SIGKILL);
+        assert!(
+            wait_until(STEP, || serving(&d, "adopt").is_some_and(|p| p != pid)
+                && restarts(&d, "adopt") > count),
+            "kill {kill}: not restarted\n{}",
+            d.dump()
+        );
+        assert_eq!(
+            serving(&d, "adopt"),
+            standby,
+            "kill {kill}: the standby did not take over\n{}",
+            d.daemon_log()
+        );
+    }
+    assert!(
+        restarts(&d, "adopt") >= 11,
+        "{}",
+        d.cli(&["info", "adopt"]).stdout
+    );
+    // The stream goes on across all of it.
+    assert_stream_moves(&con);
+    stream_verifies(&d, &con, "adopt", &img, 21);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn commands_and_vcpus_do_not_wait_on_a_backend_setup() {
+    let test = "commands_and_vcpus_do_not_wait_on_a_backend_setup";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("cp-slow", Some(&runner_uids(65500)), false);
+    let (dir, img) = temp_image("cp-slow", 8);
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    // Each tick reads a register of the disk: a vCPU that waited on the backend would stop.
+    let cfg = d.config_with("slow", "blk ticks=20 ticks-touch-blk", "256M", 2, &extra);
+    d.create_config("slow", &cfg);
+    let con = d.console("slow");
+    assert!(con.stdout.wait_for("tick 5", STEP), "{}", d.dump());
+    // A backend that takes the connection and never answers: the runner spends 5 s on it.
+    let silent = Path::new(env!("CARGO_BIN_EXE_bulkhead-test-silent-backend"));
+    let upgrade = {
+        let cmd = d.cli_cmd(&[
+            "device-upgrade",
+            "slow",
+            "disk0",
+            "--binary",
+            silent.to_str().expect("path"),
+        ]);
+        std::thread::spawn(move || run_complete(cmd, CLI))
+    };
+    assert!(
+        wait_until(STEP, || d
+            .log("slow")
+            .contains("disk0: a new backend; replaying the setup to it")),
+        "the runner never started the reconnect\n{}",
+        d.dump()
+    );
+    let during = Instant::now();
+    // A pause issued meanwhile is answered at once, not after the reconnect.
+    let t = Instant::now();
+    let out = d.cli(&["pause", "slow"]);
+    let pause_took = t.elapsed();
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let out = d.cli(&["unpause", "slow"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    eprintln!("pause during a backend's setup answered in {pause_took:?}");
+    assert!(
+        pause_took < Duration::from_secs(1),
+        "pause waited for the reconnect: {pause_took:?}"
+    );
+    // The vCPU keeps ticking (and touching the disk's registers) while the runner waits.
+    let ticks_now = |c: &Running| {
+        c.stdout
+            .text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick ")?.trim().parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let first = ticks_now(&con);
+    assert!(
+        wait_until(Duration::from_secs(3), || ticks_now(&con) >= first + 20),
+        "the vCPU stalled while the backend was set up: tick {} after {:?}\n{}",
+        ticks_now(&con),
+        during.elapsed(),
+        d.log("slow")
+    );
+    assert!(
+        during.elapsed() < Duration::from_secs(5),
+        "the check ran after the setup deadline: it proves nothing ({:?})",
+        during.elapsed()
+    );
+    let out = upgrade.join().expect("upgrade thread");
+    assert_ne!(
+        out.code,
+        Some(0),
+        "the silent backend was accepted\n{}",
+        out.dump()
+    );
+    // Back to the real backend; the VM is intact.
+    let out = d.cli(&[
+        "device-upgrade",
+        "slow",
+        "disk0",
+        "--binary",
+        bin("bulkhead-blk").to_str().expect("path"),
+    ]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let out = d.cli(&["destroy", "slow"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn device_verbs_are_authorized_by_their_own_rules() {
+    let test = "device_verbs_are_authorized_by_their_own_rules";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    const OWNER: u32 = 1000;
+    let policy = format!("[admins]\nuids = [0]\n{}", runner_uids(65600));
+    let d = Bulkheadd::start("cp-rules", Some(&policy), false);
+    let (dir, img) = temp_image("cp-rules", 8);
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    let cfg = d.config_with("owned", "blk ticks=100", "256M", 1, &extra);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("owner = {OWNER}\n{text}")).expect("config");
+    d.create_config("owned", &cfg);
+    // The owner may restart its device, but not pick a program for bulkheadd to run.
+    let out = d.cli_as(OWNER, &["device-restart", "owned", "disk0"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let out = d.cli_as(
+        OWNER,
+        &[
+            "device-upgrade",
+            "owned",
+            "disk0",
+            "--binary",
+            bin("bulkhead-blk").to_str().expect("path"),
+        ],
+    );
+    assert_ne!(out.code, Some(0), "{}", out.dump());
+    assert!(
+        out.stderr.contains("rule 'device-upgrade'"),
+        "the refusal names the device-upgrade rule\n{}",
+        out.dump()
+    );
+    // Another user may do neither, and is told which verb was refused.
+    let out = d.cli_as(OWNER + 1, &["device-restart", "owned", "disk0"]);
+    assert_ne!(out.code, Some(0), "{}", out.dump());
+    assert!(
+        out.stderr.contains("rule 'owner'") && out.stderr.contains("device-restart"),
+        "{}",
+        out.dump()
+    );
+    let out = d.cli(&["destroy", "owned"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_1_gib_disk_is_written_at_its_last_sector() {
+    let test = "a_1_gib_disk_is_written_at_its_last_sector";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("cp-big", Some(&runner_uids(66300)), false);
+    let (dir, img) = temp_image("cp-big", 1024);
+    let last = (1u64 << 30) / 512 - 8;
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    let cmdline = format!("blk blk-write=5:{last}:8 blk-verify=5:{last}:8 exit=0");
+    let cfg = d.config_with("big", &cmdline, "256M", 1, &extra);
+    d.create_config("big", &cfg);
+    // The guest exits 0 only if every request succeeded.
+    let row = d.wait_row("big", "stopped");
+    assert!(
+        row.contains("exit 0") || row.contains("status 0"),
+        "{row}\n{}",
+        d.dump()
+    );
+    // The last sector holds the pattern (word 0 = sector number, word 2 = seed).
+    let data = std::fs::read(&img).expect("image");
+    let s = &data[(last as usize + 7) * 512..(last as usize + 8) * 512];
+    let word = |i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    assert_eq!(word(0), last + 7, "the last sector was not written");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn nobody_but_root_reads_the_state_dir() {
+    let test = "nobody_but_root_reads_the_state_dir";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    const OWNER: u32 = 1000;
+    let d = Bulkheadd::start("cp-perms", Some(&runner_uids(66400)), false);
+    let (dir, img) = temp_image("cp-perms", 8);
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    let cfg = d.config_with(
+        "secret",
+        "blk ticks=100 secret-token=hunter2",
+        "128M",
+        1,
+        &extra,
+    );
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("owner = {OWNER}\n{text}")).expect("config");
+    d.create_config("secret", &cfg);
+    // Every file bulkheadd keeps (records, logs, sockets), tried as the VM's owner and as
+    // another user: none can be read, and no directory but the root can be listed.
+    let mut files = Vec::new();
+    let mut dirs = vec![d.state.clone()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() && !path.ends_with("root") => dirs.push(path),
+                Ok(t) if !t.is_dir() => files.push(path),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().ends_with("vms/secret.toml")),
+        "{files:?}"
+    );
+    for uid in [OWNER, OWNER + 1] {
+        for f in &files {
+            let out = std::process::Command::new("cat")
+                .arg(f)
+                .uid(uid)
+                .gid(uid)
+                .output()
+                .expect("cat");
+            assert!(
+                !out.status.success(),
+                "uid {uid} read {}:\n{}",
+                f.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        for sub in ["vms", "logs", "run"] {
+            let out = std::process::Command::new("ls")
+                .arg(d.state.join(sub))
+                .uid(uid)
+                .gid(uid)
+                .output()
+                .expect("ls");
+            assert!(!out.status.success(), "uid {uid} listed {sub}");
+        }
+    }
+    // The owner still reaches its VM through bulkheadd.
+    let out = d.cli_as(OWNER, &["info", "secret"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    let out = d.cli(&["destroy", "secret"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_vm_name_of_64_characters_works() {
+    let test = "a_vm_name_of_64_characters_works";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("cp-long", Some(&runner_uids(66500)), false);
+    let (dir, img) = temp_image("cp-long", 8);
+    let name = "a-very-long-vm-name-that-is-exactly-sixty-four-characters-long-x";
+    assert_eq!(name.len(), 64);
+    let extra = format!("[[disks]]\npath = \"{}\"\n", img.display());
+    let cfg = d.config_with(name, "blk ticks=100", "128M", 1, &extra);
+    d.create_config(name, &cfg);
+    d.wait_row(name, "running");
+    let out = d.cli(&["destroy", name]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let _ = std::fs::remove_dir_all(dir);
+}
