@@ -1141,3 +1141,53 @@ fn qemu_runs_the_random_workload_unchanged() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn daemon_disk_with_cache_none_is_served_o_direct() {
+    let name = "daemon_disk_with_cache_none_is_served_o_direct";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("disk-direct", Some(&runner_uids(66700)), false);
+    let img = image_in(&d, "direct.img", 16);
+    let disks = format!(
+        "{}cache = \"none\"\n",
+        disk_toml(&img, false, None, Some(2))
+    );
+    let cfg = d.config_with(
+        "direct",
+        "blk blk-queues=2 blk-write=7:0:4096 blk-verify=7:0:4096 blk-rand-write=5:500:16:4k echo exit=0",
+        "128M",
+        1,
+        &disks,
+    );
+    let out = run_held(&d, "direct", &cfg, "stopped (exit 0)", |_| {
+        // The backend's image fd is O_DIRECT.
+        let pid = backend_pid(&d, "direct", 0);
+        let mut flags = None;
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fd dir")
+            .flatten()
+        {
+            if std::fs::read_link(e.path()).is_ok_and(|t| t == img) {
+                let fdinfo = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    e.file_name().to_string_lossy()
+                ))
+                .expect("fdinfo");
+                flags = line_value(&fdinfo, "flags:").and_then(|f| u32::from_str_radix(&f, 8).ok());
+            }
+        }
+        let flags = flags.unwrap_or_else(|| panic!("bulkhead-blk {pid} does not hold the image"));
+        assert_ne!(flags & libc::O_DIRECT as u32, 0, "image fd flags {flags:o}");
+    });
+    for line in [
+        "blk-write: 4096 sectors ok status 0",
+        "blk-verify: ok",
+        "blk-rand: write 500 requests, 500 ok, 0 errors, status 0",
+    ] {
+        assert!(out.contains(line), "lacks '{line}'\n{out}");
+    }
+    let log = std::fs::read_to_string(d.disk_log_path("direct", 0)).unwrap_or_default();
+    assert!(log.contains("cache none"), "{log}");
+}
