@@ -1,74 +1,226 @@
 #!/usr/bin/env bash
-# Sequential disk throughput seen by the same test guest, one run each, side by side:
-#  (a) bulkhead-runner + bulkhead-blk        (b) QEMU + qemu-storage-daemon vhost-user-blk
-#  (c) QEMU's built-in virtio-blk-pci        (d) the host writing/reading the image file
-# The guest writes then reads N MiB (default 256) in 64 KiB requests; the time is taken from
-# the guest's console lines (start and end of each phase), so VMM start-up is not counted.
-# Random 4 KiB IOPS are not measured yet: the test guest has no random-read mode.
+# Disk data path, side by side, in one run: the same test guest and the same image under
+#  (a) bulkhead-runner + bulkhead-blk            (b) QEMU + qemu-storage-daemon (vhost-user-blk)
+#  (c) QEMU's built-in virtio-blk-pci            (d) fio on the host, same pattern on the image
+# Patterns: sequential write and read in 64 KiB and 1 MiB requests (4 in flight, as the
+# guest's blk-write=/blk-read= keep), 4 KiB random read and write at queue depth 1 and 32
+# (blk-rand=/blk-rand-write=). Every number comes from the guest's own `blk-perf:` line
+# (TSC-timed, tsc-khz= from the host), so VMM start-up is not counted. Runs are interleaved:
+# for each repetition, for each pattern, each system in turn; the table shows medians of
+# REPS repetitions and the ratios of (a) to the others.
+#
+# CPU: for each run, the CPU time the VMM process (minus its vCPU threads, which spin in the
+# polling guest) and the backend process used between the guest's disk init and the end of
+# the pattern, per GiB moved ("I/O CPU s/GiB"); fio: its own user+system time.
+#
+# Usage: bash scripts/bench-blk.sh [MiB]      env: REPS=3 CACHE=none|writeback ENGINE=auto
+#   MiB: image size and sequential amount (default 256). CACHE: host caching for all of
+#   (a)-(d) (none = O_DIRECT everywhere; default). The machine is shared: numbers are noisy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-256}
-sectors=$((mib * 2048))
-cargo build --release --workspace --bins >&2
+reps=${REPS:-3}
+cache=${CACHE:-none}
+engine=${ENGINE:-auto}
+case "$cache" in none|writeback) ;; *) echo "CACHE must be none or writeback" >&2; exit 2 ;; esac
+for t in qemu-system-x86_64 qemu-storage-daemon fio python3; do
+  command -v "$t" >/dev/null || { echo "bench-blk: $t is missing: run scripts/install-deps.sh" >&2; exit 1; }
+done
+export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
+cargo build --release -p bulkhead-backends -p bulkhead-core-vmm --bins >&2
 cargo build --release -p bulkhead-tests >&2
-bin=$PWD/target/release
-guest=$PWD/target/guest/x86_64-unknown-linux-gnu/release/bulkhead-test-guest
-work=$(mktemp -d /tmp/bulkhead-bench-blk.XXXXXX)
-trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$work"' EXIT
-cmdline="blk blk-write=5:0:$sectors blk-read=0:$sectors exit=0"
-qemu_common=(-M pc -enable-kvm -cpu host,-arch-capabilities -m 512 -smp 1 -nodefaults -no-user-config
-  -nographic -serial stdio -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel "$guest" -append "$cmdline")
+work=$(mktemp -d /var/tmp/bulkhead-bench-blk.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
+python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" <<'PY'
+import json, os, re, signal, socket, statistics, subprocess, sys, time
 
-# Runs a command, timestamps its console lines, prints "<write MiB/s> <read MiB/s>".
-phases() {
-  python3 - "$mib" "$@" <<'PY'
-import subprocess, sys, time
-mib = float(sys.argv[1]); cmd = sys.argv[2:]
-p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-t = {}
-for raw in p.stdout:
-    line = raw.decode(errors="replace").strip()
-    now = time.monotonic()
-    if line.startswith("blk0:") and "init" not in t: t["init"] = now
-    elif line.startswith("blk-write:"): t["wdone"] = now; ok_w = "status 0" in line
-    elif line.startswith("blk-checksum:") and "wdone" in t and "rstart" not in t: t["rstart"] = now
-    elif line.startswith("blk-read:"): t["rdone"] = now; ok_r = "status 0" in line
-p.wait()
-if not all(k in t for k in ("init", "wdone", "rstart", "rdone")) or not (ok_w and ok_r):
-    print("failed failed"); sys.exit(0)
-print(f"{mib / (t['wdone'] - t['init']):.1f} {mib / (t['rdone'] - t['rstart']):.1f}")
+root, work, mib, reps, cache, engine, khz = sys.argv[1:8]
+mib, reps = int(mib), int(reps)
+bin_ = f"{root}/target/release"
+guest = f"{root}/target/guest/x86_64-unknown-linux-gnu/release/bulkhead-test-guest"
+img = f"{work}/disk.img"
+# Written through once (not sparse), so no system pays for allocating blocks in rep 1.
+subprocess.run(["dd", "if=/dev/zero", f"of={img}", "bs=1M", f"count={mib}", "conv=fsync",
+                "status=none"], check=True)
+sectors = mib * 2048
+TICK = os.sysconf("SC_CLK_TCK")
+direct = cache == "none"
+
+# name, guest tokens, fio options, bytes moved
+PATTERNS = [
+    ("seq write 64K", f"blk-req=64 blk-write=5:0:{sectors}", "--rw=write --bs=64k --iodepth=4 --end_fsync=1", mib << 20),
+    ("seq read 64K", f"blk-req=64 blk-read=0:{sectors}", "--rw=read --bs=64k --iodepth=4", mib << 20),
+    ("seq write 1M", f"blk-req=1024 blk-write=6:0:{sectors}", "--rw=write --bs=1m --iodepth=4 --end_fsync=1", mib << 20),
+    ("seq read 1M", f"blk-req=1024 blk-read=0:{sectors}", "--rw=read --bs=1m --iodepth=4", mib << 20),
+    ("rand read 4K QD1", "blk-rand=7:10000:1:4k", "--rw=randread --bs=4k --iodepth=1 --number_ios=10000", 10000 * 4096),
+    ("rand read 4K QD32", "blk-rand=8:100000:32:4k", "--rw=randread --bs=4k --iodepth=32 --number_ios=100000", 100000 * 4096),
+    ("rand write 4K QD1", "blk-rand-write=9:10000:1:4k", "--rw=randwrite --bs=4k --iodepth=1 --number_ios=10000", 10000 * 4096),
+    ("rand write 4K QD32", "blk-rand-write=10:100000:32:4k", "--rw=randwrite --bs=4k --iodepth=32 --number_ios=100000", 100000 * 4096),
+]
+SYSTEMS = ["bulkhead", "qemu+qsd", "qemu virtio-blk", "host fio"]
+
+def cpu_of(pid, skip=None):
+    """CPU seconds of pid's threads (skipping those whose name matches skip)."""
+    total = 0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/stat") as f:
+                    s = f.read()
+            except OSError:
+                continue
+            comm = s[s.index("(") + 1:s.rindex(")")]
+            if skip and re.match(skip, comm):
+                continue
+            fields = s[s.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])
+    except OSError:
+        pass
+    return total / TICK
+
+def wait_socket(path, proc, what):
+    for _ in range(200):
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            sys.exit(f"bench-blk: {what} exited with status {proc.returncode} (see {work}/*.log)")
+        time.sleep(0.05)
+    sys.exit(f"bench-blk: {what} never listened on {path}")
+
+def guest_run(system, tokens):
+    """Boots the guest under `system` with `tokens`; returns (perf dict, cpu seconds)."""
+    cmdline = f"tsc-khz={khz} blk {tokens} exit=0"
+    backend = None
+    qemu = ["qemu-system-x86_64", "-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+            "-m", "512", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+            "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-kernel", guest, "-append", cmdline]
+    if system == "bulkhead":
+        sock = f"{work}/blk.sock"
+        backend = subprocess.Popen([f"{bin_}/bulkhead-blk", "--socket", sock, "--image", img,
+                                    "--cache", cache, "--io-engine", engine],
+                                   stdout=subprocess.DEVNULL, stderr=open(f"{work}/blk.log", "a"))
+        wait_socket(sock, backend, "bulkhead-blk")
+        cmd = [f"{bin_}/bulkhead-runner", "--kernel", guest, "--memory", "512M",
+               "--disk-socket", sock, "--cmdline", cmdline]
+        vcpu = r"vcpu\d+"
+    elif system == "qemu+qsd":
+        sock = f"{work}/qsd.sock"
+        backend = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
+            f"driver=file,node-name=file,filename={img},cache.direct={'on' if direct else 'off'},aio=io_uring",
+            "--blockdev", "driver=raw,node-name=disk,file=file", "--export",
+            f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={sock},writable=on"],
+            stdout=subprocess.DEVNULL, stderr=open(f"{work}/qsd.log", "a"))
+        wait_socket(sock, backend, "qemu-storage-daemon")
+        cmd = qemu + ["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem",
+                      "-chardev", f"socket,id=c0,path={sock}", "-device", "vhost-user-blk-pci,chardev=c0"]
+        vcpu = r"CPU \d+/KVM"
+    else:
+        cmd = qemu + ["-drive", f"file={img},if=none,format=raw,id=d0,cache={cache},aio=io_uring",
+                      "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+        vcpu = r"CPU \d+/KVM"
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    snap = lambda: cpu_of(p.pid, vcpu) + (cpu_of(backend.pid) if backend else 0)
+    c0 = c1 = None
+    perf = None
+    for raw in p.stdout:
+        line = raw.decode(errors="replace").strip()
+        if line.startswith("blk0:") and c0 is None:
+            c0 = snap()
+        elif line.startswith("blk-perf:"):
+            c1 = snap()
+            perf = dict(kv.split("=", 1) for kv in line.split()[2:] if "=" in kv)
+        elif ("status" in line and line.startswith(("blk-write:", "blk-read:", "blk-rand:"))
+              and not line.endswith("status 0")):
+            perf = None
+            print(f"bench-blk: {system}: {line}", file=sys.stderr)
+            break
+    p.wait()
+    if backend:
+        backend.send_signal(signal.SIGTERM)
+        try:
+            backend.wait(5)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+            backend.wait()
+        for s in ("blk.sock", "qsd.sock"):
+            try:
+                os.unlink(f"{work}/{s}")
+            except FileNotFoundError:
+                pass
+    if perf is None or c0 is None:
+        return None
+    return perf, c1 - c0
+
+def fio_run(opts, nbytes):
+    args = ["fio", "--name=bench", f"--filename={img}", "--ioengine=io_uring",
+            f"--direct={1 if direct else 0}", f"--size={mib}m", "--output-format=json",
+            "--randrepeat=0"] + opts.split()
+    if "number_ios" not in opts:
+        args.append(f"--io_size={nbytes}")
+    t0 = os.times()
+    out = subprocess.run(args, capture_output=True, text=True)
+    t1 = os.times()
+    if out.returncode != 0:
+        print(f"bench-blk: fio: {out.stderr.strip()}", file=sys.stderr)
+        return None
+    j = json.loads(out.stdout)["jobs"][0]
+    side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+    secs = side["runtime"] / 1000 or 1e-9
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    perf = {"iops": side["iops"], "mibps": side["io_bytes"] / secs / (1 << 20),
+            "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}
+    cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+    return perf, cpu
+
+results = {(p[0], s): [] for p in PATTERNS for s in SYSTEMS}
+for rep in range(reps):
+    for name, tokens, fio_opts, nbytes in PATTERNS:
+        for system in SYSTEMS:
+            r = fio_run(fio_opts, nbytes) if system == "host fio" else guest_run(system, tokens)
+            if r is None:
+                print(f"bench-blk: rep {rep + 1} {name} {system}: failed", file=sys.stderr)
+                continue
+            perf, cpu = r
+            results[(name, system)].append({
+                "iops": float(perf["iops"]), "mibps": float(perf["mibps"]),
+                "p50": float(perf["p50_us"]), "p99": float(perf["p99_us"]),
+                "cpu_gib": cpu / (nbytes / (1 << 30))})
+            print(f"  rep {rep + 1} {name:<20} {system:<16} {float(perf['mibps']):9.1f} MiB/s "
+                  f"{float(perf['iops']):9.0f} IOPS  p50 {float(perf['p50_us']):7.1f} us "
+                  f"p99 {float(perf['p99_us']):8.1f} us  cpu {cpu:6.2f} s", file=sys.stderr)
+
+def med(name, system, key):
+    v = [r[key] for r in results[(name, system)]]
+    return statistics.median(v) if v else None
+
+def fmt(v, d=1):
+    return "-" if v is None else f"{v:.{d}f}"
+
+def ratio(a, b):
+    return "-" if a is None or b in (None, 0) else f"{a / b:.2f}x"
+
+print(f"\nbench-blk: {mib} MiB image, cache={cache}, bulkhead-blk --io-engine {engine}, "
+      f"median of {reps} interleaved runs; tsc-khz={khz}")
+print("\nthroughput: MiB/s (sequential) or IOPS (random); (a) bulkhead, (b) QEMU+qsd, "
+      "(c) QEMU virtio-blk, (d) host fio")
+print(f"{'pattern':<20} {'(a)':>10} {'(b)':>10} {'(c)':>10} {'(d)':>10} {'a/b':>7} {'a/c':>7} {'a/d':>7}")
+for name, *_ in PATTERNS:
+    key = "mibps" if name.startswith("seq") else "iops"
+    v = [med(name, s, key) for s in SYSTEMS]
+    d = 1 if key == "mibps" else 0
+    print(f"{name:<20} {fmt(v[0], d):>10} {fmt(v[1], d):>10} {fmt(v[2], d):>10} {fmt(v[3], d):>10} "
+          f"{ratio(v[0], v[1]):>7} {ratio(v[0], v[2]):>7} {ratio(v[0], v[3]):>7}")
+print("\nlatency, random 4K: p50 / p99 in us (guest-measured; fio: completion latency)")
+print(f"{'pattern':<20} {'(a)':>16} {'(b)':>16} {'(c)':>16} {'(d)':>16}")
+for name, *_ in PATTERNS:
+    if name.startswith("rand"):
+        cells = [f"{fmt(med(name, s, 'p50'))} / {fmt(med(name, s, 'p99'))}" for s in SYSTEMS]
+        print(f"{name:<20} " + " ".join(f"{c:>16}" for c in cells))
+print("\nI/O CPU seconds per GiB moved: VMM without its vCPU threads + backend; fio: fio's own")
+print(f"{'pattern':<20} {'(a)':>8} {'(b)':>8} {'(c)':>8} {'(d)':>8}")
+for name, *_ in PATTERNS:
+    v = [med(name, s, "cpu_gib") for s in SYSTEMS]
+    print(f"{name:<20} " + " ".join(f"{fmt(x, 2):>8}" for x in v))
 PY
-}
-
-img=$work/disk.img
-truncate -s $((mib + 16))M "$img"
-
-"$bin/bulkhead-blk" --socket "$work/blk.sock" --image "$img" 2>"$work/blk.log" &
-for _ in $(seq 100); do [ -S "$work/blk.sock" ] && break; sleep 0.05; done
-a=$(phases "$bin/bulkhead-runner" --kernel "$guest" --memory 512M --disk-socket "$work/blk.sock" --cmdline "$cmdline")
-pkill -f "bulkhead-blk --socket $work/blk.sock" || true
-
-qemu-storage-daemon --blockdev "driver=file,node-name=file,filename=$img" --blockdev driver=raw,node-name=disk,file=file \
-  --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$work/qsd.sock,writable=on" 2>"$work/qsd.log" &
-for _ in $(seq 100); do [ -S "$work/qsd.sock" ] && break; sleep 0.05; done
-b=$(phases qemu-system-x86_64 "${qemu_common[@]}" -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
-  -chardev "socket,id=c0,path=$work/qsd.sock" -device vhost-user-blk-pci,chardev=c0)
-pkill -f "qemu-storage-daemon --blockdev driver=file,node-name=file,filename=$img" || true
-
-c=$(phases qemu-system-x86_64 "${qemu_common[@]}" -drive "file=$img,if=none,format=raw,id=d0" -device virtio-blk-pci,drive=d0,disable-legacy=on)
-
-t0=$(date +%s.%N); dd if=/dev/zero of="$img" bs=64K count=$((mib * 16)) conv=notrunc,fdatasync status=none; t1=$(date +%s.%N)
-dd if="$img" of=/dev/null bs=64K count=$((mib * 16)) status=none; t2=$(date +%s.%N)
-d="$(echo "$mib / ($t1 - $t0)" | bc -l | xargs printf '%.1f') $(echo "$mib / ($t2 - $t1)" | bc -l | xargs printf '%.1f')"
-
-row() { printf '%-38s %10s %10s\n' "$1" "$2" "$3"; }
-ratio() { if [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]]; then echo "$1 / $2" | bc -l | xargs printf '%.2fx'; else echo "-"; fi; }
-row "sequential, $mib MiB, 64 KiB requests" "write MiB/s" "read MiB/s"
-row "(a) bulkhead-runner + bulkhead-blk" $a
-row "(b) QEMU + qemu-storage-daemon" $b
-row "(c) QEMU virtio-blk-pci (built-in)" $c
-row "(d) host dd on the image" $d
-set -- $a; aw=$1 ar=$2; set -- $b; bw=$1 br=$2; set -- $c; cw=$1 cr=$2; set -- $d; dw=$1 dr=$2
-row "(a)/(b)" "$(ratio "$aw" "$bw")" "$(ratio "$ar" "$br")"
-row "(a)/(c)" "$(ratio "$aw" "$cw")" "$(ratio "$ar" "$cr")"
-row "(a)/(d)" "$(ratio "$aw" "$dw")" "$(ratio "$ar" "$dr")"

@@ -25,6 +25,8 @@ packages=(
   time
   # the watchdog suite's slow disk (tests/tools/slowfs.py, a FUSE filesystem)
   python3-fusepy
+  # scripts/bench-blk.sh: the host's own numbers for the same I/O patterns
+  fio
 )
 
 mode=install

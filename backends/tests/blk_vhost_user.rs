@@ -178,6 +178,22 @@ fn bad_arguments_exit_2() {
             "--serial",
             "012345678901234567890",
         ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/etc/hostname",
+            "--cache",
+            "unsafe",
+        ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/etc/hostname",
+            "--io-engine",
+            "aio",
+        ],
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -330,6 +346,11 @@ fn data_path(fe: &mut Frontend, serial: &[u8]) -> Result<(), String> {
 /// Starts `bulkhead-blk` sandboxed on an inherited connected socket (`--socket-fd`) serving
 /// `img`; returns the process (stderr piped) and our end of the socket.
 fn spawn_sandboxed(img: &Path, serial: &str) -> (Kill, UnixStream) {
+    spawn_sandboxed_with(img, serial, &[])
+}
+
+/// [`spawn_sandboxed`] with extra arguments.
+fn spawn_sandboxed_with(img: &Path, serial: &str, extra: &[&str]) -> (Kill, UnixStream) {
     let image = File::options().read(true).write(true).open(img).unwrap();
     let (ours, theirs) = UnixStream::pair().unwrap();
     let theirs = OwnedFd::from(theirs);
@@ -342,6 +363,7 @@ fn spawn_sandboxed(img: &Path, serial: &str) -> (Kill, UnixStream) {
         &ifd.to_string(),
     ])
     .args(["--serial", serial])
+    .args(extra)
     .stderr(Stdio::piped());
     // SAFETY: between fork and exec we only clear FD_CLOEXEC on two fds we own
     // (async-signal-safe fcntl calls).
@@ -388,27 +410,41 @@ fn stderr_of(child: &mut Kill) -> String {
 
 #[test]
 fn sandboxed_inherited_socket_serves_requests() {
-    let img = scratch("sandboxed.img");
-    make_image(&img);
-    let (child, ours) = spawn_sandboxed(&img, "sandboxed");
-    let mut fe = Frontend::from_stream(ours, 1);
-    let config = negotiate(&mut fe, false);
-    assert_eq!(le64(&config[0..8]), SECTORS);
+    // Every engine's syscalls must be on the allowlist.
+    for (engine, cache) in [
+        ("auto", "writeback"),
+        ("io-uring", "none"),
+        ("threads", "writeback"),
+        ("threads", "none"),
+        ("inline", "writeback"),
+    ] {
+        let img = scratch(&format!("sandboxed-{engine}-{cache}.img"));
+        make_image(&img);
+        let (child, ours) = spawn_sandboxed_with(
+            &img,
+            "sandboxed",
+            &["--io-engine", engine, "--cache", cache],
+        );
+        let mut fe = Frontend::from_stream(ours, 1);
+        let config = negotiate(&mut fe, false);
+        assert_eq!(le64(&config[0..8]), SECTORS);
 
-    let mut child = child;
-    if let Err(e) = data_path(&mut fe, b"sandboxed") {
-        let _ = child.0.kill();
-        panic!("{e}: {}", stderr_of(&mut child));
+        let mut child = child;
+        if let Err(e) = data_path(&mut fe, b"sandboxed") {
+            let _ = child.0.kill();
+            panic!("{engine} {cache}: {e}: {}", stderr_of(&mut child));
+        }
+
+        // The frontend leaves: the sandboxed backend serves one connection and exits cleanly.
+        drop(fe);
+        let status = wait_exit(&mut child);
+        let err = stderr_of(&mut child);
+        assert!(status.success(), "{engine} {cache}: exit {status:?}: {err}");
+        assert!(err.contains("serving the inherited connection"), "{err}");
+        assert!(err.contains("I/O engine "), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        let _ = std::fs::remove_file(&img);
     }
-
-    // The frontend leaves: the sandboxed backend serves one connection and exits cleanly.
-    drop(fe);
-    let status = wait_exit(&mut child);
-    let err = stderr_of(&mut child);
-    assert!(status.success(), "exit {status:?}: {err}");
-    assert!(err.contains("serving the inherited connection"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let _ = std::fs::remove_file(&img);
 }
 
 /// A write request of one sector of `byte` to `sector`, as descriptors `head..head+3`, with

@@ -996,3 +996,198 @@ fn runner_drives_a_standalone_bulkhead_blk_and_reconnects() {
     drop(blk);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ------------------------------------------------------------------------------------------
+// 7. random I/O with a queue depth, checked against the host's replay of its seeds
+// ------------------------------------------------------------------------------------------
+
+/// The area and tokens of the random workload: writes of 4 KiB (32 in flight per queue)
+/// and of 7 sectors, then reads of 4 KiB and of 3 sectors, over the first 8 MiB.
+const RAND_AREA: (u64, u64) = (0, 16384);
+const RAND_WRITES: [(u64, u64, u64, u64); 2] = [(11, 3000, 32, 4096), (12, 600, 8, 3584)];
+const RAND_READS: [(u64, u64, u64, u64); 2] = [(13, 2000, 32, 4096), (14, 300, 4, 1536)];
+
+fn rand_cmdline(queues: u16) -> String {
+    let mut c = format!(
+        "blk blk-queues={queues} blk-event-idx blk-rand-area={}:{}",
+        RAND_AREA.0, RAND_AREA.1
+    );
+    for (seed, count, qd, bs) in RAND_WRITES {
+        c += &format!(" blk-rand-write={seed}:{count}:{qd}:{bs}");
+    }
+    for (seed, count, qd, bs) in RAND_READS {
+        c += &format!(" blk-rand={seed}:{count}:{qd}:{bs}");
+    }
+    c + " exit=0"
+}
+
+/// Checks a run of [`rand_cmdline`] on a zeroed `img`: every request completed, the image
+/// holds exactly what the replay of the write seeds puts there (later writes over earlier
+/// ones, nothing outside the area), and each read printed the checksum the replay computes
+/// over that image.
+fn check_rand_run(img: &Path, stdout: &str) -> Result<(), String> {
+    use common::rand_replay::{first_difference, RandToken};
+    let token = |(seed, count, _qd, bs): (u64, u64, u64, u64)| RandToken {
+        seed,
+        count,
+        bs,
+        area: RAND_AREA,
+    };
+    for (_, count, _, _) in RAND_WRITES {
+        let line = format!("blk-rand: write {count} requests, {count} ok, 0 errors, status 0");
+        stdout
+            .contains(&line)
+            .then_some(())
+            .ok_or(format!("lacks '{line}'"))?;
+    }
+    let image = std::fs::read(img).map_err(|e| e.to_string())?;
+    let mut want = vec![0u8; image.len()];
+    for w in RAND_WRITES {
+        token(w).apply_writes(&mut want);
+    }
+    if let Some(d) = first_difference(&image, &want) {
+        return Err(format!("image differs from the replay: {d}"));
+    }
+    let sums: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("blk-rand-checksum: "))
+        .collect();
+    if sums.len() != RAND_READS.len() {
+        return Err(format!("{} read checksums printed", sums.len()));
+    }
+    for (r, got) in RAND_READS.iter().zip(sums) {
+        let expect = format!("{:#018x}", token(*r).read_checksum(&want));
+        if got != expect {
+            return Err(format!(
+                "read seed {}: checksum {got}, replay {expect}",
+                r.0
+            ));
+        }
+    }
+    let perf = stdout
+        .lines()
+        .filter(|l| l.starts_with("blk-perf: rand"))
+        .count();
+    (perf == 4)
+        .then_some(())
+        .ok_or(format!("{perf} blk-perf lines"))
+}
+
+#[test]
+fn random_io_matches_a_host_replay_of_its_seeds() {
+    let name = "random_io_matches_a_host_replay_of_its_seeds";
+    if !kvm_available(name) {
+        return;
+    }
+    for args in [
+        &["--io-engine", "io-uring"][..],
+        &["--io-engine", "threads", "--cache", "none"],
+        &["--io-engine", "inline"],
+    ] {
+        let (dir, img) = temp_image("blk-rand", 9);
+        let sock = dir.join("blk.sock");
+        let mut all = vec!["--queues", "2"];
+        all.extend_from_slice(args);
+        let mut blk = standalone_blk(&img, &sock, &all);
+        let mut c = runner_guest(&rand_cmdline(2), 1, "256M");
+        c.arg("--disk-socket").arg(&sock);
+        let out = run_complete(c, DEADLINE);
+        let context = format!(
+            "bulkhead-blk {args:?}\n{}\n--- bulkhead-blk ---\n{}",
+            out.dump(),
+            blk.stderr.text()
+        );
+        assert_eq!(out.code, Some(0), "{context}");
+        assert!(out.stdout.contains("blk-mq: 2 queues used"), "{context}");
+        if let Err(e) = check_rand_run(&img, &out.stdout) {
+            panic!("{e}\n{context}");
+        }
+        assert_serves_on(&mut blk, 1);
+        drop(blk);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn qemu_runs_the_random_workload_unchanged() {
+    let name = "qemu_runs_the_random_workload_unchanged";
+    if !kvm_available(name) {
+        return;
+    }
+    let Some(qemu) = qemu(name) else {
+        return;
+    };
+    let (dir, img) = temp_image("blk-rand-qemu", 9);
+    let mut c = Command::new(qemu);
+    c.args(["-M", "pc", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"])
+        .args(["-nographic", "-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .arg("-drive")
+        .arg(format!("file={},if=none,format=raw,id=d0", img.display()))
+        .args([
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=2",
+        ])
+        .arg("-kernel")
+        .arg(test_guest())
+        .arg("-append")
+        .arg(rand_cmdline(2));
+    let out = run_complete(c, QEMU_RUN);
+    // isa-debug-exit: QEMU exits with (value << 1) | 1, so guest status 0 is 1.
+    assert_eq!(out.code, Some(1), "{}", out.dump());
+    if let Err(e) = check_rand_run(&img, &out.stdout) {
+        panic!("{e}\n{}", out.dump());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn daemon_disk_with_cache_none_is_served_o_direct() {
+    let name = "daemon_disk_with_cache_none_is_served_o_direct";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("disk-direct", Some(&runner_uids(66700)), false);
+    let img = image_in(&d, "direct.img", 16);
+    let disks = format!(
+        "{}cache = \"none\"\n",
+        disk_toml(&img, false, None, Some(2))
+    );
+    let cfg = d.config_with(
+        "direct",
+        "blk blk-queues=2 blk-write=7:0:4096 blk-verify=7:0:4096 blk-rand-write=5:500:16:4k echo exit=0",
+        "128M",
+        1,
+        &disks,
+    );
+    let out = run_held(&d, "direct", &cfg, "stopped (exit 0)", |_| {
+        // The backend's image fd is O_DIRECT.
+        let pid = backend_pid(&d, "direct", 0);
+        let mut flags = None;
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fd dir")
+            .flatten()
+        {
+            if std::fs::read_link(e.path()).is_ok_and(|t| t == img) {
+                let fdinfo = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    e.file_name().to_string_lossy()
+                ))
+                .expect("fdinfo");
+                flags = line_value(&fdinfo, "flags:").and_then(|f| u32::from_str_radix(&f, 8).ok());
+            }
+        }
+        let flags = flags.unwrap_or_else(|| panic!("bulkhead-blk {pid} does not hold the image"));
+        assert_ne!(flags & libc::O_DIRECT as u32, 0, "image fd flags {flags:o}");
+    });
+    for line in [
+        "blk-write: 4096 sectors ok status 0",
+        "blk-verify: ok",
+        "blk-rand: write 500 requests, 500 ok, 0 errors, status 0",
+    ] {
+        assert!(out.contains(line), "lacks '{line}'\n{out}");
+    }
+    let log = std::fs::read_to_string(d.disk_log_path("direct", 0)).unwrap_or_default();
+    assert!(log.contains("cache none"), "{log}");
+}

@@ -612,3 +612,90 @@ fn a_backend_that_never_answers_is_cut_off_and_the_device_is_moved_back() {
     let _ = assert_stream_ends_consistent(&d, &con, "silent", &img, 9);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn random_writes_completing_out_of_order_survive_backend_kills() {
+    use common::rand_replay::{first_difference, RandToken};
+    let test = "random_writes_completing_out_of_order_survive_backend_kills";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("rs-rand", Some(&runner_uids(65100)), false);
+    let (dir, img) = temp_image("restart-rand", 9);
+    // 32 random 4 KiB writes in flight on each of two queues, completing in any order,
+    // then random reads, over 8 MiB; the test kills the serving backend while they run.
+    let area = (0u64, 16384u64);
+    let writes = RandToken {
+        seed: 21,
+        count: 400_000,
+        bs: 4096,
+        area,
+    };
+    let reads = RandToken {
+        seed: 22,
+        count: 100_000,
+        bs: 4096,
+        area,
+    };
+    let cmdline = format!(
+        "blk blk-queues=2 blk-event-idx blk-rand-area={}:{} blk-rand-write={}:{}:32:4k blk-rand={}:{}:32:4k echo exit=0",
+        area.0, area.1, writes.seed, writes.count, reads.seed, reads.count
+    );
+    disk_vm(&d, "rand", &img, &cmdline);
+    let con = d.console("rand");
+    console_text(&con, "blk0:", STEP);
+    let mut jitter = Jitter(0x5eed_1234_abcd_0002);
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    // Kill while the random writes run (and on into the reads), at most 30 times.
+    while kills < 30 && !con.stdout.text().contains("blk-rand-checksum:") {
+        assert!(
+            Instant::now() < deadline,
+            "only {kills} kills in time\n{}",
+            d.dump()
+        );
+        let Some(pid) = backend_pid(&d, "rand") else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        // Past the 250 ms within which a death counts as a crash at start.
+        std::thread::sleep(Duration::from_millis(jitter.next_ms(300, 600)));
+        send_signal(pid, libc::SIGKILL);
+        kills += 1;
+        let replaced = wait_until(STEP, || backend_pid(&d, "rand").is_some_and(|p| p != pid));
+        assert!(replaced, "no new backend after kill {kills}\n{}", d.dump());
+    }
+    let text = console_text(&con, "blk-rand-checksum:", Duration::from_secs(180));
+    let backend_log = std::fs::read_to_string(d.disk_log_path("rand", 0)).unwrap_or_default();
+    let out = d.cli(&["destroy", "rand"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let resubmitted: usize = backend_log
+        .lines()
+        .filter_map(|l| l.split("resubmitting ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    eprintln!("{kills} kills during random I/O: {resubmitted} in-flight requests resubmitted");
+    assert!(
+        kills >= 3,
+        "the random I/O outran the kills ({kills})\n{text}"
+    );
+    let line = format!(
+        "blk-rand: write {n} requests, {n} ok, 0 errors, status 0",
+        n = writes.count
+    );
+    assert!(text.contains(&line), "lacks '{line}'\n{text}");
+    assert!(!text.contains("timed out"), "{text}");
+    // Nothing lost, stale or doubled out of order: the image is the replay of the writes.
+    let image = std::fs::read(&img).expect("image");
+    let mut want = vec![0u8; image.len()];
+    writes.apply_writes(&mut want);
+    if let Some(diff) = first_difference(&image, &want) {
+        panic!("after {kills} kills the image differs from the replay: {diff}\n{backend_log}");
+    }
+    let sum = format!("blk-rand-checksum: {:#018x}", reads.read_checksum(&want));
+    assert!(
+        text.contains(&sum),
+        "reads returned other data: want '{sum}'\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

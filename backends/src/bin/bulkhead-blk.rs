@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use bulkhead_backends::blk::config::MAX_QUEUES;
 use bulkhead_backends::blk::request::{serial_bytes, ID_LEN};
 use bulkhead_backends::blk::serve::{bind_path, serve_connected, serve_listener, Device};
-use bulkhead_backends::blk::{Disk, Stats, SECTOR_SIZE};
+use bulkhead_backends::blk::{Cache, Disk, EngineKind, Stats, SECTOR_SIZE};
 use clap::Parser;
 
 /// vhost-user-blk backend serving one raw disk image.
@@ -67,6 +67,22 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
     queues: u16,
+    /// Host caching of the image: writeback (through the page cache) or none (O_DIRECT).
+    /// Either way a completed FLUSH means earlier completed writes are durable.
+    #[arg(long, value_name = "MODE", default_value = "writeback", value_parser = parse_cache)]
+    cache: Cache,
+    /// I/O engine per queue: auto (io-uring if the kernel allows it, else threads),
+    /// io-uring, threads (a pool of blocking threads), inline (one request at a time).
+    #[arg(long, value_name = "ENGINE", default_value = "auto")]
+    io_engine: EngineKind,
+}
+
+fn parse_cache(s: &str) -> Result<Cache, String> {
+    match s {
+        "writeback" => Ok(Cache::Writeback),
+        "none" => Ok(Cache::None),
+        _ => Err(format!("unknown cache mode '{s}' (writeback, none)")),
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -92,7 +108,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => bail!(usage("give exactly one of --image and --image-fd")),
     };
-    let disk = Disk::new(image, args.readonly).map_err(|e| usage(format!("image: {e}")))?;
+    let disk = Disk::with_cache(image, args.readonly, args.cache)
+        .map_err(|e| usage(format!("image: {e}")))?;
     if disk.size() % SECTOR_SIZE != 0 {
         eprintln!(
             "bulkhead-blk: image size {} is not a multiple of 512; the last {} bytes are not served",
@@ -101,10 +118,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     eprintln!(
-        "bulkhead-blk: image of {} sectors{}, {} queue(s), serial {:?}",
+        "bulkhead-blk: image of {} sectors{}, {} queue(s), cache {}, serial {:?}",
         disk.sectors(),
         if disk.readonly() { ", read-only" } else { "" },
         args.queues,
+        if disk.direct() { "none" } else { "writeback" },
         args.serial
     );
     let device = Device {
@@ -112,6 +130,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         serial,
         queues: args.queues,
         stats: Arc::new(Stats::default()),
+        engine: args.io_engine,
     };
 
     match (&args.socket, args.socket_fd) {

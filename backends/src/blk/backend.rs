@@ -1,8 +1,15 @@
-//! The `VhostUserBackend` glue: one worker thread per queue pops chains, runs them through
-//! [`request::process_chain`](super::request::process_chain) and notifies the guest. When
-//! the frontend keeps an in-flight region ([`crate::inflight`]), every request is marked
-//! there before it starts and cleared once it is in the used ring, and a queue's first
-//! kick after a (re)connect resubmits what the previous backend left in flight.
+//! The `VhostUserBackend` glue: one worker thread per queue pops chains, validates them
+//! ([`request::begin`](super::request::begin)), hands reads, writes and flushes to the
+//! queue's I/O [`Engine`] — as many in flight as the guest makes available — and puts each
+//! request in the used ring as it completes, in completion order, notifying the guest once
+//! per batch of completions (EVENT_IDX decides whether it wants to hear). A FLUSH waits
+//! until the requests taken before it on its queue have completed. A kick handler returns
+//! only once nothing is in flight.
+//!
+//! When the frontend keeps an in-flight region ([`crate::inflight`]), every request is
+//! marked there before it starts and cleared once it is in the used ring (out-of-order
+//! completion is what the region is for), and a queue's first kick after a (re)connect
+//! resubmits what the previous backend left in flight.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,12 +26,15 @@ use vmm_sys_util::event::{
 
 use super::config::{BlkConfig, MAX_QUEUE_SIZE};
 use super::disk::Disk;
-use super::request::{chain_at, process_chain, process_descriptors, Target, ID_LEN};
+use super::engine::{Engine, EngineError, EngineKind};
+use super::request::{
+    begin, chain_at, process_descriptors, IoOp, IoRequest, Started, Target, ID_LEN,
+};
 use super::stats::Stats;
 use crate::inflight::{InflightRegion, InflightSlot, Takeover};
+use virtio_queue::desc::split::Descriptor;
 
-/// One queue's view of the in-flight region.
-#[derive(Default)]
+/// One queue's view of the in-flight region, and its engine.
 struct QueueTrack {
     /// The slot epoch this queue last took over.
     epoch: u64,
@@ -32,6 +42,42 @@ struct QueueTrack {
     region: Option<Arc<InflightRegion>>,
     /// Next submission number.
     counter: u64,
+    /// The queue's I/O engine.
+    engine: Engine,
+    /// Requests in the engine, by token.
+    slab: Slab,
+}
+
+/// Requests in flight, each under a token (its index) the engine hands back.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<Option<IoRequest>>,
+    free: Vec<usize>,
+}
+
+impl Slab {
+    fn insert(&mut self, req: IoRequest) -> u64 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(req);
+                i as u64
+            }
+            None => {
+                self.slots.push(Some(req));
+                (self.slots.len() - 1) as u64
+            }
+        }
+    }
+
+    fn get(&self, token: u64) -> Option<&IoRequest> {
+        self.slots.get(token as usize).and_then(|s| s.as_ref())
+    }
+
+    fn take(&mut self, token: u64) -> Option<IoRequest> {
+        let req = self.slots.get_mut(token as usize)?.take()?;
+        self.free.push(token as usize);
+        Some(req)
+    }
 }
 
 /// State shared by the worker threads of one connection.
@@ -47,6 +93,8 @@ struct Inner {
     /// When this connection's backend was made, and whether it has completed a request.
     born: std::time::Instant,
     first_completed: AtomicBool,
+    /// Whether a request came back from the engine undone (logged once).
+    redone: AtomicBool,
 }
 
 /// The vhost-user-blk backend for one connection (cheap to clone; clones share state).
@@ -64,13 +112,33 @@ impl BlkBackend {
         queues: u16,
         stats: Arc<Stats>,
         inflight: Arc<InflightSlot>,
-    ) -> Self {
+        engine: EngineKind,
+    ) -> Result<Self, EngineError> {
         let config = BlkConfig {
             capacity: disk.sectors(),
             num_queues: queues,
             readonly: disk.readonly(),
         };
-        BlkBackend {
+        let mut tracks = Vec::with_capacity(usize::from(queues));
+        let mut pool = None;
+        for q in 0..queues {
+            let (engine, fallback) =
+                Engine::new(engine, &disk, u32::from(MAX_QUEUE_SIZE), &mut pool)?;
+            if q == 0 {
+                match fallback {
+                    Some(why) => eprintln!("bulkhead-blk: I/O engine {} ({why})", engine.name()),
+                    None => eprintln!("bulkhead-blk: I/O engine {}", engine.name()),
+                }
+            }
+            tracks.push(Mutex::new(QueueTrack {
+                epoch: 0,
+                region: None,
+                counter: 0,
+                engine,
+                slab: Slab::default(),
+            }));
+        }
+        Ok(BlkBackend {
             inner: Arc::new(Inner {
                 disk,
                 serial,
@@ -79,13 +147,12 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 mem: Mutex::new(None),
                 inflight,
-                tracks: (0..queues)
-                    .map(|_| Mutex::new(QueueTrack::default()))
-                    .collect(),
+                tracks,
                 born: std::time::Instant::now(),
                 first_completed: AtomicBool::new(false),
+                redone: AtomicBool::new(false),
             }),
-        }
+        })
     }
 
     /// The config space this backend serves.
@@ -119,40 +186,177 @@ impl BlkBackend {
                 any |= self.take_over(queue, vring, &region, &mut track, &target, &*mem);
             }
         }
+        let track = &mut *track;
+        // A legitimate guest cannot have more requests in flight than the ring holds; a
+        // hostile one re-posting heads is not served beyond that until some complete.
+        let room = usize::from(ring_size).max(1);
+        let mut done = Vec::new();
+        let mut stalled = false;
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            if let Some(region) = &track.region {
-                region.mark(queue, head, track.counter);
-                track.counter = track.counter.wrapping_add(1);
+            while !stalled && track.engine.in_flight() < room {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                if let Some(region) = &track.region {
+                    region.mark(queue, head, track.counter);
+                    track.counter = track.counter.wrapping_add(1);
+                }
+                // As process_chain: at most one more descriptor than a legal chain has.
+                let limit = target.max_descriptors.saturating_add(1);
+                let descs: Vec<Descriptor> = chain.clone().take(limit).collect();
+                match begin(&*mem, head, &descs, &target) {
+                    Started::Done(outcome) => {
+                        stalled |= !self.complete(
+                            queue,
+                            vring,
+                            track.region.as_deref(),
+                            head,
+                            outcome.used_len(),
+                        );
+                        any = true;
+                    }
+                    Started::Io(req) => {
+                        if req.op == IoOp::Flush && track.engine.in_flight() > 0 {
+                            // A FLUSH covers what completed before it: let the requests
+                            // taken before it finish first.
+                            let n = track.engine.in_flight();
+                            stalled |=
+                                !self.reap(queue, vring, track, &*mem, &target, n, &mut done);
+                            self.notify(vring);
+                        }
+                        let token = track.slab.insert(req);
+                        let submitted = match track.slab.get(token) {
+                            Some(req) => track.engine.submit(token, req),
+                            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+                        };
+                        if let Err(e) = submitted {
+                            if let Some(req) = track.slab.take(token) {
+                                let outcome = req.finish(&*mem, Err(e), &target);
+                                stalled |= !self.complete(
+                                    queue,
+                                    vring,
+                                    track.region.as_deref(),
+                                    head,
+                                    outcome.used_len(),
+                                );
+                                any = true;
+                            }
+                        }
+                    }
+                }
             }
-            let outcome = process_chain(chain, &target);
-            if !self.complete(
+            if track.engine.in_flight() == 0 {
+                break;
+            }
+            // Tell the guest about what is done before blocking for more.
+            if any {
+                self.notify(vring);
+            }
+            stalled |= !self.reap(queue, vring, track, &*mem, &target, 1, &mut done);
+            any = true;
+        }
+        if any {
+            self.notify(vring);
+        }
+        if stalled {
+            // Taking more would only fail the same way (the guest's used ring is bad).
+            return Err(io::Error::other("the used ring cannot be written"));
+        }
+        Ok(any)
+    }
+
+    /// Signals the guest if it wants to hear about the used ring (EVENT_IDX).
+    fn notify(&self, vring: &VringRwLock) {
+        if vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                eprintln!("bulkhead-blk: cannot signal the used queue: {e}");
+            }
+        }
+    }
+
+    /// Waits for at least `min` of the queue's requests to complete and puts every
+    /// completed one in the used ring. False if the used ring could not be written.
+    #[allow(clippy::too_many_arguments)]
+    fn reap<M: vm_memory::GuestMemoryBackend>(
+        &self,
+        queue: u16,
+        vring: &VringRwLock,
+        track: &mut QueueTrack,
+        mem: &M,
+        target: &Target<'_>,
+        min: usize,
+        done: &mut Vec<(u64, io::Result<usize>)>,
+    ) -> bool {
+        done.clear();
+        if let Err(e) = track.engine.wait(min, done) {
+            // The engine itself failed: finish everything in it here, blocking.
+            eprintln!("bulkhead-blk: queue {queue}: I/O engine failed ({e}); finishing its requests inline");
+            let tokens: Vec<usize> = (0..track.slab.slots.len())
+                .filter(|t| track.slab.slots[*t].is_some())
+                .collect();
+            let mut ok = true;
+            for t in tokens {
+                if let Some(req) = track.slab.take(t as u64) {
+                    let head = req.head;
+                    let r = req.run_blocking(target.disk);
+                    let outcome = req.finish(mem, r, target);
+                    ok &= self.complete(
+                        queue,
+                        vring,
+                        track.region.as_deref(),
+                        head,
+                        outcome.used_len(),
+                    );
+                }
+            }
+            track.engine = match Engine::new(EngineKind::Inline, &self.inner.disk, 1, &mut None) {
+                Ok((e, _)) => e,
+                Err(_) => return false,
+            };
+            return ok;
+        }
+        let mut ok = true;
+        for (token, r) in done.drain(..) {
+            let Some(req) = track.slab.take(token) else {
+                continue;
+            };
+            let result = match r {
+                Ok(n) if matches!(req.op, IoOp::Data(_)) && (n as u64) < req.bytes => {
+                    // A short transfer: do the rest here.
+                    req.run_blocking_from(target.disk, n)
+                }
+                Ok(_) => Ok(()),
+                // The kernel found no worker for it (io-wq at its thread limit) or gave
+                // up: nothing was done, so do it here.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECANCELED) | Some(libc::EAGAIN) | Some(libc::EINTR)
+                    ) =>
+                {
+                    if !self.inner.redone.swap(true, Ordering::Relaxed) {
+                        eprintln!("bulkhead-blk: queue {queue}: the I/O engine gave a request back undone ({e}); doing it on the queue thread (said once)");
+                    }
+                    req.run_blocking(target.disk)
+                }
+                Err(e) => Err(e),
+            };
+            let head = req.head;
+            let outcome = req.finish(mem, result, target);
+            ok &= self.complete(
                 queue,
                 vring,
                 track.region.as_deref(),
                 head,
                 outcome.used_len(),
-            ) {
-                break;
-            }
-            any = true;
+            );
         }
-        if any {
-            let notify = vring.needs_notification().unwrap_or(true);
-            if notify {
-                if let Err(e) = vring.signal_used_queue() {
-                    eprintln!("bulkhead-blk: cannot signal the used queue: {e}");
-                }
-            }
-        }
-        Ok(any)
+        ok
     }
 
     /// Puts `head` in the used ring, bracketed by the in-flight region's two-phase
@@ -328,17 +532,19 @@ impl VhostUserBackend for BlkBackend {
         // One queue per worker thread, in order: the thread index is the queue index.
         let queue = u16::try_from(thread_id).unwrap_or(u16::MAX);
         // Errors here must not end the worker thread: that would silently kill the queue.
-        if self.inner.event_idx.load(Ordering::Relaxed) {
-            loop {
-                let _ = vring.disable_notification();
-                let _ = self.process_queue(queue, vring);
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    _ => break,
-                }
+        // Notifications stay off (EVENT_IDX: avail_event is not advanced; otherwise
+        // NO_NOTIFY) while requests are in flight.
+        loop {
+            let _ = vring.disable_notification();
+            if self.process_queue(queue, vring).is_err() {
+                // Wait for the next notification rather than spin on a broken ring.
+                let _ = vring.enable_notification();
+                break;
             }
-        } else {
-            let _ = self.process_queue(queue, vring);
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
-//! The raw disk image: positioned I/O (pread/pwrite) between the image fd and guest memory,
-//! flush, discard (hole punching) and write-zeroes.
+//! The raw disk image: positioned I/O (pread/pwrite, preadv/pwritev) between the image fd
+//! and guest memory, flush, discard (hole punching) and write-zeroes; with
+//! [`Cache::None`] the fd is switched to `O_DIRECT`.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -29,6 +30,33 @@ pub enum DiskError {
     /// The image is not a regular file or block device.
     #[error("the image is not a regular file or a block device")]
     NotAFileOrBlockDevice,
+    /// `cache = none` asked for O_DIRECT and the file system refused it.
+    #[error("cannot switch the image to O_DIRECT (cache = none): {0}")]
+    Direct(#[source] io::Error),
+}
+
+/// How the image is cached on the host (QEMU's words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cache {
+    /// Through the host page cache; completed writes are durable after a FLUSH.
+    #[default]
+    Writeback,
+    /// `O_DIRECT`: no host page cache; completed writes are durable after a FLUSH.
+    None,
+}
+
+/// Alignment of memory, offsets and lengths for `O_DIRECT` I/O. virtio-blk offsets and
+/// lengths are whole 512-byte sectors; guest buffers that are not 512-byte aligned go
+/// through a bounce buffer.
+pub const DIRECT_ALIGN: usize = 512;
+
+/// Direction of a data transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rw {
+    /// Image to memory.
+    Read,
+    /// Memory to image.
+    Write,
 }
 
 /// One open raw image.
@@ -37,12 +65,20 @@ pub struct Disk {
     file: File,
     size: u64,
     readonly: bool,
+    direct: bool,
 }
 
 impl Disk {
     /// Takes an opened image. Its size is fixed at this point (in whole sectors; a tail
     /// shorter than a sector is not reachable by the guest).
-    pub fn new(mut file: File, readonly: bool) -> Result<Self, DiskError> {
+    pub fn new(file: File, readonly: bool) -> Result<Self, DiskError> {
+        Self::with_cache(file, readonly, Cache::Writeback)
+    }
+
+    /// Like [`Disk::new`], with a cache mode: [`Cache::None`] sets `O_DIRECT` on the fd
+    /// (the file description is shared with whoever handed it over; they all serve the
+    /// same disk).
+    pub fn with_cache(mut file: File, readonly: bool, cache: Cache) -> Result<Self, DiskError> {
         let meta = file.metadata().map_err(DiskError::Size)?;
         let ft = meta.file_type();
         use std::os::unix::fs::FileTypeExt;
@@ -57,13 +93,90 @@ impl Disk {
         if !readonly && flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Err(DiskError::NotWritable);
         }
+        let direct = cache == Cache::None;
+        if direct && flags & libc::O_DIRECT == 0 {
+            // SAFETY: F_SETFL on an fd we own with plain integer flags.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+                return Err(DiskError::Direct(io::Error::last_os_error()));
+            }
+        }
         // Works for block devices too, where metadata().len() is 0.
         let size = file.seek(SeekFrom::End(0)).map_err(DiskError::Size)?;
         Ok(Disk {
             file,
             size,
             readonly,
+            direct,
         })
+    }
+
+    /// Whether the fd is in `O_DIRECT` mode (`cache = none`).
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Transfers every byte `iov` describes between memory and the image at `offset`,
+    /// skipping the first `done` bytes (already transferred by an engine that returned a
+    /// short count). Blocking; retries short transfers and EINTR.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that stays mapped (and, for reads, writable) for
+    /// the duration of the call.
+    pub unsafe fn transfer(
+        &self,
+        rw: Rw,
+        iov: &[libc::iovec],
+        offset: u64,
+        mut done: usize,
+    ) -> io::Result<()> {
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let mut rest: Vec<libc::iovec> = Vec::with_capacity(iov.len());
+        while done < total {
+            rest.clear();
+            let mut skip = done;
+            for v in iov {
+                if skip >= v.iov_len {
+                    skip -= v.iov_len;
+                    continue;
+                }
+                rest.push(libc::iovec {
+                    // SAFETY: skip < iov_len, so the pointer stays inside the described memory.
+                    iov_base: unsafe { v.iov_base.cast::<u8>().add(skip) }.cast(),
+                    iov_len: v.iov_len - skip,
+                });
+                skip = 0;
+            }
+            let cnt = rest.len().min(1024) as libc::c_int;
+            let off = offset
+                .checked_add(done as u64)
+                .and_then(|o| libc::off_t::try_from(o).ok())
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+            let fd = self.file.as_raw_fd();
+            // SAFETY: the caller guarantees the iovecs describe live memory; `rest` only
+            // narrows them.
+            let n = unsafe {
+                match rw {
+                    Rw::Read => libc::preadv64(fd, rest.as_ptr(), cnt, off),
+                    Rw::Write => libc::pwritev64(fd, rest.as_ptr(), cnt, off),
+                }
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::from(match rw {
+                    Rw::Read => io::ErrorKind::UnexpectedEof,
+                    Rw::Write => io::ErrorKind::WriteZero,
+                }));
+            }
+            done += n as usize;
+        }
+        Ok(())
     }
 
     /// Capacity in 512-byte sectors.
@@ -212,7 +325,10 @@ impl Disk {
 
     /// Writes zeroes by hand, in chunks.
     fn write_zeroes_slow(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeroes = vec![0u8; ZERO_CHUNK];
+        // Aligned for O_DIRECT (offsets and lengths are whole sectors).
+        let zeroes = vec![0u8; ZERO_CHUNK + DIRECT_ALIGN];
+        let at = zeroes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        let zeroes = &zeroes[at..at + ZERO_CHUNK];
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(ZERO_CHUNK as u64) as usize;

@@ -1,7 +1,9 @@
 //! `bulkhead-blk`: a vhost-user-blk backend serving one raw disk image.
 //!
 //! - [`disk`]: the image file and positioned I/O straight into and out of guest memory;
-//! - [`request`]: validation and execution of one virtio-blk descriptor chain;
+//! - [`request`]: validation of one virtio-blk descriptor chain, turned into an I/O for an engine;
+//! - [`engine`]: the I/O engines (io_uring, a thread pool, inline) that run a queue's requests,
+//!   several in flight;
 //! - [`config`]: the feature bits and the `virtio_blk_config` space served through GET_CONFIG;
 //! - [`stats`]: request/error counters and the rate-limited log of malformed requests;
 //! - [`backend`]: the `VhostUserBackend` glue (queues, notifications, config);
@@ -11,6 +13,7 @@
 pub mod backend;
 pub mod config;
 pub mod disk;
+pub mod engine;
 pub mod request;
 pub mod sandbox;
 pub mod serve;
@@ -18,5 +21,6 @@ pub mod stats;
 
 pub use backend::BlkBackend;
 pub use config::BlkConfig;
-pub use disk::{Disk, DiskError, SECTOR_SIZE};
+pub use disk::{Cache, Disk, DiskError, SECTOR_SIZE};
+pub use engine::EngineKind;
 pub use stats::Stats;

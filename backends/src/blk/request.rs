@@ -24,7 +24,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
-use super::disk::{Disk, SECTOR_SIZE};
+use super::disk::{Disk, Rw, DIRECT_ALIGN, SECTOR_SIZE};
 use super::stats::Stats;
 
 /// Size of `struct virtio_blk_outhdr`.
@@ -234,16 +234,145 @@ pub fn chain_at<M: GuestMemoryBackend + ?Sized>(
 }
 
 /// Validates and executes the request made of `descs` (the chain at `head`), writes its
-/// status byte, and says what to report.
+/// status byte, and says what to report. Reads, writes and flushes are done here, blocking.
 pub fn process_descriptors<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
     head: u16,
     descs: &[Descriptor],
     target: &Target<'_>,
 ) -> Outcome {
-    let stats = target.stats;
-    stats.requests.fetch_add(1, Ordering::Relaxed);
-    let status_addr = match descs.last() {
+    match begin(mem, head, descs, target) {
+        Started::Done(outcome) => outcome,
+        Started::Io(req) => {
+            let result = req.run_blocking(target.disk);
+            req.finish(mem, result, target)
+        }
+    }
+}
+
+/// A request after validation.
+#[derive(Debug)]
+pub enum Started {
+    /// Already finished (an invalid request, GET_ID, discard, write-zeroes): its status
+    /// byte is written.
+    Done(Outcome),
+    /// A read, write or flush for an I/O engine; finish it with [`IoRequest::finish`].
+    Io(IoRequest),
+}
+
+/// What an [`IoRequest`] asks the image for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Transfer data (see [`IoRequest::iovecs`]).
+    Data(Rw),
+    /// Make completed writes durable.
+    Flush,
+}
+
+/// A validated read, write or flush, ready for an engine: the image offset and the memory
+/// the kernel transfers to or from, as iovecs. Those point into guest memory (or into the
+/// request's own bounce buffer) and stay valid while the guest memory mapping the request
+/// was made from is kept alive by the caller.
+pub struct IoRequest {
+    /// The chain's head.
+    pub head: u16,
+    /// What to do.
+    pub op: IoOp,
+    /// Byte offset in the image.
+    pub offset: u64,
+    /// Bytes to transfer (0 for a flush).
+    pub bytes: u64,
+    iovecs: Vec<libc::iovec>,
+    /// For `O_DIRECT` with unaligned guest buffers: an aligned copy the kernel sees
+    /// instead, and the guest pieces it is copied to (reads) or was copied from (writes).
+    bounce: Option<(Vec<u8>, usize, Vec<Segment>)>,
+    status_addr: GuestAddress,
+}
+
+impl std::fmt::Debug for IoRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoRequest")
+            .field("head", &self.head)
+            .field("op", &self.op)
+            .field("offset", &self.offset)
+            .field("bytes", &self.bytes)
+            .field("iovecs", &self.iovecs.len())
+            .field("bounce", &self.bounce.is_some())
+            .finish()
+    }
+}
+
+// SAFETY: the raw pointers in `iovecs` refer to guest memory (kept mapped by the owner of
+// the request until it is finished) or to the request's own bounce buffer, whose heap
+// allocation does not move with the request. One thread at a time uses a request.
+unsafe impl Send for IoRequest {}
+
+impl IoRequest {
+    /// The memory the kernel reads or writes.
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.iovecs
+    }
+
+    /// Runs the request here, blocking, after an engine transferred `done` bytes of it
+    /// (0: all of it).
+    pub fn run_blocking_from(&self, disk: &Disk, done: usize) -> io::Result<()> {
+        match self.op {
+            // SAFETY: the iovecs describe live memory (see the type's contract).
+            IoOp::Data(rw) => unsafe { disk.transfer(rw, &self.iovecs, self.offset, done) },
+            IoOp::Flush => disk.flush(),
+        }
+    }
+
+    /// Runs the whole request here, blocking.
+    pub fn run_blocking(&self, disk: &Disk) -> io::Result<()> {
+        self.run_blocking_from(disk, 0)
+    }
+
+    /// Completes the request with the engine's `result`: copies a bounce buffer back,
+    /// counts the bytes, writes the status byte and says what to report.
+    pub fn finish<M: GuestMemoryBackend + ?Sized>(
+        self,
+        mem: &M,
+        result: io::Result<()>,
+        target: &Target<'_>,
+    ) -> Outcome {
+        let stats = target.stats;
+        let head = self.head;
+        let done = result.map_err(RequestError::Io).and_then(|()| {
+            match self.op {
+                IoOp::Data(Rw::Read) => {
+                    if let Some((buf, at, segs)) = &self.bounce {
+                        let mut from = *at;
+                        for s in segs {
+                            let n = s.len as usize;
+                            mem.write_slice(&buf[from..from + n], s.addr)
+                                .map_err(|_| RequestError::Memory)?;
+                            from += n;
+                        }
+                    }
+                    stats.bytes_read.fetch_add(self.bytes, Ordering::Relaxed);
+                }
+                IoOp::Data(Rw::Write) => {
+                    stats.bytes_written.fetch_add(self.bytes, Ordering::Relaxed);
+                }
+                IoOp::Flush => {}
+            }
+            Ok(match self.op {
+                // Checked against u32 when the request was made.
+                IoOp::Data(Rw::Read) => self.bytes as u32,
+                _ => 0,
+            })
+        });
+        write_status(mem, head, self.status_addr, done, stats)
+    }
+}
+
+/// Where a chain's status byte goes, if it has a usable one.
+fn status_address<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    descs: &[Descriptor],
+) -> Option<GuestAddress> {
+    match descs.last() {
         Some(last)
             if !last.has_next()
                 && last.is_write_only()
@@ -255,17 +384,18 @@ pub fn process_descriptors<M: GuestMemoryBackend + ?Sized>(
                 .filter(|a| in_memory(mem, *a, 1))
         }
         _ => None,
-    };
-    let Some(status_addr) = status_addr else {
-        stats.broken.fetch_add(1, Ordering::Relaxed);
-        stats.log_malformed(format_args!(
-            "request at head {head}: no usable status byte ({} descriptors); returned with len 0",
-            descs.len()
-        ));
-        return Outcome::Broken;
-    };
+    }
+}
 
-    let (status, data_written) = match execute(mem, descs, target) {
+/// Writes the status for `result` (data bytes written into the chain, or why it failed).
+fn write_status<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    head: u16,
+    status_addr: GuestAddress,
+    result: Result<u32, RequestError>,
+    stats: &Stats,
+) -> Outcome {
+    let (status, data_written) = match result {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
         Err(e) => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +411,121 @@ pub fn process_descriptors<M: GuestMemoryBackend + ?Sized>(
         status,
         used_len: data_written.saturating_add(1),
     }
+}
+
+/// Validates the request made of `descs` (the chain at `head`). Requests other than reads,
+/// writes and flushes are executed at once; those three are returned for an engine.
+pub fn begin<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    head: u16,
+    descs: &[Descriptor],
+    target: &Target<'_>,
+) -> Started {
+    let stats = target.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Some(status_addr) = status_address(mem, descs) else {
+        stats.broken.fetch_add(1, Ordering::Relaxed);
+        stats.log_malformed(format_args!(
+            "request at head {head}: no usable status byte ({} descriptors); returned with len 0",
+            descs.len()
+        ));
+        return Started::Done(Outcome::Broken);
+    };
+    match execute(mem, descs, target) {
+        Ok(Exec::Now(n)) => Started::Done(write_status(mem, head, status_addr, Ok(n), stats)),
+        Ok(Exec::Later {
+            op,
+            offset,
+            segs,
+            bytes,
+        }) => {
+            match io_request(
+                mem,
+                head,
+                op,
+                offset,
+                &segs,
+                bytes,
+                status_addr,
+                target.disk,
+            ) {
+                Ok(req) => Started::Io(req),
+                Err(e) => Started::Done(write_status(mem, head, status_addr, Err(e), stats)),
+            }
+        }
+        Err(e) => Started::Done(write_status(mem, head, status_addr, Err(e), stats)),
+    }
+}
+
+/// Builds the iovecs of a validated request (with a bounce buffer for `O_DIRECT` when a
+/// guest piece is not aligned).
+#[allow(clippy::too_many_arguments)]
+fn io_request<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    head: u16,
+    op: IoOp,
+    offset: u64,
+    segs: &[Segment],
+    bytes: u64,
+    status_addr: GuestAddress,
+    disk: &Disk,
+) -> Result<IoRequest, RequestError> {
+    let mut iovecs = Vec::with_capacity(segs.len());
+    let mut aligned = true;
+    for s in segs {
+        for slice in mem.get_slices(s.addr, s.len as usize) {
+            let slice = slice.map_err(|_| RequestError::Memory)?;
+            let base = slice.ptr_guard_mut().as_ptr();
+            aligned &= (base as usize).is_multiple_of(DIRECT_ALIGN)
+                && slice.len().is_multiple_of(DIRECT_ALIGN);
+            iovecs.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    let mut bounce = None;
+    if disk.direct() && !aligned && bytes > 0 {
+        let len = usize::try_from(bytes).map_err(|_| RequestError::Memory)?;
+        let mut buf = vec![0u8; len + DIRECT_ALIGN];
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        if op == IoOp::Data(Rw::Write) {
+            let mut to = at;
+            for s in segs {
+                let n = s.len as usize;
+                mem.read_slice(&mut buf[to..to + n], s.addr)
+                    .map_err(|_| RequestError::Memory)?;
+                to += n;
+            }
+        }
+        iovecs = vec![libc::iovec {
+            iov_base: buf[at..].as_mut_ptr().cast(),
+            iov_len: len,
+        }];
+        bounce = Some((buf, at, segs.to_vec()));
+    }
+    Ok(IoRequest {
+        head,
+        op,
+        offset,
+        bytes,
+        iovecs,
+        bounce,
+        status_addr,
+    })
+}
+
+/// What [`execute`] did.
+enum Exec {
+    /// Done; this many data bytes were written into the chain.
+    Now(u32),
+    /// A read, write or flush to run.
+    Later {
+        op: IoOp,
+        offset: u64,
+        segs: Vec<Segment>,
+        bytes: u64,
+    },
 }
 
 /// The parsed header.
@@ -384,12 +629,12 @@ fn image_range(disk: &Disk, sector: u64, bytes: u64) -> Result<u64, RequestError
     Ok(start)
 }
 
-/// Runs a validated request; returns the number of data bytes written into guest memory.
+/// Validates a request and runs it if it is not a read, write or flush.
 fn execute<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
     descs: &[Descriptor],
     target: &Target<'_>,
-) -> Result<u32, RequestError> {
+) -> Result<Exec, RequestError> {
     if descs.len() > target.max_descriptors {
         return Err(RequestError::ChainTooLong(descs.len()));
     }
@@ -402,19 +647,19 @@ fn execute<M: GuestMemoryBackend + ?Sized>(
             if total % SECTOR_SIZE != 0 {
                 return Err(RequestError::NotSectorMultiple(total));
             }
-            let mut off = image_range(disk, hdr.sector, total)?;
+            let offset = image_range(disk, hdr.sector, total)?;
             // The data plus the status byte must fit a u32 used length; it does, because a
             // chain is limited to 2^32 bytes by the iterator, but check anyway.
-            let written = u32::try_from(total).map_err(|_| RequestError::BadSegments(total))?;
-            for s in &segs {
-                for slice in mem.get_slices(s.addr, s.len as usize) {
-                    let slice = slice.map_err(|_| RequestError::Memory)?;
-                    disk.read_into(off, &slice).map_err(RequestError::Io)?;
-                    off += slice.len() as u64;
-                }
-            }
-            target.stats.bytes_read.fetch_add(total, Ordering::Relaxed);
-            Ok(written)
+            u32::try_from(total)
+                .ok()
+                .filter(|n| *n < u32::MAX)
+                .ok_or(RequestError::BadSegments(total))?;
+            Ok(Exec::Later {
+                op: IoOp::Data(Rw::Read),
+                offset,
+                segs,
+                bytes: total,
+            })
         }
         VIRTIO_BLK_T_OUT => {
             let (segs, total) = data_segments(mem, descs, hdr.kind, false)?;
@@ -424,24 +669,20 @@ fn execute<M: GuestMemoryBackend + ?Sized>(
             if total % SECTOR_SIZE != 0 {
                 return Err(RequestError::NotSectorMultiple(total));
             }
-            let mut off = image_range(disk, hdr.sector, total)?;
-            for s in &segs {
-                for slice in mem.get_slices(s.addr, s.len as usize) {
-                    let slice = slice.map_err(|_| RequestError::Memory)?;
-                    disk.write_from(off, &slice).map_err(RequestError::Io)?;
-                    off += slice.len() as u64;
-                }
-            }
-            target
-                .stats
-                .bytes_written
-                .fetch_add(total, Ordering::Relaxed);
-            Ok(0)
+            let offset = image_range(disk, hdr.sector, total)?;
+            Ok(Exec::Later {
+                op: IoOp::Data(Rw::Write),
+                offset,
+                segs,
+                bytes: total,
+            })
         }
-        VIRTIO_BLK_T_FLUSH => {
-            disk.flush().map_err(RequestError::Io)?;
-            Ok(0)
-        }
+        VIRTIO_BLK_T_FLUSH => Ok(Exec::Later {
+            op: IoOp::Flush,
+            offset: 0,
+            segs: Vec::new(),
+            bytes: 0,
+        }),
         VIRTIO_BLK_T_GET_ID => {
             let (segs, total) = data_segments(mem, descs, hdr.kind, true)?;
             if total == 0 {
@@ -459,7 +700,7 @@ fn execute<M: GuestMemoryBackend + ?Sized>(
                 left = &left[n..];
                 written += n as u32;
             }
-            Ok(written)
+            Ok(Exec::Now(written))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let (segs, total) = data_segments(mem, descs, hdr.kind, false)?;
@@ -512,7 +753,7 @@ fn execute<M: GuestMemoryBackend + ?Sized>(
                 }
                 .map_err(RequestError::Io)?;
             }
-            Ok(0)
+            Ok(Exec::Now(0))
         }
         other => Err(RequestError::Unsupported(other)),
     }

@@ -14,6 +14,7 @@ pub use crate::vhost_common::{bind_path, ServeError};
 
 use super::backend::BlkBackend;
 use super::disk::Disk;
+use super::engine::EngineKind;
 use super::request::ID_LEN;
 use super::stats::Stats;
 use crate::inflight::InflightSlot;
@@ -31,6 +32,8 @@ pub struct Device {
     pub queues: u16,
     /// Counters, kept across connections.
     pub stats: Arc<Stats>,
+    /// The I/O engine each queue gets.
+    pub engine: EngineKind,
 }
 
 impl Device {
@@ -44,7 +47,9 @@ impl Device {
             self.queues,
             self.stats.clone(),
             slot.clone(),
-        );
+            self.engine,
+        )
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
         let daemon = VhostUserDaemon::new(
             PROG.to_string(),
             backend,

@@ -118,6 +118,31 @@ pub struct DiskConfig {
     /// Seconds until a device marked failed is tried again (default 30; 0: only on request).
     #[serde(default)]
     pub retry_failed_secs: Option<u32>,
+    /// Host caching of the image (QEMU's words): `writeback` (the default, through the
+    /// host page cache) or `none` (O_DIRECT). FLUSH makes completed writes durable in both.
+    #[serde(default)]
+    pub cache: DiskCache,
+}
+
+/// A disk's `cache` mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskCache {
+    /// Through the host page cache.
+    #[default]
+    Writeback,
+    /// O_DIRECT: around the host page cache.
+    None,
+}
+
+impl DiskCache {
+    /// The word `bulkhead-blk --cache` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskCache::Writeback => "writeback",
+            DiskCache::None => "none",
+        }
+    }
 }
 
 impl DiskConfig {
@@ -468,7 +493,22 @@ mod tests {
         assert_eq!(s.owner, 0);
         assert_eq!(s.disks[0].path, PathBuf::from("/srv/d.img"));
         assert!(s.disks[0].readonly);
+        assert_eq!(s.disks[0].cache, DiskCache::Writeback);
         assert_eq!(s.nics[0].network, "lan");
+        let c = parse(
+            &format!("{BASE}[[disks]]\npath = \"d.img\"\ncache = \"none\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .expect("cache = none");
+        assert_eq!(c.disks[0].cache, DiskCache::None);
+        let e = parse(
+            &format!("{BASE}[[disks]]\npath = \"d.img\"\ncache = \"unsafe\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unsafe"), "{e}");
         assert!(parse(
             &format!("{BASE}[[nics]]\nmac = \"zz\"\nnetwork = \"x\"\n"),
             Path::new("/"),

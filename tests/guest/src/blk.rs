@@ -48,6 +48,7 @@ const SC_ID: u64 = 40;
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
+mod rand;
 mod stream;
 
 /// Default `blk-stream-timeout=` (seconds).
@@ -93,6 +94,8 @@ struct Opts {
     stream_timeout_s: u64,
     /// `blk-stall-ms=`: stream requests that take at least this long are reported.
     stall_ms: u64,
+    /// `blk-rand-area=<start>:<sectors>`.
+    rand_area: (u64, u64),
 }
 
 /// One virtio-blk device and its driver state.
@@ -410,6 +413,7 @@ impl Disk {
         qused: &mut u32,
     ) -> Stream {
         let mut r = Stream {
+            depth: 0,
             ok_sectors: 0,
             status: 0,
             hash: Fnv1a::new(),
@@ -431,6 +435,7 @@ impl Disk {
             r.status = S_TIMEOUT;
             return r;
         }
+        r.depth = nslots as usize;
         let end = start.saturating_add(count);
         let mut ring = [(0usize, 0u16, 0u64, 0u64); MAX_SLOTS];
         let (mut sub, mut ret) = (0u64, 0u64);
@@ -708,6 +713,8 @@ enum Mode {
 }
 
 struct Stream {
+    /// Requests kept in flight (all queues together).
+    depth: usize,
     ok_sectors: u64,
     status: u8,
     hash: Fnv1a,
@@ -787,9 +794,33 @@ fn parse2(s: &str) -> Option<(u64, u64)> {
     it.next().is_none().then_some(r)
 }
 
+/// A size in bytes: a number with an optional k/K or m/M suffix (KiB, MiB).
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1024),
+        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    parse_u64(num)?.checked_mul(mult)
+}
+
+/// `<seed>:<count>:<qd>:<bs>` of the random tokens.
+fn parse_rand(s: &str) -> Option<(u64, u64, u64, u64)> {
+    let mut it = s.split(':');
+    let r = (
+        parse_u64(it.next()?)?,
+        parse_u64(it.next()?)?,
+        parse_u64(it.next()?)?,
+        parse_size(it.next()?)?,
+    );
+    it.next().is_none().then_some(r)
+}
+
 fn is_action(tok: &str) -> bool {
     matches!(tok, "blk" | "blk-id" | "blk-flush" | "blk-hostile")
         || [
+            "blk-rand=",
+            "blk-rand-write=",
             "blk-write=",
             "blk-read=",
             "blk-verify=",
@@ -828,6 +859,10 @@ fn parse_opts(cmdline: &str) -> Opts {
         } else if let Some(v) = tok.strip_prefix("blk-stall-ms=") {
             if let Some(v @ 1..) = parse_u64(v) {
                 o.stall_ms = v;
+            }
+        } else if let Some(v) = tok.strip_prefix("blk-rand-area=") {
+            if let Some(v) = parse2(v) {
+                o.rand_area = v;
             }
         } else if let Some(v) = tok.strip_prefix("blk-queues=") {
             if let Some(v @ 1..) = parse_u64(v) {
@@ -1012,10 +1047,30 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             };
             failed |= st != 0;
             println!("blk-write-zeroes: status {}", st);
+        } else if let Some((write, v)) = tok
+            .strip_prefix("blk-rand=")
+            .map(|v| (false, v))
+            .or_else(|| tok.strip_prefix("blk-rand-write=").map(|v| (true, v)))
+        {
+            let Some((seed, count, qd, bs)) = parse_rand(v) else {
+                println!("blk-rand: cannot parse '{}'", tok);
+                failed = true;
+                continue;
+            };
+            let spec = rand::RandSpec {
+                write,
+                seed,
+                count,
+                qd: qd as usize,
+                bs,
+                area: o.rand_area,
+            };
+            failed |= d.rand_token(spec, (data, mem_end), &mut qused);
         } else if let Some(v) = tok.strip_prefix("blk-write=") {
             let Some((seed, start, count)) = parse3(v) else {
                 continue;
             };
+            let t0 = crate::tsc::now();
             let mut r = d.stream(
                 Mode::Write(seed),
                 start,
@@ -1030,13 +1085,17 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
                     r.status = st;
                 }
             }
+            let ticks = crate::tsc::now().saturating_sub(t0);
             failed |= r.status != 0 || r.ok_sectors != count;
             println!("blk-write: {} sectors ok status {}", r.ok_sectors, r.status);
             println!("blk-checksum: {:#018x}", r.hash.value());
+            let rb = req_sectors * SECTOR;
+            d.perf("write", rb, r.depth, count.div_ceil(req_sectors), count * SECTOR, ticks, None);
         } else if let Some(v) = tok.strip_prefix("blk-read=") {
             let Some((start, count)) = parse2(v) else {
                 continue;
             };
+            let t0 = crate::tsc::now();
             let r = d.stream(
                 Mode::Read,
                 start,
@@ -1045,9 +1104,12 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
                 (data, mem_end),
                 &mut qused,
             );
+            let ticks = crate::tsc::now().saturating_sub(t0);
             failed |= r.status != 0 || r.ok_sectors != count;
             println!("blk-checksum: {:#018x}", r.hash.value());
             println!("blk-read: {} sectors ok status {}", r.ok_sectors, r.status);
+            let rb = req_sectors * SECTOR;
+            d.perf("read", rb, r.depth, count.div_ceil(req_sectors), count * SECTOR, ticks, None);
         } else if let Some(v) = tok.strip_prefix("blk-stream=") {
             let Some((seed, start, count, passes)) = parse4(v) else {
                 continue;

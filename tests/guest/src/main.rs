@@ -78,6 +78,10 @@ fn parse_options(cmdline: &str) -> Options {
                     if let Ok(v) = v.parse::<u8>() {
                         o.exit = v;
                     }
+                } else if let Some(v) = tok.strip_prefix("tsc-khz=") {
+                    if let Ok(v @ 1..) = v.parse::<u64>() {
+                        tsc::set_khz(v);
+                    }
                 } else if let Some(v) = tok.strip_prefix("ticks=") {
                     if let Ok(v @ 1..) = v.parse::<u64>() {
                         o.ticks_ms = Some(v);

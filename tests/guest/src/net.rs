@@ -27,6 +27,8 @@ const HDR: usize = 12;
 /// One RX buffer / TX slot.
 const BUF: u64 = 2048;
 const MAX_NICS: usize = 4;
+/// Largest queue used (the memory layout below holds 64 RX and 64 TX buffers).
+const NET_QMAX: usize = 64;
 
 // Per-device guest memory (NIC_MEM bytes, one slot per device index).
 const NIC_MEM: u64 = 0x10_0000;
@@ -285,7 +287,7 @@ impl Net {
                 t.add_status(STATUS_FAILED);
                 return Err("queue not available");
             }
-            let size = (max as usize).min(QMAX) as u16;
+            let size = (max as usize).min(QMAX).min(NET_QMAX) as u16;
             let size = 1u16 << (15 - size.leading_zeros());
             let q = if i == 0 { &mut self.rx } else { &mut self.tx };
             q.init(i, size, self.mem + off, false);

@@ -21,6 +21,8 @@ pub enum Source {
     Cpuid16,
     /// Nothing reported it; assumed.
     Assumed,
+    /// `tsc-khz=` on the command line.
+    CommandLine,
 }
 
 impl Source {
@@ -30,6 +32,7 @@ impl Source {
             Source::Cpuid15 => "cpuid 0x15",
             Source::Cpuid16 => "cpuid 0x16",
             Source::Assumed => "assumed",
+            Source::CommandLine => "tsc-khz=",
         }
     }
 }
@@ -66,7 +69,17 @@ pub fn detect() -> Option<(u64, Source)> {
     None
 }
 
-/// The TSC frequency in kHz and its source; 2 GHz when CPUID does not report it.
+static KHZ_OVERRIDE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Sets the TSC frequency from the command line (`tsc-khz=`); it wins over CPUID.
+pub fn set_khz(khz: u64) {
+    KHZ_OVERRIDE.store(khz, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// The TSC frequency in kHz and its source: `tsc-khz=` if given, else CPUID, else 2 GHz.
 pub fn khz() -> (u64, Source) {
-    detect().unwrap_or((2_000_000, Source::Assumed))
+    match KHZ_OVERRIDE.load(core::sync::atomic::Ordering::Relaxed) {
+        0 => detect().unwrap_or((2_000_000, Source::Assumed)),
+        k => (k, Source::CommandLine),
+    }
 }

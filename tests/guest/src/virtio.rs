@@ -21,10 +21,11 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 const NO_VECTOR: u16 = 0xffff;
 
-/// Largest queue size used (the device's maximum is clamped to it).
-pub const QMAX: usize = 64;
-/// Guest memory one queue needs (desc, avail, used, per-head scratch: a page each).
-pub const QUEUE_MEM: u64 = 0x4000;
+/// Largest queue size used (the device's maximum is clamped to it): 42 requests of 3
+/// descriptors in flight.
+pub const QMAX: usize = 128;
+/// Guest memory one queue needs (desc, avail, used: a page each; per-head scratch: two).
+pub const QUEUE_MEM: u64 = 0x5000;
 /// Bytes of per-head scratch (request header, segment, status, ID buffer).
 pub const SCRATCH: u64 = 64;
 
@@ -254,7 +255,7 @@ impl Virtq {
         }
     }
 
-    /// Lays the rings out in `mem` (QUEUE_MEM bytes, page aligned), zeroes them and
+    /// Lays the rings out in `mem` (QUEUE_MEM bytes for QMAX entries, page aligned), zeroes them and
     /// resets the driver-side state.
     pub fn init(&mut self, idx: u16, size: u16, mem: u64, event_idx: bool) {
         *self = Virtq::empty();
@@ -265,7 +266,8 @@ impl Virtq {
         self.used = mem + 0x2000;
         self.scratch = mem + 0x3000;
         self.event_idx = event_idx;
-        zero(mem, QUEUE_MEM);
+        // Rings and the scratch of `size` heads (a smaller queue leaves the rest alone).
+        zero(mem, 0x3000 + size as u64 * SCRATCH);
         for i in 0..size as usize {
             self.free[i] = (size as usize - 1 - i) as u16;
         }

@@ -300,6 +300,8 @@ pub fn pids_with_fd_under(fd: u32, dir: &std::path::Path) -> Vec<i32> {
 
 /// A minimal JSON reader for the CLI's `--json` output (the tests crate has no JSON
 /// dependency).
+pub mod rand_replay;
+
 pub mod json {
     /// A JSON value.
     #[derive(Debug, Clone, PartialEq)]

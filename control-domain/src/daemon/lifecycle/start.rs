@@ -89,6 +89,12 @@ impl Daemon {
         }
         args.push("--queues".into());
         args.push(disk.queues.unwrap_or(1).to_string());
+        // Only when not the default, so a binary from before `--cache` can still serve
+        // (device-upgrade to an older bulkhead-blk) a disk that does not ask for it.
+        if disk.cache != crate::daemon::vmconfig::DiskCache::Writeback {
+            args.push("--cache".into());
+            args.push(disk.cache.as_str().into());
+        }
         Ok(BackendLaunch {
             binary: self.cfg.blk.clone(),
             args,
