@@ -103,7 +103,9 @@ pub fn spawn_backend(
         .unwrap_or(0);
     let sandbox = spawn::Sandbox {
         uid,
-        max_threads: 64,
+        // Its own threads, a disk's I/O pool and io_uring's kernel workers (which count
+        // against the uid too).
+        max_threads: 256,
         hostname: format!(
             "bulkhead-{}-{device}",
             vm.chars().take(32).collect::<String>()
