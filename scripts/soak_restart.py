@@ -132,6 +132,19 @@ def verify_image():
     return bad, passes
 
 
+def echo_totals(out):
+    """(sent, echoed) from the echo client's output (its last complete progress line when
+    it was cut short)."""
+    sent = ok = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "progress" and parts[1].isdigit() and parts[2].isdigit():
+            sent, ok = int(parts[1]), int(parts[2])
+        if len(parts) == 4 and parts[0] == "sent" and parts[1].isdigit() and parts[3].isdigit():
+            sent, ok = int(parts[1]), int(parts[3])
+    return sent, ok
+
+
 def setup():
     run("rm", "-rf", WORK, check=False)
     os.makedirs(WORK)
@@ -233,7 +246,7 @@ def main():
         client = subprocess.Popen(
             ["ip", "netns", "exec", NS, "/usr/bin/python3", "-c", ECHO_CLIENT, "10.77.9.2",
              "7000", str(time.time() + 100000)],
-            stdout=subprocess.PIPE, text=True)
+            stdout=open(os.path.join(WORK, "echo-client.out"), "w"), text=True)
         stats = {"survived": 0, "skipped": 0, "absorbed": 0, "lost": [], "by": {},
                  "max_replace_s": 0.0}
         t0 = time.time()
@@ -245,19 +258,14 @@ def main():
                     f"{len(stats['lost'])} not, {time.time() - t0:.0f} s")
         time.sleep(1)
         client.send_signal(signal.SIGTERM)
-        client_out = ""
         try:
-            client_out, _ = client.communicate(timeout=5)
+            client.wait(timeout=5)
         except subprocess.TimeoutExpired:
             client.kill()
+        with open(os.path.join(WORK, "echo-client.out")) as f:
+            client_out = f.read()
         # The echo client's totals: from its last progress line when SIGTERM cut it.
-        sent = ok = 0
-        for line in client_out.splitlines():
-            parts = line.split()
-            if parts and parts[0] == "progress":
-                sent, ok = int(parts[1]), int(parts[2])
-            if parts and parts[0] == "sent":
-                sent, ok = int(parts[1]), int(parts[3])
+        sent, ok = echo_totals(client_out)
         bh("destroy", "soakdisk")
         bh("destroy", "soaknet")
         con.wait(timeout=10)
