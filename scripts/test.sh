@@ -27,9 +27,11 @@ step "guest kernel (scripts/guest-kernel.sh; a cold cache builds for minutes)"
 kernel=$(bash scripts/guest-kernel.sh)
 step "guest initramfs (scripts/guest-image.sh)"
 image=$(bash scripts/guest-image.sh)
+step "guest root file system (scripts/guest-rootfs.sh)"
+rootfs=$(bash scripts/guest-rootfs.sh)
 step "Debian's cloud kernel for the loader tests (scripts/debian-kernel.sh)"
 debian=$(bash scripts/debian-kernel.sh)
-echo "test.sh: guest kernel $kernel, initramfs $image, Debian kernel $debian" >&2
+echo "test.sh: guest kernel $kernel, initramfs $image, root image $rootfs, Debian kernel $debian" >&2
 
 step "build"
 cargo build --workspace --bins
