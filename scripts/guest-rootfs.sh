@@ -129,15 +129,25 @@ cat >"$root/etc/init.d/rcK" <<'EOF'
 # Shutdown (busybox init runs this before it reboots): end every process, then leave / clean.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 echo "bulkhead-rootfs: shutting down"
+# Processes other than init and this script (kernel threads have no exe); shell builtins
+# only, no process per check (forks are slow where guest kernels run under emulation).
+others() {
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    [ "$p" = 1 ] || [ "$p" = $$ ] || { [ -e "/proc/$p/exe" ] && return 0; }
+  done
+  return 1
+}
 kill -TERM -1 2>/dev/null
+kill -HUP -1 2>/dev/null    # interactive shells ignore SIGTERM
 i=0
-while [ $i -lt 20 ] && [ -n "$(for p in /proc/[0-9]*; do p=${p#/proc/}; [ "$p" != 1 ] && [ "$p" != $$ ] && [ -n "$(cat /proc/$p/cmdline 2>/dev/null)" ] && echo $p; done)" ]; do
-  sleep 0.1; i=$((i + 1))
-done
+while [ $i -lt 30 ] && others; do sleep 0.1; i=$((i + 1)); done
 kill -KILL -1 2>/dev/null
 sync
 umount -a -r -t tmpfs 2>/dev/null
-if mount -o remount,ro /; then
+i=0
+while [ $i -lt 20 ] && others; do sleep 0.1; i=$((i + 1)); done
+if mount -o remount,ro / || { sleep 0.5; mount -o remount,ro /; }; then
   echo "bulkhead-rootfs: / clean"
 else
   echo "bulkhead-rootfs: cannot remount / read-only"

@@ -477,7 +477,7 @@ fn linux_root_disk_shell_reboot_and_shutdown() {
         Duration::from_secs(60),
     );
     assert!(
-        con.text().contains("/dev/vda on / type ext4 (rw"),
+        con.text().contains("/dev/root on / type ext4 (rw"),
         "{}",
         con.text()
     );
