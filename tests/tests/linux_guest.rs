@@ -488,7 +488,19 @@ fn linux_root_disk_shell_reboot_and_shutdown() {
         "T1.",
         Duration::from_secs(60),
     );
-    let ticks = |c: &PtyConsole| c.count(".\r\n") + c.count(".\n");
+    // The loop prints "T<n>." after each round: the highest n so far.
+    let ticks = |c: &PtyConsole| {
+        c.text()
+            .split('T')
+            .filter_map(|s| {
+                let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+                (!digits.is_empty() && s[digits.len()..].starts_with('.'))
+                    .then(|| digits.parse::<usize>().ok())
+                    .flatten()
+            })
+            .max()
+            .unwrap_or(0)
+    };
     for kill in 1..=10 {
         let pid = {
             let mut p = None;
