@@ -415,6 +415,7 @@ impl VmEntry {
         if self.reboot_wanted(&reason) {
             match self.restart_in_place() {
                 Ok(()) => return,
+                Err(_) if self.is_destroying() => reason = StopReason::Destroyed,
                 Err(e) => reason = StopReason::Crashed(format!("restart after reboot failed: {e}")),
             }
         }
@@ -464,11 +465,12 @@ impl VmEntry {
         *lock(&self.outcome) = None;
         *lock(&self.intent) = Intent::None;
         *lock(&self.pidfd) = None;
+        // The old runner is reaped: its pid must not be signalled (a destroy meanwhile).
+        self.update(|r| r.runner_pid = None);
         let _ = std::fs::remove_file(self.state_dir.socket_path(&self.name));
         self.set_state(VmState::Starting);
         self.ending
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        let old_pid = lock(&self.record).runner_pid;
         let hook = lock(&self.restart_hook).take();
         let result = match &hook {
             Some(h) => h(self),
@@ -481,8 +483,7 @@ impl VmEntry {
             // A start that failed never attached its runner: end and reap one it spawned
             // (never the old, already reaped pid), and whatever backends it started.
             self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
-            let new_pid = lock(&self.record).runner_pid;
-            if let Some(pid) = new_pid.filter(|p| Some(*p) != old_pid) {
+            if let Some(pid) = lock(&self.record).runner_pid {
                 let pid = nix::unistd::Pid::from_raw(pid);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = nix::sys::wait::waitpid(pid, None);
