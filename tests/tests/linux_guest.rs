@@ -477,6 +477,31 @@ fn linux_root_disk_shell_reboot_and_shutdown() {
         con.text()
     );
 
+    // A second client on its own terminal: the reattach shows the last screenful (24 rows
+    // here), not the whole ring, and both clients see what follows; Ctrl-] detaches it
+    // while the VM runs on.
+    let second = PtyConsole::attach(&d, "lxroot");
+    assert!(
+        wait_until(STEP, || second.text().contains("W=2")),
+        "{}",
+        second.text()
+    );
+    let shown = second.text().lines().count();
+    assert!(
+        shown <= 26,
+        "a reattach showed {shown} lines, not a screenful\n{}",
+        second.text()
+    );
+    assert!(!second.text().contains("Linux version"), "{}", second.text());
+    con.run("echo BOTH=$((5*5))", "BOTH=25", Duration::from_secs(60));
+    assert!(
+        wait_until(STEP, || second.text().contains("BOTH=25")),
+        "the second client missed the output\n{}",
+        second.text()
+    );
+    assert_eq!(second.detach(), Some(0), "Ctrl-] detaches");
+    assert_eq!(d.vm("lxroot").map(|v| v.state), Some("running".into()));
+
     // Sync-ed writes in a loop while the disk backend is killed 10 times.
     con.run(
         "(i=0; while [ ! -e /tmp/stop ]; do echo line$i >> /root/loop || echo IOERR-write; sync || echo IOERR-sync; echo T$i.; i=$((i+1)); done; echo LOOP=$((2+3))) &",
