@@ -2,7 +2,10 @@
 //! runner and the thread that reads the runner's events and notices when it stops. It holds
 //! the VM's console ([`ConsoleRing`]) and device table ([`DeviceTable`]), whose locks are
 //! their own modules'. Owns the record lock: other modules read and change the record
-//! through its methods. May call: the runner's channel, the state dir, the console.
+//! through its methods. When the runner ends because the guest rebooted and the VM's
+//! `on_reboot` is `restart`, its supervisor thread calls the restart hook the lifecycle
+//! installed ([`RestartHook`]) instead of recording a stop.
+//! May call: the runner's channel, the state dir, the console, the restart hook.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
