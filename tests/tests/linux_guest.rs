@@ -389,17 +389,24 @@ fn wait_boot(con: &PtyConsole, d: &Bulkheadd, n: usize) {
 /// The guest's uptime in whole seconds, read through the console.
 fn guest_uptime(con: &mut PtyConsole) -> u64 {
     let before = con.text().len();
-    con.run(
-        "echo UP=$(cut -d. -f1 /proc/uptime)=END",
-        "=END",
-        Duration::from_secs(60),
-    );
-    let text = con.text();
-    let tail = &text[before..];
-    tail.split("UP=")
-        .filter_map(|s| s.split("=END").next())
-        .find_map(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no uptime in {tail:?}"))
+    // The echo of the typed line has "$((0))" where the output has "0".
+    con.type_bytes(b"echo UPTIME-$((0))-$(cut -d. -f1 /proc/uptime)-SECS\r");
+    let parse = |text: &str| -> Option<u64> {
+        let tail = text.get(before..)?;
+        let rest = tail.split("UPTIME-0-").nth(1)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        rest[digits.len()..]
+            .starts_with("-SECS")
+            .then(|| digits.parse().ok())
+            .flatten()
+    };
+    let mut up = None;
+    let seen = wait_until(Duration::from_secs(60), || {
+        up = parse(&con.text());
+        up.is_some()
+    });
+    assert!(seen, "no uptime on the console\n{}", con.text());
+    up.unwrap_or_default()
 }
 
 fn debugfs_cat(img: &Path, file: &str) -> String {
