@@ -32,6 +32,7 @@ sock=$work/bulkhead.sock
 mkdir -p "$work"
 bh() { "$bin/bulkhead" --socket "$sock" "$@"; }
 say() { echo "== $* ==" >&2; }
+failed=0   # set when a step fails; the exit status (CI runs the demo)
 
 # The policy: root acts (no [admins] needed), and the demo VM may join network "demo".
 cat >"$work/policy.toml" <<TOML
@@ -88,16 +89,16 @@ TOML
   timeout 3 "$bin/bulkhead" --socket "$sock" console demo </dev/null || true
   echo
   say "ping -c 3 10.77.200.2 (the guest, from the host)"
-  ping -c 3 -W 2 10.77.200.2 || echo "(no answer from the guest)" >&2
+  ping -c 3 -W 2 10.77.200.2 || { say "no answer from the guest"; failed=1; }
   if [ "${KEEP:-0}" = 1 ]; then
     say "left running: $bin/bulkhead --socket $sock console demo (Ctrl-] detaches)"
     exit 0
   fi
   say "bulkhead shutdown demo"
-  bh shutdown demo --timeout 20
+  bh shutdown demo --timeout 20 || failed=1
   bh list
   stop_daemon
-  exit 0
+  exit "$failed"
 fi
 
 # ---------------------------------------------------------------- Linux (the main job)
@@ -144,7 +145,13 @@ console_pid=$!
 exec 7>"$work/console.in"
 tail -n +1 -f "$log" --pid="$console_pid" &
 tail_pid=$!
-cleanup() { exec 7>&- 2>/dev/null || true; kill "$tail_pid" 2>/dev/null || true; }
+cleanup() {
+  local rc=$?
+  exec 7>&- 2>/dev/null || true
+  kill "$tail_pid" 2>/dev/null || true
+  # A step that gave up (set -e) leaves nothing running unless KEEP=1.
+  if [ "$rc" -ne 0 ] && [ "${KEEP:-0}" != 1 ]; then stop_daemon; fi
+}
 trap cleanup EXIT
 
 # Waits until console.log holds $2 occurrences of $1, at most $3 seconds.
@@ -176,7 +183,7 @@ guest "ip addr"
 guest "echo 'written by the demo guest' > /root/demo.txt && sync && cat /root/demo.txt"
 echo >&2
 say "ping -c 3 10.77.200.2 (the guest, from the host)"
-ping -c 3 -W 5 10.77.200.2 || echo "(no answer from the guest)" >&2
+ping -c 3 -W 5 10.77.200.2 || { say "no answer from the guest"; failed=1; }
 
 if [ "${KEEP:-0}" = 1 ]; then
   exec 7>&-
@@ -186,7 +193,7 @@ if [ "${KEEP:-0}" = 1 ]; then
   exit 0
 fi
 say "bulkhead shutdown demo (Ctrl-Alt-Del: busybox init runs its shutdown)"
-bh shutdown demo --timeout 120
+bh shutdown demo --timeout 120 || failed=1
 bh list
 wait "$console_pid" 2>/dev/null || true
 if command -v debugfs >/dev/null || [ -x /sbin/debugfs ]; then
@@ -194,3 +201,5 @@ if command -v debugfs >/dev/null || [ -x /sbin/debugfs ]; then
   PATH=$PATH:/sbin debugfs -R "cat /root/demo.txt" "$work/demo-root.ext4" 2>/dev/null
 fi
 stop_daemon
+[ "$failed" = 0 ] || say "the demo did not go as it should (see above)"
+exit "$failed"
