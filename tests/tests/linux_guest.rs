@@ -499,7 +499,11 @@ fn linux_root_disk_shell_reboot_and_shutdown() {
         "a reattach showed {shown} lines, not a screenful\n{}",
         second.text()
     );
-    assert!(!second.text().contains("Linux version"), "{}", second.text());
+    assert!(
+        !second.text().contains("Linux version"),
+        "{}",
+        second.text()
+    );
     con.run("echo BOTH=$((5*5))", "BOTH=25", Duration::from_secs(60));
     assert!(
         wait_until(STEP, || second.text().contains("BOTH=25")),

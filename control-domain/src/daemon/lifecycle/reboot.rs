@@ -9,11 +9,12 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bulkhead_ipc::control::{ErrorCode, Reply, VmState};
+use bulkhead_ipc::control::{ErrorCode, Reply, StopReason, VmState};
 use bulkhead_ipc::runner::{RunnerCommand, RunnerEvent};
 
 use crate::daemon::describe::state_word;
 use crate::daemon::vm::{Intent, RestartHook, VmEntry};
+use crate::daemon::vmconfig::OnReboot;
 use crate::daemon::{fail, log, Daemon, Failure};
 
 impl Daemon {
@@ -88,12 +89,15 @@ impl Daemon {
             });
         }
         if !vm.is_live() {
-            let state = vm.read(|r| r.state.clone());
+            let (state, on_reboot) = vm.read(|r| (r.state.clone(), r.spec.on_reboot));
+            let why = match (&state, on_reboot) {
+                (VmState::Stopped(StopReason::GuestShutdown), OnReboot::Destroy) => {
+                    " (on_reboot = \"destroy\")"
+                }
+                _ => "",
+            };
             return Ok(Reply::Done {
-                message: format!(
-                    "VM '{name}' {} (on_reboot = \"destroy\")",
-                    state_word(&state)
-                ),
+                message: format!("VM '{name}' {}{why}", state_word(&state)),
             });
         }
         Err(fail(
