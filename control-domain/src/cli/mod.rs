@@ -105,9 +105,10 @@ enum Verb {
     },
     /// Attach to a VM's serial console.
     ///
-    /// Prints the recent output bulkheadd kept, then streams the guest's output to stdout
-    /// and sends stdin to the guest. On a terminal, stdin is put in raw mode (Ctrl-C goes to
-    /// the guest) until bulkhead exits. Ctrl-] (byte 0x1d, from a terminal or a pipe)
+    /// Prints the recent output bulkheadd kept (on a terminal, the last screenful), then
+    /// streams the guest's output to stdout and sends stdin to the guest; any number of
+    /// clients may attach at once and all see the same output. On a terminal, stdin is put
+    /// in raw mode (Ctrl-C goes to the guest) until bulkhead exits. Ctrl-] (byte 0x1d, from a terminal or a pipe)
     /// detaches. When stdin is not a terminal and ends, output keeps streaming. Exits 0
     /// when you detach or the console closes (the VM stopped).
     Console {
