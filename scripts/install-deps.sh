@@ -19,6 +19,8 @@ packages=(
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
   # scripts/guest-image.sh: /init and the busybox initramfs
   gcc libc6-dev cpio gzip busybox-static
+  # scripts/guest-rootfs.sh and the slow suite: the ext4 root image (mkfs.ext4 -d, debugfs, e2fsck)
+  e2fsprogs
   # scripts/debian-kernel.sh: unpacking Debian's cloud kernel for the loader tests
   lz4 zstd
   # scripts/bench-boot.sh: peak RSS

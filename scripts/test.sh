@@ -2,7 +2,8 @@
 # Runs every Bulkhead test suite. In order, each step once, before any test starts:
 #   1. host packages (scripts/install-deps.sh; as root, or --check only as another user),
 #   2. the guest artifacts the suites boot, built or fetched into their caches under a lock
-#      (the Linux guest kernel takes minutes on the first run; later runs hit the cache),
+#      (the Linux guest kernel takes minutes on the first run; later runs hit the cache;
+#      the initramfs, the ext4 root image and Debian's kernel take seconds),
 #   3. the binaries the end-to-end suites start,
 #   4. every suite with --no-fail-fast, so one failing suite never hides the rest; the
 #      closing `total:` line counts every suite and names a suite that ended without results.
@@ -27,9 +28,11 @@ step "guest kernel (scripts/guest-kernel.sh; a cold cache builds for minutes)"
 kernel=$(bash scripts/guest-kernel.sh)
 step "guest initramfs (scripts/guest-image.sh)"
 image=$(bash scripts/guest-image.sh)
+step "guest root file system (scripts/guest-rootfs.sh)"
+rootfs=$(bash scripts/guest-rootfs.sh)
 step "Debian's cloud kernel for the loader tests (scripts/debian-kernel.sh)"
 debian=$(bash scripts/debian-kernel.sh)
-echo "test.sh: guest kernel $kernel, initramfs $image, Debian kernel $debian" >&2
+echo "test.sh: guest kernel $kernel, initramfs $image, root image $rootfs, Debian kernel $debian" >&2
 
 step "build"
 cargo build --workspace --bins

@@ -211,6 +211,9 @@ fn serve_connection(
             RunnerCommand::RequestShutdown => match state.vm() {
                 Some(vm) => {
                     vm.devices().request_shutdown();
+                    if !vm.devices().ctrl_alt_del() {
+                        log("Ctrl-Alt-Del not sent: the guest is not reading its keyboard");
+                    }
                     RunnerEvent::ShutdownRequested
                 }
                 None => not_booted(),

@@ -1,14 +1,16 @@
-//! The legacy devices every VM has, on the port-I/O bus: COM1 16550 serial, the i8042 reset
-//! line, and the test-guest debug-exit port.
+//! The legacy devices every VM has, on the port-I/O bus: COM1 16550 serial, the i8042
+//! keyboard controller (reset line and Ctrl-Alt-Del, [`crate::i8042`]), the shutdown-request
+//! port and the test-guest debug-exit port.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::{I8042Device, Serial, Trigger};
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::i8042::{I8042Action, I8042};
 use crate::layout::ports;
 use crate::pci::{PciBus, CONFIG_ADDRESS, CONFIG_DATA};
 use crate::virtio_pci::VhostUserPciDevice;
@@ -61,7 +63,8 @@ pub enum PioAction {
 pub struct LegacyDevices {
     /// COM1.
     pub serial: SharedSerial,
-    i8042: Mutex<I8042Device<EventTrigger>>,
+    i8042: Mutex<I8042>,
+    reset: EventFd,
     shutdown_requested: AtomicBool,
     /// PCI bus 0 (config mechanism #1 and BARs).
     pub pci: PciBus,
@@ -70,9 +73,11 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Builds the devices; `serial_irq` is raised for COM1 interrupts, `reset` on i8042 reset.
+    /// Builds the devices; `serial_irq` is raised for COM1 interrupts, `kbd_irq` for the
+    /// i8042 keyboard's (IRQ 1), `reset` on i8042 reset.
     pub fn new(
         serial_irq: EventFd,
+        kbd_irq: EventFd,
         reset: EventFd,
         console: ConsoleOut,
         pci: PciBus,
@@ -80,7 +85,8 @@ impl LegacyDevices {
     ) -> Self {
         Self {
             serial: Arc::new(Mutex::new(Serial::new(EventTrigger(serial_irq), console))),
-            i8042: Mutex::new(I8042Device::new(EventTrigger(reset))),
+            i8042: Mutex::new(I8042::new(Some(kbd_irq))),
+            reset,
             shutdown_requested: AtomicBool::new(false),
             pci,
             vhost,
@@ -90,6 +96,15 @@ impl LegacyDevices {
     /// Raises the shutdown request that guests read from [`ports::SHUTDOWN_REQUEST`].
     pub fn request_shutdown(&self) {
         self.shutdown_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Presses Ctrl-Alt-Del on the i8042 keyboard (how `bulkhead shutdown` and `reboot` ask
+    /// a Linux guest). False if the guest left no room for it in the keyboard buffer.
+    pub fn ctrl_alt_del(&self) -> bool {
+        match self.i8042.lock() {
+            Ok(mut k) => k.ctrl_alt_del(),
+            Err(_) => false,
+        }
     }
 
     /// The vhost-user device called `name`.
@@ -153,7 +168,10 @@ impl LegacyDevices {
             }
             ports::I8042_DATA | ports::I8042_COMMAND => {
                 if let Ok(mut k) = self.i8042.lock() {
-                    let _ = k.write((port - ports::I8042_DATA) as u8, value);
+                    if k.write((port - ports::I8042_DATA) as u8, value) == I8042Action::Reset {
+                        // The vCPU that wrote it sees the eventfd set and stops the VM.
+                        let _ = self.reset.write(1);
+                    }
                 }
             }
             ports::DEBUG_EXIT => return PioAction::DebugExit(value),

@@ -60,6 +60,8 @@ pub mod ports {
     pub const I8042_DATA: u16 = 0x60;
     /// i8042 keyboard controller: command/status port (0xFE here resets the machine).
     pub const I8042_COMMAND: u16 = 0x64;
+    /// The i8042 keyboard's interrupt line.
+    pub const I8042_IRQ: u32 = 1;
     /// Test-guest debug-exit port (QEMU's isa-debug-exit convention).
     pub const DEBUG_EXIT: u16 = 0xf4;
     /// Reads 1 once the control domain asked the guest to shut down (`bulkhead shutdown`),

@@ -10,6 +10,7 @@ pub mod control;
 pub mod cpu;
 pub mod cpu_template;
 pub mod devices;
+pub mod i8042;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;

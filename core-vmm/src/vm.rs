@@ -322,6 +322,10 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, ports::COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("keyboard eventfd"))?;
+        vm_fd
+            .register_irqfd(&kbd_irq, ports::I8042_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(host_err("reset eventfd"))?;
         let vm_fd = Arc::new(vm_fd);
         let ram = Arc::new(ram);
@@ -352,6 +356,7 @@ impl Vm {
         }
         let devices = Arc::new(LegacyDevices::new(
             serial_irq,
+            kbd_irq,
             reset_evt.try_clone().map_err(host_err("reset eventfd"))?,
             console,
             pci,

@@ -52,6 +52,15 @@ pub enum Request {
         /// How long to wait before reporting that the guest did not comply.
         timeout_secs: u32,
     },
+    /// Ask the guest to reboot (as `Shutdown` asks, Ctrl-Alt-Del): the VM's `on_reboot`
+    /// decides what follows (`restart`: the VM starts again in place). Waits up to
+    /// `timeout_secs` for the guest to go down and, with `restart`, to be started again.
+    Reboot {
+        /// VM name.
+        name: String,
+        /// How long to wait before reporting that the guest did not comply.
+        timeout_secs: u32,
+    },
     /// Kill a VM now and remove it.
     Destroy {
         /// VM name.

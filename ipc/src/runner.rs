@@ -87,8 +87,10 @@ pub enum RunnerCommand {
     Pause,
     /// Restart the vCPUs.
     Resume,
-    /// Ask the guest to shut down: the runner raises the shutdown-request port (0xf5) that
-    /// guests without ACPI poll. The guest decides; the control domain enforces a timeout.
+    /// Ask the guest to shut down (or reboot: the control domain knows which it asked for):
+    /// the runner presses Ctrl-Alt-Del on the i8042 keyboard (Linux's init runs its
+    /// shutdown, then resets the machine) and raises the shutdown-request port (0xf5) that
+    /// the test guest polls. The guest decides; the control domain enforces a timeout.
     RequestShutdown,
     /// Report state (used when a restarted `bulkheadd` re-adopts a runner).
     Status,

@@ -28,9 +28,10 @@ fn request_index(r: &Request) -> usize {
         Request::Destroy { .. } => 9,
         Request::DeviceRestart { .. } => 10,
         Request::DeviceUpgrade { .. } => 11,
+        Request::Reboot { .. } => 12,
     }
 }
-const REQUEST_VARIANTS: usize = 12;
+const REQUEST_VARIANTS: usize = 13;
 
 fn reply_index(r: &Reply) -> usize {
     match r {
@@ -121,6 +122,10 @@ fn requests() -> Vec<Request> {
             name: "web1".into(),
             device: "nic0".into(),
             binary: "/usr/libexec/bulkhead-net.new".into(),
+        },
+        Request::Reboot {
+            name: "web".into(),
+            timeout_secs: 0,
         },
     ]
 }

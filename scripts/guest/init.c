@@ -88,6 +88,7 @@ static i64 sc6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f) {
 #define REBOOT_MAGIC2 672274793
 #define REBOOT_CMD_RESTART 0x01234567
 #define REBOOT_CMD_POWER_OFF 0x4321FEDC
+#define REBOOT_CMD_CAD_OFF 0
 
 // gcc may emit calls to these even when freestanding.
 void *memset(void *d, int c, u64 n) {
@@ -366,6 +367,10 @@ void main_(void) {
         if (fd >= 0) { sc(SYS_dup2, fd, 0, 0); sc(SYS_dup2, fd, 1, 0); sc(SYS_dup2, fd, 2, 0); }
     }
     say("started");
+    // Ctrl-Alt-Del (what `bulkhead shutdown` presses on the i8042 keyboard) becomes SIGINT
+    // for us, which pid 1 ignores, instead of an immediate reboot by the kernel: this /init
+    // ends when the shutdown-request port says so (bh.wait), as before.
+    sc6(SYS_reboot, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_CAD_OFF, 0, 0, 0);
 
     i64 fd = sc(SYS_open, "/proc/cmdline", O_RDONLY, 0);
     if (fd >= 0) {

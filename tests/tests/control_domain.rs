@@ -1119,3 +1119,61 @@ fn console_client_that_never_reads_stalls_nothing() {
     }
     assert!(closed, "the cut-off client was never closed");
 }
+
+/// `on_reboot = "restart"`: `bulkhead reboot` and a guest's own reset start the same VM again
+/// in place (a new runner, the console stays attached); `bulkhead shutdown` still ends it;
+/// `destroy` stops a VM that keeps rebooting; without the key a reset ends the VM.
+#[test]
+fn reboot_restarts_in_place() {
+    let name = "reboot_restarts_in_place";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("reboot", Some(&runner_uids(64200)), false);
+    let cfg = d.config_with("again", "ticks=100", "128M", 1, "on_reboot = \"restart\"\n");
+    let vm = d.create_config("again", &cfg);
+    let pid1 = vm.runner_pid.expect("pid");
+    let con = d.console("again");
+    assert!(con.stdout.wait_for("tick 2", STEP), "{}", con.stdout.text());
+
+    // `bulkhead reboot`: the guest resets when asked; the VM runs again with a new runner.
+    let out = d.cli(&["reboot", "again", "--timeout", "20"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(out.stdout.contains("VM 'again' rebooted"), "{}", out.dump());
+    let pid2 = d.vm("again").and_then(|v| v.runner_pid).expect("pid");
+    assert_ne!(pid1, pid2, "a new runner after the reboot");
+    assert!(
+        wait_until(STEP, || con.stdout.text().matches("cpu 0 up").count() >= 2),
+        "the attached console shows the second boot\n{}",
+        con.stdout.text()
+    );
+    assert_eq!(d.vm("again").map(|v| v.state), Some("running".into()));
+
+    // `bulkhead shutdown`: the same reset now ends the VM.
+    let out = d.cli(&["shutdown", "again", "--timeout", "20"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(
+        out.stdout.contains("VM 'again' stopped (guest shut down)"),
+        "{}",
+        out.dump()
+    );
+
+    // A guest that resets itself at once keeps being restarted until destroyed.
+    let cfg = d.config_with("loop", "reboot", "128M", 1, "on_reboot = \"restart\"\n");
+    d.create_config("loop", &cfg);
+    assert!(
+        wait_until(STEP, || d
+            .daemon_log()
+            .contains("VM 'loop' restarted in place (boot 3)")),
+        "no third boot\n{}",
+        d.dump()
+    );
+    let out = d.cli(&["destroy", "loop"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    assert!(d.vm("loop").is_none(), "{}", d.dump());
+
+    // Without on_reboot (default "destroy"), the guest's reset ends the VM.
+    let cfg = d.config_with("once", "reboot", "128M", 1, "");
+    d.create_config("once", &cfg);
+    d.wait_row("once", "stopped (shut down)");
+}

@@ -1,5 +1,7 @@
 //! `bulkhead console`: attach to a VM's serial console.
 //!
+//! On a terminal, the history the daemon kept is cut to the last screenful (the terminal's
+//! height, from its window size), so a reattach shows what a screen showed, not 64 KiB.
 //! The main thread streams [`Reply::ConsoleOutput`] to stdout; a second thread, on its own
 //! handle of the socket ([`Channel::try_clone`]), forwards stdin as
 //! [`Request::ConsoleInput`] and turns Ctrl-] (0x1d) into [`Request::ConsoleDetach`]. A
@@ -42,6 +44,14 @@ pub fn attach(socket: &Path, name: &str, io: &mut Streams<'_>) -> Result<(), Fai
         Reply::ConsoleAttached { history } => history,
         other => return Err(Failure::unexpected("console", &other)),
     };
+    let history = if io.stdin_is_tty {
+        match terminal_rows() {
+            Some(rows) => last_screenful(&history, rows).to_vec(),
+            None => history,
+        }
+    } else {
+        history
+    };
     let raw = if io.stdin_is_tty {
         let _ = writeln!(
             io.stderr,
@@ -65,6 +75,34 @@ pub fn attach(socket: &Path, name: &str, io: &mut Streams<'_>) -> Result<(), Fai
     }
     let _ = io.stderr.flush();
     Ok(())
+}
+
+/// The height of the terminal on stdin, if it is one and says.
+fn terminal_rows() -> Option<usize> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into `ws`, which lives across the call.
+    let r = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0).then_some(usize::from(ws.ws_row))
+}
+
+/// The end of `history` that fills a screen of `rows` lines: the last `rows - 1` complete
+/// lines and the unfinished line after them (where the cursor is).
+pub fn last_screenful(history: &[u8], rows: usize) -> &[u8] {
+    let mut newlines = 0;
+    for (i, b) in history.iter().enumerate().rev() {
+        if *b == b'\n' {
+            newlines += 1;
+            if newlines >= rows {
+                return history.get(i + 1..).unwrap_or_default();
+            }
+        }
+    }
+    history
 }
 
 /// How a session ended well.
@@ -236,5 +274,20 @@ impl Drop for RawMode {
             let _ = unsafe { sigaction(sig, &old) };
         }
         SAVED.store(std::ptr::null_mut(), Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod screen_tests {
+    use super::last_screenful;
+
+    #[test]
+    fn last_screenful_keeps_the_last_rows_lines() {
+        let h = b"one\r\ntwo\r\nthree\r\nfour\r\nprompt# ";
+        assert_eq!(last_screenful(h, 3), b"three\r\nfour\r\nprompt# ");
+        assert_eq!(last_screenful(h, 1), b"prompt# ");
+        assert_eq!(last_screenful(h, 50), &h[..]);
+        assert_eq!(last_screenful(b"a\nb\n", 2), b"b\n");
+        assert_eq!(last_screenful(b"", 24), b"");
     }
 }

@@ -105,9 +105,10 @@ enum Verb {
     },
     /// Attach to a VM's serial console.
     ///
-    /// Prints the recent output bulkheadd kept, then streams the guest's output to stdout
-    /// and sends stdin to the guest. On a terminal, stdin is put in raw mode (Ctrl-C goes to
-    /// the guest) until bulkhead exits. Ctrl-] (byte 0x1d, from a terminal or a pipe)
+    /// Prints the recent output bulkheadd kept (on a terminal, the last screenful), then
+    /// streams the guest's output to stdout and sends stdin to the guest; any number of
+    /// clients may attach at once and all see the same output. On a terminal, stdin is put
+    /// in raw mode (Ctrl-C goes to the guest) until bulkhead exits. Ctrl-] (byte 0x1d, from a terminal or a pipe)
     /// detaches. When stdin is not a terminal and ends, output keeps streaming. Exits 0
     /// when you detach or the console closes (the VM stopped).
     Console {
@@ -126,9 +127,24 @@ enum Verb {
     },
     /// Ask the guest to shut down, and wait for it.
     ///
-    /// If the guest has not shut down within the timeout, bulkhead says so and exits
-    /// with status 5; `bulkhead destroy` stops a VM by force.
+    /// The guest is asked the way a PC is: Ctrl-Alt-Del on its keyboard (Linux's init runs
+    /// its shutdown and resets the machine; the VM then stops whatever on_reboot says),
+    /// and the shutdown-request port the test guest polls. If the guest has not shut down
+    /// within the timeout, bulkhead says so and exits with status 5; `bulkhead destroy`
+    /// stops a VM by force.
     Shutdown {
+        /// The VM's name.
+        name: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u32,
+    },
+    /// Ask the guest to reboot, and wait until the VM is running again.
+    ///
+    /// Ctrl-Alt-Del, as for shutdown; when the guest resets, the VM's on_reboot decides:
+    /// "restart" starts it again in place (same disks, NICs, console), "destroy" (the
+    /// default) ends it. Exits with status 5 if that has not happened within the timeout.
+    Reboot {
         /// The VM's name.
         name: String,
         /// Seconds to wait for the guest.
@@ -437,6 +453,24 @@ fn execute(cli: Cli, io: &mut Streams<'_>) -> Result<(), Failure> {
             match call(&socket, &req, wait)? {
                 Reply::Done { message } => print(io.stdout, &format!("{}\n", one_line(&message))),
                 other => Err(Failure::unexpected("shutdown", &other)),
+            }
+        }
+        Verb::Reboot { name, timeout } => {
+            let req = Request::Reboot {
+                name,
+                timeout_secs: timeout,
+            };
+            let wait = Duration::from_secs(u64::from(timeout)).saturating_add(SHUTDOWN_GRACE);
+            match call(&socket, &req, wait)? {
+                Reply::Done { message } => print(
+                    io.stdout,
+                    &format!(
+                        "{}
+",
+                        one_line(&message)
+                    ),
+                ),
+                other => Err(Failure::unexpected("reboot", &other)),
             }
         }
     }

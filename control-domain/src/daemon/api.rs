@@ -50,6 +50,9 @@ impl Daemon {
             Request::Shutdown { name, timeout_secs } => {
                 self.shutdown(&*self.find(caller, &name, Action::Shutdown)?, timeout_secs)
             }
+            Request::Reboot { name, timeout_secs } => {
+                self.reboot(&*self.find(caller, &name, Action::Shutdown)?, timeout_secs)
+            }
             Request::Destroy { name } => {
                 self.destroy(&*self.find(caller, &name, Action::Destroy)?)
             }

@@ -6,7 +6,8 @@
 //! locks are drawn in `control-domain/README.md`):
 //! - [`server`]: the control socket and its connections;
 //! - [`api`]: one function per request, authorized by the [`policy`];
-//! - [`lifecycle`]: the VM registry and create, start, pause, shutdown, destroy, adopt;
+//! - [`lifecycle`]: the VM registry and create, start, pause, shutdown, reboot, destroy,
+//!   adopt;
 //! - [`supervisor`]: every device backend, its state machine, restarts, standbys, upgrades;
 //! - [`vm`]: one VM's record and runner link; [`console`]: its console ring and clients;
 //! - [`describe`]: how `list` and `info` word things;
@@ -65,6 +66,8 @@ pub fn fail(code: ErrorCode, msg: impl Into<String>) -> Failure {
 
 /// The control domain.
 pub struct Daemon {
+    /// Itself, for what outlives a request (a VM's restart after its guest rebooted).
+    me: std::sync::Weak<Daemon>,
     cfg: DaemonConfig,
     policy: DomainPolicy,
     state: StateDir,
@@ -93,7 +96,8 @@ impl Daemon {
         }
         let state = StateDir::open(&cfg.state_dir)
             .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
-        let daemon = Arc::new(Self {
+        let daemon = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             cfg,
             policy,
             supervisor: Supervisor::new(state.clone()),

@@ -2,7 +2,10 @@
 //! runner and the thread that reads the runner's events and notices when it stops. It holds
 //! the VM's console ([`ConsoleRing`]) and device table ([`DeviceTable`]), whose locks are
 //! their own modules'. Owns the record lock: other modules read and change the record
-//! through its methods. May call: the runner's channel, the state dir, the console.
+//! through its methods. When the runner ends because the guest rebooted and the VM's
+//! `on_reboot` is `restart`, its supervisor thread calls the restart hook the lifecycle
+//! installed ([`RestartHook`]) instead of recording a stop.
+//! May call: the runner's channel, the state dir, the console, the restart hook.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,6 +25,22 @@ use super::supervisor::DeviceTable;
 /// Called with a device's name and how long its backend made no progress, when the runner
 /// reports it hung (set by the supervisor).
 pub type HangHandler = Arc<dyn Fn(&VmEntry, &str, u64) + Send + Sync>;
+
+/// What the control domain last asked the guest for (`shutdown` or `reboot`): how a guest
+/// reset that follows is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Nothing asked: a reset is the guest's own reboot (`on_reboot` decides).
+    None,
+    /// `bulkhead shutdown`: a reset ends the VM.
+    Shutdown,
+    /// `bulkhead reboot`: a reset is a reboot (`on_reboot` decides).
+    Reboot,
+}
+
+/// Starts a VM again in place after its guest rebooted (set by the lifecycle, which owns
+/// starting VMs). Returns why it could not.
+pub type RestartHook = Box<dyn Fn(&Arc<VmEntry>) -> Result<(), String> + Send + Sync>;
 
 /// A VM known to `bulkheadd`.
 pub struct VmEntry {
@@ -55,6 +74,14 @@ pub struct VmEntry {
     hang_handler: Mutex<Option<HangHandler>>,
     /// Signalled when the VM has stopped.
     stopped: (Mutex<bool>, Condvar),
+    /// What the control domain asked the guest for.
+    intent: Mutex<Intent>,
+    /// How many times the guest was started (1 after create; +1 per restart in place),
+    /// signalled on every change.
+    boots: (Mutex<u64>, Condvar),
+    /// Restarts the VM in place when `on_reboot = "restart"`; `None` for VMs this daemon
+    /// re-adopted (their reboot ends them).
+    restart_hook: Mutex<Option<RestartHook>>,
     state_dir: StateDir,
 }
 
@@ -90,6 +117,9 @@ impl VmEntry {
             outcome: Mutex::new(None),
             hang_handler: Mutex::new(None),
             stopped: (Mutex::new(stopped), Condvar::new()),
+            intent: Mutex::new(Intent::None),
+            boots: (Mutex::new(0), Condvar::new()),
+            restart_hook: Mutex::new(None),
             state_dir,
         })
     }
@@ -285,6 +315,56 @@ impl VmEntry {
         self.request_with_fds(cmd, &[], timeout)
     }
 
+    /// Records what the control domain asks the guest for.
+    pub fn set_intent(&self, intent: Intent) {
+        *lock(&self.intent) = intent;
+    }
+
+    /// Installs what restarts the VM in place after a guest reboot.
+    pub fn set_restart_hook(&self, hook: RestartHook) {
+        *lock(&self.restart_hook) = Some(hook);
+    }
+
+    /// How many times the guest was started.
+    pub fn boots(&self) -> u64 {
+        *lock(&self.boots.0)
+    }
+
+    /// Counts one more start of the guest and wakes whoever waits for it.
+    pub fn count_boot(&self) {
+        let (m, c) = &self.boots;
+        *lock(m) += 1;
+        c.notify_all();
+    }
+
+    /// Waits until the guest was started more than `boots` times, or the VM stopped, up to
+    /// `timeout`. True if it was started again.
+    pub fn wait_booted_after(&self, boots: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (m, c) = &self.boots;
+        let mut n = lock(m);
+        loop {
+            if *n > boots {
+                return true;
+            }
+            if !self.is_live() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            // Short waits: a stop is signalled on the other condvar.
+            let step = (deadline - now).min(Duration::from_millis(100));
+            n = c.wait_timeout(n, step).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Whether a destroy was asked for.
+    pub fn is_destroying(&self) -> bool {
+        *lock(&self.destroying)
+    }
+
     /// Waits until the VM has stopped, up to `timeout`. True if it has.
     pub fn wait_stopped(&self, timeout: Duration) -> bool {
         let (m, c) = &self.stopped;
@@ -373,6 +453,14 @@ impl VmEntry {
         self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         let reason = self.stop_reason();
         self.stop_backends();
+        let mut reason = reason;
+        if self.reboot_wanted(&reason) {
+            match self.restart_in_place() {
+                Ok(()) => return,
+                Err(_) if self.is_destroying() => reason = StopReason::Destroyed,
+                Err(e) => reason = StopReason::Crashed(format!("restart after reboot failed: {e}")),
+            }
+        }
         eprintln!(
             "bulkheadd: VM '{}' stopped: {}",
             self.name,
@@ -394,6 +482,63 @@ impl VmEntry {
         let (m, c) = &self.stopped;
         *lock(m) = true;
         c.notify_all();
+    }
+
+    /// Whether the runner's end is a guest reboot that `on_reboot = "restart"` restarts: a
+    /// reset the control domain did not ask for as a shutdown, no destroy under way, and a
+    /// way to restart (not a re-adopted VM).
+    fn reboot_wanted(&self, reason: &StopReason) -> bool {
+        *reason == StopReason::GuestShutdown
+            && matches!(lock(&self.outcome).as_ref(), Some(GuestOutcome::Reset))
+            && *lock(&self.intent) != Intent::Shutdown
+            && !*lock(&self.destroying)
+            && lock(&self.record).spec.on_reboot == crate::daemon::vmconfig::OnReboot::Restart
+            && lock(&self.restart_hook).is_some()
+    }
+
+    /// Starts the VM again after its guest rebooted: the old runner is reaped and its
+    /// backends are stopped; the restart hook starts new ones for the same record. Runs on
+    /// the old supervisor thread, which ends after this (the new runner has its own).
+    fn restart_in_place(self: &Arc<Self>) -> Result<(), String> {
+        eprintln!(
+            "bulkheadd: VM '{}': the guest rebooted; on_reboot = \"restart\": starting it again",
+            self.name
+        );
+        *lock(&self.outcome) = None;
+        *lock(&self.intent) = Intent::None;
+        *lock(&self.pidfd) = None;
+        // The old runner is reaped: its pid must not be signalled (a destroy meanwhile).
+        self.update(|r| r.runner_pid = None);
+        let _ = std::fs::remove_file(self.state_dir.socket_path(&self.name));
+        self.set_state(VmState::Starting);
+        self.ending
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let hook = lock(&self.restart_hook).take();
+        let result = match &hook {
+            Some(h) => h(self),
+            None => Err("no restart hook".to_string()),
+        };
+        if let Some(h) = hook {
+            lock(&self.restart_hook).get_or_insert(h);
+        }
+        if let Err(e) = &result {
+            // A start that failed never attached its runner: end and reap one it spawned
+            // (never the old, already reaped pid), and whatever backends it started.
+            self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(pid) = lock(&self.record).runner_pid {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, None);
+            }
+            self.stop_backends();
+            return Err(e.clone());
+        }
+        if *lock(&self.destroying) {
+            // A destroy came while the VM was starting again: it ends now (the new
+            // supervisor thread records the stop as destroyed).
+            let _ = self.kill();
+        }
+        Ok(())
     }
 
     /// Decides why the runner went away, reaping it if it is our child.

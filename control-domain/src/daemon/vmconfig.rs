@@ -63,6 +63,29 @@ pub const DEFAULT_HANG_TIMEOUT_MS: u32 = 2000;
 /// Default `retry_failed_secs`: how long a device marked failed waits for its next try.
 pub const DEFAULT_RETRY_FAILED_SECS: u32 = 30;
 
+/// What happens when the guest reboots (`on_reboot`, xl.cfg's key): the guest reset itself
+/// (Linux `reboot`, the i8042 reset line) or `bulkhead reboot` asked it to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReboot {
+    /// Start the VM again in place: a new runner with the same record, devices, images,
+    /// taps and MACs, and new backend processes for them.
+    Restart,
+    /// The VM ends ("shut down"), as a guest reset always did before this key; the default,
+    /// so that guests that end by resetting (the test guest, the initramfs `/init`) stop.
+    #[default]
+    Destroy,
+}
+
+impl std::fmt::Display for OnReboot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnReboot::Restart => "restart",
+            OnReboot::Destroy => "destroy",
+        })
+    }
+}
+
 /// Default `restart_limit`: unplanned restarts per minute before a device is marked failed.
 pub const DEFAULT_RESTART_LIMIT: u32 = 120;
 
@@ -226,6 +249,9 @@ pub struct VmConfigFile {
     /// `host`), `host` or `minimal`.
     #[serde(default)]
     pub cpu_template: Option<String>,
+    /// What a guest reboot does: `restart` or `destroy` (default).
+    #[serde(default)]
+    pub on_reboot: OnReboot,
 }
 
 /// `owner = 1000` or `owner = "alice"`.
@@ -270,6 +296,9 @@ pub struct VmSpec {
     /// CPU template as configured (`auto`, `host`, `minimal`).
     #[serde(default = "auto")]
     pub cpu_template: String,
+    /// What a guest reboot does.
+    #[serde(default)]
+    pub on_reboot: OnReboot,
 }
 
 fn auto() -> String {
@@ -404,6 +433,7 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
             .collect(),
         nics: file.nics,
         cpu_template,
+        on_reboot: file.on_reboot,
     })
 }
 
@@ -482,6 +512,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn on_reboot() {
+        let s = parse(BASE, Path::new("/"), 0).expect("parse");
+        assert_eq!(s.on_reboot, OnReboot::Destroy);
+        let s = parse(
+            &format!("{BASE}on_reboot = \"restart\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .expect("parse");
+        assert_eq!(s.on_reboot, OnReboot::Restart);
+        let e = parse(
+            &format!("{BASE}on_reboot = \"preserve\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("preserve"), "{e}");
     }
 
     #[test]

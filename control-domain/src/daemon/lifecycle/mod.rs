@@ -1,11 +1,12 @@
 //! VM lifecycle: the registry of VMs and the verbs that change a VM's life — create (with
-//! [`start`]), pause and unpause, shutdown, destroy — and re-adoption after a restart
-//! ([`adopt`]). Called by [`super::api`] after it authorized the caller; checks what the
+//! [`start`]), pause and unpause, shutdown, reboot and the restart in place after a guest
+//! reboot ([`reboot`]), destroy — and re-adoption after a restart ([`adopt`]). Called by [`super::api`] after it authorized the caller; checks what the
 //! policy says a VM may have (limits, images, networks). Owns the registry's lock and the
 //! create lock (one create at a time, so limits and uids are counted once).
 //! May call: the VM's runner link, the supervisor (to start devices), the state dir.
 
 mod adopt;
+mod reboot;
 mod start;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use bulkhead_ipc::runner::{RunnerCommand, RunnerEvent};
 use super::describe::{state_word, summary};
 use super::policy::{Action, Caller};
 use super::state::VmRecord;
-use super::vm::{lock, VmEntry};
+use super::vm::{lock, Intent, VmEntry};
 use super::{fail, log, vmconfig, Daemon, Failure};
 
 /// The VMs `bulkheadd` knows, by name.
@@ -121,6 +122,7 @@ impl Daemon {
             backends: Vec::new(),
         };
         let vm = VmEntry::new(name.clone(), record, self.state.clone(), true);
+        vm.set_restart_hook(self.restart_hook());
         self.vms.insert(vm.clone());
         match self.start(&vm, &uids[1..]) {
             Ok(detail) => {
@@ -192,6 +194,7 @@ impl Daemon {
                 format!("VM '{name}' is paused: `bulkhead unpause {name}` first"),
             ));
         }
+        vm.set_intent(Intent::Shutdown);
         match vm.request(&RunnerCommand::RequestShutdown, Duration::from_secs(10)) {
             Ok(RunnerEvent::ShutdownRequested) => {}
             Ok(other) => {

@@ -20,7 +20,8 @@ use crate::daemon::vm::VmEntry;
 use crate::daemon::{log, network, Daemon};
 
 impl Daemon {
-    /// Spawns a VM's device backends, then its runner; seals the runner and boots it.
+    /// Spawns a VM's device backends, then its runner; seals the runner and boots it. Also
+    /// starts a VM again in place after its guest rebooted ([`super::reboot`]).
     pub(super) fn start(&self, vm: &Arc<VmEntry>, backend_uids: &[u32]) -> Result<String, String> {
         let (disk_count, nic_count) = vm.read(|r| (r.spec.disks.len(), r.spec.nics.len()));
         let mut uids = backend_uids.iter().copied();
@@ -45,6 +46,7 @@ impl Daemon {
         self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
+        vm.count_boot();
         // Each device gets a standby backend, started in the background once the guest runs.
         let devices = (0..disk_count)
             .map(|i| format!("disk{i}"))
