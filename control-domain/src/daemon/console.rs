@@ -52,11 +52,17 @@ impl ConsoleRing {
             });
     }
 
-    /// Adds subscriber `id`; returns the buffered history.
-    pub fn subscribe(&self, id: u64, ch: Channel) -> Vec<u8> {
+    /// Adds subscriber `id` and sends it `ConsoleAttached` with the buffered history, before
+    /// any later output (a send that never waits: the history fits a fresh socket).
+    pub fn subscribe(&self, id: u64, ch: Channel) -> Result<(), IpcError> {
+        // The history goes out first, under the lock: no output can overtake it.
         let mut c = lock(&self.inner);
+        let attached = Reply::ConsoleAttached {
+            history: c.ring.iter().copied().collect(),
+        };
+        ch.try_send(&attached, &[])?;
         c.subscribers.push((id, ch));
-        c.ring.iter().copied().collect()
+        Ok(())
     }
 
     /// Removes subscriber `id`.

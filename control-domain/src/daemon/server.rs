@@ -93,9 +93,10 @@ impl Daemon {
             let reply = match req {
                 Request::Console { name } => {
                     match self.attach_console(&caller, &name, client_id, &ch) {
-                        Ok((vm, history)) => {
+                        Ok(vm) => {
+                            // `ConsoleAttached` was sent by the console itself.
                             console = Some(vm);
-                            Reply::ConsoleAttached { history }
+                            continue;
                         }
                         Err((code, message)) => Reply::Error { code, message },
                     }
@@ -136,15 +137,15 @@ impl Daemon {
         }
     }
 
-    /// Attaches connection `client_id` to `name`'s console; returns the VM and the
-    /// console history.
+    /// Attaches connection `client_id` to `name`'s console (the console sends it the
+    /// history); returns the VM.
     fn attach_console(
         &self,
         caller: &Caller,
         name: &str,
         client_id: u64,
         ch: &Channel,
-    ) -> Result<(Arc<VmEntry>, Vec<u8>), Failure> {
+    ) -> Result<Arc<VmEntry>, Failure> {
         let vm = self.find(caller, name, Action::Console)?;
         if !vm.is_live() {
             return Err(fail(
@@ -158,7 +159,9 @@ impl Daemon {
         // Room for a few seconds of a chatty guest's output, so a client that is merely
         // slow for a moment (a loaded host) is not taken for one that does not read.
         let _ = sender.set_send_buffer(CONSOLE_SEND_BUFFER);
-        let history = vm.console.subscribe(client_id, sender);
-        Ok((vm, history))
+        vm.console
+            .subscribe(client_id, sender)
+            .map_err(|e| fail(ErrorCode::Internal, format!("console: {e}")))?;
+        Ok(vm)
     }
 }
