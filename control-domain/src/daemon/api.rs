@@ -95,7 +95,10 @@ impl Daemon {
                 format!("VM '{name}' is not running"),
             ));
         }
-        let message = self.supervisor.restart_device(&vm, device, binary)?;
+        let by_admin = self.policy.is_admin(caller);
+        let message = self
+            .supervisor
+            .restart_device(&vm, device, binary, by_admin)?;
         Ok(Reply::Done { message })
     }
 }

@@ -115,7 +115,12 @@ pub enum Event<C> {
     RetryFailed,
     /// An administrator's restart, or an upgrade to `binary`: revives a stalled device,
     /// and its crash counters start over.
-    RestartRequested { upgrade: Option<PathBuf> },
+    /// `by_admin`: an administrator's request also starts the crash counters over; a VM
+    /// owner's does not (an owner cannot keep a crash-looping backend going).
+    RestartRequested {
+        upgrade: Option<PathBuf>,
+        by_admin: bool,
+    },
     /// The restart that was decided begins: the standby takes over if it can.
     Takeover,
     /// A standby is wanted (the guest runs, or the last one was used up).
@@ -333,7 +338,7 @@ impl<C> Device<C> {
                 };
                 Action::SpawnNow
             }
-            Event::RestartRequested { upgrade } => {
+            Event::RestartRequested { upgrade, by_admin } => {
                 let planned = match upgrade {
                     Some(b) => {
                         let msg = format!("upgraded to {}", b.display());
@@ -344,8 +349,10 @@ impl<C> Device<C> {
                     }
                     None => "restarted on request".to_string(),
                 };
-                self.quick_failures = 0;
-                self.recent.clear();
+                if by_admin {
+                    self.quick_failures = 0;
+                    self.recent.clear();
+                }
                 match &mut self.serving {
                     Serving::Up { pid, ending, .. } => {
                         *ending = Ending::Planned(planned);

@@ -125,7 +125,13 @@ fn crash_at_start_backs_off_then_fails() {
     assert_eq!(d.on(Event::StandbyWanted, t), Action::None);
     // An administrator revives it: counters start over, a process is started now.
     assert_eq!(
-        d.on(Event::RestartRequested { upgrade: None }, t),
+        d.on(
+            Event::RestartRequested {
+                upgrade: None,
+                by_admin: true,
+            },
+            t
+        ),
         Action::SpawnNow
     );
     assert_eq!(d.quick_failures, 0);
@@ -258,6 +264,7 @@ fn upgrade_is_planned_and_skips_an_old_standby() {
     assert_eq!(d.ready_standby(), Some(2));
     // Upgrade: the serving process is killed, its end is planned.
     let upgrade = Event::RestartRequested {
+        by_admin: true,
         upgrade: Some("new".into()),
     };
     assert_eq!(d.on(upgrade, t), Action::Kill(1));
@@ -328,7 +335,13 @@ fn restart_requests_while_restarting_wait() {
     let mut t = Instant::now();
     let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
     assert_eq!(
-        d.on(Event::RestartRequested { upgrade: None }, t),
+        d.on(
+            Event::RestartRequested {
+                upgrade: None,
+                by_admin: true,
+            },
+            t
+        ),
         Action::Wait,
         "the first process is coming"
     );
@@ -337,7 +350,13 @@ fn restart_requests_while_restarting_wait() {
     d.on(Event::Ended { pid: 1 }, t);
     // Ended but not yet decided: the request makes the end planned, and waits.
     assert_eq!(
-        d.on(Event::RestartRequested { upgrade: None }, t),
+        d.on(
+            Event::RestartRequested {
+                upgrade: None,
+                by_admin: true,
+            },
+            t
+        ),
         Action::Wait
     );
     let (backoff, reason) = restarted(decide(&mut d, true, "exited with status 0", t));
@@ -376,4 +395,42 @@ fn adopted_after_a_daemon_restart() {
     let (backoff, reason) = restarted(decide(&mut d, false, "ended while bulkheadd was down", t));
     assert_eq!(backoff, Duration::ZERO);
     assert!(reason.contains("while bulkheadd was down"));
+}
+
+#[test]
+fn an_owners_restart_does_not_start_the_crash_counters_over() {
+    let mut t = Instant::now();
+    let mut d = Dev::new("blk".into(), policy(RestartMode::Always, 120));
+    spawned(&mut d, 1, t);
+    for pid in 1..QUICK_BUDGET as i32 {
+        restarted(crash(&mut d, pid, &mut t, Duration::from_millis(1)));
+        spawned(&mut d, pid + 1, t);
+    }
+    failed(crash(
+        &mut d,
+        QUICK_BUDGET as i32,
+        &mut t,
+        Duration::from_millis(1),
+    ));
+    let by_owner = Event::RestartRequested {
+        upgrade: None,
+        by_admin: false,
+    };
+    assert_eq!(
+        d.on(by_owner, t),
+        Action::SpawnNow,
+        "an owner may revive it"
+    );
+    assert_eq!(d.quick_failures, QUICK_BUDGET, "but its crash count stays");
+    spawned(&mut d, 50, t);
+    failed(crash(&mut d, 50, &mut t, Duration::from_millis(1)));
+    let by_admin = Event::RestartRequested {
+        upgrade: None,
+        by_admin: true,
+    };
+    assert_eq!(d.on(by_admin, t), Action::SpawnNow);
+    assert_eq!(
+        d.quick_failures, 0,
+        "an administrator's restart starts it over"
+    );
 }

@@ -21,6 +21,7 @@ impl Supervisor {
         vm: &Arc<VmEntry>,
         device: &str,
         binary: Option<PathBuf>,
+        by_admin: bool,
     ) -> Result<String, Failure> {
         let name = &vm.name;
         let before = vm.backend(device).ok_or_else(|| {
@@ -45,7 +46,7 @@ impl Supervisor {
                     format!("'{device}' is not restartable (re-adopted VM?)"),
                 )
             })?;
-        let action = self.on(vm, device, Event::RestartRequested { upgrade });
+        let action = self.on(vm, device, Event::RestartRequested { upgrade, by_admin });
         vm.save();
         let served = |b: &BackendRecord| {
             format!(
