@@ -117,7 +117,22 @@ pub fn install_seccomp(
     filter: &'static str,
 ) -> Result<(), SandboxError> {
     let prog = compile_seccomp(json, file, filter)?;
+    let clone3 = compile_seccomp(json, file, clone3_filter(filter))?;
+    // First the companion that answers clone3 with ENOSYS (an errno beats the main filter's
+    // ALLOW, and glibc then falls back to clone, whose flags the main filter checks); then
+    // the allowlist, which leaves no seccomp() to anyone after it.
+    seccompiler::apply_filter_all_threads(&clone3)
+        .map_err(|e| SandboxError::Install(e.to_string()))?;
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| SandboxError::Install(e.to_string()))
+}
+
+/// The name of `filter`'s companion that answers clone3 with ENOSYS.
+fn clone3_filter(filter: &'static str) -> &'static str {
+    match filter {
+        "blk" => "blk_clone3",
+        "net" => "net_clone3",
+        _ => "clone3",
+    }
 }
 
 /// Removes a stale socket at `path` (refusing anything that is not a socket, or a socket

@@ -305,6 +305,8 @@ fn runner_is_sandboxed() {
         "socket(AF_INET)",
         "execve /bin/sh",
         "ptrace",
+        "clone(CLONE_NEWUSER)",
+        "clone3(CLONE_NEWUSER)",
     ] {
         let lines: Vec<&str> = text
             .lines()
