@@ -25,14 +25,10 @@ cache=${BULKHEAD_CACHE:-/var/cache/bulkhead}/guest-image
 
 log() { echo "guest-image: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=guest/lib.sh
+. "$(dirname "$self")/guest/lib.sh"
 
-deps=(gcc libc6-dev cpio gzip busybox-static)
-missing=()
-for p in "${deps[@]}"; do
-  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
-done
-[ ${#missing[@]} -eq 0 ] ||
-  die "missing packages: ${missing[*]}; install them with: sudo bash scripts/install-deps.sh"
+need_packages gcc libc6-dev cpio gzip busybox-static
 bbver=$(dpkg-query -W -f='${Version}' busybox-static)
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox not found (package busybox-static)"
@@ -41,7 +37,7 @@ hash=$(
   {
     echo "busybox-static $bbver"
     echo "== init.c"; cat "$guest/init.c"
-    echo "== script"; cat "$self"
+    echo "== script"; cat "$self" "$(dirname "$self")/guest/lib.sh"
   } | sha256sum | cut -d' ' -f1
 )
 out=$cache/$hash
@@ -94,15 +90,7 @@ pack "$work/min" "$out.tmp/initramfs-min.cpio.gz"
 rm "$out.tmp/initramfs-min.cpio"
 
 mkroot "$work/full"
-install -m 0755 "$busybox" "$work/full/bin/busybox"
-n=0
-while IFS= read -r applet; do
-  applet=${applet#/}
-  [ "$applet" = bin/busybox ] && continue
-  mkdir -p "$work/full/$(dirname "$applet")"
-  ln -sf /bin/busybox "$work/full/$applet"
-  n=$((n + 1))
-done < <("$busybox" --list-full)
+n=$(install_busybox "$busybox" "$work/full")
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$work/full/etc-passwd"
 mkdir -p "$work/full/etc" && mv "$work/full/etc-passwd" "$work/full/etc/passwd"
 pack "$work/full" "$out.tmp/initramfs.cpio.gz"

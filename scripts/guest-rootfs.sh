@@ -32,14 +32,10 @@ size=${BULKHEAD_ROOTFS_SIZE:-128M}
 
 log() { echo "guest-rootfs: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=guest/lib.sh
+. "$(dirname "$self")/guest/lib.sh"
 
-deps=(busybox-static e2fsprogs)
-missing=()
-for p in "${deps[@]}"; do
-  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
-done
-[ ${#missing[@]} -eq 0 ] ||
-  die "missing packages: ${missing[*]}; install them with: sudo bash scripts/install-deps.sh"
+need_packages busybox-static e2fsprogs
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox not found (package busybox-static)"
 PATH=$PATH:/sbin:/usr/sbin
@@ -50,7 +46,7 @@ hash=$(
     echo "busybox-static $(dpkg-query -W -f='${Version}' busybox-static)"
     echo "e2fsprogs $(dpkg-query -W -f='${Version}' e2fsprogs)"
     echo "size $size"
-    echo "== script"; cat "$self"
+    echo "== script"; cat "$self" "$(dirname "$self")/guest/lib.sh"
   } | sha256sum | cut -d' ' -f1
 )
 out=$cache/$hash
@@ -76,15 +72,7 @@ root=$work/root
 
 # ---- the tree ----
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc/init.d,dev,proc,sys,run,tmp,root,var/log,mnt,usr/share/udhcpc}
-install -m 0755 "$busybox" "$root/bin/busybox"
-n=0
-while IFS= read -r applet; do
-  applet=${applet#/}
-  [ "$applet" = bin/busybox ] && continue
-  mkdir -p "$root/$(dirname "$applet")"
-  ln -sf /bin/busybox "$root/$applet"
-  n=$((n + 1))
-done < <("$busybox" --list-full)
+n=$(install_busybox "$busybox" "$root")
 chmod 1777 "$root/tmp"
 chmod 0700 "$root/root"
 

@@ -74,6 +74,15 @@ pub fn assert_stream_ends_consistent(
     img: &Path,
     seed: u64,
 ) -> (u64, u64) {
+    assert_no_io_error(con);
+    let out = d.cli(&["destroy", vm]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    stream_consistent(img, seed, 0, 2048).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The guest's stream saw no request fail (no `blk-stream: pass N status S` line); returns
+/// the console text.
+pub fn assert_no_io_error(con: &Running) -> String {
     let text = con.stdout.text();
     assert!(
         !text
@@ -81,9 +90,7 @@ pub fn assert_stream_ends_consistent(
             .any(|l| l.starts_with("blk-stream: pass") && l.contains("status")),
         "the guest saw an I/O error\n{text}"
     );
-    let out = d.cli(&["destroy", vm]);
-    assert_eq!(out.code, Some(0), "{}", out.dump());
-    stream_consistent(img, seed, 0, 2048).unwrap_or_else(|e| panic!("{e}"))
+    text
 }
 
 /// Waits until the guest finishes another stream pass (the stream goes on).

@@ -194,17 +194,7 @@ impl Daemon {
                 format!("VM '{name}' is paused: `bulkhead unpause {name}` first"),
             ));
         }
-        vm.set_intent(Intent::Shutdown);
-        match vm.request(&RunnerCommand::RequestShutdown, Duration::from_secs(10)) {
-            Ok(RunnerEvent::ShutdownRequested) => {}
-            Ok(other) => {
-                return Err(fail(
-                    ErrorCode::Internal,
-                    format!("unexpected answer from the runner: {other:?}"),
-                ))
-            }
-            Err(e) => return Err(fail(ErrorCode::Internal, e)),
-        }
+        request_shutdown(vm, Intent::Shutdown)?;
         if vm.wait_stopped(Duration::from_secs(timeout_secs.into())) {
             let state = vm.read(|r| r.state.clone());
             Ok(Reply::Done {
@@ -256,5 +246,20 @@ impl Daemon {
             .authorize(caller, action, Some((name, owner)))
             .map_err(|m| fail(ErrorCode::Denied, m))?;
         Ok(vm)
+    }
+}
+
+/// Asks the guest to shut down the standard way (Ctrl-Alt-Del on its keyboard, and the
+/// shutdown-request port test guests poll), remembering `intent`: whether the reset that
+/// follows is a shutdown or a reboot.
+pub(super) fn request_shutdown(vm: &VmEntry, intent: Intent) -> Result<(), Failure> {
+    vm.set_intent(intent);
+    match vm.request(&RunnerCommand::RequestShutdown, Duration::from_secs(10)) {
+        Ok(RunnerEvent::ShutdownRequested) => Ok(()),
+        Ok(other) => Err(fail(
+            ErrorCode::Internal,
+            format!("unexpected answer from the runner: {other:?}"),
+        )),
+        Err(e) => Err(fail(ErrorCode::Internal, e)),
     }
 }

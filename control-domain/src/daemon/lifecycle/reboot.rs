@@ -10,7 +10,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bulkhead_ipc::control::{ErrorCode, Reply, StopReason, VmState};
-use bulkhead_ipc::runner::{RunnerCommand, RunnerEvent};
 
 use crate::daemon::describe::state_word;
 use crate::daemon::vm::{Intent, RestartHook, VmEntry};
@@ -71,17 +70,7 @@ impl Daemon {
             }
         }
         let boots = vm.boots();
-        vm.set_intent(Intent::Reboot);
-        match vm.request(&RunnerCommand::RequestShutdown, Duration::from_secs(10)) {
-            Ok(RunnerEvent::ShutdownRequested) => {}
-            Ok(other) => {
-                return Err(fail(
-                    ErrorCode::Internal,
-                    format!("unexpected answer from the runner: {other:?}"),
-                ))
-            }
-            Err(e) => return Err(fail(ErrorCode::Internal, e)),
-        }
+        super::request_shutdown(vm, Intent::Reboot)?;
         let timeout = Duration::from_secs(timeout_secs.into());
         if vm.wait_booted_after(boots, timeout) {
             return Ok(Reply::Done {
