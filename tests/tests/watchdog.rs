@@ -184,26 +184,41 @@ fn a_slow_backend_is_not_killed() {
     let img = slow.image();
     let con = stream_vm(&d, "slow", &img, 33, "", "");
     let pid = serving(&d, "slow").expect("serving");
-    // Long enough for several hang timeouts, with requests always waiting.
-    let watch = Instant::now() + HANG * 4;
-    while Instant::now() < watch {
+    // Watch for several hang timeouts, with requests always waiting, and on until the
+    // stream has finished a pass: a pass is 16 requests of 64 KiB and FUSE serializes the
+    // writes, so at 500 ms each it takes about 8 s, more on a loaded machine.
+    let started = Instant::now();
+    let watch = started + HANG * 4;
+    let deadline = watch + Duration::from_secs(90);
+    loop {
         assert_eq!(
             serving(&d, "slow"),
             Some(pid),
             "the slow backend was replaced\n{}",
             d.daemon_log()
         );
+        let now = Instant::now();
+        if now >= watch && con.stdout.text().contains("blk-stream: pass") {
+            break;
+        }
+        assert!(
+            now < deadline,
+            "the stream made no progress in {:?}\n{}\n{}",
+            now - started,
+            con.stdout.text(),
+            d.dump()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let text = con.stdout.text();
     assert!(
         !d.daemon_log().contains("hung"),
         "a slow backend was taken for a hung one\n{}",
         d.daemon_log()
     );
+    let text = con.stdout.text();
     assert!(
-        text.contains("blk-stream: pass"),
-        "the stream made no progress at all\n{text}"
+        text.contains("blk-stream: pass 1 ok"),
+        "the first pass failed\n{text}"
     );
     let out = d.cli(&["destroy", "slow"]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
