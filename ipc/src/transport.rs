@@ -421,7 +421,13 @@ impl Channel {
     }
 
     fn recv_frame(&self, flags: MsgFlags) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
-        let mut buf = vec![0u8; RECV_BUF];
+        // Size the buffer to the waiting frame (capped one byte over the largest legal
+        // one, so an oversized frame still shows as truncated): a connection waiting for
+        // a request costs no 256 KiB buffer, and a small request no zero-filling of one.
+        // A channel has one reader; should another take this frame first, a larger frame
+        // that follows is reported as oversized rather than read.
+        let waiting = peek_len(self.fd.as_fd(), flags)?;
+        let mut buf = vec![0u8; waiting.clamp(1, RECV_BUF)];
         let got = recv_datagram(self.fd.as_fd(), &mut buf, flags)?;
         // Checks in order of what makes the rest meaningless. `got.fds` is dropped (closed)
         // on every error return.
@@ -595,6 +601,24 @@ struct CmsgBuf([u8; 128]);
 
 /// `recvmsg` with `MSG_CMSG_CLOEXEC`, taking ownership of every descriptor that arrived,
 /// including when the control data was truncated (which `nix` cannot iterate).
+/// The length of the frame waiting on `fd`, without taking it (0 at end of stream);
+/// blocks unless `flags` has `MSG_DONTWAIT`.
+fn peek_len(fd: BorrowedFd<'_>, flags: MsgFlags) -> Result<usize> {
+    let flags = flags | MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC;
+    loop {
+        // SAFETY: a zero-length receive into a null buffer: the kernel writes nothing
+        // and, with MSG_TRUNC on a SOCK_SEQPACKET socket, returns the frame's real length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), std::ptr::null_mut(), 0, flags.bits()) };
+        match Errno::result(n) {
+            Ok(n) => return Ok(n as usize),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Err(IpcError::WouldBlock),
+            Err(Errno::ECONNRESET) => return Err(IpcError::Closed),
+            Err(e) => return Err(IpcError::sys("recv", e)),
+        }
+    }
+}
+
 fn recv_datagram(fd: BorrowedFd<'_>, buf: &mut [u8], flags: MsgFlags) -> Result<Datagram> {
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as libc::c_uint) };

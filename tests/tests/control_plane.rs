@@ -346,3 +346,75 @@ fn a_vm_name_of_64_characters_works() {
     assert_eq!(out.code, Some(0), "{}", out.dump());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_connection_flood_from_a_user_leaves_the_daemon_answering() {
+    let test = "a_connection_flood_from_a_user_leaves_the_daemon_answering";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    // The open-file limit the review ran under: the flood alone is 5x more than it allows.
+    let d = Bulkheadd::start_with("cp-flood", Some(&runner_uids(66800)), false, Some(1024));
+    let (dir, img) = temp_image("cp-flood", 8);
+    let _con = stream_vm(&d, "flood", &img, 41, "", "");
+    let before = serving(&d, "flood").expect("a backend serves disk0");
+    // 5,000 connections from `nobody` (no rights in the policy) that never say hello.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/flood_connect.py");
+    let mut cmd = std::process::Command::new("python3");
+    // The hello deadline is 5 s: 12 s from the first connect leaves room for a slow
+    // machine, not for connections that wait on the daemon's descriptors.
+    cmd.arg(&script).arg(&d.sock).args(["65534", "5000", "12"]);
+    let flood = Running::spawn(cmd);
+    assert!(
+        flood
+            .stdout
+            .wait_for("connected 5000", Duration::from_secs(30)),
+        "the flood could not connect\n{}\n{}",
+        flood.stdout.text(),
+        flood.stderr.text()
+    );
+    // Root is answered at once.
+    let asked = Instant::now();
+    let out = d.cli(&["list"]);
+    let took = asked.elapsed();
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    assert!(
+        took < Duration::from_secs(1),
+        "root's list took {took:?} under the flood"
+    );
+    // A backend killed during the flood is replaced: the daemon has descriptors to spare.
+    send_signal(before, libc::SIGKILL);
+    assert!(
+        wait_until(Duration::from_secs(20), || serving(&d, "flood")
+            .is_some_and(|p| p != before)),
+        "the killed backend was not replaced during the flood\n{}",
+        d.dump()
+    );
+    let rss_kib: u64 = proc_status_field(d.pid(), "VmRSS:")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("bulkheadd's VmRSS");
+    assert!(
+        rss_kib < 100 * 1024,
+        "bulkheadd uses {rss_kib} KiB under the flood"
+    );
+    // Every connection is closed: over the limits at once, the rest at the hello deadline.
+    let mut flood = flood;
+    let status = flood.wait(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "not every flood connection was closed\n{}",
+        flood.stdout.text()
+    );
+    eprintln!(
+        "{test}: root's list took {took:?}; bulkheadd RSS {rss_kib} KiB; flood: {}",
+        flood.stdout.text().replace('\n', "; ")
+    );
+    assert!(
+        d.daemon_log().contains("refused"),
+        "the daemon did not log the refusals\n{}",
+        d.daemon_log()
+    );
+    let out = d.cli(&["destroy", "flood"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let _ = std::fs::remove_dir_all(dir);
+}

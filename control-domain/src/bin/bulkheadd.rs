@@ -48,6 +48,7 @@ fn main() -> ExitCode {
     // Everything bulkheadd creates (records, logs, sockets) is its own unless it says
     // otherwise: VM records hold command lines, logs hold guests' secrets.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    raise_open_file_limit();
     let args = Args::parse();
     let sibling = |given: Option<PathBuf>, name: &str| -> Option<PathBuf> {
         given.or_else(|| {
@@ -95,5 +96,21 @@ fn main() -> ExitCode {
             eprintln!("bulkheadd: error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: with clients capped by the
+/// connection limits, the rest is the reserve that VM starts, backend restarts and state
+/// writes draw on.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("bulkheadd: cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("bulkheadd: cannot read the open-file limit: {e}"),
     }
 }

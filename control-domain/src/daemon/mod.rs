@@ -4,7 +4,7 @@
 //!
 //! Its rooms, each a module that says what it owns and what it may call (the threads and
 //! locks are drawn in `control-domain/README.md`):
-//! - [`server`]: the control socket and its connections;
+//! - [`server`]: the control socket and its connections, admitted by [`connections`];
 //! - [`api`]: one function per request, authorized by the [`policy`];
 //! - [`lifecycle`]: the VM registry and create, start, pause, shutdown, reboot, destroy,
 //!   adopt;
@@ -14,6 +14,7 @@
 //! - [`spawn`], [`network`], [`state`], [`vmconfig`]: sandboxes, taps, the state dir, configs.
 
 pub mod api;
+pub mod connections;
 pub mod console;
 pub mod describe;
 pub mod lifecycle;
@@ -74,6 +75,7 @@ pub struct Daemon {
     vms: Registry,
     supervisor: Arc<Supervisor>,
     next_client: AtomicU64,
+    connections: Arc<connections::ConnectionLimits>,
 }
 
 /// One line in `bulkheadd`'s log.
@@ -104,6 +106,10 @@ impl Daemon {
             state,
             vms: Registry::default(),
             next_client: AtomicU64::new(1),
+            connections: connections::ConnectionLimits::new(
+                connections::PER_UID,
+                connections::TOTAL,
+            ),
         });
         daemon.adopt_all();
         Ok(daemon)

@@ -16,6 +16,11 @@ use super::policy::{Action, Caller};
 use super::vm::VmEntry;
 use super::{fail, log, Daemon, Failure};
 
+/// How long a client has for its hello.
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a connection without a console may sit between requests before it is closed.
+const IDLE_DEADLINE: Duration = Duration::from_secs(120);
+
 /// How much console output may wait in a client's socket before the client is taken for
 /// one that does not read and is cut off.
 const CONSOLE_SEND_BUFFER: usize = 1 << 20;
@@ -38,10 +43,25 @@ impl Daemon {
         loop {
             match listener.accept() {
                 Ok(ch) => {
+                    // Admission happens here, before any thread or buffer is spent on the
+                    // connection: a user over the limits is closed at once.
+                    let uid = match ch.peer_credentials() {
+                        Ok(c) => c.uid,
+                        Err(e) => {
+                            log(&format!("no peer credentials: {e}"));
+                            continue;
+                        }
+                    };
+                    let Ok(place) = self.connections.admit(uid) else {
+                        continue;
+                    };
                     let me = self.clone();
                     let _ = std::thread::Builder::new()
                         .name("client".into())
-                        .spawn(move || me.serve_client(ch));
+                        .spawn(move || {
+                            me.serve_client(ch);
+                            drop(place);
+                        });
                 }
                 Err(e) => {
                     log(&format!("accept failed: {e}"));
@@ -53,7 +73,7 @@ impl Daemon {
 
     /// Serves one connection until it closes.
     fn serve_client(self: Arc<Self>, ch: Channel) {
-        if let Err(e) = server_hello(&ch, Duration::from_secs(5)) {
+        if let Err(e) = server_hello(&ch, HELLO_DEADLINE) {
             log(&format!("client refused: {e}"));
             return;
         }
@@ -70,9 +90,28 @@ impl Daemon {
         let client_id = self.next_client.fetch_add(1, Ordering::SeqCst);
         let mut console: Option<Arc<VmEntry>> = None;
         loop {
-            let req = match ch.recv::<Request>() {
+            // A console client may sit silent for as long as it likes; any other
+            // connection has a deadline for its next request.
+            let next = match &console {
+                Some(_) => ch.recv::<Request>(),
+                None => ch.recv_timeout::<Request>(IDLE_DEADLINE),
+            };
+            let req = match next {
                 Ok((req, _fds)) => req,
                 Err(IpcError::Closed) => break,
+                Err(IpcError::Timeout) => {
+                    let _ = ch.send(
+                        &Reply::Error {
+                            code: ErrorCode::Protocol,
+                            message: format!(
+                                "no request in {} s: connection closed",
+                                IDLE_DEADLINE.as_secs()
+                            ),
+                        },
+                        &[],
+                    );
+                    break;
+                }
                 Err(
                     e @ (IpcError::Decode(_)
                     | IpcError::Truncated

@@ -150,12 +150,24 @@ pub struct Bulkheadd {
     pub daemon: Option<Running>,
     /// stderr of daemons that were stopped, for failure reports.
     pub earlier: Vec<String>,
+    /// Soft and hard `RLIMIT_NOFILE` the daemon starts with (None: the test's own).
+    pub open_files: Option<u64>,
 }
 
 impl Bulkheadd {
     /// Starts a daemon for `test`; `policy` is the policy file's text (None: no file, so
     /// only root may act).
     pub fn start(test: &str, policy: Option<&str>, selftest: bool) -> Bulkheadd {
+        Self::start_with(test, policy, selftest, None)
+    }
+
+    /// [`Bulkheadd::start`] under an `RLIMIT_NOFILE` of `open_files` (soft and hard).
+    pub fn start_with(
+        test: &str,
+        policy: Option<&str>,
+        selftest: bool,
+        open_files: Option<u64>,
+    ) -> Bulkheadd {
         let dir = std::env::temp_dir().join(format!("bh-cd-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -169,6 +181,7 @@ impl Bulkheadd {
             selftest,
             daemon: None,
             earlier: Vec::new(),
+            open_files,
         };
         if let Some(p) = policy {
             write_file(&d.policy, p);
@@ -203,6 +216,23 @@ impl Bulkheadd {
             .arg(&self.policy);
         if self.selftest {
             c.arg("--runner-selftest");
+        }
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only reads `lim`, a copy owned by
+            // the closure.
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let place = netns
             .map(|n| format!(" (in netns {n})"))
@@ -518,6 +548,7 @@ impl Bulkheadd {
             selftest,
             daemon: None,
             earlier: Vec::new(),
+            open_files: None,
         };
         if let Some(p) = policy {
             write_file(&d.policy, p);
