@@ -418,3 +418,85 @@ fn a_connection_flood_from_a_user_leaves_the_daemon_answering() {
     assert_eq!(out.code, Some(0), "{}", out.dump());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn images_are_opened_only_beneath_the_allowed_dirs_and_only_files_or_disks() {
+    let test = "images_are_opened_only_beneath_the_allowed_dirs_and_only_files_or_disks";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let (dir, img) = temp_image("cp-images", 8);
+    let allowed = dir.join("allowed");
+    std::fs::create_dir_all(&allowed).expect("allowed dir");
+    let guest_dir = test_guest()
+        .parent()
+        .expect("the test guest's dir")
+        .to_path_buf();
+    let policy = format!(
+        "{}[images]\nallowed = [\"{}\", \"{}\"]\n",
+        runner_uids(66900),
+        guest_dir.display(),
+        allowed.display()
+    );
+    let d = Bulkheadd::start("cp-images", Some(&policy), false);
+    // A secret outside, reached by a symlink inside.
+    let secret = dir.join("secret");
+    std::fs::write(&secret, b"SECRET").expect("secret");
+    std::os::unix::fs::symlink(&secret, allowed.join("link.img")).expect("symlink");
+    nix_mkfifo(&allowed.join("fifo.img"));
+    mknod_char(&allowed.join("null.img"), 1, 3);
+    std::fs::rename(&img, allowed.join("disk.img")).expect("move the image in");
+    let cases = [
+        ("link.img", "denied by rule 'images.allowed'"),
+        ("fifo.img", "is a FIFO"),
+        ("null.img", "is a character device"),
+    ];
+    for (file, why) in cases {
+        let extra = format!("[[disks]]\npath = \"{}\"\n", allowed.join(file).display());
+        let cfg = d.config_with("img", "blk exit=0", "64M", 1, &extra);
+        let out = d.cli(&["create", &cfg.display().to_string()]);
+        assert_eq!(out.code, Some(3), "{file}: {}", out.dump());
+        assert!(out.stderr.contains(why), "{file}: {}", out.dump());
+        assert!(d.vm("img").is_none(), "{file}: a VM was left behind");
+    }
+    assert_eq!(std::fs::read(&secret).expect("secret"), b"SECRET");
+    // The image itself, below the allowed dir, is served.
+    let extra = format!(
+        "[[disks]]\npath = \"{}\"\n",
+        allowed.join("disk.img").display()
+    );
+    let cfg = d.config_with(
+        "img",
+        "blk blk-write=3:0:8 blk-verify=3:0:8 exit=0",
+        "64M",
+        1,
+        &extra,
+    );
+    d.create_config("img", &cfg);
+    let row = d.wait_row("img", "stopped");
+    assert!(
+        row.contains("exit 0") || row.contains("status 0"),
+        "{row}\n{}",
+        d.dump()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn nix_mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
+}
+
+fn mknod_char(path: &Path, major: u32, minor: u32) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mknod reads a NUL-terminated path that outlives the call.
+    let r = unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(major, minor),
+        )
+    };
+    assert_eq!(r, 0, "mknod");
+}

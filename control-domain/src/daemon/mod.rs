@@ -11,12 +11,14 @@
 //! - [`supervisor`]: every device backend, its state machine, restarts, standbys, upgrades;
 //! - [`vm`]: one VM's record and runner link; [`console`]: its console ring and clients;
 //! - [`describe`]: how `list` and `info` word things;
-//! - [`spawn`], [`network`], [`state`], [`vmconfig`]: sandboxes, taps, the state dir, configs.
+//! - [`spawn`], [`network`], [`state`], [`vmconfig`]: sandboxes, taps, the state dir, configs;
+//! - [`images`]: opening disk images, kernels and initrds beneath the allowed directories.
 
 pub mod api;
 pub mod connections;
 pub mod console;
 pub mod describe;
+pub mod images;
 pub mod lifecycle;
 pub mod network;
 pub mod policy;

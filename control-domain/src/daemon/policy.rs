@@ -351,21 +351,6 @@ impl DomainPolicy {
             ))
         }
     }
-
-    /// Resolves an image path and checks it lies under an allowed directory.
-    pub fn check_image(&self, what: &str, path: &Path) -> Result<PathBuf, String> {
-        let real =
-            std::fs::canonicalize(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
-        if self.image_dirs.iter().any(|d| real.starts_with(d)) {
-            Ok(real)
-        } else {
-            Err(format!(
-                "denied by rule 'images.allowed': {what} {} is not under any of {:?}",
-                real.display(),
-                self.image_dirs
-            ))
-        }
-    }
 }
 
 #[cfg(test)]

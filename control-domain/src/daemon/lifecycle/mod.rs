@@ -56,21 +56,13 @@ impl Daemon {
         let denied = |m: String| fail(ErrorCode::Denied, m);
         let mut spec = vmconfig::parse(text, dir, caller.uid)
             .map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
-        spec.kernel = self
-            .policy
-            .check_image("kernel", &spec.kernel)
-            .map_err(denied)?;
-        if let Some(i) = &spec.initrd {
-            spec.initrd = Some(self.policy.check_image("initrd", i).map_err(denied)?);
-        }
         for n in &spec.nics {
             self.policy
                 .check_network(&spec.name, &n.network)
                 .map_err(denied)?;
         }
-        for d in &mut spec.disks {
-            d.path = self.policy.check_image("disk", &d.path).map_err(denied)?;
-        }
+        // The one open of each file the config names; from here on they are descriptors.
+        let files = self.open_host_files(&mut spec).map_err(denied)?;
         let _one_create_at_a_time = lock(&self.vms.create_lock);
         let (id, uids) = {
             let vms = self.vms.all();
@@ -124,7 +116,7 @@ impl Daemon {
         let vm = VmEntry::new(name.clone(), record, self.state.clone(), true);
         vm.set_restart_hook(self.restart_hook());
         self.vms.insert(vm.clone());
-        match self.start(&vm, &uids[1..]) {
+        match self.start(&vm, &uids[1..], files) {
             Ok(detail) => {
                 log(&format!("VM '{name}' (id {id}) started: {detail}"));
                 Ok(Reply::Created { vm: summary(&vm) })

@@ -41,7 +41,11 @@ impl Daemon {
                 .ok_or_else(|| format!("{d} has no backend record"))?;
             uids.push(b.uid);
         }
-        let detail = self.start(vm, &uids)?;
+        // A new boot opens the kernel, initrd and images again, beneath the allowed
+        // directories as a create does (they may have been replaced on purpose).
+        let mut spec = vm.read(|r| r.spec.clone());
+        let files = self.open_host_files(&mut spec)?;
+        let detail = self.start(vm, &uids, files)?;
         log(&format!(
             "VM '{}' restarted in place (boot {}): {detail}",
             vm.name,

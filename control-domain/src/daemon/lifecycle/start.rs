@@ -14,21 +14,75 @@ use bulkhead_ipc::hello::{client_hello, Role};
 use bulkhead_ipc::runner::{BootSpec, RunnerCommand, RunnerEvent, RunnerMessage, RunnerRequest};
 use bulkhead_ipc::{Channel, Listener};
 
+use crate::daemon::images::open_beneath;
 use crate::daemon::spawn::{self, RunnerSandbox};
 use crate::daemon::supervisor::BackendLaunch;
 use crate::daemon::vm::VmEntry;
+use crate::daemon::vmconfig::VmSpec;
 use crate::daemon::{log, network, Daemon};
 
+/// The host files a VM config names, opened once (by [`Daemon::open_host_files`]) and
+/// from then on passed on as descriptors, never looked up by path again.
+pub(crate) struct HostFiles {
+    kernel: File,
+    initrd: Option<File>,
+    disks: Vec<OwnedFd>,
+}
+
 impl Daemon {
+    /// Opens `spec`'s kernel, initrd and disk images beneath the policy's allowed
+    /// directories ([`open_beneath`]), and sets their paths in `spec` to where they were
+    /// found. An error is one line for the user.
+    pub(crate) fn open_host_files(&self, spec: &mut VmSpec) -> Result<HostFiles, String> {
+        let dirs = &self.policy.image_dirs;
+        let kernel = open_beneath(dirs, "kernel", &spec.kernel, false)?;
+        spec.kernel = kernel.path;
+        let initrd = match &spec.initrd {
+            Some(p) => {
+                let i = open_beneath(dirs, "initrd", p, false)?;
+                spec.initrd = Some(i.path);
+                Some(i.file)
+            }
+            None => None,
+        };
+        let mut disks = Vec::new();
+        for (i, d) in spec.disks.iter_mut().enumerate() {
+            let img = open_beneath(dirs, &format!("disk{i} image"), &d.path, !d.readonly)?;
+            d.path = img.path;
+            disks.push(OwnedFd::from(img.file));
+        }
+        Ok(HostFiles {
+            kernel: kernel.file,
+            initrd,
+            disks,
+        })
+    }
+
     /// Spawns a VM's device backends, then its runner; seals the runner and boots it. Also
     /// starts a VM again in place after its guest rebooted ([`super::reboot`]).
-    pub(super) fn start(&self, vm: &Arc<VmEntry>, backend_uids: &[u32]) -> Result<String, String> {
+    pub(super) fn start(
+        &self,
+        vm: &Arc<VmEntry>,
+        backend_uids: &[u32],
+        files: HostFiles,
+    ) -> Result<String, String> {
         let (disk_count, nic_count) = vm.read(|r| (r.spec.disks.len(), r.spec.nics.len()));
+        if files.disks.len() != disk_count {
+            return Err(format!(
+                "{} disk images opened for {disk_count} disks",
+                files.disks.len()
+            ));
+        }
+        let HostFiles {
+            kernel,
+            initrd,
+            disks,
+        } = files;
         let mut uids = backend_uids.iter().copied();
         let mut uid = || uids.next().ok_or("no uid for a device backend");
         let mut disk_socks = Vec::new();
-        for i in 0..disk_count {
-            let launch = self.disk_launch(vm, i, uid()?)?;
+        for (i, image) in disks.into_iter().enumerate() {
+            let launch = self.disk_launch_with(vm, i, uid()?, Some(image))?;
             disk_socks.push(
                 self.supervisor
                     .start_device(vm, &format!("disk{i}"), launch)?,
@@ -41,7 +95,7 @@ impl Daemon {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let (ch, pidfd) = self.spawn_runner(vm)?;
-        let detail = self.boot(vm, &ch, &disk_socks, &nic_socks)?;
+        let detail = self.boot(vm, &ch, (&kernel, initrd.as_ref()), &disk_socks, &nic_socks)?;
         vm.set_state(VmState::Running);
         self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
@@ -57,12 +111,9 @@ impl Daemon {
         Ok(detail)
     }
 
-    /// Disk `index`'s backend: `bulkhead-blk` holding only the opened image.
-    fn disk_launch(&self, vm: &VmEntry, index: usize, uid: u32) -> Result<BackendLaunch, String> {
-        self.disk_launch_with(vm, index, uid, None)
-    }
-
-    /// [`Self::disk_launch`] with the image already open (`image`), or opened here.
+    /// Disk `index`'s backend: `bulkhead-blk` holding only the image, already open
+    /// (`image`) or opened here beneath the allowed directories (a re-adopted VM's
+    /// backend that died while `bulkheadd` was down).
     pub(super) fn disk_launch_with(
         &self,
         vm: &VmEntry,
@@ -74,11 +125,13 @@ impl Daemon {
         let image = match image {
             Some(fd) => fd,
             None => OwnedFd::from(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(!disk.readonly)
-                    .open(&disk.path)
-                    .map_err(|e| format!("disk{index} image {}: {e}", disk.path.display()))?,
+                open_beneath(
+                    &self.policy.image_dirs,
+                    &format!("disk{index} image"),
+                    &disk.path,
+                    !disk.readonly,
+                )?
+                .file,
             ),
         };
         let mut args: Vec<String> = vec!["--image-fd".into(), "4".into()];
@@ -199,6 +252,7 @@ impl Daemon {
         &self,
         vm: &VmEntry,
         ch: &Channel,
+        (kernel, initrd): (&File, Option<&File>),
         disk_socks: &[UnixStream],
         nic_socks: &[UnixStream],
     ) -> Result<String, String> {
@@ -209,12 +263,6 @@ impl Daemon {
             .write(true)
             .open("/dev/kvm")
             .map_err(|e| format!("/dev/kvm: {e}"))?;
-        let kernel = File::open(&spec.kernel)
-            .map_err(|e| format!("kernel {}: {e}", spec.kernel.display()))?;
-        let initrd = match &spec.initrd {
-            Some(p) => Some(File::open(p).map_err(|e| format!("initrd {}: {e}", p.display()))?),
-            None => None,
-        };
         let boot = RunnerCommand::Boot(BootSpec {
             cmdline: spec.cmdline.clone(),
             vcpus: spec.vcpus,
@@ -231,7 +279,7 @@ impl Daemon {
                 .collect(),
         });
         let mut fds = vec![kvm.as_fd(), memfd.as_fd(), kernel.as_fd()];
-        if let Some(i) = &initrd {
+        if let Some(i) = initrd {
             fds.push(i.as_fd());
         }
         fds.extend(disk_socks.iter().map(|s| s.as_fd()));
