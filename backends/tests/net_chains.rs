@@ -51,6 +51,7 @@ impl Fixture {
             tap: &self.tap,
             stats: &self.stats,
             hdr_len: HDR_LEN,
+            source_mac: None,
         }
     }
 
@@ -120,6 +121,49 @@ fn tx_gathers_header_and_frame_over_descriptors() {
     let s = f.stats.snapshot();
     assert_eq!((s.tx_packets, s.tx_bytes), (1, fr.len() as u64));
     assert_eq!(s.tx_drops.iter().sum::<u64>(), 0);
+}
+
+#[test]
+fn tx_from_a_foreign_source_mac_is_dropped_when_the_nic_has_an_address() {
+    let f = Fixture::new();
+    let own = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let spoofed = frame(
+        [0xff; 6],
+        [0x52, 0x54, 0, 0x66, 0x66, 0x66],
+        &pattern(60, 1),
+    );
+    let honest = frame([0xff; 6], own, &pattern(60, 2));
+    let mut ring = Ring::new(RING, QSIZE);
+    for (i, fr) in [&spoofed, &honest].into_iter().enumerate() {
+        let at = BUF + i as u64 * 0x1000;
+        f.mem
+            .write_slice(&[0u8; HDR_LEN], GuestAddress(at))
+            .unwrap();
+        f.mem
+            .write_slice(fr, GuestAddress(at + HDR_LEN as u64))
+            .unwrap();
+        ring.add_chain(&f.mem, &[(at, (HDR_LEN + fr.len()) as u32, R)]);
+    }
+    // A header with no room for an Ethernet source address at all.
+    ring.add_chain(&f.mem, &[(BUF, (HDR_LEN + 8) as u32, R)]);
+    let ctx = TxContext {
+        source_mac: Some(own),
+        ..f.tx()
+    };
+    let mut q = ring.queue();
+    assert_eq!(process_tx(&mut q, &f.mem, &ctx, &mut Vec::new()), 3);
+    let got = f.wire_recv().expect("the honest frame on the wire");
+    assert_eq!(&got[HDR_LEN..], &honest[..]);
+    assert!(f.wire_recv().is_none(), "a spoofed frame reached the wire");
+    let s = f.stats.snapshot();
+    assert_eq!(s.tx_packets, 1);
+    assert_eq!(s.tx_drop(TxDrop::ForeignMac), 2);
+    // Without an address (no `--mac`), any source goes.
+    let mut ring = Ring::new(RING, QSIZE);
+    ring.add_chain(&f.mem, &[(BUF, (HDR_LEN + spoofed.len()) as u32, R)]);
+    let mut q = ring.queue();
+    assert_eq!(process_tx(&mut q, &f.mem, &f.tx(), &mut Vec::new()), 1);
+    assert!(f.wire_recv().is_some(), "no filter without an address");
 }
 
 #[test]
@@ -413,6 +457,7 @@ fn real_tap_round_trip() {
         tap: &tap,
         stats: &stats,
         hdr_len: HDR_LEN,
+        source_mac: None,
     };
     assert_eq!(process_tx(&mut txq, &mem, &ctx, &mut Vec::new()), 1);
     let seen = ns

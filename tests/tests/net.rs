@@ -382,6 +382,46 @@ fn daemon_guest_and_host_exchange_pings_and_checksummed_udp() {
     destroy(&d, "guest");
 }
 
+/// A guest that sends from an address other than its NIC's (`net-spoof-mac=`) gets
+/// nothing onto the bridge: not its ARP, not its pings; `bulkhead-net` drops and logs them.
+#[test]
+fn daemon_guest_sending_from_a_foreign_mac_gets_nothing_through() {
+    let name = "daemon_guest_sending_from_a_foreign_mac_gets_nothing_through";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let ns = Netns::new("net-spoof");
+    let d = Bulkheadd::start_in_netns("net-spoof", Some(&policy(61800, LAN)), false, &ns.name);
+    let con = create_nic_vm(
+        &d,
+        "spoof",
+        "lan",
+        "net ip=10.77.1.2/24 peer=10.77.1.1 net-spoof-mac=52:54:00:66:66:66 ping=10.77.1.1:3 \
+         net-idle=20000 ticks=200",
+    );
+    let ctx = |con: &Running| format!("--- console ---\n{}\n{}", con.stdout.text(), d.dump());
+    expect_line(&d, &con, "spoof", "net0: sending as 52:54:00:66:66:66");
+    expect_line(&d, &con, "spoof", "ping: 0/3 replies");
+    let log = std::fs::read_to_string(d.nic_log_path("spoof", 0)).unwrap_or_default();
+    assert!(
+        log.contains("source MAC address is not the NIC's"),
+        "bulkhead-net did not log the spoofed frames\n{}",
+        ctx(&con)
+    );
+    // Nor does the host reach it: its replies would carry the foreign address too.
+    let mut ping = ns.exec("ping");
+    ping.args(["-c", "2", "-W", "1", "10.77.1.2"]);
+    let out = run(ping, Duration::from_secs(20));
+    assert_ne!(
+        out.code,
+        Some(0),
+        "the host reached the spoofing guest\n{}",
+        out.dump()
+    );
+    destroy(&d, "spoof");
+}
+
 // ------------------------------------------------------------------------------------------
 // 2. two VMs on one network talk; a VM on another network cannot reach them; policy
 // ------------------------------------------------------------------------------------------

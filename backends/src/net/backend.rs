@@ -165,6 +165,7 @@ impl NetBackend {
             tap: &self.inner.tap,
             stats: &self.inner.stats,
             hdr_len: self.hdr_len(),
+            source_mac: self.inner.config.mac,
         };
         let Ok(mut buf) = self.inner.tx_buf.lock() else {
             return;

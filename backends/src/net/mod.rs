@@ -22,5 +22,5 @@ pub mod tx;
 
 pub use backend::NetBackend;
 pub use config::{parse_mac, NetConfig};
-pub use stats::{NetStats, RxSkip, TxDrop};
+pub use stats::{NetStats, RxSkip, TxDrop, TX_DROPS};
 pub use tap::Tap;

@@ -53,7 +53,7 @@ impl Device {
         let tx_drops: u64 = s.tx_drops.iter().sum();
         let rx_skips: u64 = s.rx_skips.iter().sum();
         eprintln!(
-            "bulkhead-net: totals: tx {} packets {} bytes, {} dropped (broken {}, writable {}, outside RAM {}, short header {}, too long {}, tap refused {}); \
+            "bulkhead-net: totals: tx {} packets {} bytes, {} dropped (broken {}, writable {}, outside RAM {}, short header {}, too long {}, tap refused {}, foreign source MAC {}); \
              rx {} packets {} bytes, {} frames dropped, {} chains skipped (broken {}, read-only {}, outside RAM {}, too small {})",
             s.tx_packets,
             s.tx_bytes,
@@ -64,6 +64,7 @@ impl Device {
             s.tx_drop(TxDrop::ShortHeader),
             s.tx_drop(TxDrop::TooLong),
             s.tx_drop(TxDrop::Tap),
+            s.tx_drop(TxDrop::ForeignMac),
             s.rx_packets,
             s.rx_bytes,
             s.rx_dropped,

@@ -30,6 +30,10 @@ pub enum TxDrop {
     /// The tap refused the frame (bad vnet header, frame too short, ...).
     #[error("the tap refused the frame")]
     Tap,
+    /// The frame's source MAC address is not the NIC's (or it has no Ethernet header):
+    /// a guest sends only as itself.
+    #[error("source MAC address is not the NIC's")]
+    ForeignMac,
 }
 
 /// Why an RX chain was skipped (returned to the used ring with length 0, nothing written).
@@ -49,7 +53,8 @@ pub enum RxSkip {
     TooSmall,
 }
 
-const TX_DROPS: usize = 6;
+/// How many [`TxDrop`] reasons there are.
+pub const TX_DROPS: usize = 7;
 const RX_SKIPS: usize = 4;
 
 impl TxDrop {
@@ -115,7 +120,7 @@ pub struct NetStatsSnapshot {
     /// Frame bytes (without the virtio-net header) delivered to the guest.
     pub rx_bytes: u64,
     /// TX chains dropped, by reason: broken chain, writable, outside memory, short header,
-    /// too long, refused by the tap (the order of [`TxDrop`]).
+    /// too long, refused by the tap, foreign source MAC (the order of [`TxDrop`]).
     pub tx_drops: [u64; TX_DROPS],
     /// RX chains skipped, by reason: broken chain, read-only, outside memory, too small
     /// (the order of [`RxSkip`]).

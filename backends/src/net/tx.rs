@@ -3,7 +3,9 @@
 //! are gathered and written to the tap in one `write`, the header passing through as the
 //! tap's vnet header. A chain that is broken, has a device-writable descriptor, points
 //! outside guest RAM, is shorter than the header or carries a frame longer than
-//! [`MAX_FRAME_LEN`] is dropped: returned with used length 0, counted and logged.
+//! [`MAX_FRAME_LEN`] is dropped: returned with used length 0, counted and logged. So is a
+//! frame whose source MAC address is not the NIC's, when it has one: on a shared bridge a
+//! guest cannot pass itself off as another.
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -22,7 +24,12 @@ pub struct TxContext<'a> {
     pub stats: &'a NetStats,
     /// The negotiated virtio-net header size (also the tap's vnet header size).
     pub hdr_len: usize,
+    /// The only source MAC address frames may carry (None: any).
+    pub source_mac: Option<[u8; 6]>,
 }
+
+/// Offset of the source address in an Ethernet frame, and its end.
+const SOURCE_MAC: std::ops::Range<usize> = 6..12;
 
 /// Whether `len` bytes at `addr` are all guest RAM.
 pub(crate) fn in_memory(mem: &GuestMemoryMmap, addr: vm_memory::GuestAddress, len: u32) -> bool {
@@ -80,6 +87,12 @@ pub fn transmit(
         mem.read_slice(&mut buf[at..at + n], d.addr())
             .map_err(|_| TxDrop::OutsideMemory)?;
         at += n;
+    }
+    if let Some(mac) = ctx.source_mac {
+        let frame = buf.get(ctx.hdr_len..).unwrap_or_default();
+        if frame.get(SOURCE_MAC) != Some(&mac[..]) {
+            return Err(TxDrop::ForeignMac);
+        }
     }
     match ctx.tap.write(buf) {
         Ok(_) => Ok(frame_len),

@@ -15,7 +15,7 @@ use std::os::unix::net::UnixDatagram;
 use bulkhead_backends::net::config::{HDR_LEN, LEGACY_HDR_LEN, MAX_FRAME_LEN};
 use bulkhead_backends::net::rx::{Rx, RxContext, RxStop};
 use bulkhead_backends::net::tx::{process_tx, TxContext};
-use bulkhead_backends::net::{NetStats, Tap, TxDrop};
+use bulkhead_backends::net::{NetStats, Tap, TxDrop, TX_DROPS};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
@@ -97,7 +97,11 @@ fn self_modifying(ring: &Ring, chains: &[(u16, Vec<Descriptor>)]) -> bool {
     })
 }
 
-/// Runs one TX input. Config bit 4: the legacy 10-byte header.
+/// The NIC's own address when a TX input turns the source-MAC filter on.
+const NIC_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// Runs one TX input. Config bit 4: the legacy 10-byte header; bit 5: the NIC has
+/// [`NIC_MAC`] and frames from any other source are dropped.
 pub fn run_tx(data: &[u8]) -> u64 {
     with_fixture(|fx| {
         let mut inp = Input::new(data);
@@ -107,6 +111,7 @@ pub fn run_tx(data: &[u8]) -> u64 {
         } else {
             HDR_LEN
         };
+        let source_mac = (ring.extra & 2 != 0).then_some(NIC_MAC);
         let offered = chains(&fx.g, &ring);
         // The model: which chains go out, and as which bytes.
         let max = usize::from(ring.size);
@@ -129,7 +134,13 @@ pub fn run_tx(data: &[u8]) -> u64 {
                         return None;
                     }
                 }
-                (bytes.len() >= hdr_len).then_some(bytes)
+                if bytes.len() < hdr_len {
+                    return None;
+                }
+                match source_mac {
+                    Some(m) if bytes.get(hdr_len + 6..hdr_len + 12) != Some(&m[..]) => None,
+                    _ => Some(bytes),
+                }
             })
             .collect();
         let before = fx.stats.snapshot();
@@ -137,6 +148,7 @@ pub fn run_tx(data: &[u8]) -> u64 {
             tap: &fx.tap,
             stats: &fx.stats,
             hdr_len,
+            source_mac,
         };
         let n = process_tx(&mut ring.queue, &fx.g.mem, &ctx, &mut fx.buf);
         let after = fx.stats.snapshot();
@@ -169,13 +181,15 @@ pub fn run_tx(data: &[u8]) -> u64 {
         }
         let sent = after.tx_packets - before.tx_packets;
         let tap_refused = after.tx_drop(TxDrop::Tap) - before.tx_drop(TxDrop::Tap);
-        let drops: u64 = (0..6).map(|i| after.tx_drops[i] - before.tx_drops[i]).sum();
+        let drops: u64 = (0..TX_DROPS)
+            .map(|i| after.tx_drops[i] - before.tx_drops[i])
+            .sum();
         assert_eq!(
             sent + drops,
             cut as u64,
             "every chain taken is sent or dropped"
         );
-        for i in 0..6 {
+        for i in 0..TX_DROPS {
             sig = mix(sig, after.tx_drops[i] - before.tx_drops[i]);
         }
         if !modifying {

@@ -1237,6 +1237,9 @@ struct Opts {
     gw: Option<[u8; 4]>,
     peer: Option<[u8; 4]>,
     mac: Option<[u8; 6]>,
+    /// `net-spoof-mac=`: send from this address even when the device gave one (a guest
+    /// pretending to be another on the bridge).
+    spoof_mac: Option<[u8; 6]>,
     idle_ms: u64,
 }
 
@@ -1285,6 +1288,8 @@ fn parse_opts(cmdline: &str) -> Opts {
             o.peer = parse_ip(v).or(o.peer);
         } else if let Some(v) = tok.strip_prefix("net-mac=") {
             o.mac = parse_mac(v).or(o.mac);
+        } else if let Some(v) = tok.strip_prefix("net-spoof-mac=") {
+            o.spoof_mac = parse_mac(v).or(o.spoof_mac);
         } else if let Some(v) = tok.strip_prefix("net-dev=") {
             if let Some(v) = parse_u64(v) {
                 o.dev = v as usize;
@@ -1482,6 +1487,10 @@ fn selected(
         if let Err(e) = n.init() {
             println!("net{}: init failed: {}", o.dev, e);
             return None;
+        }
+        if let Some(m) = o.spoof_mac {
+            n.mac = m;
+            println!("net{}: sending as {}", o.dev, Mac(m));
         }
         *g = Some(n);
     }
