@@ -23,6 +23,16 @@ pub struct Sandbox {
     pub max_file_size: u64,
 }
 
+/// A process spawned into a sandbox: its pid and a pidfd, taken before anything could
+/// reap it, through which it is reached from then on (no pid-reuse races).
+#[derive(Debug)]
+pub struct SandboxedChild {
+    /// Its pid in our pid namespace.
+    pub pid: i32,
+    /// A pidfd for it.
+    pub pidfd: OwnedFd,
+}
+
 /// What RLIMIT_FSIZE allows a process that writes only its log.
 pub const LOG_FILE_LIMIT: u64 = 64 << 20;
 
@@ -71,7 +81,7 @@ pub fn spawn_runner(
     listener: OwnedFd,
     log: File,
     sb: &RunnerSandbox,
-) -> std::io::Result<i32> {
+) -> std::io::Result<SandboxedChild> {
     let mut args = vec!["--control-fd".to_string(), "3".to_string()];
     if sb.selftest {
         args.push("--sandbox-selftest".into());
@@ -95,7 +105,7 @@ pub fn spawn_sandboxed(
     handed: Vec<OwnedFd>,
     log: File,
     sandbox: &Sandbox,
-) -> std::io::Result<i32> {
+) -> std::io::Result<SandboxedChild> {
     let exe = cstr(binary.as_os_str().as_bytes())?;
     let mut cargs = vec![exe];
     for a in args {
@@ -212,18 +222,34 @@ pub fn spawn_sandboxed(
     // SAFETY: the child only makes raw syscalls on data prepared above and then execs or
     // exits; it never returns into the parent's Rust state.
     let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
-        .map_err(std::io::Error::from)?;
+        .map_err(std::io::Error::from)?
+        .as_raw();
     drop(devnull);
     drop(binary_file);
     drop(log);
     drop(handed);
-    Ok(pid.as_raw())
+    // Our unreaped child: the pid cannot have been reused yet.
+    match pidfd_open(pid) {
+        Ok(pidfd) => Ok(SandboxedChild { pid, pidfd }),
+        Err(e) => {
+            // SAFETY: plain syscalls on our own unreaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            Err(std::io::Error::other(format!(
+                "pidfd_open of the sandboxed child: {e}"
+            )))
+        }
+    }
 }
 
 /// Replaces the running runner's root (and cwd) with an empty, read-only tmpfs mounted on
-/// `mount_point` inside its mount namespace, and detaches the host's tree from it.
-pub fn seal_root(pid: i32, mount_point: &Path) -> std::io::Result<()> {
-    let ns = File::open(format!("/proc/{pid}/ns/mnt"))?;
+/// `mount_point` inside its mount namespace, and detaches the host's tree from it. The
+/// namespace is entered through the process's pidfd (`setns` on a pidfd), never through
+/// `/proc/PID`: should it have died, this fails rather than enter another's.
+pub fn seal_root(pidfd: std::os::fd::BorrowedFd<'_>, mount_point: &Path) -> std::io::Result<()> {
+    let ns = pidfd;
     let mp = cstr(mount_point.as_os_str().as_bytes())?;
     let tmpfs = cstr(b"tmpfs")?;
     let opts = cstr(b"size=16k,mode=0555,nr_inodes=8")?;

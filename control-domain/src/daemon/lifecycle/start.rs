@@ -231,11 +231,10 @@ impl Daemon {
             hostname: format!("bulkhead-vm{id}"),
             selftest: self.cfg.runner_selftest,
         };
-        let pid = spawn::spawn_runner(&self.cfg.runner, listener.into_fd(), log_file, &sandbox)
+        let child = spawn::spawn_runner(&self.cfg.runner, listener.into_fd(), log_file, &sandbox)
             .map_err(|e| format!("cannot spawn {}: {e}", self.cfg.runner.display()))?;
-        vm.update(|r| r.runner_pid = Some(pid));
+        vm.update(|r| r.runner_pid = Some(child.pid));
         vm.save();
-        let pidfd = spawn::pidfd_open(pid).ok();
         let ch = Channel::connect(&sock).map_err(|e| format!("cannot reach the runner: {e}"))?;
         client_hello(&ch, Role::Daemon, Duration::from_secs(30)).map_err(|e| {
             format!(
@@ -243,8 +242,9 @@ impl Daemon {
                 self.state.log_path(&vm.name).display()
             )
         })?;
-        spawn::seal_root(pid, &self.state.sandbox_root()).map_err(|e| e.to_string())?;
-        Ok((ch, pidfd))
+        spawn::seal_root(child.pidfd.as_fd(), &self.state.sandbox_root())
+            .map_err(|e| e.to_string())?;
+        Ok((ch, Some(child.pidfd)))
     }
 
     /// Hands the runner its resources and boots the guest; returns the runner's words.

@@ -30,6 +30,8 @@ pub struct BackendLaunch {
 pub struct Spawned {
     /// Its pid (our child; unreaped until its watcher reaps it).
     pub pid: i32,
+    /// A pidfd for it, taken at the spawn.
+    pidfd: OwnedFd,
     /// The runner's end of its vhost-user connection.
     pub conn: UnixStream,
     /// The read end of its ready pipe.
@@ -113,10 +115,11 @@ pub fn spawn_backend(
         max_file_size: image_size.max(spawn::LOG_FILE_LIMIT),
     };
     let handed = vec![OwnedFd::from(listener), resource, ready_w];
-    let pid = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
+    let child = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
         .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
     Ok(Spawned {
-        pid,
+        pid: child.pid,
+        pidfd: child.pidfd,
         conn,
         ready: File::from(ready_r),
         log_name,
@@ -135,7 +138,8 @@ impl Spawned {
             .map_err(|e| e.to_string())?;
         let mut byte = [0u8; 1];
         if polled > 0 && std::io::Read::read(&mut &self.ready, &mut byte).unwrap_or(0) == 1 {
-            spawn::seal_root(self.pid, &state.sandbox_root()).map_err(|e| format!("{device}: {e}"))
+            spawn::seal_root(self.pidfd.as_fd(), &state.sandbox_root())
+                .map_err(|e| format!("{device}: {e}"))
         } else {
             Err(format!(
                 "{device} backend did not start (see logs/{})",
