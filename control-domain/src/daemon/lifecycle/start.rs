@@ -21,6 +21,41 @@ use crate::daemon::vm::VmEntry;
 use crate::daemon::vmconfig::VmSpec;
 use crate::daemon::{log, network, Daemon};
 
+/// How long each step of a start took, for the log line that says the VM started.
+#[derive(Default)]
+struct StartTimes {
+    steps: Vec<(&'static str, Duration)>,
+    last: Option<std::time::Instant>,
+}
+
+impl StartTimes {
+    fn begin() -> Self {
+        Self {
+            steps: Vec::new(),
+            last: Some(std::time::Instant::now()),
+        }
+    }
+
+    /// Ends step `name` now.
+    fn step(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        if let Some(t) = self.last.replace(now) {
+            self.steps.push((name, now - t));
+        }
+    }
+
+    fn summary(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let total: Duration = self.steps.iter().map(|(_, d)| *d).sum();
+        let parts: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(n, d)| format!("{n} {:.1}", ms(*d)))
+            .collect();
+        format!("in {:.1} ms ({})", ms(total), parts.join(", "))
+    }
+}
+
 /// The host files a VM config names, opened once (by [`Daemon::open_host_files`]) and
 /// from then on passed on as descriptors, never looked up by path again.
 pub(crate) struct HostFiles {
@@ -78,6 +113,7 @@ impl Daemon {
             initrd,
             disks,
         } = files;
+        let mut times = StartTimes::begin();
         let mut uids = backend_uids.iter().copied();
         let mut uid = || uids.next().ok_or("no uid for a device backend");
         let mut disk_socks = Vec::new();
@@ -94,8 +130,10 @@ impl Daemon {
                 self.supervisor.start_device(vm, &format!("nic{i}"), launch)
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let (ch, pidfd) = self.spawn_runner(vm)?;
+        times.step("devices");
+        let (ch, pidfd) = self.spawn_runner(vm, &mut times)?;
         let detail = self.boot(vm, &ch, (&kernel, initrd.as_ref()), &disk_socks, &nic_socks)?;
+        times.step("boot");
         vm.set_state(VmState::Running);
         self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
@@ -108,7 +146,8 @@ impl Daemon {
         for device in devices {
             self.supervisor.keep_standby(vm, &device);
         }
-        Ok(detail)
+        times.step("attach");
+        Ok(format!("{detail}; started {}", times.summary()))
     }
 
     /// Disk `index`'s backend: `bulkhead-blk` holding only the image, already open
@@ -216,7 +255,11 @@ impl Daemon {
 
     /// Spawns the VM's runner in its sandbox, waits for its hello and seals its root;
     /// returns its control channel and its pidfd.
-    fn spawn_runner(&self, vm: &VmEntry) -> Result<(Channel, Option<OwnedFd>), String> {
+    fn spawn_runner(
+        &self,
+        vm: &VmEntry,
+        times: &mut StartTimes,
+    ) -> Result<(Channel, Option<OwnedFd>), String> {
         let (uid, vcpus, id) = vm.read(|r| (r.runner_uid, r.spec.vcpus, r.id));
         let uid = uid.ok_or("no runner uid")?;
         let sock = self.state.socket_path(&vm.name);
@@ -235,6 +278,7 @@ impl Daemon {
             .map_err(|e| format!("cannot spawn {}: {e}", self.cfg.runner.display()))?;
         vm.update(|r| r.runner_pid = Some(child.pid));
         vm.save();
+        times.step("spawn");
         let ch = Channel::connect(&sock).map_err(|e| format!("cannot reach the runner: {e}"))?;
         client_hello(&ch, Role::Daemon, Duration::from_secs(30)).map_err(|e| {
             format!(
@@ -242,8 +286,10 @@ impl Daemon {
                 self.state.log_path(&vm.name).display()
             )
         })?;
+        times.step("hello");
         spawn::seal_root(child.pidfd.as_fd(), &self.state.sandbox_root())
             .map_err(|e| e.to_string())?;
+        times.step("seal");
         Ok((ch, Some(child.pidfd)))
     }
 
