@@ -296,6 +296,12 @@ fn runner_is_sandboxed() {
         Some("256"),
         "{open_files}"
     );
+    // Address space: its 128 MiB of guest RAM + 2 GiB + 256 MiB for its one vCPU.
+    assert_eq!(
+        limit_value(&limits, "Max address space"),
+        Some((128u64 << 20) + (2 << 30) + (256 << 20)),
+        "{limits}"
+    );
 
     // The runner's own self-test, run inside the sealed sandbox before the guest booted.
     let text = d.log("boxed");
@@ -1178,4 +1184,17 @@ fn reboot_restarts_in_place() {
     let cfg = d.config_with("once", "reboot", "128M", 1, "");
     d.create_config("once", &cfg);
     d.wait_row("once", "stopped (shut down)");
+}
+
+/// The soft value of the `/proc/PID/limits` row that starts with `name` (None: unlimited
+/// or absent).
+fn limit_value(limits: &str, name: &str) -> Option<u64> {
+    limits
+        .lines()
+        .find(|l| l.starts_with(name))?
+        .strip_prefix(name)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

@@ -747,6 +747,14 @@ fn daemon_disk_backend_is_sandboxed() {
         );
     }
 
+    // Address space: the 128 MiB of guest RAM it maps + 3 GiB.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let address_space = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max address space"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    assert_eq!(address_space, Some((128u64 << 20) + (3 << 30)), "{limits}");
+
     // An empty root.
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/"))
         .expect("read the backend's root")

@@ -1,6 +1,7 @@
 //! Spawning a runner into its sandbox — every privileged step is here, in the control domain:
 //! new mount, pid, net, ipc and uts namespaces; only the handed fds; tight rlimits; a dedicated
-//! uid/gid with no supplementary groups; `no_new_privs`; then, once the runner has started,
+//! uid/gid with no supplementary groups (address space sized from the VM's memory);
+//! `no_new_privs`; then, once the runner has started,
 //! its root is replaced by an empty read-only tmpfs. (The runner adds its own seccomp filter.)
 
 use std::ffi::CString;
@@ -21,6 +22,31 @@ pub struct Sandbox {
     /// Largest file it may write (RLIMIT_FSIZE): its log, and for a disk backend its image,
     /// whose size the control domain fixed when it opened it.
     pub max_file_size: u64,
+    /// Largest address space (RLIMIT_AS), sized from the VM's memory: a process that
+    /// runs away allocates up to this and no more.
+    pub max_address_space: u64,
+}
+
+/// Address space a runner may use besides guest RAM: its threads' stacks, the C
+/// library's per-thread heaps, KVM's per-vCPU mappings (measured: about 700 MiB of
+/// mappings with 2 vCPUs), with room to spare.
+pub const RUNNER_OVERHEAD: u64 = 2 << 30;
+/// More per vCPU (its thread's stack and heap, its KVM run area).
+pub const RUNNER_PER_VCPU: u64 = 256 << 20;
+/// Address space a device backend may use besides guest RAM (which it maps whole): its
+/// queue threads, I/O pool and rings (measured: about 1.1 GiB of mappings for a disk).
+pub const BACKEND_OVERHEAD: u64 = 3 << 30;
+
+/// The address-space limit of a runner for a VM with `memory` bytes of RAM and `vcpus`.
+pub fn runner_address_space(memory: u64, vcpus: u8) -> u64 {
+    memory
+        .saturating_add(RUNNER_OVERHEAD)
+        .saturating_add(RUNNER_PER_VCPU.saturating_mul(u64::from(vcpus)))
+}
+
+/// The address-space limit of a device backend of a VM with `memory` bytes of RAM.
+pub fn backend_address_space(memory: u64) -> u64 {
+    memory.saturating_add(BACKEND_OVERHEAD)
 }
 
 /// A process spawned into a sandbox: its pid and a pidfd, taken before anything could
@@ -41,8 +67,10 @@ pub const LOG_FILE_LIMIT: u64 = 64 << 20;
 pub struct RunnerSandbox {
     /// uid and gid.
     pub uid: u32,
-    /// vCPU count (sizes the thread limit).
+    /// vCPU count (sizes the thread and address-space limits).
     pub vcpus: u8,
+    /// Guest RAM, bytes (sizes the address-space limit).
+    pub memory: u64,
     /// Host name inside its UTS namespace.
     pub hostname: String,
     /// Ask the runner to run its sandbox self-test at boot (tests only).
@@ -91,6 +119,7 @@ pub fn spawn_runner(
         max_threads: u64::from(sb.vcpus) + 64,
         hostname: sb.hostname.clone(),
         max_file_size: LOG_FILE_LIMIT,
+        max_address_space: runner_address_space(sb.memory, sb.vcpus),
     };
     spawn_sandboxed(runner, &args, vec![listener], log, &sandbox)
 }
@@ -132,6 +161,7 @@ pub fn spawn_sandboxed(
     let uid = sandbox.uid;
     let threads = sandbox.max_threads;
     let max_file_size = sandbox.max_file_size;
+    let max_address_space = sandbox.max_address_space;
     let root = cstr(b"/")?;
     let mut stack = vec![0u8; 256 * 1024];
 
@@ -172,12 +202,13 @@ pub fn spawn_sandboxed(
             if libc::syscall(libc::SYS_close_range, (exe_fd + 1) as u32, u32::MAX, 0u32) != 0 {
                 return child_fail(b"close_range");
             }
-            let limits: [(libc::__rlimit_resource_t, u64); 5] = [
+            let limits: [(libc::__rlimit_resource_t, u64); 6] = [
                 (libc::RLIMIT_NOFILE, 256),
                 (libc::RLIMIT_NPROC, threads),
                 (libc::RLIMIT_CORE, 0),
                 (libc::RLIMIT_FSIZE, max_file_size),
                 (libc::RLIMIT_MEMLOCK, 64 << 10),
+                (libc::RLIMIT_AS, max_address_space),
             ];
             for (res, v) in limits {
                 let lim = libc::rlimit {

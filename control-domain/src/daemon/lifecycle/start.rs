@@ -260,7 +260,8 @@ impl Daemon {
         vm: &VmEntry,
         times: &mut StartTimes,
     ) -> Result<(Channel, Option<OwnedFd>), String> {
-        let (uid, vcpus, id) = vm.read(|r| (r.runner_uid, r.spec.vcpus, r.id));
+        let (uid, vcpus, memory, id) =
+            vm.read(|r| (r.runner_uid, r.spec.vcpus, r.spec.memory, r.id));
         let uid = uid.ok_or("no runner uid")?;
         let sock = self.state.socket_path(&vm.name);
         let listener =
@@ -270,6 +271,7 @@ impl Daemon {
         let sandbox = RunnerSandbox {
             uid,
             vcpus,
+            memory,
             // From the id: a name may be as long as a host name may be.
             hostname: format!("bulkhead-vm{id}"),
             selftest: self.cfg.runner_selftest,

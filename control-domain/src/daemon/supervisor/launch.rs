@@ -31,7 +31,7 @@ pub struct Spawned {
     /// Its pid (our child; unreaped until its watcher reaps it).
     pub pid: i32,
     /// A pidfd for it, taken at the spawn.
-    pidfd: OwnedFd,
+    pub pidfd: OwnedFd,
     /// The runner's end of its vhost-user connection.
     pub conn: UnixStream,
     /// The read end of its ready pipe.
@@ -58,6 +58,7 @@ pub fn spawn_backend(
     uid: u32,
     standby: bool,
     fresh_log: bool,
+    guest_memory: u64,
 ) -> Result<Spawned, String> {
     // The backend accepts the queued connection and closes the listener, so it ends up
     // holding one socket, the vhost-user connection. A name of its own: a standby and a
@@ -113,6 +114,7 @@ pub fn spawn_backend(
             vm.chars().take(32).collect::<String>()
         ),
         max_file_size: image_size.max(spawn::LOG_FILE_LIMIT),
+        max_address_space: spawn::backend_address_space(guest_memory),
     };
     let handed = vec![OwnedFd::from(listener), resource, ready_w];
     let child = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)

@@ -308,8 +308,9 @@ impl Supervisor {
             l.uid,
             standby,
             fresh_log,
+            vm.read(|r| r.spec.memory),
         )?;
-        if let Ok(fd) = spawn::pidfd_open(p.pid) {
+        if let Ok(fd) = p.pidfd.try_clone() {
             vm.devices.with(device, |s| s.pidfds.insert(p.pid, fd));
         }
         Ok((l.binary, p))
@@ -326,7 +327,7 @@ impl Supervisor {
         let (binary, p) = self
             .spawn(vm, device, false, first)
             .map_err(|e| (None, e))?;
-        if let Ok(fd) = spawn::pidfd_open(p.pid) {
+        if let Ok(fd) = p.pidfd.try_clone() {
             vm.add_backend(fd);
         }
         self.on(vm, device, Event::Spawned { pid: p.pid, binary });

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::device::{self, Action, Event};
-use super::{process_stopped, spawn, Supervisor};
+use super::{process_stopped, Supervisor};
 use crate::daemon::log;
 use crate::daemon::vm::VmEntry;
 
@@ -89,7 +89,7 @@ impl Supervisor {
 
     pub(super) fn launch_standby(&self, vm: &Arc<VmEntry>, device: &str) -> Result<(), String> {
         let (binary, p) = self.spawn(vm, device, true, false)?;
-        if let Ok(fd) = spawn::pidfd_open(p.pid) {
+        if let Ok(fd) = p.pidfd.try_clone() {
             vm.add_backend(fd);
         }
         let pid = p.pid;
