@@ -60,6 +60,34 @@ pub enum ServeError {
     /// The sandbox could not be installed.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The inherited connection's other end is not root's (bulkheadd makes it).
+    #[error("the inherited connection comes from uid {0}, not from bulkheadd (uid 0): refused")]
+    ForeignPeer(u32),
+}
+
+/// For a socket inherited from `bulkheadd`: a connected one must have root at its other
+/// end (`bulkheadd` made it, for the runner); a listening one is checked when its queued
+/// connection is accepted ([`serve_connected`]).
+pub fn check_inherited_peer(conn: &UnixStream) -> Result<(), ServeError> {
+    let listening =
+        nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false);
+    if listening {
+        Ok(())
+    } else {
+        check_peer(conn)
+    }
+}
+
+/// Refuses a connection whose peer is not root: an inherited connection is made by
+/// `bulkheadd` (for the runner), never by anyone else.
+fn check_peer(conn: &UnixStream) -> Result<(), ServeError> {
+    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| ServeError::Socket(e.into()))?;
+    if cred.uid() == 0 {
+        Ok(())
+    } else {
+        Err(ServeError::ForeignPeer(cred.uid()))
+    }
 }
 
 /// Why a seccomp filter could not be installed.
@@ -209,6 +237,7 @@ where
     if listening && inflight.is_some() {
         let listener = UnixListener::from(std::os::fd::OwnedFd::from(conn));
         conn = listener.accept().map_err(ServeError::Socket)?.0;
+        check_peer(&conn)?;
     } else if listening {
         let mut listener = Listener::from(UnixListener::from(std::os::fd::OwnedFd::from(conn)));
         daemon

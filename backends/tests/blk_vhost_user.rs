@@ -408,6 +408,67 @@ fn stderr_of(child: &mut Kill) -> String {
     err
 }
 
+/// An inherited connection whose other end is not root's is refused: under bulkheadd it
+/// is always bulkheadd (root) that made it.
+#[test]
+fn an_inherited_connection_from_a_non_root_peer_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED an_inherited_connection_from_a_non_root_peer_is_refused: needs root to connect as another uid");
+        return;
+    }
+    let img = scratch("foreign-peer.img");
+    make_image(&img);
+    let dir = scratch("foreign-peer");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = dir.join("s");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // A thread of its own becomes uid 65534 (a raw setresuid changes only the calling
+    // thread) and connects; its end stays open until the test ends.
+    let connector = std::thread::spawn(move || {
+        // SAFETY: a raw syscall changing this thread's credentials only.
+        let r = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+        assert_eq!(r, 0, "setresuid");
+        UnixStream::connect(&path).expect("connect as uid 65534")
+    });
+    let (accepted, _) = listener.accept().unwrap();
+    let _their_end = connector.join().unwrap();
+    let image = File::options().read(true).write(true).open(&img).unwrap();
+    let (sfd, ifd) = (accepted.as_raw_fd(), image.as_raw_fd());
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--socket-fd",
+        &sfd.to_string(),
+        "--image-fd",
+        &ifd.to_string(),
+    ])
+    .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only fcntl on two fds we own (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [sfd, ifd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = Kill(cmd.spawn().unwrap());
+    let status = wait_exit(&mut child);
+    let err = stderr_of(&mut child);
+    assert!(!status.success(), "served a foreign peer\n{err}");
+    assert!(
+        err.contains("comes from uid 65534, not from bulkheadd"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&img);
+}
+
 #[test]
 fn sandboxed_inherited_socket_serves_requests() {
     // Every engine's syscalls must be on the allowlist.

@@ -81,6 +81,7 @@ pub fn serve_listener(device: &Device, listener: &mut Listener) -> Result<(), Se
 /// Serves the one frontend on the far end of `conn`, with the seccomp allowlist installed
 /// once setup is done (if `sandbox`). Returns when the frontend disconnects.
 pub fn serve_connected(device: &Device, conn: UnixStream, sandbox: bool) -> Result<(), ServeError> {
+    crate::vhost_common::check_inherited_peer(&conn)?;
     let (daemon, slot) = device.daemon()?;
     crate::vhost_common::serve_connected(PROG, daemon, Some(slot), conn, || {
         if sandbox {
