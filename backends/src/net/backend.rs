@@ -170,11 +170,12 @@ impl NetBackend {
         let Ok(mut buf) = self.inner.tx_buf.lock() else {
             return;
         };
-        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        // The guest is told not to kick while the queue is being drained (EVENT_IDX's
+        // avail_event, or else the used ring's NO_NOTIFY flag), and the queue is checked
+        // once more after it is told again: without that a guest that does not negotiate
+        // EVENT_IDX kicks for every frame, each kick an exit and a wake-up here.
         loop {
-            if event_idx {
-                let _ = vring.disable_notification();
-            }
+            let _ = vring.disable_notification();
             let used = {
                 let mut state = vring.get_mut();
                 if !state.get_queue().ready() || !state.is_enabled() {
@@ -184,9 +185,6 @@ impl NetBackend {
             };
             if used > 0 {
                 self.signal(vring, &mem);
-            }
-            if !event_idx {
-                break;
             }
             match vring.enable_notification() {
                 Ok(true) => continue,
