@@ -240,15 +240,23 @@ fn ten_kills_50_ms_apart_with_no_restart_limit_never_fail_the_device() {
         "no standby\n{}",
         d.dump()
     );
+    // Ten kills, each of the next backend to serve as soon as `info` names it, at least
+    // 50 ms apart (more on a loaded machine, where `info` itself takes that long).
     let mut killed = Vec::new();
-    for _ in 0..10 {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while killed.len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} kills landed in 90 s\n{}",
+            killed.len(),
+            d.dump()
+        );
         if let Some(pid) = serving(&d, "kills").filter(|p| !killed.contains(p)) {
             send_signal(pid, libc::SIGKILL);
             killed.push(pid);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(killed.len() >= 5, "only {} kills landed", killed.len());
     assert!(
         wait_until(STEP, || serving(&d, "kills")
             .is_some_and(|p| !killed.contains(&p))),
