@@ -13,6 +13,7 @@ use bulkhead_backends::blk::config::MAX_QUEUES;
 use bulkhead_backends::blk::request::{serial_bytes, ID_LEN};
 use bulkhead_backends::blk::serve::{bind_path, serve_connected, serve_listener, Device};
 use bulkhead_backends::blk::{Cache, Disk, EngineKind, Stats, SECTOR_SIZE};
+use bulkhead_ipc::devstats::BackendRegion;
 use clap::Parser;
 
 /// vhost-user-blk backend serving one raw disk image.
@@ -75,6 +76,11 @@ struct Args {
     /// io-uring, threads (a pool of blocking threads), inline (one request at a time).
     #[arg(long, value_name = "ENGINE", default_value = "auto")]
     io_engine: EngineKind,
+    /// Inherited shared page (a sealed memfd made by bulkheadd) that holds this disk's
+    /// counters, which the backend keeps, and its rate limits, which it obeys; it outlives
+    /// the backend, so a restarted backend counts on and keeps the limits.
+    #[arg(long, value_name = "N")]
+    stats_fd: Option<RawFd>,
 }
 
 fn parse_cache(s: &str) -> Result<Cache, String> {
@@ -125,7 +131,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         if disk.direct() { "none" } else { "writeback" },
         args.serial
     );
+    let region = match args.stats_fd {
+        Some(fd) => {
+            check_fd(fd, "--stats-fd")?;
+            // SAFETY: `fd` is open (checked) and bulkheadd handed it to us to own.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            let r = BackendRegion::map(std::os::fd::AsFd::as_fd(&fd), usize::from(args.queues))
+                .map_err(|e| usage(format!("--stats-fd: {e}")))?;
+            Some(Arc::new(r))
+        }
+        None => None,
+    };
     let device = Device {
+        region,
         disk: Arc::new(disk),
         serial,
         queues: args.queues,
