@@ -103,6 +103,10 @@ pub enum StatsError {
     /// The fd is smaller than the layout.
     #[error("stats region is {0} bytes, expected at least {REGION_SIZE}")]
     TooSmall(u64),
+    /// The fd is not a region made by [`create`] (not a memfd of exactly the layout's
+    /// size, sealed against resizing).
+    #[error("not a sealed stats memfd")]
+    NotARegion,
 }
 
 fn sys(what: &'static str) -> impl FnOnce(std::io::Error) -> StatsError {
@@ -138,7 +142,9 @@ pub fn create(name: &str) -> Result<OwnedFd, StatsError> {
     // A backend must not be able to shrink it under the daemon's mapping (SIGBUS).
     fcntl(
         fd.as_raw_fd(),
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL,
+        ),
     )
     .map_err(|e| sys("F_ADD_SEALS")(e.into()))?;
     Ok(fd)
@@ -304,8 +310,20 @@ pub struct DaemonRegion {
 }
 
 impl DaemonRegion {
-    /// Maps a region made by [`create`] and writes `limits` in it.
+    /// Maps a region made by [`create`] and writes `limits` in it. The fd may come back
+    /// from a backend (re-adoption): anything but a sealed memfd of [`REGION_SIZE`] bytes is
+    /// refused, so a backend cannot make the daemon write into another file.
     pub fn map(fd: BorrowedFd<'_>, limits: Limits) -> Result<Self, StatsError> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS)
+            .ok()
+            .map(SealFlag::from_bits_truncate)
+            .ok_or(StatsError::NotARegion)?;
+        let want = SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
+        let size = nix::sys::stat::fstat(fd.as_raw_fd()).map_or(-1, |st| st.st_size);
+        if !seals.contains(want) || size != REGION_SIZE as i64 {
+            return Err(StatsError::NotARegion);
+        }
         let r = DaemonRegion {
             limits: Mapping::new(fd, 0, 1, true)?,
             counters: Mapping::new(fd, 1, 2, false)?,
@@ -340,7 +358,9 @@ impl DaemonRegion {
     }
 
     fn counter(&self, i: usize) -> u64 {
-        self.counters.word(i).map_or(0, |w| w.load(Ordering::Relaxed))
+        self.counters
+            .word(i)
+            .map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
     /// How many backends started with this region (0 if none has yet).
@@ -423,6 +443,22 @@ mod tests {
     fn sealed_against_shrinking() {
         let fd = create("t").expect("create");
         assert!(nix::unistd::ftruncate(&fd, 0).is_err());
+    }
+
+    #[test]
+    fn daemon_refuses_other_files() {
+        let f = std::fs::File::open("/proc/self/exe").expect("open");
+        assert!(matches!(
+            DaemonRegion::map(f.as_fd(), Limits::default()),
+            Err(StatsError::NotARegion)
+        ));
+        let unsealed = nix::sys::memfd::memfd_create(
+            c"x",
+            nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .expect("memfd");
+        nix::unistd::ftruncate(&unsealed, REGION_SIZE as i64).expect("size");
+        assert!(DaemonRegion::map(unsealed.as_fd(), Limits::default()).is_err());
     }
 
     #[test]

@@ -131,16 +131,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         if disk.direct() { "none" } else { "writeback" },
         args.serial
     );
-    let region = match args.stats_fd {
+    // The fd stays open while we run: a restarted bulkheadd takes it back from us.
+    let (region, _stats_fd) = match args.stats_fd {
         Some(fd) => {
             check_fd(fd, "--stats-fd")?;
             // SAFETY: `fd` is open (checked) and bulkheadd handed it to us to own.
             let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
             let r = BackendRegion::map(std::os::fd::AsFd::as_fd(&fd), usize::from(args.queues))
                 .map_err(|e| usage(format!("--stats-fd: {e}")))?;
-            Some(Arc::new(r))
+            (Some(Arc::new(r)), Some(fd))
         }
-        None => None,
+        None => (None, None),
     };
     let device = Device {
         region,

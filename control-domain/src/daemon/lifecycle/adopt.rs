@@ -93,7 +93,12 @@ impl Daemon {
                 .filter(|_| alive)
                 .and_then(|fd| spawn::pidfd_getfd(fd, 4).ok());
             let launch = if is_disk {
-                self.disk_launch_with(vm, index, b.uid, kept)
+                // Its counters page (fd 6), so the counts go on.
+                let stats = pidfd
+                    .as_ref()
+                    .filter(|_| alive)
+                    .and_then(|fd| spawn::pidfd_getfd(fd, 6).ok());
+                self.disk_launch_with(vm, index, b.uid, kept, stats)
             } else {
                 // What its opener found the tap takes, from the live backend's arguments.
                 let ufo = std::fs::read(format!("/proc/{}/cmdline", b.pid))

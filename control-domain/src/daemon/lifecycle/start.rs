@@ -59,16 +59,18 @@ impl Daemon {
 
     /// Disk `index`'s backend: `bulkhead-blk` holding only the opened image.
     fn disk_launch(&self, vm: &VmEntry, index: usize, uid: u32) -> Result<BackendLaunch, String> {
-        self.disk_launch_with(vm, index, uid, None)
+        self.disk_launch_with(vm, index, uid, None, None)
     }
 
-    /// [`Self::disk_launch`] with the image already open (`image`), or opened here.
+    /// [`Self::disk_launch`] with the image already open (`image`), or opened here, and
+    /// the device's counters page kept (`stats`), or made here.
     pub(super) fn disk_launch_with(
         &self,
         vm: &VmEntry,
         index: usize,
         uid: u32,
         image: Option<OwnedFd>,
+        stats: Option<OwnedFd>,
     ) -> Result<BackendLaunch, String> {
         let disk = vm.read(|r| r.spec.disks[index].clone());
         let image = match image {
@@ -97,12 +99,24 @@ impl Daemon {
             args.push("--cache".into());
             args.push(disk.cache.as_str().into());
         }
+        let stats = match stats {
+            Some(fd) => fd,
+            None => bulkhead_ipc::devstats::create(&format!("{}-disk{index}", vm.name))
+                .map_err(|e| format!("disk{index} counters: {e}"))?,
+        };
+        let limits = disk
+            .limits
+            .as_ref()
+            .map_or(Ok(Default::default()), |l| l.resolve(true))
+            .map_err(|e| format!("disk{index}: {e}"))?;
         Ok(BackendLaunch {
             binary: self.cfg.blk.clone(),
             args,
             resource: image,
             uid,
             policy: disk.restart_policy(),
+            stats: Some(stats),
+            limits,
         })
     }
 
@@ -158,6 +172,8 @@ impl Daemon {
             resource: tap,
             uid,
             policy: nic.restart_policy(),
+            stats: None,
+            limits: Default::default(),
         })
     }
 
