@@ -75,6 +75,8 @@ pub const Q_THROTTLED_NS: usize = 7;
 pub const Q_LATENCY_SUM_US: usize = 8;
 /// Queue record: first word of the latency histogram (disk).
 pub const Q_HIST: usize = 9;
+/// Queue record: times the queue started waiting for the rate limiter.
+pub const Q_THROTTLES: usize = Q_HIST + HIST_BUCKETS;
 /// Latency histogram buckets: bucket 0 is < 16 µs, bucket i < 16·2^i µs, the last is the rest.
 pub const HIST_BUCKETS: usize = 16;
 
@@ -295,6 +297,8 @@ pub struct QueueCounters {
     pub bytes_written: u64,
     /// [`Q_ERRORS`].
     pub errors: u64,
+    /// [`Q_THROTTLES`].
+    pub throttles: u64,
     /// [`Q_THROTTLED_NS`].
     pub throttled_ns: u64,
     /// [`Q_LATENCY_SUM_US`].
@@ -389,6 +393,7 @@ impl DaemonRegion {
                     bytes_read: f(Q_BYTES_READ),
                     bytes_written: f(Q_BYTES_WRITTEN),
                     errors: f(Q_ERRORS),
+                    throttles: f(Q_THROTTLES),
                     throttled_ns: f(Q_THROTTLED_NS),
                     latency_sum_us: f(Q_LATENCY_SUM_US),
                     latency_hist: hist,

@@ -6,7 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 
-use bulkhead_ipc::control::{ErrorCode, Reply, Request, StopReason, VmInfo, VmState, VmSummary};
+use bulkhead_ipc::control::{
+    DeviceLimits, DeviceStats, ErrorCode, LimitsUpdate, QueueStats, Reply, Request, StopReason,
+    VmInfo, VmState, VmStats, VmSummary,
+};
 use bulkhead_ipc::runner::{BootFds, BootSpec, GuestOutcome, RunnerCommand, RunnerEvent};
 use bulkhead_ipc::Channel;
 use common::{borrow, check_pipe, pipe};
@@ -29,9 +32,11 @@ fn request_index(r: &Request) -> usize {
         Request::DeviceRestart { .. } => 10,
         Request::DeviceUpgrade { .. } => 11,
         Request::Reboot { .. } => 12,
+        Request::Stats { .. } => 13,
+        Request::DeviceSetLimit { .. } => 14,
     }
 }
-const REQUEST_VARIANTS: usize = 13;
+const REQUEST_VARIANTS: usize = 15;
 
 fn reply_index(r: &Reply) -> usize {
     match r {
@@ -43,9 +48,10 @@ fn reply_index(r: &Reply) -> usize {
         Reply::ConsoleOutput { .. } => 5,
         Reply::ConsoleClosed { .. } => 6,
         Reply::Error { .. } => 7,
+        Reply::Stats { .. } => 8,
     }
 }
-const REPLY_VARIANTS: usize = 8;
+const REPLY_VARIANTS: usize = 9;
 
 fn command_index(c: &RunnerCommand) -> usize {
     match c {
@@ -127,6 +133,20 @@ fn requests() -> Vec<Request> {
             name: "web".into(),
             timeout_secs: 0,
         },
+        Request::Stats { name: None },
+        Request::Stats {
+            name: Some("web".into()),
+        },
+        Request::DeviceSetLimit {
+            name: "web".into(),
+            device: "disk0".into(),
+            limits: LimitsUpdate {
+                bandwidth: Some(8 << 20),
+                bandwidth_burst: None,
+                ops: Some(0),
+                ops_burst: Some(u64::MAX),
+            },
+        },
     ]
 }
 
@@ -181,6 +201,29 @@ fn replies() -> Vec<Reply> {
             ],
         },
         Reply::Info { vm: info.clone() },
+        Reply::Stats { vms: vec![] },
+        Reply::Stats {
+            vms: vec![VmStats {
+                summary: summary("s", VmState::Running),
+                cpu_ns: u64::MAX,
+                devices: vec![DeviceStats {
+                    device: "disk0".into(),
+                    restarts: 3,
+                    backend_starts: 4,
+                    limits: DeviceLimits {
+                        bandwidth: 1,
+                        bandwidth_burst: 2,
+                        ops: 3,
+                        ops_burst: 4,
+                    },
+                    queues: vec![QueueStats {
+                        requests: 9,
+                        latency_hist: vec![1; 16],
+                        ..QueueStats::default()
+                    }],
+                }],
+            }],
+        },
         Reply::Info {
             vm: VmInfo {
                 initrd: None,

@@ -260,7 +260,10 @@ impl BlkBackend {
                         q.set_next_avail(back);
                         drop(g);
                         self.arm_timer(queue, wait);
-                        track.throttled_since.get_or_insert_with(Instant::now);
+                        if track.throttled_since.is_none() {
+                            track.throttled_since = Some(Instant::now());
+                            self.count(queue, devstats::Q_THROTTLES, 1);
+                        }
                         throttled = true;
                         break;
                     }

@@ -156,6 +156,9 @@ pub enum Action {
     /// Move a device to another backend binary (`device-upgrade`): administrators only,
     /// since it names a program that `bulkheadd` runs.
     DeviceUpgrade,
+    /// Change a device's rate limits (`device-set-limit`): its owner or an administrator,
+    /// within the policy's caps.
+    DeviceSetLimit,
 }
 
 impl Action {
@@ -170,6 +173,7 @@ impl Action {
             Action::Destroy => "destroy",
             Action::DeviceRestart => "device-restart",
             Action::DeviceUpgrade => "device-upgrade",
+            Action::DeviceSetLimit => "device-set-limit",
         }
     }
 }
@@ -277,10 +281,26 @@ impl DomainPolicy {
         p.nic_default.bw_rate = size(&l.default_nic_bandwidth, "default_nic_bandwidth")?;
         p.nic_default.ops_rate = l.default_nic_pps.unwrap_or(0);
         for (key, d, m) in [
-            ("default_disk_bandwidth", p.disk_default.bw_rate, p.disk_max.bw_rate),
-            ("default_disk_iops", p.disk_default.ops_rate, p.disk_max.ops_rate),
-            ("default_nic_bandwidth", p.nic_default.bw_rate, p.nic_max.bw_rate),
-            ("default_nic_pps", p.nic_default.ops_rate, p.nic_max.ops_rate),
+            (
+                "default_disk_bandwidth",
+                p.disk_default.bw_rate,
+                p.disk_max.bw_rate,
+            ),
+            (
+                "default_disk_iops",
+                p.disk_default.ops_rate,
+                p.disk_max.ops_rate,
+            ),
+            (
+                "default_nic_bandwidth",
+                p.nic_default.bw_rate,
+                p.nic_max.bw_rate,
+            ),
+            (
+                "default_nic_pps",
+                p.nic_default.ops_rate,
+                p.nic_max.ops_rate,
+            ),
         ] {
             if m > 0 && d > m {
                 return Err(format!("limits.{key}: {d} is above its cap {m}"));
@@ -348,9 +368,21 @@ impl DomainPolicy {
             }
         };
         Ok(Limits {
-            bw_rate: pick(asked.bw_rate, default.bw_rate, max.bw_rate, "bandwidth", "bytes/s")?,
+            bw_rate: pick(
+                asked.bw_rate,
+                default.bw_rate,
+                max.bw_rate,
+                "bandwidth",
+                "bytes/s",
+            )?,
             bw_burst: asked.bw_burst,
-            ops_rate: pick(asked.ops_rate, default.ops_rate, max.ops_rate, ops, "per second")?,
+            ops_rate: pick(
+                asked.ops_rate,
+                default.ops_rate,
+                max.ops_rate,
+                ops,
+                "per second",
+            )?,
             ops_burst: asked.ops_burst,
         })
     }

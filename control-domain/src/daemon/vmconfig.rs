@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use core_vmm::config::{parse_memory_size, MAX_VCPUS};
 use bulkhead_ipc::devstats::Limits;
+use core_vmm::config::{parse_memory_size, MAX_VCPUS};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -207,13 +207,27 @@ impl LimitsConfig {
     /// fault.
     pub fn resolve(&self, disk: bool) -> Result<Limits, VmConfigError> {
         let (kind, ops, ops_burst, wrong) = if disk {
-            ("disks", self.iops, self.iops_burst, self.pps.or(self.pps_burst))
+            (
+                "disks",
+                self.iops,
+                self.iops_burst,
+                self.pps.or(self.pps_burst),
+            )
         } else {
-            ("nics", self.pps, self.pps_burst, self.iops.or(self.iops_burst))
+            (
+                "nics",
+                self.pps,
+                self.pps_burst,
+                self.iops.or(self.iops_burst),
+            )
         };
         if wrong.is_some() {
             return Err(invalid(
-                if disk { "disks.limits.pps" } else { "nics.limits.iops" },
+                if disk {
+                    "disks.limits.pps"
+                } else {
+                    "nics.limits.iops"
+                },
                 if disk {
                     "a disk is limited in iops, not pps"
                 } else {

@@ -267,6 +267,15 @@ pub fn seeds_request() -> Vec<Vec<u8>> {
             device: "nic0".into(),
             binary: "/usr/libexec/bulkhead-net".into(),
         },
+        Request::Stats { name: Some(n()) },
+        Request::DeviceSetLimit {
+            name: n(),
+            device: "disk0".into(),
+            limits: bulkhead_ipc::control::LimitsUpdate {
+                ops: Some(1000),
+                ..Default::default()
+            },
+        },
     ]
     .iter()
     .map(payload)
@@ -293,6 +302,17 @@ pub fn seeds_reply() -> Vec<Vec<u8>> {
                 disks: vec!["disk0".into()],
                 nics: vec![],
             },
+        },
+        Reply::Stats {
+            vms: vec![bulkhead_ipc::control::VmStats {
+                summary: summary(),
+                cpu_ns: 1,
+                devices: vec![bulkhead_ipc::control::DeviceStats {
+                    device: "disk0".into(),
+                    queues: vec![Default::default()],
+                    ..Default::default()
+                }],
+            }],
         },
         Reply::ConsoleAttached {
             history: b"boot\n".to_vec(),

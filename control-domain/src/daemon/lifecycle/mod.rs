@@ -73,7 +73,10 @@ impl Daemon {
         }
         // The limits each device runs with: its own, or the policy's default or cap.
         for (i, d) in spec.disks.iter_mut().enumerate() {
-            let asked = d.limits.as_ref().map_or(Ok(Default::default()), |l| l.resolve(true));
+            let asked = d
+                .limits
+                .as_ref()
+                .map_or(Ok(Default::default()), |l| l.resolve(true));
             let asked = asked.map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
             let l = self
                 .policy
@@ -82,7 +85,10 @@ impl Daemon {
             d.limits = Some(vmconfig::LimitsConfig::from_limits(l, true));
         }
         for (i, n) in spec.nics.iter_mut().enumerate() {
-            let asked = n.limits.as_ref().map_or(Ok(Default::default()), |l| l.resolve(false));
+            let asked = n
+                .limits
+                .as_ref()
+                .map_or(Ok(Default::default()), |l| l.resolve(false));
             let asked = asked.map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
             let l = self
                 .policy

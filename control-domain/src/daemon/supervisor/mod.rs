@@ -187,18 +187,19 @@ impl Supervisor {
         pidfds: BTreeMap<i32, OwnedFd>,
     ) {
         self.hear_hangs(vm);
-        let stats = launch.stats.and_then(|fd| {
-            match DaemonRegion::map(fd.as_fd(), launch.limits) {
-                Ok(r) => Some((fd, Arc::new(r))),
-                Err(e) => {
-                    log(&format!(
-                        "VM '{}': {device}: no counters or limits: {e}",
-                        vm.name
-                    ));
-                    None
-                }
-            }
-        });
+        let stats =
+            launch
+                .stats
+                .and_then(|fd| match DaemonRegion::map(fd.as_fd(), launch.limits) {
+                    Ok(r) => Some((fd, Arc::new(r))),
+                    Err(e) => {
+                        log(&format!(
+                            "VM '{}': {device}: no counters or limits: {e}",
+                            vm.name
+                        ));
+                        None
+                    }
+                });
         lock(&vm.devices.slots).insert(
             device.to_string(),
             DeviceSlot {
