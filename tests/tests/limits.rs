@@ -20,10 +20,11 @@ use stream::{serving, stream_vm};
 /// How long one measured run may take, at most.
 const RUN: Duration = Duration::from_secs(60);
 
-/// The `blk-perf` lines the guest printed so far.
+/// The complete `blk-perf` lines the guest printed so far.
 fn perf_lines(con: &Running) -> Vec<String> {
-    con.stdout
-        .text()
+    let text = con.stdout.text();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .filter(|l| l.starts_with("blk-perf: rand"))
         .map(str::to_owned)
@@ -50,6 +51,7 @@ fn wait_perf(d: &Bulkheadd, con: &Running, n: usize) -> String {
 }
 
 fn assert_within(what: &str, got: f64, want: f64, pct: f64, context: &str) {
+    eprintln!("{what}: measured {got}, limit {want}");
     let lo = want * (1.0 - pct / 100.0);
     let hi = want * (1.0 + pct / 100.0);
     assert!(
@@ -58,13 +60,28 @@ fn assert_within(what: &str, got: f64, want: f64, pct: f64, context: &str) {
     );
 }
 
+/// `tsc-khz=` for the guest's timing: the host's TSC rate (the guest cannot measure it
+/// on every host, and assumes 2 GHz otherwise), or nothing if /proc/cpuinfo lacks it.
+fn tsc_khz() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map(|mhz| format!("tsc-khz={}", (mhz * 1000.0) as u64))
+        .unwrap_or_default()
+}
+
 /// A VM with one disk on `img` limited by `limits_toml` that runs the blk tokens `work`.
 fn limited_vm(d: &Bulkheadd, name: &str, img: &Path, limits_toml: &str, work: &str) -> Running {
     let extra = format!(
         "[[disks]]\npath = \"{}\"\nqueues = 1\n[disks.limits]\n{limits_toml}",
         img.display()
     );
-    let cmdline = format!("blk blk-queues=1 {work} echo exit=0");
+    let cmdline = format!("{} blk blk-queues=1 {work} echo exit=0", tsc_khz());
     let cfg = d.config_with(name, &cmdline, "256M", 1, &extra);
     d.create_config(name, &cfg);
     let con = d.console(name);
