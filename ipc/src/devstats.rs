@@ -224,6 +224,14 @@ pub struct BackendRegion {
     map: Mapping,
 }
 
+impl std::fmt::Debug for BackendRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendRegion")
+            .field("bytes", &(self.map.words * 8))
+            .finish()
+    }
+}
+
 impl BackendRegion {
     /// Maps the region handed as `fd` (before the seccomp filter is installed) and counts
     /// this backend's start.

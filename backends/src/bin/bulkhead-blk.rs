@@ -1,6 +1,8 @@
 //! `bulkhead-blk`: the vhost-user-blk disk backend, standalone or under `bulkheadd`.
 
-use bulkhead_backends::cli::{check_fd, is_unix_stream, main_with, signal_ready, usage};
+use bulkhead_backends::cli::{
+    check_fd, is_unix_stream, main_with, signal_ready, stats_region, usage,
+};
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -13,7 +15,6 @@ use bulkhead_backends::blk::config::MAX_QUEUES;
 use bulkhead_backends::blk::request::{serial_bytes, ID_LEN};
 use bulkhead_backends::blk::serve::{bind_path, serve_connected, serve_listener, Device};
 use bulkhead_backends::blk::{Cache, Disk, EngineKind, Stats, SECTOR_SIZE};
-use bulkhead_ipc::devstats::BackendRegion;
 use clap::Parser;
 
 /// vhost-user-blk backend serving one raw disk image.
@@ -132,17 +133,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.serial
     );
     // The fd stays open while we run: a restarted bulkheadd takes it back from us.
-    let (region, _stats_fd) = match args.stats_fd {
-        Some(fd) => {
-            check_fd(fd, "--stats-fd")?;
-            // SAFETY: `fd` is open (checked) and bulkheadd handed it to us to own.
-            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-            let r = BackendRegion::map(std::os::fd::AsFd::as_fd(&fd), usize::from(args.queues))
-                .map_err(|e| usage(format!("--stats-fd: {e}")))?;
-            (Some(Arc::new(r)), Some(fd))
-        }
-        None => (None, None),
-    };
+    let (region, _stats_fd) = stats_region(args.stats_fd, usize::from(args.queues))?;
     let device = Device {
         region,
         disk: Arc::new(disk),

@@ -123,17 +123,19 @@ impl Daemon {
     /// NIC `index`'s backend: its tap, created here on its network's bridge, and
     /// `bulkhead-net` holding only that tap.
     fn nic_launch(&self, vm: &VmEntry, index: usize, uid: u32) -> Result<BackendLaunch, String> {
-        self.nic_launch_with(vm, index, uid, None)
+        self.nic_launch_with(vm, index, uid, None, None)
     }
 
     /// [`Self::nic_launch`] with the tap already open and probed (`tap`, and whether it
-    /// takes UFO), or created and probed here.
+    /// takes UFO), or created and probed here, and its counters page kept (`stats`), or
+    /// made here.
     pub(super) fn nic_launch_with(
         &self,
         vm: &VmEntry,
         index: usize,
         uid: u32,
         tap: Option<(OwnedFd, bool)>,
+        stats: Option<OwnedFd>,
     ) -> Result<BackendLaunch, String> {
         let (nic, id) = vm.read(|r| (r.spec.nics[index].clone(), r.id));
         let device = format!("nic{index}");
@@ -159,6 +161,16 @@ impl Daemon {
             .mac
             .clone()
             .unwrap_or_else(|| network::default_mac(id, index));
+        let stats = match stats {
+            Some(fd) => fd,
+            None => bulkhead_ipc::devstats::create(&format!("{}-{device}", vm.name))
+                .map_err(|e| format!("{device} counters: {e}"))?,
+        };
+        let limits = nic
+            .limits
+            .as_ref()
+            .map_or(Ok(Default::default()), |l| l.resolve(false))
+            .map_err(|e| format!("{device}: {e}"))?;
         Ok(BackendLaunch {
             binary: self.cfg.net.clone(),
             args: vec![
@@ -172,8 +184,8 @@ impl Daemon {
             resource: tap,
             uid,
             policy: nic.restart_policy(),
-            stats: None,
-            limits: Default::default(),
+            stats: Some(stats),
+            limits,
         })
     }
 
