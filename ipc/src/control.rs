@@ -160,7 +160,7 @@ pub struct DeviceStats {
     pub device: String,
     /// Backend restarts (crash, hang, restart, upgrade).
     pub restarts: u32,
-    /// Backend processes that have served from this device's counters page.
+    /// Backend processes (serving or standby) started with this device's counters page.
     pub backend_starts: u64,
     /// Limits in force.
     pub limits: DeviceLimits,

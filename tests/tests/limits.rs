@@ -113,10 +113,22 @@ fn disk_iops_limit_holds_after_set_limit_and_backend_kill() {
     let out = d.cli(&["device-set-limit", "rliops", "disk0", "--iops", "500"]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
     assert!(out.stdout.contains("500 requests/s"), "{}", out.dump());
-    assert_within("run 1 IOPS", perf_value(&first, "iops="), 1000.0, 10.0, &ctx(&con));
+    assert_within(
+        "run 1 IOPS",
+        perf_value(&first, "iops="),
+        1000.0,
+        10.0,
+        &ctx(&con),
+    );
 
     let third = wait_perf(&d, &con, 3);
-    assert_within("run 3 IOPS", perf_value(&third, "iops="), 500.0, 10.0, &ctx(&con));
+    assert_within(
+        "run 3 IOPS",
+        perf_value(&third, "iops="),
+        500.0,
+        10.0,
+        &ctx(&con),
+    );
 
     // Kill the serving backend while run 4 goes on; run 5 runs on its successor.
     let pid = serving(&d, "rliops").unwrap_or_else(|| panic!("no serving backend\n{}", ctx(&con)));
@@ -132,9 +144,16 @@ fn disk_iops_limit_holds_after_set_limit_and_backend_kill() {
         ctx(&con)
     );
     let fifth = wait_perf(&d, &con, 5);
-    assert_within("run 5 IOPS", perf_value(&fifth, "iops="), 500.0, 10.0, &ctx(&con));
+    assert_within(
+        "run 5 IOPS",
+        perf_value(&fifth, "iops="),
+        500.0,
+        10.0,
+        &ctx(&con),
+    );
     assert!(
-        con.stdout.wait_for("blk-rand: read 1500 requests, 1500 ok", STEP),
+        con.stdout
+            .wait_for("blk-rand: read 1500 requests, 1500 ok", STEP),
         "{}",
         ctx(&con)
     );
@@ -145,7 +164,11 @@ fn disk_iops_limit_holds_after_set_limit_and_backend_kill() {
     let info = d.cli(&["info", "rliops", "--json"]);
     assert_eq!(info.code, Some(0), "{}", info.dump());
     let v = json::parse(&info.stdout).expect("info json");
-    let disk0 = &v.get("stats").and_then(|s| s.get("devices")).and_then(|d| d.as_array()).expect("devices")[0];
+    let disk0 = &v
+        .get("stats")
+        .and_then(|s| s.get("devices"))
+        .and_then(|d| d.as_array())
+        .expect("devices")[0];
     let reads: i64 = disk0
         .get("queues")
         .and_then(|q| q.as_array())
@@ -155,7 +178,10 @@ fn disk_iops_limit_holds_after_set_limit_and_backend_kill() {
         .sum();
     assert!(reads >= 9000, "reads {reads}\n{}", info.stdout);
     assert_eq!(
-        disk0.get("limits").and_then(|l| l.get("ops")).and_then(|o| o.as_i64()),
+        disk0
+            .get("limits")
+            .and_then(|l| l.get("ops"))
+            .and_then(|o| o.as_i64()),
         Some(500),
         "{}",
         info.stdout
@@ -180,9 +206,21 @@ fn disk_bandwidth_limit_holds_and_changes_live() {
     let first = wait_perf(&d, &con, 1);
     let out = d.cli(&["device-set-limit", "rlbw", "disk0", "--bandwidth", "4M"]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
-    assert_within("run 1 MiB/s", perf_value(&first, "mibps="), 8.0, 10.0, &ctx(&con));
+    assert_within(
+        "run 1 MiB/s",
+        perf_value(&first, "mibps="),
+        8.0,
+        10.0,
+        &ctx(&con),
+    );
     let third = wait_perf(&d, &con, 3);
-    assert_within("run 3 MiB/s", perf_value(&third, "mibps="), 4.0, 10.0, &ctx(&con));
+    assert_within(
+        "run 3 MiB/s",
+        perf_value(&third, "mibps="),
+        4.0,
+        10.0,
+        &ctx(&con),
+    );
     let _ = d.cli(&["destroy", "rlbw"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -226,7 +264,15 @@ fn vm_num(frame: &Json, vm: &str, key: &str) -> f64 {
 
 /// Two frames of `bulkhead top --batch --iterations 2 --json`.
 fn top_frames(d: &Bulkheadd) -> (Json, Json) {
-    let out = d.cli(&["top", "--batch", "--iterations", "2", "--delay", "1", "--json"]);
+    let out = d.cli(&[
+        "top",
+        "--batch",
+        "--iterations",
+        "2",
+        "--delay",
+        "1",
+        "--json",
+    ]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
     let frames: Vec<Json> = out
         .stdout
@@ -253,7 +299,10 @@ fn top_shows_counters_moving_and_surviving_a_backend_kill() {
         ctx()
     );
     let (a, b) = top_frames(&d);
-    let (wa, wb) = (disk_sum(&a, "rltop", "writes"), disk_sum(&b, "rltop", "writes"));
+    let (wa, wb) = (
+        disk_sum(&a, "rltop", "writes"),
+        disk_sum(&b, "rltop", "writes"),
+    );
     assert!(wa > 0 && wb > wa, "writes {wa} -> {wb}\n{}", ctx());
     let (ba, bb) = (
         disk_sum(&a, "rltop", "bytes_written"),
@@ -261,7 +310,10 @@ fn top_shows_counters_moving_and_surviving_a_backend_kill() {
     );
     assert!(bb > ba, "bytes written {ba} -> {bb}");
     assert!(vm_num(&b, "rltop", "vbd_wr") >= wb as f64);
-    let (ca, cb) = (vm_num(&a, "rltop", "cpu_secs"), vm_num(&b, "rltop", "cpu_secs"));
+    let (ca, cb) = (
+        vm_num(&a, "rltop", "cpu_secs"),
+        vm_num(&b, "rltop", "cpu_secs"),
+    );
     assert!(cb > ca, "CPU seconds {ca} -> {cb}\n{}", ctx());
     assert!(vm_num(&b, "rltop", "cpu_percent") > 0.0);
     // The text table, as xentop -b prints it.
@@ -280,8 +332,15 @@ fn top_shows_counters_moving_and_surviving_a_backend_kill() {
         ctx()
     );
     let (c, e) = top_frames(&d);
-    let (wc, we) = (disk_sum(&c, "rltop", "writes"), disk_sum(&e, "rltop", "writes"));
-    assert!(wc >= wb && we > wc, "writes {wb} -> {wc} -> {we}\n{}", ctx());
+    let (wc, we) = (
+        disk_sum(&c, "rltop", "writes"),
+        disk_sum(&e, "rltop", "writes"),
+    );
+    assert!(
+        wc >= wb && we > wc,
+        "writes {wb} -> {wc} -> {we}\n{}",
+        ctx()
+    );
     assert!(vm_num(&e, "rltop", "restarts") >= 1.0);
     assert!(vm_num(&e, "rltop", "cpu_secs") >= cb);
 
@@ -344,7 +403,12 @@ fn policy_cap_refuses_a_config_above_it_and_a_set_limit_above_it() {
         .and_then(|d| d.get("limits"))
         .cloned()
         .expect("limits");
-    assert_eq!(limits.get("ops").and_then(|o| o.as_i64()), Some(500), "{}", info.stdout);
+    assert_eq!(
+        limits.get("ops").and_then(|o| o.as_i64()),
+        Some(500),
+        "{}",
+        info.stdout
+    );
     assert_eq!(
         limits.get("bandwidth").and_then(|o| o.as_i64()),
         Some(16 << 20),
@@ -353,7 +417,11 @@ fn policy_cap_refuses_a_config_above_it_and_a_set_limit_above_it() {
     );
     let out = d.cli(&["device-set-limit", "rlcap", "disk0", "--iops", "600"]);
     assert_eq!(out.code, Some(3), "{}", out.dump());
-    assert!(out.stderr.contains("limits.max_disk_iops"), "{}", out.dump());
+    assert!(
+        out.stderr.contains("limits.max_disk_iops"),
+        "{}",
+        out.dump()
+    );
     let _ = d.cli(&["destroy", "rlcap"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -379,6 +379,34 @@ fn daemon_guest_and_host_exchange_pings_and_checksummed_udp() {
     // And it answers pings while it ticks.
     expect_line(&d, &con, "guest", "tick 1");
     ping_from_ns(&ns, "10.77.1.2", 3, &|| ctx(&con));
+
+    // The NIC's counters (bulkhead info --json, "stats"): record 1 holds the frames the
+    // guest sent (its 10 datagrams of 1000 bytes, 5 echoes, pings, ARP), record 0 the
+    // frames it received.
+    let info = d.cli(&["info", "guest", "--json"]);
+    assert_eq!(info.code, Some(0), "{}", info.dump());
+    let v = common::json::parse(&info.stdout).expect("info json");
+    let queues = v
+        .get("stats")
+        .and_then(|s| s.get("devices"))
+        .and_then(|d| d.as_array())
+        .and_then(|d| {
+            d.iter()
+                .find(|x| x.get("device").and_then(|n| n.as_str()) == Some("nic0"))
+        })
+        .and_then(|n| n.get("queues"))
+        .and_then(|q| q.as_array())
+        .unwrap_or_else(|| panic!("no nic0 counters\n{}", info.stdout));
+    let count = |i: usize, key: &str| {
+        queues
+            .get(i)
+            .and_then(|q| q.get(key))
+            .and_then(|x| x.as_i64())
+            .unwrap_or(0)
+    };
+    assert!(count(1, "requests") >= 15, "{}", info.stdout);
+    assert!(count(1, "bytes_read") >= 10_000, "{}", info.stdout);
+    assert!(count(0, "requests") >= 5, "{}", info.stdout);
     destroy(&d, "guest");
 }
 
