@@ -1207,3 +1207,108 @@ fn frozen_net_backend_is_replaced_and_echo_resumes() {
         "the NIC was reset\n{text}"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// A NIC's rate limit: what the guest sends is held to it
+// ------------------------------------------------------------------------------------------
+
+/// python3 UDP rate receiver: binds ADDR:PORT (IP_FREEBIND), prints `bound`, receives until
+/// COUNT datagrams arrived or nothing came for 3 s (or TIMEOUT passed), then prints
+/// `rate N BYTES SECONDS`: datagrams, payload bytes after the first, and the time from the
+/// first to the last.
+const PY_RATE_RECEIVER: &str = r#"
+import socket, sys, time
+addr, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind((addr, port))
+print("bound", flush=True)
+end = time.monotonic() + timeout
+n, total, first, last = 0, 0, None, None
+while n < count and time.monotonic() < end:
+    s.settimeout(3.0 if first is not None else max(0.1, end - time.monotonic()))
+    try:
+        data = s.recv(65535)
+    except socket.timeout:
+        if first is not None:
+            break
+        continue
+    now = time.monotonic()
+    if first is None:
+        first = now
+    else:
+        total += len(data)
+    last = now
+    n += 1
+print("rate", n, total, (last - first) if first is not None else 0.0, flush=True)
+"#;
+
+#[test]
+fn nic_limited_to_10_mbit_delivers_guest_udp_at_no_more_than_that() {
+    let name = "nic_limited_to_10_mbit_delivers_guest_udp_at_no_more_than_that";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let ns = Netns::new("rl-net");
+    let net = "[networks.rlnet]\naddress = \"10.79.1.1/24\"\nvms = [\"*\"]\n";
+    let d = Bulkheadd::start_in_netns("rl-net", Some(&policy(68400, net)), false, &ns.name);
+    let count = 3000u32;
+    let mut c = ns.exec("python3");
+    c.args(["-c", PY_RATE_RECEIVER, "10.79.1.1", "6100"])
+        .arg(count.to_string())
+        .arg("60");
+    let mut rx = Running::spawn(c);
+    assert!(rx.stdout.wait_for("bound", STEP), "{}", rx.stderr.text());
+    // 10 Mbit/s = 1,250,000 bytes/s of frames; 3000 datagrams of 1000 bytes take ~2.5 s.
+    let extra = format!(
+        "{}[nics.limits]\nbandwidth = 1250000\n",
+        nic_toml("rlnet", None)
+    );
+    let cfg = d.config_with(
+        "rlnic",
+        &format!("net ip=10.79.1.2/24 peer=10.79.1.1 udp-send=10.79.1.1:6100:{count}:1000 echo"),
+        "128M",
+        1,
+        &extra,
+    );
+    d.create_config("rlnic", &cfg);
+    let con = d.console("rlnic");
+    let ctx = |con: &Running| format!("--- console ---\n{}\n{}", con.stdout.text(), d.dump());
+    expect_line(&d, &con, "rlnic", "udp-send: ");
+    rx.wait(Duration::from_secs(90));
+    let out = rx.stdout.text();
+    let rate = out
+        .lines()
+        .find_map(|l| l.strip_prefix("rate "))
+        .unwrap_or_else(|| panic!("no rate line\n{out}\n{}", rx.stderr.text()));
+    let f: Vec<f64> = rate
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let (n, bytes, secs) = (f[0], f[1], f[2]);
+    assert!(
+        n >= f64::from(count) * 0.9,
+        "received {n} of {count}\n{}",
+        ctx(&con)
+    );
+    assert!(
+        secs > 1.0,
+        "{n} datagrams in {secs} s: not limited\n{}",
+        ctx(&con)
+    );
+    let mbit = bytes * 8.0 / secs / 1e6;
+    eprintln!("NIC limited to 10 Mbit/s: {n} datagrams, payload {mbit:.2} Mbit/s over {secs:.2} s");
+    assert!(
+        mbit <= 10.5,
+        "{mbit:.2} Mbit/s of UDP payload\n{}",
+        ctx(&con)
+    );
+    assert!(
+        mbit >= 7.0,
+        "{mbit:.2} Mbit/s: far below the limit\n{}",
+        ctx(&con)
+    );
+    destroy(&d, "rlnic");
+}

@@ -33,10 +33,18 @@ use super::config::{
 use super::rx::{Rx, RxContext, RxStop};
 use super::stats::NetStats;
 use super::tap::Tap;
-use super::tx::{process_tx, TxContext};
+use super::tx::{process_tx_limited, TxContext};
+use crate::ratelimit::Limiter;
+use bulkhead_ipc::devstats::{self, BackendRegion};
+use std::time::{Duration, Instant};
+use vmm_sys_util::timerfd::TimerFd;
 
 /// The epoll data the tap fd is registered with (0..=NUM_QUEUES are the library's).
 pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// The epoll data of the TX rate-limit timer.
+pub const TX_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 2;
+/// The longest a throttled TX queue sleeps before it looks at its limits again.
+const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(100);
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want used-buffer notifications.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -70,6 +78,16 @@ struct Inner {
     rx: Mutex<RxState>,
     tx_buf: Mutex<Vec<u8>>,
     poller: Mutex<Weak<VringEpollHandler<NetBackend>>>,
+    /// The shared counters and limits page, if bulkheadd handed one.
+    region: Option<Arc<BackendRegion>>,
+    /// The limits generation last taken from it.
+    limits_gen: AtomicU64,
+    /// What the guest sends is limited by this (bandwidth: frame bytes; ops: frames).
+    limiter: Mutex<Limiter>,
+    /// Wakes a throttled TX queue (in the worker's epoll as [`TX_TIMER_EVENT`]).
+    tx_timer: Option<Mutex<TimerFd>>,
+    /// Since when TX has waited for the limiter.
+    throttled_since: Mutex<Option<Instant>>,
 }
 
 /// The vhost-user-net backend for one connection (cheap to clone; clones share state).
@@ -81,6 +99,23 @@ pub struct NetBackend {
 impl NetBackend {
     /// A backend moving frames between the guest and `tap`.
     pub fn new(tap: Arc<Tap>, config: NetConfig, stats: Arc<NetStats>) -> Self {
+        let region = stats.region();
+        // Made before the seccomp filter; non-blocking, so a timer re-armed after it fired
+        // is read without waiting. Without one (or without a page) nothing is limited.
+        let tx_timer = region.as_ref().and_then(|_| match TimerFd::new() {
+            Ok(t) => {
+                // SAFETY: F_GETFL/F_SETFL on a timerfd we own; no memory is passed.
+                unsafe {
+                    let fl = libc::fcntl(t.as_raw_fd(), libc::F_GETFL);
+                    libc::fcntl(t.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                }
+                Some(Mutex::new(t))
+            }
+            Err(e) => {
+                eprintln!("bulkhead-net: no TX timer ({e}): rate limits are not enforced");
+                None
+            }
+        });
         NetBackend {
             inner: Arc::new(Inner {
                 tap,
@@ -95,7 +130,89 @@ impl NetBackend {
                 }),
                 tx_buf: Mutex::new(Vec::new()),
                 poller: Mutex::new(Weak::new()),
+                region,
+                limits_gen: AtomicU64::new(u64::MAX),
+                limiter: Mutex::new(Limiter::default()),
+                tx_timer,
+                throttled_since: Mutex::new(None),
             }),
+        }
+    }
+
+    /// Registers the TX timer with the worker's epoll (the daemon's only handler).
+    pub fn register_timer(&self, handler: &VringEpollHandler<NetBackend>) -> io::Result<()> {
+        match &self.inner.tx_timer {
+            Some(t) => {
+                let fd = t.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
+                handler.register_listener(fd, EventSet::IN, u64::from(TX_TIMER_EVENT))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the limits from the shared page when bulkheadd changed them.
+    fn refresh_limits(&self) {
+        let Some(r) = &self.inner.region else {
+            return;
+        };
+        if self.inner.tx_timer.is_none()
+            || r.limits_generation() == self.inner.limits_gen.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let (gen, limits) = r.limits();
+        self.inner
+            .limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(limits, Instant::now());
+        self.inner.limits_gen.store(gen, Ordering::Relaxed);
+        eprintln!(
+            "bulkhead-net: TX limits: {} bytes/s (burst {}), {} frames/s (burst {}) (0: none)",
+            limits.bw_rate, limits.bw_burst, limits.ops_rate, limits.ops_burst
+        );
+    }
+
+    /// Arms the TX timer to fire after `wait` (at most [`MAX_THROTTLE_SLEEP`]) and counts
+    /// the wait.
+    fn throttled(&self, wait: Duration) {
+        if let Some(t) = &self.inner.tx_timer {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = t.reset(
+                wait.clamp(Duration::from_micros(1), MAX_THROTTLE_SLEEP),
+                None,
+            ) {
+                self.inner
+                    .stats
+                    .log(format_args!("cannot arm the TX timer: {e}"));
+            }
+        }
+        let mut since = self
+            .inner
+            .throttled_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if since.is_none() {
+            *since = Some(Instant::now());
+            if let Some(r) = &self.inner.region {
+                r.add(super::stats::TX_RECORD, devstats::Q_THROTTLES, 1);
+            }
+        }
+    }
+
+    /// Counts the end of a wait for the limiter, if TX was waiting.
+    fn unthrottled(&self) {
+        let mut since = self
+            .inner
+            .throttled_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let (Some(t), Some(r)) = (since.take(), &self.inner.region) {
+            r.add(
+                super::stats::TX_RECORD,
+                devstats::Q_THROTTLED_NS,
+                t.elapsed().as_nanos() as u64,
+            );
         }
     }
 
@@ -170,19 +287,38 @@ impl NetBackend {
             return;
         };
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        self.refresh_limits();
+        let mut limiter = self.inner.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let limited = limiter.active();
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
-            let used = {
+            let (used, wait) = {
                 let mut state = vring.get_mut();
                 if !state.get_queue().ready() || !state.is_enabled() {
                     return;
                 }
-                process_tx(state.get_queue_mut(), &mem, &ctx, &mut buf)
+                let mut admit = |bytes: u64| {
+                    if limited {
+                        limiter.admit(bytes, Instant::now())
+                    } else {
+                        Ok(())
+                    }
+                };
+                process_tx_limited(state.get_queue_mut(), &mem, &ctx, &mut buf, &mut admit)
             };
             if used > 0 {
                 self.signal(vring, &mem);
+            }
+            if let Some(wait) = wait {
+                // The timer takes it up again; until then the guest's kicks find it
+                // throttled at once.
+                self.throttled(wait);
+                return;
+            }
+            if limited {
+                self.unthrottled();
             }
             if !event_idx {
                 break;
@@ -329,7 +465,12 @@ impl VhostUserBackend for NetBackend {
     ) -> io::Result<()> {
         // Errors here must not end the worker thread: that would silently kill the NIC.
         match device_event {
-            e if usize::from(e) == TX_QUEUE => {
+            e if usize::from(e) == TX_QUEUE || e == TX_TIMER_EVENT => {
+                if e == TX_TIMER_EVENT {
+                    if let Some(t) = &self.inner.tx_timer {
+                        let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
+                    }
+                }
                 if let Some(tx) = vrings.get(TX_QUEUE) {
                     self.process_tx(tx);
                 }

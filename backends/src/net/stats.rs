@@ -157,6 +157,11 @@ impl NetStats {
         }
     }
 
+    /// The shared page, if there is one.
+    pub fn region(&self) -> Option<Arc<BackendRegion>> {
+        self.region.clone()
+    }
+
     fn shared(&self, record: usize, field: usize, n: u64) {
         if let Some(r) = &self.region {
             r.add(record, field, n);
