@@ -782,8 +782,10 @@ fn daemon_net_backend_is_sandboxed_and_its_tap_goes_with_the_vm() {
             let allowed = t == "/dev/null"
                 || target == log
                 || t.starts_with("/memfd:bulkhead-guest-ram")
+                || t.starts_with("/memfd:bulkhead-stats-boxed-nic0")
                 || t == "anon_inode:[eventfd]"
-                || t == "anon_inode:[eventpoll]";
+                || t == "anon_inode:[eventpoll]"
+                || t == "anon_inode:[timerfd]";
             assert!(allowed, "bulkhead-net holds fd {t}; all: {seen:?}");
         }
     }
@@ -800,6 +802,10 @@ fn daemon_net_backend_is_sandboxed_and_its_tap_goes_with_the_vm() {
     assert!(
         seen.iter().any(|s| s.ends_with("anon_inode:[eventfd]")),
         "no eventfd: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|s| s.contains("/memfd:bulkhead-stats-boxed-nic0")),
+        "no counters page: {seen:?}"
     );
     eprintln!("bulkhead-net fds: {seen:?}");
 
