@@ -176,6 +176,9 @@ pub struct VmStats {
     pub summary: VmSummary,
     /// CPU time of its runner and its device backends (those gone too), nanoseconds.
     pub cpu_ns: u64,
+    /// Per vCPU: exits to the runner and time in KVM_RUN (empty if the runner did not
+    /// answer in time).
+    pub vcpus: Vec<crate::runner::VcpuCounters>,
     /// Per device.
     pub devices: Vec<DeviceStats>,
 }

@@ -103,6 +103,17 @@ pub enum RunnerCommand {
         /// Device name (`disk0`, `nic0`).
         device: String,
     },
+    /// Report each vCPU's exits and time in KVM_RUN ([`RunnerEvent::VcpuStats`]).
+    VcpuStats,
+}
+
+/// One vCPU's counters, as its runner keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuCounters {
+    /// Returns from KVM_RUN (exits to the runner; exits KVM handles itself are not seen).
+    pub exits: u64,
+    /// Nanoseconds spent in KVM_RUN.
+    pub run_ns: u64,
 }
 
 /// How a guest run ended, as the runner saw it.
@@ -157,6 +168,8 @@ pub enum RunnerEvent {
         /// How long nothing was completed.
         stalled_ms: u64,
     },
+    /// Per-vCPU counters (answer to `VcpuStats`), in vCPU order.
+    VcpuStats(Vec<VcpuCounters>),
     /// The guest ended; the runner exits after sending this.
     Exited(GuestOutcome),
     /// A command could not be carried out.

@@ -62,9 +62,10 @@ fn command_index(c: &RunnerCommand) -> usize {
         RunnerCommand::Status => 4,
         RunnerCommand::ConsoleInput(_) => 5,
         RunnerCommand::ReconnectDevice { .. } => 6,
+        RunnerCommand::VcpuStats => 7,
     }
 }
-const COMMAND_VARIANTS: usize = 7;
+const COMMAND_VARIANTS: usize = 8;
 
 fn event_index(e: &RunnerEvent) -> usize {
     match e {
@@ -79,9 +80,10 @@ fn event_index(e: &RunnerEvent) -> usize {
         RunnerEvent::ShutdownRequested => 8,
         RunnerEvent::DeviceReconnected { .. } => 9,
         RunnerEvent::DeviceHung { .. } => 10,
+        RunnerEvent::VcpuStats(_) => 11,
     }
 }
-const EVENT_VARIANTS: usize = 11;
+const EVENT_VARIANTS: usize = 12;
 
 fn summary(name: &str, state: VmState) -> VmSummary {
     VmSummary {
@@ -206,6 +208,7 @@ fn replies() -> Vec<Reply> {
             vms: vec![VmStats {
                 summary: summary("s", VmState::Running),
                 cpu_ns: u64::MAX,
+                vcpus: vec![Default::default(); 2],
                 devices: vec![DeviceStats {
                     device: "disk0".into(),
                     restarts: 3,
@@ -263,6 +266,7 @@ fn commands() -> Vec<RunnerCommand> {
         RunnerCommand::Resume,
         RunnerCommand::RequestShutdown,
         RunnerCommand::Status,
+        RunnerCommand::VcpuStats,
         RunnerCommand::ConsoleInput(b"ls -l\r".to_vec()),
         RunnerCommand::ConsoleInput(Vec::new()),
         RunnerCommand::ReconnectDevice {
@@ -291,6 +295,14 @@ fn events() -> Vec<RunnerEvent> {
         },
         RunnerEvent::Console(b"\x1b[0mlogin: ".to_vec()),
         RunnerEvent::ShutdownRequested,
+        RunnerEvent::VcpuStats(vec![]),
+        RunnerEvent::VcpuStats(vec![
+            bulkhead_ipc::runner::VcpuCounters {
+                exits: u64::MAX,
+                run_ns: 0,
+            };
+            64
+        ]),
         RunnerEvent::DeviceReconnected {
             device: "nic0".into(),
         },

@@ -316,6 +316,22 @@ fn top_shows_counters_moving_and_surviving_a_backend_kill() {
     );
     assert!(cb > ca, "CPU seconds {ca} -> {cb}\n{}", ctx());
     assert!(vm_num(&b, "rltop", "cpu_percent") > 0.0);
+    // The runner's per-vCPU counters: both vCPUs exited to it (the guest's port I/O).
+    let vcpus = b
+        .get("vms")
+        .and_then(|v| v.as_array())
+        .and_then(|vms| vms.first())
+        .and_then(|v| v.get("vcpu_stats"))
+        .and_then(|v| v.as_array())
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
+    assert_eq!(vcpus.len(), 2, "{b:?}");
+    assert!(
+        vcpus
+            .iter()
+            .all(|v| v.get("exits").and_then(|e| e.as_i64()).unwrap_or(0) > 0),
+        "{vcpus:?}"
+    );
     // The text table, as xentop -b prints it.
     let out = d.cli(&["top", "-b", "-i", "1"]);
     assert_eq!(out.code, Some(0), "{}", out.dump());

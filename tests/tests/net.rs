@@ -804,7 +804,8 @@ fn daemon_net_backend_is_sandboxed_and_its_tap_goes_with_the_vm() {
         "no eventfd: {seen:?}"
     );
     assert!(
-        seen.iter().any(|s| s.contains("/memfd:bulkhead-stats-boxed-nic0")),
+        seen.iter()
+            .any(|s| s.contains("/memfd:bulkhead-stats-boxed-nic0")),
         "no counters page: {seen:?}"
     );
     eprintln!("bulkhead-net fds: {seen:?}");

@@ -231,6 +231,7 @@ fn info_prints_key_values_and_json() {
                     vms: vec![bulkhead_ipc::control::VmStats {
                         summary: summary("web", 1, VmState::Running),
                         cpu_ns: 2_000_000_000,
+                        vcpus: vec![],
                         devices: vec![],
                     }],
                 },

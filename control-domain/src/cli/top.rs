@@ -60,6 +60,7 @@ pub struct Row {
     vbd_rsect: u64,
     vbd_wsect: u64,
     restarts: u64,
+    vcpu_stats: Vec<bulkhead_ipc::runner::VcpuCounters>,
     devices: Vec<DeviceStats>,
 }
 
@@ -126,6 +127,7 @@ pub fn rows(now: &[VmStats], before: Option<(&[VmStats], Duration)>) -> Vec<Row>
                     .iter()
                     .map(|d| u64::from(d.restarts))
                     .fold(0, u64::saturating_add),
+                vcpu_stats: vm.vcpus.clone(),
                 devices: vm.devices.clone(),
             }
         })
@@ -186,9 +188,16 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
-/// Per-device lines under a VM's row in the full-screen view.
+/// Per-vCPU and per-device lines under a VM's row in the full-screen view.
 fn device_lines(r: &Row) -> String {
     let mut s = String::new();
+    for (i, v) in r.vcpu_stats.iter().enumerate() {
+        s.push_str(&format!(
+            "    vcpu{i:<2} exits {:>12} in KVM_RUN {:>9.1} s\n",
+            v.exits,
+            v.run_ns as f64 / 1e9
+        ));
+    }
     for d in &r.devices {
         let l = &d.limits;
         s.push_str(&format!(
@@ -490,6 +499,7 @@ mod tests {
                 uptime_secs: 1,
             },
             cpu_ns,
+            vcpus: vec![],
             devices: vec![DeviceStats {
                 device: "disk0".into(),
                 restarts: 1,

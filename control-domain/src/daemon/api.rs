@@ -10,7 +10,7 @@ use bulkhead_ipc::devstats::Limits;
 
 use super::describe::{info, summary};
 use super::policy::{Action, Caller};
-use super::stats::vm_stats;
+use super::stats::{summed, vm_stats};
 use super::vmconfig::LimitsConfig;
 use super::{fail, log, Daemon, Failure};
 
@@ -90,7 +90,7 @@ impl Daemon {
                             .authorize(caller, Action::View, Some((&vm.name, owner)))
                             .is_ok()
                     })
-                    .map(|vm| vm_stats(vm))
+                    .map(|vm| summed(vm_stats(vm)))
                     .collect();
                 Ok(Reply::Stats { vms })
             }

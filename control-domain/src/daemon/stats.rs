@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 
 use bulkhead_ipc::control::{DeviceLimits, DeviceStats, QueueStats, VmStats};
-use bulkhead_ipc::devstats::Limits;
+use bulkhead_ipc::devstats::{Limits, HIST_BUCKETS};
+use bulkhead_ipc::runner::{RunnerCommand, RunnerEvent, VcpuCounters};
+use std::time::Duration;
 
 use super::describe::summary;
 use super::vm::{lock, VmEntry};
@@ -134,8 +136,61 @@ pub fn vm_stats(vm: &VmEntry) -> VmStats {
     VmStats {
         summary: summary(vm),
         cpu_ns: ticks.saturating_mul(tick_ns()),
+        vcpus: if live { vcpu_counters(vm) } else { Vec::new() },
         devices,
     }
+}
+
+/// How long a runner has to report its vCPUs' counters.
+const VCPU_STATS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The runner's per-vCPU counters; none if it does not answer in time. At most as many as
+/// the VM has vCPUs (the runner's answer is not trusted for its length).
+fn vcpu_counters(vm: &VmEntry) -> Vec<VcpuCounters> {
+    let vcpus = usize::from(vm.read(|r| r.spec.vcpus));
+    match vm.request(&RunnerCommand::VcpuStats, VCPU_STATS_TIMEOUT) {
+        Ok(RunnerEvent::VcpuStats(mut v)) => {
+            v.truncate(vcpus);
+            v
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// `vm` with each disk's queues summed into one record (a NIC keeps its two, receive and
+/// transmit): what every VM's row needs, small enough for many VMs in one reply.
+pub fn summed(mut vm: VmStats) -> VmStats {
+    for d in vm
+        .devices
+        .iter_mut()
+        .filter(|d| d.device.starts_with("disk"))
+    {
+        if d.queues.len() <= 1 {
+            continue;
+        }
+        let mut all = QueueStats {
+            latency_hist: vec![0; HIST_BUCKETS],
+            ..QueueStats::default()
+        };
+        for q in &d.queues {
+            let add = |a: &mut u64, b: u64| *a = a.saturating_add(b);
+            add(&mut all.requests, q.requests);
+            add(&mut all.reads, q.reads);
+            add(&mut all.writes, q.writes);
+            add(&mut all.flushes, q.flushes);
+            add(&mut all.bytes_read, q.bytes_read);
+            add(&mut all.bytes_written, q.bytes_written);
+            add(&mut all.errors, q.errors);
+            add(&mut all.throttled, q.throttled);
+            add(&mut all.throttled_ns, q.throttled_ns);
+            add(&mut all.latency_sum_us, q.latency_sum_us);
+            for (a, b) in all.latency_hist.iter_mut().zip(&q.latency_hist) {
+                add(a, *b);
+            }
+        }
+        d.queues = vec![all];
+    }
+    vm
 }
 
 /// Limits as the wire carries them.
@@ -151,6 +206,40 @@ pub fn wire_limits(l: Limits) -> DeviceLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summed_adds_disk_queues_and_keeps_nic_records() {
+        let q = |n: u64| QueueStats {
+            writes: n,
+            latency_hist: vec![n; HIST_BUCKETS],
+            ..QueueStats::default()
+        };
+        let dev = |name: &str| DeviceStats {
+            device: name.into(),
+            queues: vec![q(1), q(u64::MAX)],
+            ..DeviceStats::default()
+        };
+        let vm = VmStats {
+            summary: bulkhead_ipc::control::VmSummary {
+                name: "a".into(),
+                id: 1,
+                state: bulkhead_ipc::control::VmState::Running,
+                vcpus: 1,
+                memory_mib: 1,
+                owner: 0,
+                runner_pid: None,
+                uptime_secs: 0,
+            },
+            cpu_ns: 0,
+            vcpus: vec![],
+            devices: vec![dev("disk0"), dev("nic0")],
+        };
+        let s = summed(vm);
+        assert_eq!(s.devices[0].queues.len(), 1);
+        assert_eq!(s.devices[0].queues[0].writes, u64::MAX);
+        assert_eq!(s.devices[0].queues[0].latency_hist[0], u64::MAX);
+        assert_eq!(s.devices[1].queues.len(), 2);
+    }
 
     #[test]
     fn own_cpu_is_read_and_gone_processes_keep_counting() {

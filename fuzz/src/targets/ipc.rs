@@ -307,6 +307,7 @@ pub fn seeds_reply() -> Vec<Vec<u8>> {
             vms: vec![bulkhead_ipc::control::VmStats {
                 summary: summary(),
                 cpu_ns: 1,
+                vcpus: vec![Default::default()],
                 devices: vec![bulkhead_ipc::control::DeviceStats {
                     device: "disk0".into(),
                     queues: vec![Default::default()],
@@ -352,6 +353,7 @@ fn runner_commands() -> Vec<RunnerCommand> {
         RunnerCommand::Resume,
         RunnerCommand::RequestShutdown,
         RunnerCommand::Status,
+        RunnerCommand::VcpuStats,
         RunnerCommand::ConsoleInput(b"x".to_vec()),
         RunnerCommand::ReconnectDevice {
             device: "disk0".into(),
@@ -412,6 +414,10 @@ fn runner_events() -> Vec<RunnerEvent> {
         },
         RunnerEvent::Console(b"hello\n".to_vec()),
         RunnerEvent::ShutdownRequested,
+        RunnerEvent::VcpuStats(vec![bulkhead_ipc::runner::VcpuCounters {
+            exits: 1,
+            run_ns: 2,
+        }]),
         RunnerEvent::DeviceReconnected {
             device: "nic0".into(),
         },
