@@ -441,3 +441,84 @@ fn policy_cap_refuses_a_config_above_it_and_a_set_limit_above_it() {
     let _ = d.cli(&["destroy", "rlcap"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The reads counted for disk0 of `vm`, from `info --json`.
+fn info_reads(d: &Bulkheadd, vm: &str) -> (i64, i64) {
+    let info = d.cli(&["info", vm, "--json"]);
+    assert_eq!(info.code, Some(0), "{}", info.dump());
+    let v = json::parse(&info.stdout).expect("info json");
+    let disk0 = v
+        .get("stats")
+        .and_then(|s| s.get("devices"))
+        .and_then(|d| d.as_array())
+        .and_then(|d| d.first())
+        .cloned()
+        .unwrap_or_else(|| panic!("no disk0 stats\n{}", info.stdout));
+    let reads = disk0
+        .get("queues")
+        .and_then(|q| q.as_array())
+        .map_or(0, |qs| {
+            qs.iter()
+                .map(|q| q.get("reads").and_then(|r| r.as_i64()).unwrap_or(0))
+                .sum()
+        });
+    let ops = disk0
+        .get("limits")
+        .and_then(|l| l.get("ops"))
+        .and_then(|o| o.as_i64())
+        .unwrap_or(-1);
+    (reads, ops)
+}
+
+#[test]
+fn counters_and_limits_survive_a_bulkheadd_restart() {
+    let name = "counters_and_limits_survive_a_bulkheadd_restart";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let mut d = Bulkheadd::start("rl-adopt", Some(&runner_uids(68600)), false);
+    let (dir, img) = temp_image("rl-adopt", 64);
+    // Run 1 before the restart; the rest after it (one that starts after the set-limit
+    // is measured).
+    let work = "blk-rand=1:1500:8:4K blk-rand=2:1500:8:4K blk-rand=3:3000:8:4K \
+                blk-rand=4:3000:8:4K";
+    let con = limited_vm(&d, "rladopt", &img, "iops = 500\n", work);
+    let ctx = |con: &Running, d: &Bulkheadd| format!("{}\n{}", con.stdout.text(), d.dump());
+    wait_perf(&d, &con, 1);
+    let (before, ops) = info_reads(&d, "rladopt");
+    assert!(before >= 1500, "reads {before}");
+    assert_eq!(ops, 500);
+    d.terminate();
+    d.launch();
+    // The console went with the old daemon: attach again.
+    let con = d.console("rladopt");
+    // The re-adopted VM's counters page is the one its backend holds: counts go on.
+    let (after, ops) = info_reads(&d, "rladopt");
+    assert!(
+        after >= before,
+        "reads {before} -> {after}\n{}",
+        ctx(&con, &d)
+    );
+    assert_eq!(ops, 500, "{}", ctx(&con, &d));
+    assert!(
+        wait_until(STEP, || info_reads(&d, "rladopt").0 > after),
+        "counters stopped after the restart\n{}",
+        ctx(&con, &d)
+    );
+    // A limit set after the restart reaches the backend: the first run that starts after
+    // it (the second blk-perf line from now) holds it.
+    let seen = perf_lines(&con).len();
+    let out = d.cli(&["device-set-limit", "rladopt", "disk0", "--iops", "1000"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    assert!(!out.stdout.contains("enforces none"), "{}", out.dump());
+    let line = wait_perf(&d, &con, seen + 2);
+    assert_within(
+        "a run after the restart and set-limit, IOPS",
+        perf_value(&line, "iops="),
+        1000.0,
+        10.0,
+        &ctx(&con, &d),
+    );
+    let _ = d.cli(&["destroy", "rladopt"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
