@@ -5,7 +5,8 @@
 //! `bulkheadd` creates one sealed memfd of [`REGION_SIZE`] bytes per device when the device
 //! is added and hands it to every backend it spawns for that device (`--stats-fd`), so the
 //! counters and the limits outlive any one backend process. Page 0 is the *limits* page:
-//! only the daemon writes it (seqlock: generation odd while it writes). Pages 1 and 2 are
+//! only the daemon writes it (seqlock: generation odd while it writes); the backend maps it
+//! read-only (a backend enforces its own limits anyway). Pages 1 and 2 are
 //! the *counters*: only the backend writes them; the daemon maps them read-only and treats
 //! whatever it reads as hostile input (a compromised backend can write anything there):
 //! every value is a plain `u64`, no length or index in the region is trusted.
@@ -23,8 +24,6 @@ use thiserror::Error;
 pub const PAGE: usize = 4096;
 /// Bytes of the whole region: one limits page and two counter pages.
 pub const REGION_SIZE: usize = 3 * PAGE;
-/// Words per page.
-const PAGE_WORDS: usize = PAGE / 8;
 
 /// Magic in word [`L_MAGIC`] and [`C_MAGIC`]: "BHSTATS1".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BHSTATS1");
@@ -219,15 +218,16 @@ fn queue_word(queue: usize, field: usize) -> Option<usize> {
     (queue < MAX_QUEUES && field < QUEUE_WORDS).then(|| C_QUEUE0 + queue * QUEUE_WORDS + field)
 }
 
-/// The backend's view: counters read-write, limits read.
+/// The backend's view: counters read-write, limits read-only.
 pub struct BackendRegion {
-    map: Mapping,
+    limits: Mapping,
+    counters: Mapping,
 }
 
 impl std::fmt::Debug for BackendRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendRegion")
-            .field("bytes", &(self.map.words * 8))
+            .field("bytes", &((self.limits.words + self.counters.words) * 8))
             .finish()
     }
 }
@@ -236,8 +236,10 @@ impl BackendRegion {
     /// Maps the region handed as `fd` (before the seccomp filter is installed) and counts
     /// this backend's start.
     pub fn map(fd: BorrowedFd<'_>, queues: usize) -> Result<Self, StatsError> {
-        let map = Mapping::new(fd, 0, 3, true)?;
-        let r = BackendRegion { map };
+        let r = BackendRegion {
+            limits: Mapping::new(fd, 0, 1, false)?,
+            counters: Mapping::new(fd, 1, 2, true)?,
+        };
         r.counter(C_MAGIC).store(MAGIC, Ordering::Relaxed);
         r.counter(C_QUEUES)
             .store(queues.min(MAX_QUEUES) as u64, Ordering::Relaxed);
@@ -247,7 +249,7 @@ impl BackendRegion {
 
     fn counter(&self, i: usize) -> &AtomicU64 {
         static DUMMY: AtomicU64 = AtomicU64::new(0);
-        self.map.word(PAGE_WORDS + i).unwrap_or(&DUMMY)
+        self.counters.word(i).unwrap_or(&DUMMY)
     }
 
     /// Adds `n` to `queue`'s `field` (a `Q_*` index); out-of-range queues are not counted.
@@ -261,29 +263,30 @@ impl BackendRegion {
     /// The limits generation (cheap: compare it with the last one seen).
     #[inline]
     pub fn limits_generation(&self) -> u64 {
-        self.map
+        self.limits
             .word(L_GEN)
             .map_or(0, |w| w.load(Ordering::Acquire))
     }
 
-    /// The current limits and their generation (a consistent copy).
+    /// The current limits and their generation (a consistent copy; if the daemon stopped
+    /// in the middle of a write, what is there, with its odd generation, after a bounded
+    /// number of tries).
     pub fn limits(&self) -> (u64, Limits) {
-        let w = |i| self.map.word(i).map_or(0, |w| w.load(Ordering::Acquire));
+        let w = |i| self.limits.word(i).map_or(0, |w| w.load(Ordering::Acquire));
+        let mut tries = 0u32;
         loop {
             let g = w(L_GEN);
-            if g % 2 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
             let l = Limits {
                 bw_rate: w(L_BW_RATE),
                 bw_burst: w(L_BW_BURST),
                 ops_rate: w(L_OPS_RATE),
                 ops_burst: w(L_OPS_BURST),
             };
-            if w(L_GEN) == g {
+            tries += 1;
+            if (g % 2 == 0 && w(L_GEN) == g) || tries >= 10_000 {
                 return (g, l);
             }
+            std::hint::spin_loop();
         }
     }
 }
