@@ -431,6 +431,11 @@ fn policy_cap_refuses_a_config_above_it_and_a_set_limit_above_it() {
         "{}",
         info.stdout
     );
+    let text = d.cli(&["info", "rlcap"]).stdout;
+    assert!(
+        text.contains("limits 16777216 B/s (burst 0), 500 requests/s (burst 0)"),
+        "{text}"
+    );
     let out = d.cli(&["device-set-limit", "rlcap", "disk0", "--iops", "600"]);
     assert_eq!(out.code, Some(3), "{}", out.dump());
     assert!(

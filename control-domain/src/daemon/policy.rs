@@ -492,6 +492,47 @@ mod tests {
     }
 
     #[test]
+    fn device_limit_caps_and_defaults() {
+        let p = DomainPolicy::parse(
+            "[limits]\nmax_disk_iops = 500\nmax_disk_bandwidth = \"64M\"\ndefault_disk_bandwidth = \"16M\"\nmax_nic_pps = 100\n",
+        )
+        .expect("parse");
+        let none = Limits::default();
+        // Unset: the default, else the cap.
+        let l = p.device_limits("disk0", true, none).expect("within");
+        assert_eq!((l.bw_rate, l.ops_rate), (16 << 20, 500));
+        let l = p.device_limits("nic0", false, none).expect("within");
+        assert_eq!((l.bw_rate, l.ops_rate), (0, 100));
+        let e = p
+            .device_limits(
+                "disk1",
+                true,
+                Limits {
+                    ops_rate: 501,
+                    ..none
+                },
+            )
+            .unwrap_err();
+        assert!(e.contains("denied by rule 'limits.max_disk_iops'"), "{e}");
+        assert!(e.contains("disk1"), "{e}");
+        let e = p
+            .device_limits(
+                "nic0",
+                false,
+                Limits {
+                    ops_rate: 101,
+                    ..none
+                },
+            )
+            .unwrap_err();
+        assert!(e.contains("limits.max_nic_pps"), "{e}");
+        // A default above its cap is a policy error.
+        let e = DomainPolicy::parse("[limits]\nmax_disk_iops = 5\ndefault_disk_iops = 6\n")
+            .unwrap_err();
+        assert!(e.contains("default_disk_iops"), "{e}");
+    }
+
+    #[test]
     fn default_only_root() {
         let p = DomainPolicy::safe_default();
         assert!(p.authorize(&caller(0), Action::Create, None).is_ok());

@@ -662,6 +662,57 @@ mod tests {
     }
 
     #[test]
+    fn limits_parse_and_name_bad_keys() {
+        let s = parse(
+            &format!(
+                "{BASE}[[disks]]\npath = \"d.img\"\n[disks.limits]\nbandwidth = \"8M\"\niops = 1000\niops_burst = 10\n\
+                 [[nics]]\nnetwork = \"lan\"\n[nics.limits]\nbandwidth = 1250000\npps = 5000\n"
+            ),
+            Path::new("/"),
+            0,
+        )
+        .expect("parse");
+        let d = s.disks[0].limits.as_ref().expect("disk limits");
+        assert_eq!(
+            d.resolve(true),
+            Ok(Limits {
+                bw_rate: 8 << 20,
+                bw_burst: 0,
+                ops_rate: 1000,
+                ops_burst: 10
+            })
+        );
+        let n = s.nics[0].limits.as_ref().expect("nic limits");
+        assert_eq!(
+            n.resolve(false).map(|l| (l.bw_rate, l.ops_rate)),
+            Ok((1_250_000, 5000))
+        );
+        // Round trip through the form the record keeps.
+        let back = LimitsConfig::from_limits(d.resolve(true).expect("resolve"), true);
+        assert_eq!(back.resolve(true), d.resolve(true));
+        for (bad, key) in [
+            ("[disks.limits]\npps = 5\n", "disks.limits.pps"),
+            ("[disks.limits]\nbandwidth = \"fast\"\n", "limits.bandwidth"),
+            ("[disks.limits]\nspeed = 5\n", "speed"),
+        ] {
+            let e = parse(
+                &format!("{BASE}[[disks]]\npath = \"d.img\"\n{bad}"),
+                Path::new("/"),
+                0,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
+        let e = parse(
+            &format!("{BASE}[[nics]]\nnetwork = \"lan\"\n[nics.limits]\niops = 5\n"),
+            Path::new("/"),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nics.limits.iops"), "{e}");
+    }
+
+    #[test]
     fn devices_and_owner() {
         let text = format!(
             "{BASE}owner = 0\n[[disks]]\npath = \"d.img\"\nreadonly = true\nserial = \"S1\"\n[[nics]]\nmac = \"52:54:00:00:00:01\"\nnetwork = \"lan\"\n"
