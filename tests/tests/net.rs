@@ -1275,7 +1275,10 @@ fn nic_limited_to_10_mbit_delivers_guest_udp_at_no_more_than_that() {
     );
     let cfg = d.config_with(
         "rlnic",
-        &format!("net ip=10.79.1.2/24 peer=10.79.1.1 udp-send=10.79.1.1:6100:{count}:1000 echo"),
+        &format!(
+            "net ip=10.79.1.2/24 peer=10.79.1.1 udp-send=10.79.1.1:6100:{count}:1000 \
+             udp-echo=7100:1000000 net-idle=8000 echo"
+        ),
         "128M",
         1,
         &extra,
@@ -1315,6 +1318,54 @@ fn nic_limited_to_10_mbit_delivers_guest_udp_at_no_more_than_that() {
     assert!(
         mbit >= 7.0,
         "{mbit:.2} Mbit/s: far below the limit\n{}",
+        ctx(&con)
+    );
+
+    // What the guest receives is held to the limit too: flood its echo port for 2 s and
+    // compare the bytes its backend delivered (its counters) with the rate allows.
+    let rx_bytes = |d: &Bulkheadd| -> (i64, i64) {
+        let info = d.cli(&["info", "rlnic", "--json"]);
+        let v = common::json::parse(&info.stdout).expect("info json");
+        let q0 = v
+            .get("stats")
+            .and_then(|s| s.get("devices"))
+            .and_then(|d| d.as_array())
+            .and_then(|d| d.first())
+            .and_then(|n| n.get("queues"))
+            .and_then(|q| q.as_array())
+            .and_then(|q| q.first())
+            .cloned()
+            .unwrap_or_else(|| panic!("no nic0 counters\n{}", info.stdout));
+        let get = |k: &str| q0.get(k).and_then(|x| x.as_i64()).unwrap_or(-1);
+        (get("bytes_read"), get("throttled"))
+    };
+    let (before, _) = rx_bytes(&d);
+    let t0 = std::time::Instant::now();
+    let mut c = ns.exec("python3");
+    c.args([
+        "-c",
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nend=time.monotonic()+2\n\
+         while time.monotonic()<end:\n    s.sendto(b'x'*1000,('10.79.1.2',7100))\n    time.sleep(0.0002)\n",
+    ]);
+    let out = run_complete(c, Duration::from_secs(30));
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    std::thread::sleep(Duration::from_millis(500));
+    let (after, throttled) = rx_bytes(&d);
+    let secs = t0.elapsed().as_secs_f64();
+    let delivered = (after - before) as f64;
+    eprintln!(
+        "NIC receive side: {delivered} bytes delivered in {secs:.2} s ({:.2} Mbit/s), throttled {throttled} times",
+        delivered * 8.0 / secs / 1e6
+    );
+    assert!(
+        throttled > 0,
+        "the receive side was never throttled\n{}",
+        ctx(&con)
+    );
+    // At most the rate over the window, plus the bucket (100 ms) and one frame.
+    assert!(
+        delivered <= 1_250_000.0 * secs + 125_000.0 + 1_600.0,
+        "{delivered} bytes in {secs:.2} s\n{}",
         ctx(&con)
     );
     destroy(&d, "rlnic");

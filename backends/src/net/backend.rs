@@ -32,19 +32,18 @@ use super::config::{
 };
 use super::rx::{Rx, RxContext, RxStop};
 use super::stats::NetStats;
+use super::stats::{RX_RECORD, TX_RECORD};
 use super::tap::Tap;
+use super::throttle::Throttle;
 use super::tx::{process_tx_limited, TxContext};
-use crate::ratelimit::Limiter;
-use bulkhead_ipc::devstats::{self, BackendRegion};
-use std::time::{Duration, Instant};
-use vmm_sys_util::timerfd::TimerFd;
+use bulkhead_ipc::devstats::BackendRegion;
 
 /// The epoll data the tap fd is registered with (0..=NUM_QUEUES are the library's).
 pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// The epoll data of the TX rate-limit timer.
 pub const TX_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 2;
-/// The longest a throttled TX queue sleeps before it looks at its limits again.
-const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(100);
+/// The epoll data of the RX rate-limit timer.
+pub const RX_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 3;
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want used-buffer notifications.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -82,12 +81,10 @@ struct Inner {
     region: Option<Arc<BackendRegion>>,
     /// The limits generation last taken from it.
     limits_gen: AtomicU64,
-    /// What the guest sends is limited by this (bandwidth: frame bytes; ops: frames).
-    limiter: Mutex<Limiter>,
-    /// Wakes a throttled TX queue (in the worker's epoll as [`TX_TIMER_EVENT`]).
-    tx_timer: Option<Mutex<TimerFd>>,
-    /// Since when TX has waited for the limiter.
-    throttled_since: Mutex<Option<Instant>>,
+    /// What the guest sends (woken by [`TX_TIMER_EVENT`]) and what it receives (by
+    /// [`RX_TIMER_EVENT`]) are each held to the limits; none without a page.
+    tx_throttle: Option<Throttle>,
+    rx_throttle: Option<Throttle>,
 }
 
 /// The vhost-user-net backend for one connection (cheap to clone; clones share state).
@@ -100,22 +97,19 @@ impl NetBackend {
     /// A backend moving frames between the guest and `tap`.
     pub fn new(tap: Arc<Tap>, config: NetConfig, stats: Arc<NetStats>) -> Self {
         let region = stats.region();
-        // Made before the seccomp filter; non-blocking, so a timer re-armed after it fired
-        // is read without waiting. Without one (or without a page) nothing is limited.
-        let tx_timer = region.as_ref().and_then(|_| match TimerFd::new() {
-            Ok(t) => {
-                // SAFETY: F_GETFL/F_SETFL on a timerfd we own; no memory is passed.
-                unsafe {
-                    let fl = libc::fcntl(t.as_raw_fd(), libc::F_GETFL);
-                    libc::fcntl(t.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        // Made before the seccomp filter. Without a timer nothing is limited.
+        let throttle = |record| {
+            let r = region.clone()?;
+            match Throttle::new(r, record) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("bulkhead-net: no rate-limit timer ({e}): limits are not enforced");
+                    None
                 }
-                Some(Mutex::new(t))
             }
-            Err(e) => {
-                eprintln!("bulkhead-net: no TX timer ({e}): rate limits are not enforced");
-                None
-            }
-        });
+        };
+        let tx_throttle = throttle(TX_RECORD);
+        let rx_throttle = throttle(RX_RECORD);
         NetBackend {
             inner: Arc::new(Inner {
                 tap,
@@ -132,88 +126,46 @@ impl NetBackend {
                 poller: Mutex::new(Weak::new()),
                 region,
                 limits_gen: AtomicU64::new(u64::MAX),
-                limiter: Mutex::new(Limiter::default()),
-                tx_timer,
-                throttled_since: Mutex::new(None),
+                tx_throttle,
+                rx_throttle,
             }),
         }
     }
 
-    /// Registers the TX timer with the worker's epoll (the daemon's only handler).
+    /// Registers the rate-limit timers with the worker's epoll (the daemon's only handler).
     pub fn register_timer(&self, handler: &VringEpollHandler<NetBackend>) -> io::Result<()> {
-        match &self.inner.tx_timer {
-            Some(t) => {
-                let fd = t.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd();
-                handler.register_listener(fd, EventSet::IN, u64::from(TX_TIMER_EVENT))
+        for (t, event) in [
+            (&self.inner.tx_throttle, TX_TIMER_EVENT),
+            (&self.inner.rx_throttle, RX_TIMER_EVENT),
+        ] {
+            if let Some(t) = t {
+                handler.register_listener(t.timer_fd(), EventSet::IN, u64::from(event))?;
             }
-            None => Ok(()),
         }
+        Ok(())
     }
 
-    /// Takes the limits from the shared page when bulkheadd changed them.
+    /// Takes the limits from the shared page when bulkheadd changed them (each direction
+    /// gets them).
     fn refresh_limits(&self) {
         let Some(r) = &self.inner.region else {
             return;
         };
-        if self.inner.tx_timer.is_none()
-            || r.limits_generation() == self.inner.limits_gen.load(Ordering::Relaxed)
-        {
+        if r.limits_generation() == self.inner.limits_gen.load(Ordering::Relaxed) {
             return;
         }
         let (gen, limits) = r.limits();
-        self.inner
-            .limiter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set(limits, Instant::now());
+        for t in [&self.inner.tx_throttle, &self.inner.rx_throttle]
+            .into_iter()
+            .flatten()
+        {
+            t.set(limits);
+        }
         self.inner.limits_gen.store(gen, Ordering::Relaxed);
         eprintln!(
-            "bulkhead-net: TX limits: {} bytes/s (burst {}), {} frames/s (burst {}) (0: none)",
+            "bulkhead-net: limits each way: {} bytes/s (burst {}), {} frames/s (burst {}) (0: none)",
             limits.bw_rate, limits.bw_burst, limits.ops_rate, limits.ops_burst
         );
-    }
-
-    /// Arms the TX timer to fire after `wait` (at most [`MAX_THROTTLE_SLEEP`]) and counts
-    /// the wait.
-    fn throttled(&self, wait: Duration) {
-        if let Some(t) = &self.inner.tx_timer {
-            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = t.reset(
-                wait.clamp(Duration::from_micros(1), MAX_THROTTLE_SLEEP),
-                None,
-            ) {
-                self.inner
-                    .stats
-                    .log(format_args!("cannot arm the TX timer: {e}"));
-            }
-        }
-        let mut since = self
-            .inner
-            .throttled_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if since.is_none() {
-            *since = Some(Instant::now());
-            if let Some(r) = &self.inner.region {
-                r.add(super::stats::TX_RECORD, devstats::Q_THROTTLES, 1);
-            }
-        }
-    }
-
-    /// Counts the end of a wait for the limiter, if TX was waiting.
-    fn unthrottled(&self) {
-        let mut since = self
-            .inner
-            .throttled_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let (Some(t), Some(r)) = (since.take(), &self.inner.region) {
-            r.add(
-                super::stats::TX_RECORD,
-                devstats::Q_THROTTLED_NS,
-                t.elapsed().as_nanos() as u64,
-            );
-        }
     }
 
     /// The config space this backend serves.
@@ -288,8 +240,7 @@ impl NetBackend {
         };
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         self.refresh_limits();
-        let mut limiter = self.inner.limiter.lock().unwrap_or_else(|e| e.into_inner());
-        let limited = limiter.active();
+        let throttle = self.inner.tx_throttle.as_ref().filter(|t| t.active());
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
@@ -299,26 +250,16 @@ impl NetBackend {
                 if !state.get_queue().ready() || !state.is_enabled() {
                     return;
                 }
-                let mut admit = |bytes: u64| {
-                    if limited {
-                        limiter.admit(bytes, Instant::now())
-                    } else {
-                        Ok(())
-                    }
-                };
+                let mut admit = |bytes: u64| throttle.map_or(Ok(()), |t| t.admit(bytes));
                 process_tx_limited(state.get_queue_mut(), &mem, &ctx, &mut buf, &mut admit)
             };
             if used > 0 {
                 self.signal(vring, &mem);
             }
-            if let Some(wait) = wait {
-                // The timer takes it up again; until then the guest's kicks find it
+            if wait.is_some() {
+                // Its timer takes it up again; until then the guest's kicks find it
                 // throttled at once.
-                self.throttled(wait);
                 return;
-            }
-            if limited {
-                self.unthrottled();
             }
             if !event_idx {
                 break;
@@ -361,7 +302,11 @@ impl NetBackend {
                         .stats
                         .log(format_args!("cannot suppress RX notifications: {e}"));
                 }
-                state.rx.process(vs.get_queue_mut(), &mem, &ctx)
+                let throttle = self.inner.rx_throttle.as_ref().filter(|t| t.active());
+                let mut admit = |bytes: u64| throttle.map_or(Ok(()), |t| t.admit(bytes));
+                state
+                    .rx
+                    .process_limited(vs.get_queue_mut(), &mem, &ctx, &mut admit)
             };
             if outcome.used > 0 {
                 self.signal(vring, &mem);
@@ -374,6 +319,12 @@ impl NetBackend {
                 RxStop::TapError => {
                     // Retry at the guest's next kick.
                     let _ = vring.enable_notification();
+                    self.poll_tap(&mut state, false);
+                    return;
+                }
+                RxStop::Throttled => {
+                    // The frame waits in `rx`; the tap waits for the RX timer, so its
+                    // readiness does not wake us meanwhile.
                     self.poll_tap(&mut state, false);
                     return;
                 }
@@ -467,17 +418,22 @@ impl VhostUserBackend for NetBackend {
         match device_event {
             e if usize::from(e) == TX_QUEUE || e == TX_TIMER_EVENT => {
                 if e == TX_TIMER_EVENT {
-                    if let Some(t) = &self.inner.tx_timer {
-                        let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
+                    if let Some(t) = &self.inner.tx_throttle {
+                        t.fired();
                     }
                 }
                 if let Some(tx) = vrings.get(TX_QUEUE) {
                     self.process_tx(tx);
                 }
             }
-            e if usize::from(e) == RX_QUEUE || e == TAP_EVENT => {
+            e if usize::from(e) == RX_QUEUE || e == TAP_EVENT || e == RX_TIMER_EVENT => {
                 if e == TAP_EVENT && evset.is_empty() {
                     return Ok(());
+                }
+                if e == RX_TIMER_EVENT {
+                    if let Some(t) = &self.inner.rx_throttle {
+                        t.fired();
+                    }
                 }
                 if let Some(rx) = vrings.get(RX_QUEUE) {
                     self.process_rx(rx);
