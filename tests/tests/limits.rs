@@ -75,13 +75,27 @@ fn tsc_khz() -> String {
         .unwrap_or_default()
 }
 
-/// A VM with one disk on `img` limited by `limits_toml` that runs the blk tokens `work`.
+/// A VM with one disk on `img` limited by `limits_toml` that runs the blk tokens `work`
+/// over one queue.
 fn limited_vm(d: &Bulkheadd, name: &str, img: &Path, limits_toml: &str, work: &str) -> Running {
+    limited_vm_queues(d, name, img, limits_toml, work, 1)
+}
+
+/// [`limited_vm`] with `queues` queues (the guest round-robins its requests over them; one
+/// limit holds for the disk).
+fn limited_vm_queues(
+    d: &Bulkheadd,
+    name: &str,
+    img: &Path,
+    limits_toml: &str,
+    work: &str,
+    queues: u32,
+) -> Running {
     let extra = format!(
-        "[[disks]]\npath = \"{}\"\nqueues = 1\n[disks.limits]\n{limits_toml}",
+        "[[disks]]\npath = \"{}\"\nqueues = {queues}\n[disks.limits]\n{limits_toml}",
         img.display()
     );
-    let cmdline = format!("{} blk blk-queues=1 {work} echo exit=0", tsc_khz());
+    let cmdline = format!("{} blk blk-queues={queues} {work} echo exit=0", tsc_khz());
     let cfg = d.config_with(name, &cmdline, "256M", 1, &extra);
     d.create_config(name, &cfg);
     let con = d.console(name);
@@ -198,10 +212,10 @@ fn disk_bandwidth_limit_holds_and_changes_live() {
     }
     let d = Bulkheadd::start("rl-bw", Some(&runner_uids(68100)), false);
     let (dir, img) = temp_image("rl-bw", 64);
-    // 24 MiB of 64 KiB reads at 8 MiB/s (3 s); run 2 is cut by the set-limit; run 3:
-    // 12 MiB at 4 MiB/s (3 s).
+    // Over two queues: 24 MiB of 64 KiB reads at 8 MiB/s (3 s); run 2 is cut by the
+    // set-limit; run 3: 12 MiB at 4 MiB/s (3 s).
     let work = "blk-rand=1:384:8:64K blk-rand=2:192:8:64K blk-rand=3:192:8:64K";
-    let con = limited_vm(&d, "rlbw", &img, "bandwidth = \"8M\"\n", work);
+    let con = limited_vm_queues(&d, "rlbw", &img, "bandwidth = \"8M\"\n", work, 2);
     let ctx = |con: &Running| format!("{}\n{}", con.stdout.text(), d.dump());
     let first = wait_perf(&d, &con, 1);
     let out = d.cli(&["device-set-limit", "rlbw", "disk0", "--bandwidth", "4M"]);
