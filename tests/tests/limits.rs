@@ -235,6 +235,11 @@ fn disk_bandwidth_limit_holds_and_changes_live() {
         10.0,
         &ctx(&con),
     );
+    assert!(
+        con.stdout.wait_for("blk-mq: 2 queues used", STEP),
+        "{}",
+        ctx(&con)
+    );
     let _ = d.cli(&["destroy", "rlbw"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
