@@ -76,6 +76,9 @@ pub const Q_LATENCY_SUM_US: usize = 8;
 pub const Q_HIST: usize = 9;
 /// Queue record: times the queue started waiting for the rate limiter.
 pub const Q_THROTTLES: usize = Q_HIST + HIST_BUCKETS;
+/// Queue record: 1 while the queue waits for the rate limiter, else 0 (so that a throttled
+/// backend is not taken for a hung one).
+pub const Q_WAITING: usize = Q_THROTTLES + 1;
 /// Latency histogram buckets: bucket 0 is < 16 µs, bucket i < 16·2^i µs, the last is the rest.
 pub const HIST_BUCKETS: usize = 16;
 
@@ -260,6 +263,14 @@ impl BackendRegion {
         }
     }
 
+    /// Sets `queue`'s `field` (a `Q_*` index) to `v`.
+    #[inline]
+    pub fn set(&self, queue: usize, field: usize, v: u64) {
+        if let Some(w) = queue_word(queue, field) {
+            self.counter(w).store(v, Ordering::Relaxed);
+        }
+    }
+
     /// The limits generation (cheap: compare it with the last one seen).
     #[inline]
     pub fn limits_generation(&self) -> u64 {
@@ -378,6 +389,13 @@ impl DaemonRegion {
             .map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
+    /// Whether the backend says a queue waits for its rate limit (its word; a backend
+    /// could lie, which only spares it from being declared hung: it could as well complete
+    /// a request now and then).
+    pub fn waiting(&self) -> bool {
+        (0..MAX_QUEUES).any(|q| queue_word(q, Q_WAITING).is_some_and(|w| self.counter(w) != 0))
+    }
+
     /// How many backends started with this region (0 if none has yet).
     pub fn starts(&self) -> u64 {
         if self.counter(C_MAGIC) != MAGIC {
@@ -436,6 +454,10 @@ mod tests {
         b.add(1, Q_REQUESTS, 5);
         b.add(1, Q_BYTES_WRITTEN, 4096);
         b.add(99, Q_REQUESTS, 1); // ignored
+        assert!(!d.waiting());
+        b.set(1, Q_WAITING, 1);
+        assert!(d.waiting());
+        b.set(1, Q_WAITING, 0);
         let q = d.queues(usize::MAX);
         assert_eq!(q.len(), MAX_QUEUES);
         assert_eq!(q[1].requests, 5);

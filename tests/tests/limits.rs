@@ -39,6 +39,12 @@ fn perf_value(line: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
+/// MiB/s of a blk-perf line, from its exact `bytes=` and `us=` (its `mibps=` has one
+/// decimal).
+fn perf_mibps(line: &str) -> f64 {
+    perf_value(line, "bytes=") / (perf_value(line, "us=") / 1e6) / f64::from(1u32 << 20)
+}
+
 /// Waits for the `n`th blk-perf line (1-based) and returns it.
 fn wait_perf(d: &Bulkheadd, con: &Running, n: usize) -> String {
     assert!(
@@ -220,21 +226,9 @@ fn disk_bandwidth_limit_holds_and_changes_live() {
     let first = wait_perf(&d, &con, 1);
     let out = d.cli(&["device-set-limit", "rlbw", "disk0", "--bandwidth", "4M"]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
-    assert_within(
-        "run 1 MiB/s",
-        perf_value(&first, "mibps="),
-        8.0,
-        10.0,
-        &ctx(&con),
-    );
+    assert_within("run 1 MiB/s", perf_mibps(&first), 8.0, 10.0, &ctx(&con));
     let third = wait_perf(&d, &con, 3);
-    assert_within(
-        "run 3 MiB/s",
-        perf_value(&third, "mibps="),
-        4.0,
-        10.0,
-        &ctx(&con),
-    );
+    assert_within("run 3 MiB/s", perf_mibps(&third), 4.0, 10.0, &ctx(&con));
     assert!(
         con.stdout.wait_for("blk-mq: 2 queues used", STEP),
         "{}",
@@ -544,5 +538,43 @@ fn counters_and_limits_survive_a_bulkheadd_restart() {
         &ctx(&con, &d),
     );
     let _ = d.cli(&["destroy", "rladopt"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_throttled_disk_is_not_taken_for_a_hung_one() {
+    let name = "a_throttled_disk_is_not_taken_for_a_hung_one";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let d = Bulkheadd::start("rl-hang", Some(&runner_uids(68700)), false);
+    let (dir, img) = temp_image("rl-hang", 16);
+    // 1 MiB reads at 256 KiB/s: each waits ~4 s for its rate, twice the hang timeout (2 s).
+    let con = limited_vm(
+        &d,
+        "rlhang",
+        &img,
+        "bandwidth = \"256K\"\n",
+        "blk-rand=1:3:1:1M",
+    );
+    let line = wait_perf(&d, &con, 1);
+    let text = con.stdout.text();
+    assert!(
+        text.contains("blk-rand: read 3 requests, 3 ok, 0 errors"),
+        "{}\n{}",
+        text,
+        d.dump()
+    );
+    assert_eq!(
+        stream::restarts(&d, "rlhang"),
+        0,
+        "the throttled backend was replaced\n{}",
+        d.dump()
+    );
+    // The first request is admitted at once (into debt); each later one waits for the
+    // 1 MiB before it to be paid at 256 KiB/s: about 2 x 4 s in all.
+    let secs = perf_value(&line, "us=") / 1e6;
+    assert!((7.0..=9.5).contains(&secs), "3 reads took {secs} s\n{line}");
+    let _ = d.cli(&["destroy", "rlhang"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -263,6 +263,9 @@ impl BlkBackend {
                         if track.throttled_since.is_none() {
                             track.throttled_since = Some(Instant::now());
                             self.count(queue, devstats::Q_THROTTLES, 1);
+                            if let Some(r) = &self.inner.region {
+                                r.set(usize::from(queue), devstats::Q_WAITING, 1);
+                            }
                         }
                         throttled = true;
                         break;
@@ -273,6 +276,9 @@ impl BlkBackend {
                             devstats::Q_THROTTLED_NS,
                             t.elapsed().as_nanos() as u64,
                         );
+                        if let Some(r) = &self.inner.region {
+                            r.set(usize::from(queue), devstats::Q_WAITING, 0);
+                        }
                     }
                 }
                 if let Some(region) = &track.region {

@@ -89,12 +89,14 @@ impl Throttle {
                         devstats::Q_THROTTLED_NS,
                         t.elapsed().as_nanos() as u64,
                     );
+                    self.region.set(self.record, devstats::Q_WAITING, 0);
                 }
             }
             Err(wait) => {
                 if since.is_none() {
                     *since = Some(Instant::now());
                     self.region.add(self.record, devstats::Q_THROTTLES, 1);
+                    self.region.set(self.record, devstats::Q_WAITING, 1);
                 }
                 let mut t = self.timer.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = t.reset(wait.clamp(Duration::from_micros(1), MAX_SLEEP), None) {
