@@ -161,7 +161,8 @@ pub enum RunnerEvent {
         device: String,
     },
     /// A device's backend has work it is not doing: a ring (a disk's, or a NIC's transmit
-    /// ring) held requests with no completion for `stalled_ms`. Reported once per backend.
+    /// ring) held requests with no completion for `stalled_ms`. Reported once per stall (again
+    /// after the backend made progress, or for a new backend).
     DeviceHung {
         /// Device name.
         device: String,
