@@ -365,6 +365,18 @@ fn full_screen(socket: &Path, opts: &TopOptions, io: &mut Streams<'_>) -> Result
     }
 }
 
+/// A Prometheus label value, escaped (names are validated by bulkheadd; escape anyway).
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The `vm="NAME"` label.
+fn vm_label(vm: &VmStats) -> String {
+    format!("vm=\"{}\"", esc(&vm.summary.name))
+}
+
 /// Prometheus text exposition of every VM's counters.
 pub fn metrics(vms: &[VmStats]) -> String {
     let mut out = String::new();
@@ -374,13 +386,6 @@ pub fn metrics(vms: &[VmStats]) -> String {
             out.push_str(&format!("{name}{{{labels}}} {v}\n"));
         }
     };
-    // Label values: names are validated by bulkheadd, but escape anyway.
-    let esc = |s: &str| {
-        s.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    };
-    let vm_label = |vm: &VmStats| format!("vm=\"{}\"", esc(&vm.summary.name));
     family(
         "bulkhead_vm_cpu_seconds_total",
         "counter",
@@ -472,6 +477,43 @@ pub fn metrics(vms: &[VmStats]) -> String {
         "Requests or packets per second limit in force (0: none).",
         per_device(&|d| d.limits.ops),
     );
+    out.push_str(&latency_histogram(vms));
+    out
+}
+
+/// Disk request latency as a Prometheus histogram (cumulative buckets).
+fn latency_histogram(vms: &[VmStats]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "# HELP bulkhead_device_latency_seconds Disk request latency, taken to completed.\n\
+         # TYPE bulkhead_device_latency_seconds histogram\n",
+    );
+    for vm in vms {
+        for d in vm.devices.iter().filter(|d| d.device.starts_with("disk")) {
+            let labels = format!("{},device=\"{}\"", vm_label(vm), esc(&d.device));
+            let mut cumulative = 0u64;
+            for i in 0..bulkhead_ipc::devstats::HIST_BUCKETS {
+                let n = d
+                    .queues
+                    .iter()
+                    .map(|q| q.latency_hist.get(i).copied().unwrap_or(0))
+                    .fold(0, u64::saturating_add);
+                cumulative = cumulative.saturating_add(n);
+                let le = match bulkhead_ipc::devstats::bucket_limit_us(i) {
+                    Some(us) => format!("{}", us as f64 / 1e6),
+                    None => "+Inf".into(),
+                };
+                out.push_str(&format!(
+                    "bulkhead_device_latency_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}\n"
+                ));
+            }
+            out.push_str(&format!(
+                "bulkhead_device_latency_seconds_sum{{{labels}}} {}\n\
+                 bulkhead_device_latency_seconds_count{{{labels}}} {cumulative}\n",
+                sum(d, |q| q.latency_sum_us) as f64 / 1e6
+            ));
+        }
+    }
     out
 }
 
@@ -530,6 +572,12 @@ mod tests {
         let m = metrics(&b);
         assert!(m.contains("bulkhead_device_reads_total{vm=\"a\",device=\"disk0\"} 30"));
         assert!(m.contains("bulkhead_vm_cpu_seconds_total{vm=\"a\"} 1.5"));
+        assert!(
+            m.contains(
+                "bulkhead_device_latency_seconds_bucket{vm=\"a\",device=\"disk0\",le=\"+Inf\"} 0"
+            ),
+            "{m}"
+        );
     }
 
     #[test]
