@@ -1153,6 +1153,32 @@ fn net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets() {
     assert_eq!(text.matches("net0: 00:").count(), 1, "{text}");
     let restarts = d.cli(&["info", "echoer"]).stdout;
     assert!(restarts.contains("restarts 20"), "{restarts}");
+    // The NIC's counters went on across the 20 backends: `top` sums every frame echoed.
+    let out = d.cli(&["top", "-b", "-i", "1", "--json"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let frame = common::json::parse(out.stdout.trim()).expect("top json");
+    let nic = frame
+        .get("vms")
+        .and_then(|v| v.as_array())
+        .and_then(|v| v.first())
+        .and_then(|v| v.get("devices"))
+        .and_then(|d| d.as_array())
+        .and_then(|d| d.first())
+        .cloned()
+        .unwrap_or_else(|| panic!("no nic0 in top\n{}", out.stdout));
+    let starts = nic
+        .get("backend_starts")
+        .and_then(|x| x.as_i64())
+        .unwrap_or(0);
+    assert!(starts > 20, "backend starts {starts}\n{}", out.stdout);
+    let sent = nic
+        .get("queues")
+        .and_then(|q| q.as_array())
+        .and_then(|q| q.get(1))
+        .and_then(|q| q.get("requests"))
+        .and_then(|x| x.as_i64())
+        .unwrap_or(0);
+    assert!(sent > 20, "frames from the guest {sent}\n{}", out.stdout);
 }
 
 #[test]
