@@ -93,3 +93,24 @@ pub fn main_with<A: clap::Parser>(
         }
     }
 }
+
+/// Maps the shared counters and limits page handed as `--stats-fd` (before the seccomp
+/// filter), for a device with `queues` queue records. The fd is returned to be kept open
+/// while the backend runs: a restarted bulkheadd takes it back from the process.
+pub fn stats_region(
+    fd: Option<RawFd>,
+    queues: usize,
+) -> anyhow::Result<(
+    Option<std::sync::Arc<bulkhead_ipc::devstats::BackendRegion>>,
+    Option<std::os::fd::OwnedFd>,
+)> {
+    let Some(fd) = fd else {
+        return Ok((None, None));
+    };
+    check_fd(fd, "--stats-fd")?;
+    // SAFETY: `fd` is open (checked) and bulkheadd handed it to us to own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let r = bulkhead_ipc::devstats::BackendRegion::map(std::os::fd::AsFd::as_fd(&fd), queues)
+        .map_err(|e| usage(format!("--stats-fd: {e}")))?;
+    Ok((Some(std::sync::Arc::new(r)), Some(fd)))
+}

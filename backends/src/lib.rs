@@ -5,4 +5,5 @@ pub mod blk;
 pub mod cli;
 pub mod inflight;
 pub mod net;
+pub mod ratelimit;
 pub mod vhost_common;

@@ -501,3 +501,64 @@ fn real_tap_round_trip() {
     assert_eq!(out.delivered, 0);
     let _ = rxq.size();
 }
+
+#[test]
+fn rx_and_tx_held_back_by_the_rate_limit_wait_and_are_charged_once() {
+    let f = Fixture::new();
+    // RX: a frame read from the tap but refused stays pending; once admitted it is
+    // delivered, and the limiter was asked once for it with its size.
+    let mut ring = Ring::new(RING, QSIZE);
+    let mut q = ring.queue();
+    ring.add_chain(&f.mem, &[(BUF, 4096, W)]);
+    let mut wire = vec![0u8; HDR_LEN];
+    let payload = frame([0xff; 6], [2, 0, 0, 0, 0, 1], &pattern(100, 3));
+    wire.extend_from_slice(&payload);
+    f.wire.send(&wire).unwrap();
+    let mut rx = Rx::default();
+    let out = rx.process_limited(&mut q, &f.mem, &f.rx(true), &mut |_| {
+        Err(std::time::Duration::from_millis(5))
+    });
+    assert_eq!(out.stop, RxStop::Throttled);
+    assert_eq!(out.delivered, 0);
+    assert!(rx.pending());
+    let mut asked = Vec::new();
+    let out = rx.process_limited(&mut q, &f.mem, &f.rx(true), &mut |n| {
+        asked.push(n);
+        Ok(())
+    });
+    assert_eq!(out.delivered, 1);
+    assert_eq!(asked, vec![payload.len() as u64]);
+    // TX: a refused chain goes back to the avail ring, untouched; admitted, it is sent.
+    let mut tring = Ring::new(RING + 0x1_0000, QSIZE);
+    let mut tq = tring.queue();
+    let mut bytes = vec![0u8; HDR_LEN];
+    bytes.extend(frame(
+        [2, 0, 0, 0, 0, 9],
+        [0x52, 0x54, 0, 0, 0, 1],
+        &pattern(60, 4),
+    ));
+    f.mem
+        .write_slice(&bytes, GuestAddress(BUF + 0x8000))
+        .unwrap();
+    tring.add_chain(&f.mem, &[(BUF + 0x8000, bytes.len() as u32, R)]);
+    let mut buf = Vec::new();
+    let (used, wait) = bulkhead_backends::net::tx::process_tx_limited(
+        &mut tq,
+        &f.mem,
+        &f.tx(),
+        &mut buf,
+        &mut |_| Err(std::time::Duration::from_millis(5)),
+    );
+    assert_eq!((used, wait), (0, Some(std::time::Duration::from_millis(5))));
+    let (used, wait) = bulkhead_backends::net::tx::process_tx_limited(
+        &mut tq,
+        &f.mem,
+        &f.tx(),
+        &mut buf,
+        &mut |n| {
+            assert_eq!(n, (bytes.len() - HDR_LEN) as u64);
+            Ok(())
+        },
+    );
+    assert_eq!((used, wait), (1, None));
+}

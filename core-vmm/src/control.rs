@@ -13,6 +13,7 @@ use std::time::Duration;
 use bulkhead_ipc::hello::{server_hello, Role};
 use bulkhead_ipc::runner::{
     BootFds, BootSpec, GuestOutcome, RunnerCommand, RunnerEvent, RunnerMessage, RunnerRequest,
+    VcpuCounters,
 };
 use bulkhead_ipc::{Channel, IpcError, Listener};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -216,6 +217,15 @@ fn serve_connection(
                     }
                     RunnerEvent::ShutdownRequested
                 }
+                None => not_booted(),
+            },
+            RunnerCommand::VcpuStats => match state.vm() {
+                Some(vm) => RunnerEvent::VcpuStats(
+                    vm.vcpu_counters()
+                        .into_iter()
+                        .map(|(exits, run_ns)| VcpuCounters { exits, run_ns })
+                        .collect(),
+                ),
                 None => not_booted(),
             },
             RunnerCommand::Status => {

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -424,7 +424,10 @@ impl Vm {
         install_kick_handler();
         let exit = Arc::new(ExitLatch::default());
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut counters = Vec::new();
         for (index, vcpu) in (0u8..).zip(self.vcpus) {
+            let counter = Arc::new(VcpuCounter::default());
+            counters.push(counter.clone());
             let ctx = VcpuContext {
                 index,
                 vcpu,
@@ -434,6 +437,7 @@ impl Vm {
                     source,
                 })?,
                 exit: exit.clone(),
+                counters: counter,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -454,6 +458,7 @@ impl Vm {
         }
         Ok(RunningVm {
             exit,
+            counters,
             threads: Mutex::new(threads),
             devices: self.devices,
             _vm_fd: self.vm_fd,
@@ -466,6 +471,7 @@ impl Vm {
 /// A VM whose vCPU threads are running.
 pub struct RunningVm {
     exit: Arc<ExitLatch>,
+    counters: Vec<Arc<VcpuCounter>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     devices: Arc<LegacyDevices>,
     _vm_fd: Arc<VmFd>,
@@ -474,6 +480,19 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// Each vCPU's (exits, nanoseconds in KVM_RUN), in vCPU order.
+    pub fn vcpu_counters(&self) -> Vec<(u64, u64)> {
+        self.counters
+            .iter()
+            .map(|c| {
+                (
+                    c.exits.load(Ordering::Relaxed),
+                    c.run_ns.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// The devices (console input, shutdown request, vhost-user devices).
     pub fn devices(&self) -> &Arc<LegacyDevices> {
         &self.devices
@@ -651,6 +670,16 @@ struct VcpuContext {
     devices: Arc<LegacyDevices>,
     reset_evt: EventFd,
     exit: Arc<ExitLatch>,
+    counters: Arc<VcpuCounter>,
+}
+
+/// One vCPU's exits and time in KVM_RUN, updated by its thread.
+#[derive(Debug, Default)]
+pub struct VcpuCounter {
+    /// Returns from KVM_RUN.
+    pub exits: AtomicU64,
+    /// Nanoseconds in KVM_RUN.
+    pub run_ns: AtomicU64,
 }
 
 impl VcpuContext {
@@ -661,7 +690,13 @@ impl VcpuContext {
             if self.exit.stopping() {
                 break;
             }
-            let action = match self.vcpu.run() {
+            let entered = Instant::now();
+            let ran = self.vcpu.run();
+            self.counters.exits.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .run_ns
+                .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let action = match ran {
                 Ok(VcpuExit::IoOut(port, data)) => match self.devices.pio_write(port, data) {
                     PioAction::DebugExit(v) => ExitAction::Stop(VmOutcome::DebugExit(v)),
                     PioAction::None

@@ -1,8 +1,10 @@
 //! The progress watchdog: notices a device backend that has work it is not doing. A ring
 //! whose avail index is ahead of its used index holds requests; if its used index does not
-//! move for the device's timeout, the backend is reported hung — once per backend (the
-//! next report waits for a new backend). A merely slow backend completes something within
-//! the timeout and is never reported: the rule is about no progress at all.
+//! move for the device's timeout, the backend is reported hung — once per stall (the next
+//! report waits for a new backend, or for this one to make progress and stall again: the
+//! control domain may decide a stall is no hang, e.g. a backend holding requests back for
+//! its rate limit). A merely slow backend completes something within the timeout and is
+//! never reported: the rule is about no progress at all.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,7 +64,9 @@ pub fn watch_rings(
                             stalled = stalled.max(now - s.since);
                         }
                     }
-                    if stalled >= *timeout && reported.get(name) != Some(&backend) {
+                    if stalled.is_zero() {
+                        reported.remove(name);
+                    } else if stalled >= *timeout && reported.get(name) != Some(&backend) {
                         reported.insert(name.clone(), backend);
                         report(name, stalled);
                     }

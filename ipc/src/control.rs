@@ -82,6 +82,105 @@ pub enum Request {
         /// Path of the new backend binary.
         binary: String,
     },
+    /// Counters of one VM (`Some`) or of every VM the caller may see: `bulkhead top`,
+    /// `info --json`, `metrics`.
+    Stats {
+        /// VM name; None: all.
+        name: Option<String>,
+    },
+    /// Change a device's rate limits on the running VM (kept across backend restarts).
+    DeviceSetLimit {
+        /// VM name.
+        name: String,
+        /// Device (`disk0`, `nic0`).
+        device: String,
+        /// What to change.
+        limits: LimitsUpdate,
+    },
+}
+
+/// A change of a device's limits: each `Some` replaces that value (0: none), each `None`
+/// keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsUpdate {
+    /// Bytes per second.
+    pub bandwidth: Option<u64>,
+    /// One-time extra bytes.
+    pub bandwidth_burst: Option<u64>,
+    /// Requests (disk) or packets (NIC) per second.
+    pub ops: Option<u64>,
+    /// One-time extra requests or packets.
+    pub ops_burst: Option<u64>,
+}
+
+/// A device's limits in force (0: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLimits {
+    /// Bytes per second.
+    pub bandwidth: u64,
+    /// One-time extra bytes.
+    pub bandwidth_burst: u64,
+    /// Requests (disk) or packets (NIC) per second.
+    pub ops: u64,
+    /// One-time extra requests or packets.
+    pub ops_burst: u64,
+}
+
+/// One queue's counters, as its backend keeps them (untrusted: a backend writes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Requests (disk) or packets (NIC).
+    pub requests: u64,
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flushes.
+    pub flushes: u64,
+    /// Bytes read from the disk (or moved through a NIC queue).
+    pub bytes_read: u64,
+    /// Bytes written to the disk.
+    pub bytes_written: u64,
+    /// Failed requests (disk) or dropped packets (NIC).
+    pub errors: u64,
+    /// Times the queue had to wait for its rate limit.
+    pub throttled: u64,
+    /// Nanoseconds the queue waited for its rate limit.
+    pub throttled_ns: u64,
+    /// Sum of request latencies, microseconds.
+    pub latency_sum_us: u64,
+    /// Latency histogram: bucket 0 is < 16 µs, bucket i < 16·2^i µs, the last the rest.
+    pub latency_hist: Vec<u64>,
+}
+
+/// One device's counters and limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// Device name (`disk0`, `nic0`).
+    pub device: String,
+    /// Backend restarts (crash, hang, restart, upgrade).
+    pub restarts: u32,
+    /// Backend processes (serving or standby) started with this device's counters page.
+    pub backend_starts: u64,
+    /// Limits in force.
+    pub limits: DeviceLimits,
+    /// Per queue (disk: request queues; NIC: rx, tx, rx, tx, ...); empty when the device
+    /// keeps no counters.
+    pub queues: Vec<QueueStats>,
+}
+
+/// One VM's counters: `bulkhead top`'s row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// The summary (name, state, vCPUs, memory).
+    pub summary: VmSummary,
+    /// CPU time of its runner and its device backends (those gone too), nanoseconds.
+    pub cpu_ns: u64,
+    /// Per vCPU: exits to the runner and time in KVM_RUN (empty if the runner did not
+    /// answer in time).
+    pub vcpus: Vec<crate::runner::VcpuCounters>,
+    /// Per device.
+    pub devices: Vec<DeviceStats>,
 }
 
 /// Why a request failed, for scripts; the message says it for people.
@@ -193,6 +292,11 @@ pub enum Reply {
     Info {
         /// The VM.
         vm: VmInfo,
+    },
+    /// Counters ([`Request::Stats`]).
+    Stats {
+        /// Per VM.
+        vms: Vec<VmStats>,
     },
     /// Console attached; `history` is the buffered output so far (up to 64 KiB).
     ConsoleAttached {

@@ -9,6 +9,7 @@
 //! malformed that arrives is an [`IpcError`], never a panic.
 
 pub mod control;
+pub mod devstats;
 pub mod hello;
 pub mod runner;
 pub mod transport;

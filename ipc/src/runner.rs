@@ -103,6 +103,17 @@ pub enum RunnerCommand {
         /// Device name (`disk0`, `nic0`).
         device: String,
     },
+    /// Report each vCPU's exits and time in KVM_RUN ([`RunnerEvent::VcpuStats`]).
+    VcpuStats,
+}
+
+/// One vCPU's counters, as its runner keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuCounters {
+    /// Returns from KVM_RUN (exits to the runner; exits KVM handles itself are not seen).
+    pub exits: u64,
+    /// Nanoseconds spent in KVM_RUN.
+    pub run_ns: u64,
 }
 
 /// How a guest run ended, as the runner saw it.
@@ -150,13 +161,16 @@ pub enum RunnerEvent {
         device: String,
     },
     /// A device's backend has work it is not doing: a ring (a disk's, or a NIC's transmit
-    /// ring) held requests with no completion for `stalled_ms`. Reported once per backend.
+    /// ring) held requests with no completion for `stalled_ms`. Reported once per stall (again
+    /// after the backend made progress, or for a new backend).
     DeviceHung {
         /// Device name.
         device: String,
         /// How long nothing was completed.
         stalled_ms: u64,
     },
+    /// Per-vCPU counters (answer to `VcpuStats`), in vCPU order.
+    VcpuStats(Vec<VcpuCounters>),
     /// The guest ended; the runner exits after sending this.
     Exited(GuestOutcome),
     /// A command could not be carried out.

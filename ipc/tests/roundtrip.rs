@@ -6,7 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 
-use bulkhead_ipc::control::{ErrorCode, Reply, Request, StopReason, VmInfo, VmState, VmSummary};
+use bulkhead_ipc::control::{
+    DeviceLimits, DeviceStats, ErrorCode, LimitsUpdate, QueueStats, Reply, Request, StopReason,
+    VmInfo, VmState, VmStats, VmSummary,
+};
 use bulkhead_ipc::runner::{BootFds, BootSpec, GuestOutcome, RunnerCommand, RunnerEvent};
 use bulkhead_ipc::Channel;
 use common::{borrow, check_pipe, pipe};
@@ -29,9 +32,11 @@ fn request_index(r: &Request) -> usize {
         Request::DeviceRestart { .. } => 10,
         Request::DeviceUpgrade { .. } => 11,
         Request::Reboot { .. } => 12,
+        Request::Stats { .. } => 13,
+        Request::DeviceSetLimit { .. } => 14,
     }
 }
-const REQUEST_VARIANTS: usize = 13;
+const REQUEST_VARIANTS: usize = 15;
 
 fn reply_index(r: &Reply) -> usize {
     match r {
@@ -43,9 +48,10 @@ fn reply_index(r: &Reply) -> usize {
         Reply::ConsoleOutput { .. } => 5,
         Reply::ConsoleClosed { .. } => 6,
         Reply::Error { .. } => 7,
+        Reply::Stats { .. } => 8,
     }
 }
-const REPLY_VARIANTS: usize = 8;
+const REPLY_VARIANTS: usize = 9;
 
 fn command_index(c: &RunnerCommand) -> usize {
     match c {
@@ -56,9 +62,10 @@ fn command_index(c: &RunnerCommand) -> usize {
         RunnerCommand::Status => 4,
         RunnerCommand::ConsoleInput(_) => 5,
         RunnerCommand::ReconnectDevice { .. } => 6,
+        RunnerCommand::VcpuStats => 7,
     }
 }
-const COMMAND_VARIANTS: usize = 7;
+const COMMAND_VARIANTS: usize = 8;
 
 fn event_index(e: &RunnerEvent) -> usize {
     match e {
@@ -73,9 +80,10 @@ fn event_index(e: &RunnerEvent) -> usize {
         RunnerEvent::ShutdownRequested => 8,
         RunnerEvent::DeviceReconnected { .. } => 9,
         RunnerEvent::DeviceHung { .. } => 10,
+        RunnerEvent::VcpuStats(_) => 11,
     }
 }
-const EVENT_VARIANTS: usize = 11;
+const EVENT_VARIANTS: usize = 12;
 
 fn summary(name: &str, state: VmState) -> VmSummary {
     VmSummary {
@@ -126,6 +134,20 @@ fn requests() -> Vec<Request> {
         Request::Reboot {
             name: "web".into(),
             timeout_secs: 0,
+        },
+        Request::Stats { name: None },
+        Request::Stats {
+            name: Some("web".into()),
+        },
+        Request::DeviceSetLimit {
+            name: "web".into(),
+            device: "disk0".into(),
+            limits: LimitsUpdate {
+                bandwidth: Some(8 << 20),
+                bandwidth_burst: None,
+                ops: Some(0),
+                ops_burst: Some(u64::MAX),
+            },
         },
     ]
 }
@@ -181,6 +203,30 @@ fn replies() -> Vec<Reply> {
             ],
         },
         Reply::Info { vm: info.clone() },
+        Reply::Stats { vms: vec![] },
+        Reply::Stats {
+            vms: vec![VmStats {
+                summary: summary("s", VmState::Running),
+                cpu_ns: u64::MAX,
+                vcpus: vec![Default::default(); 2],
+                devices: vec![DeviceStats {
+                    device: "disk0".into(),
+                    restarts: 3,
+                    backend_starts: 4,
+                    limits: DeviceLimits {
+                        bandwidth: 1,
+                        bandwidth_burst: 2,
+                        ops: 3,
+                        ops_burst: 4,
+                    },
+                    queues: vec![QueueStats {
+                        requests: 9,
+                        latency_hist: vec![1; 16],
+                        ..QueueStats::default()
+                    }],
+                }],
+            }],
+        },
         Reply::Info {
             vm: VmInfo {
                 initrd: None,
@@ -220,6 +266,7 @@ fn commands() -> Vec<RunnerCommand> {
         RunnerCommand::Resume,
         RunnerCommand::RequestShutdown,
         RunnerCommand::Status,
+        RunnerCommand::VcpuStats,
         RunnerCommand::ConsoleInput(b"ls -l\r".to_vec()),
         RunnerCommand::ConsoleInput(Vec::new()),
         RunnerCommand::ReconnectDevice {
@@ -248,6 +295,14 @@ fn events() -> Vec<RunnerEvent> {
         },
         RunnerEvent::Console(b"\x1b[0mlogin: ".to_vec()),
         RunnerEvent::ShutdownRequested,
+        RunnerEvent::VcpuStats(vec![]),
+        RunnerEvent::VcpuStats(vec![
+            bulkhead_ipc::runner::VcpuCounters {
+                exits: u64::MAX,
+                run_ns: 0,
+            };
+            64
+        ]),
         RunnerEvent::DeviceReconnected {
             device: "nic0".into(),
         },

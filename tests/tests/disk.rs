@@ -783,6 +783,7 @@ fn daemon_disk_backend_is_sandboxed() {
             || target == img
             || t.starts_with("/memfd:bulkhead-guest-ram")
             || t.starts_with("/memfd:bulkhead-inflight")
+            || t.starts_with("/memfd:bulkhead-stats-")
             || t.starts_with("socket:[")
             || t.starts_with("anon_inode:");
         assert!(allowed, "bulkhead-blk fd {t} is not allowed; all: {seen:?}");
@@ -805,6 +806,10 @@ fn daemon_disk_backend_is_sandboxed() {
     assert!(
         has(&|t| t.starts_with("/memfd:bulkhead-inflight")),
         "the runner handed over no in-flight region: {seen:?}"
+    );
+    assert!(
+        has(&|t| t.starts_with("/memfd:bulkhead-stats-boxed-disk0")),
+        "bulkheadd handed over no counters page: {seen:?}"
     );
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
     let open_files = limits

@@ -379,6 +379,34 @@ fn daemon_guest_and_host_exchange_pings_and_checksummed_udp() {
     // And it answers pings while it ticks.
     expect_line(&d, &con, "guest", "tick 1");
     ping_from_ns(&ns, "10.77.1.2", 3, &|| ctx(&con));
+
+    // The NIC's counters (bulkhead info --json, "stats"): record 1 holds the frames the
+    // guest sent (its 10 datagrams of 1000 bytes, 5 echoes, pings, ARP), record 0 the
+    // frames it received.
+    let info = d.cli(&["info", "guest", "--json"]);
+    assert_eq!(info.code, Some(0), "{}", info.dump());
+    let v = common::json::parse(&info.stdout).expect("info json");
+    let queues = v
+        .get("stats")
+        .and_then(|s| s.get("devices"))
+        .and_then(|d| d.as_array())
+        .and_then(|d| {
+            d.iter()
+                .find(|x| x.get("device").and_then(|n| n.as_str()) == Some("nic0"))
+        })
+        .and_then(|n| n.get("queues"))
+        .and_then(|q| q.as_array())
+        .unwrap_or_else(|| panic!("no nic0 counters\n{}", info.stdout));
+    let count = |i: usize, key: &str| {
+        queues
+            .get(i)
+            .and_then(|q| q.get(key))
+            .and_then(|x| x.as_i64())
+            .unwrap_or(0)
+    };
+    assert!(count(1, "requests") >= 15, "{}", info.stdout);
+    assert!(count(1, "bytes_read") >= 10_000, "{}", info.stdout);
+    assert!(count(0, "requests") >= 5, "{}", info.stdout);
     destroy(&d, "guest");
 }
 
@@ -794,8 +822,10 @@ fn daemon_net_backend_is_sandboxed_and_its_tap_goes_with_the_vm() {
             let allowed = t == "/dev/null"
                 || target == log
                 || t.starts_with("/memfd:bulkhead-guest-ram")
+                || t.starts_with("/memfd:bulkhead-stats-boxed-nic0")
                 || t == "anon_inode:[eventfd]"
-                || t == "anon_inode:[eventpoll]";
+                || t == "anon_inode:[eventpoll]"
+                || t == "anon_inode:[timerfd]";
             assert!(allowed, "bulkhead-net holds fd {t}; all: {seen:?}");
         }
     }
@@ -812,6 +842,11 @@ fn daemon_net_backend_is_sandboxed_and_its_tap_goes_with_the_vm() {
     assert!(
         seen.iter().any(|s| s.ends_with("anon_inode:[eventfd]")),
         "no eventfd: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.contains("/memfd:bulkhead-stats-boxed-nic0")),
+        "no counters page: {seen:?}"
     );
     eprintln!("bulkhead-net fds: {seen:?}");
 
@@ -1158,6 +1193,32 @@ fn net_backend_killed_20_times_traffic_resumes_and_the_nic_never_resets() {
     assert_eq!(text.matches("net0: 00:").count(), 1, "{text}");
     let restarts = d.cli(&["info", "echoer"]).stdout;
     assert!(restarts.contains("restarts 20"), "{restarts}");
+    // The NIC's counters went on across the 20 backends: `top` sums every frame echoed.
+    let out = d.cli(&["top", "-b", "-i", "1", "--json"]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let frame = common::json::parse(out.stdout.trim()).expect("top json");
+    let nic = frame
+        .get("vms")
+        .and_then(|v| v.as_array())
+        .and_then(|v| v.first())
+        .and_then(|v| v.get("devices"))
+        .and_then(|d| d.as_array())
+        .and_then(|d| d.first())
+        .cloned()
+        .unwrap_or_else(|| panic!("no nic0 in top\n{}", out.stdout));
+    let starts = nic
+        .get("backend_starts")
+        .and_then(|x| x.as_i64())
+        .unwrap_or(0);
+    assert!(starts > 20, "backend starts {starts}\n{}", out.stdout);
+    let sent = nic
+        .get("queues")
+        .and_then(|q| q.as_array())
+        .and_then(|q| q.get(1))
+        .and_then(|q| q.get("requests"))
+        .and_then(|x| x.as_i64())
+        .unwrap_or(0);
+    assert!(sent > 20, "frames from the guest {sent}\n{}", out.stdout);
 }
 
 #[test]
@@ -1218,4 +1279,160 @@ fn frozen_net_backend_is_replaced_and_echo_resumes() {
         1,
         "the NIC was reset\n{text}"
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// A NIC's rate limit: what the guest sends is held to it
+// ------------------------------------------------------------------------------------------
+
+/// python3 UDP rate receiver: binds ADDR:PORT (IP_FREEBIND), prints `bound`, receives until
+/// COUNT datagrams arrived or nothing came for 3 s (or TIMEOUT passed), then prints
+/// `rate N BYTES SECONDS`: datagrams, payload bytes after the first, and the time from the
+/// first to the last.
+const PY_RATE_RECEIVER: &str = r#"
+import socket, sys, time
+addr, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind((addr, port))
+print("bound", flush=True)
+end = time.monotonic() + timeout
+n, total, first, last = 0, 0, None, None
+while n < count and time.monotonic() < end:
+    s.settimeout(3.0 if first is not None else max(0.1, end - time.monotonic()))
+    try:
+        data = s.recv(65535)
+    except socket.timeout:
+        if first is not None:
+            break
+        continue
+    now = time.monotonic()
+    if first is None:
+        first = now
+    else:
+        total += len(data)
+    last = now
+    n += 1
+print("rate", n, total, (last - first) if first is not None else 0.0, flush=True)
+"#;
+
+#[test]
+fn nic_limited_to_10_mbit_delivers_guest_udp_at_no_more_than_that() {
+    let name = "nic_limited_to_10_mbit_delivers_guest_udp_at_no_more_than_that";
+    if !root_available(name) || !kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let ns = Netns::new("rl-net");
+    let net = "[networks.rlnet]\naddress = \"10.79.1.1/24\"\nvms = [\"*\"]\n";
+    let d = Bulkheadd::start_in_netns("rl-net", Some(&policy(68400, net)), false, &ns.name);
+    let count = 3000u32;
+    let mut c = ns.exec("python3");
+    c.args(["-c", PY_RATE_RECEIVER, "10.79.1.1", "6100"])
+        .arg(count.to_string())
+        .arg("60");
+    let mut rx = Running::spawn(c);
+    assert!(rx.stdout.wait_for("bound", STEP), "{}", rx.stderr.text());
+    // 10 Mbit/s = 1,250,000 bytes/s of frames; 3000 datagrams of 1000 bytes take ~2.5 s.
+    let extra = format!(
+        "{}[nics.limits]\nbandwidth = 1250000\n",
+        nic_toml("rlnet", None)
+    );
+    let cfg = d.config_with(
+        "rlnic",
+        &format!(
+            "net ip=10.79.1.2/24 peer=10.79.1.1 udp-send=10.79.1.1:6100:{count}:1000 \
+             udp-echo=7100:1000000 net-idle=8000 echo"
+        ),
+        "128M",
+        1,
+        &extra,
+    );
+    d.create_config("rlnic", &cfg);
+    let con = d.console("rlnic");
+    let ctx = |con: &Running| format!("--- console ---\n{}\n{}", con.stdout.text(), d.dump());
+    expect_line(&d, &con, "rlnic", "udp-send: ");
+    rx.wait(Duration::from_secs(90));
+    let out = rx.stdout.text();
+    let rate = out
+        .lines()
+        .find_map(|l| l.strip_prefix("rate "))
+        .unwrap_or_else(|| panic!("no rate line\n{out}\n{}", rx.stderr.text()));
+    let f: Vec<f64> = rate
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let (n, bytes, secs) = (f[0], f[1], f[2]);
+    assert!(
+        n >= f64::from(count) * 0.9,
+        "received {n} of {count}\n{}",
+        ctx(&con)
+    );
+    assert!(
+        secs > 1.0,
+        "{n} datagrams in {secs} s: not limited\n{}",
+        ctx(&con)
+    );
+    let mbit = bytes * 8.0 / secs / 1e6;
+    eprintln!("NIC limited to 10 Mbit/s: {n} datagrams, payload {mbit:.2} Mbit/s over {secs:.2} s");
+    assert!(
+        mbit <= 10.5,
+        "{mbit:.2} Mbit/s of UDP payload\n{}",
+        ctx(&con)
+    );
+    assert!(
+        mbit >= 7.0,
+        "{mbit:.2} Mbit/s: far below the limit\n{}",
+        ctx(&con)
+    );
+
+    // What the guest receives is held to the limit too: flood its echo port for 2 s and
+    // compare the bytes its backend delivered (its counters) with the rate allows.
+    let rx_bytes = |d: &Bulkheadd| -> (i64, i64) {
+        let info = d.cli(&["info", "rlnic", "--json"]);
+        let v = common::json::parse(&info.stdout).expect("info json");
+        let q0 = v
+            .get("stats")
+            .and_then(|s| s.get("devices"))
+            .and_then(|d| d.as_array())
+            .and_then(|d| d.first())
+            .and_then(|n| n.get("queues"))
+            .and_then(|q| q.as_array())
+            .and_then(|q| q.first())
+            .cloned()
+            .unwrap_or_else(|| panic!("no nic0 counters\n{}", info.stdout));
+        let get = |k: &str| q0.get(k).and_then(|x| x.as_i64()).unwrap_or(-1);
+        (get("bytes_read"), get("throttled"))
+    };
+    let (before, _) = rx_bytes(&d);
+    let t0 = std::time::Instant::now();
+    let mut c = ns.exec("python3");
+    c.args([
+        "-c",
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nend=time.monotonic()+2\n\
+         while time.monotonic()<end:\n    s.sendto(b'x'*1000,('10.79.1.2',7100))\n    time.sleep(0.0002)\n",
+    ]);
+    let out = run_complete(c, Duration::from_secs(30));
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    std::thread::sleep(Duration::from_millis(500));
+    let (after, throttled) = rx_bytes(&d);
+    let secs = t0.elapsed().as_secs_f64();
+    let delivered = (after - before) as f64;
+    eprintln!(
+        "NIC receive side: {delivered} bytes delivered in {secs:.2} s ({:.2} Mbit/s), throttled {throttled} times",
+        delivered * 8.0 / secs / 1e6
+    );
+    assert!(
+        throttled > 0,
+        "the receive side was never throttled\n{}",
+        ctx(&con)
+    );
+    // At most the rate over the window, plus the bucket (100 ms) and one frame.
+    assert!(
+        delivered <= 1_250_000.0 * secs + 125_000.0 + 1_600.0,
+        "{delivered} bytes in {secs:.2} s\n{}",
+        ctx(&con)
+    );
+    destroy(&d, "rlnic");
 }

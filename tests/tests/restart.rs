@@ -653,7 +653,9 @@ fn random_writes_completing_out_of_order_survive_backend_kills() {
         let replaced = wait_until(STEP, || backend_pid(&d, "rand").is_some_and(|p| p != pid));
         assert!(replaced, "no new backend after kill {kills}\n{}", d.dump());
     }
-    let text = console_text(&con, "blk-rand-checksum:", Duration::from_secs(180));
+    // The read pass's perf line follows its checksum line: waiting for it, the checksum
+    // line is whole (console output arrives in pieces).
+    let text = console_text(&con, "blk-perf: randread", Duration::from_secs(180));
     let backend_log = std::fs::read_to_string(d.disk_log_path("rand", 0)).unwrap_or_default();
     let out = d.cli(&["destroy", "rand"]);
     assert_eq!(out.code, Some(0), "{}", out.dump());

@@ -1,6 +1,8 @@
 //! `bulkhead-blk`: the vhost-user-blk disk backend, standalone or under `bulkheadd`.
 
-use bulkhead_backends::cli::{check_fd, is_unix_stream, main_with, signal_ready, usage};
+use bulkhead_backends::cli::{
+    check_fd, is_unix_stream, main_with, signal_ready, stats_region, usage,
+};
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -75,6 +77,11 @@ struct Args {
     /// io-uring, threads (a pool of blocking threads), inline (one request at a time).
     #[arg(long, value_name = "ENGINE", default_value = "auto")]
     io_engine: EngineKind,
+    /// Inherited shared page (a sealed memfd made by bulkheadd) that holds this disk's
+    /// counters, which the backend keeps, and its rate limits, which it obeys; it outlives
+    /// the backend, so a restarted backend counts on and keeps the limits.
+    #[arg(long, value_name = "N")]
+    stats_fd: Option<RawFd>,
 }
 
 fn parse_cache(s: &str) -> Result<Cache, String> {
@@ -125,7 +132,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         if disk.direct() { "none" } else { "writeback" },
         args.serial
     );
+    // The fd stays open while we run: a restarted bulkheadd takes it back from us.
+    let (region, _stats_fd) = stats_region(args.stats_fd, usize::from(args.queues))?;
     let device = Device {
+        region,
         disk: Arc::new(disk),
         serial,
         queues: args.queues,

@@ -1,6 +1,8 @@
 //! `bulkhead-net`: the vhost-user-net backend over a tap, standalone or under `bulkheadd`.
 
-use bulkhead_backends::cli::{check_fd, is_unix_stream, main_with, signal_ready, usage};
+use bulkhead_backends::cli::{
+    check_fd, is_unix_stream, main_with, signal_ready, stats_region, usage,
+};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -59,6 +61,11 @@ struct Args {
     /// bulkheadd knows the binary and its libraries are loaded and may empty our root.
     #[arg(long, value_name = "R", requires = "socket_fd")]
     ready_fd: Option<RawFd>,
+    /// Inherited shared page (a sealed memfd made by bulkheadd) that holds this NIC's
+    /// counters (record 0: frames to the guest, record 1: frames from it); it outlives the
+    /// backend, so a restarted backend counts on.
+    #[arg(long, value_name = "N")]
+    stats_fd: Option<RawFd>,
     /// MAC address offered to the guest (VIRTIO_NET_F_MAC), e.g. 52:54:00:12:34:56.
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
@@ -123,6 +130,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let (tap, ufo) = open_tap(&args)?;
+    // The fd stays open while we run: a restarted bulkheadd takes it back from us.
+    let (region, _stats_fd) = stats_region(args.stats_fd, 2)?;
     let config = NetConfig { mac, ufo };
     if let Some(m) = mac {
         eprintln!(
@@ -133,7 +142,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let device = Device {
         tap: Arc::new(tap),
         config,
-        stats: Arc::new(NetStats::default()),
+        stats: Arc::new(NetStats::with_region(region)),
     };
 
     match (&args.socket, args.socket_fd) {

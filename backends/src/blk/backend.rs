@@ -12,8 +12,13 @@
 //! resubmits what the previous backend left in flight.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead_ipc::devstats::{self, BackendRegion};
+use vmm_sys_util::timerfd::TimerFd;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -32,6 +37,7 @@ use super::request::{
 };
 use super::stats::Stats;
 use crate::inflight::{InflightRegion, InflightSlot, Takeover};
+use crate::ratelimit::Limiter;
 use virtio_queue::desc::split::Descriptor;
 
 /// One queue's view of the in-flight region, and its engine.
@@ -46,7 +52,15 @@ struct QueueTrack {
     engine: Engine,
     /// Requests in the engine, by token.
     slab: Slab,
+    /// When each request in the slab was taken, by token.
+    taken: Vec<Instant>,
+    /// Since when the queue has waited for the rate limiter.
+    throttled_since: Option<Instant>,
 }
+
+/// The longest a throttled queue sleeps before it looks at its limits again (a limit
+/// raised meanwhile takes effect within this).
+const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(100);
 
 /// Requests in flight, each under a token (its index) the engine hands back.
 #[derive(Default)]
@@ -95,6 +109,16 @@ struct Inner {
     first_completed: AtomicBool,
     /// Whether a request came back from the engine undone (logged once).
     redone: AtomicBool,
+    /// The device's shared counters and limits page (under bulkheadd).
+    region: Option<Arc<BackendRegion>>,
+    /// The limits generation last taken from the region.
+    limits_gen: AtomicU64,
+    /// Whether any limit is in force (fast path: no lock when not).
+    limited: AtomicBool,
+    /// The rate limiter every queue shares.
+    limiter: Mutex<Limiter>,
+    /// One timer per queue: wakes a throttled queue (registered with its worker's epoll).
+    timers: Vec<Mutex<TimerFd>>,
 }
 
 /// The vhost-user-blk backend for one connection (cheap to clone; clones share state).
@@ -113,6 +137,7 @@ impl BlkBackend {
         stats: Arc<Stats>,
         inflight: Arc<InflightSlot>,
         engine: EngineKind,
+        region: Option<Arc<BackendRegion>>,
     ) -> Result<Self, EngineError> {
         let config = BlkConfig {
             capacity: disk.sectors(),
@@ -120,6 +145,7 @@ impl BlkBackend {
             readonly: disk.readonly(),
         };
         let mut tracks = Vec::with_capacity(usize::from(queues));
+        let mut timers = Vec::with_capacity(usize::from(queues));
         let mut pool = None;
         for q in 0..queues {
             let (engine, fallback) =
@@ -136,7 +162,18 @@ impl BlkBackend {
                 counter: 0,
                 engine,
                 slab: Slab::default(),
+                taken: Vec::new(),
+                throttled_since: None,
             }));
+            let timer = TimerFd::new()
+                .map_err(|e| EngineError::Timer(io::Error::from_raw_os_error(e.errno())))?;
+            // Non-blocking: a timer re-armed after it fired is read without waiting.
+            // SAFETY: F_GETFL/F_SETFL on a timerfd we own; no memory is passed.
+            unsafe {
+                let fl = libc::fcntl(timer.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+            }
+            timers.push(Mutex::new(timer));
         }
         Ok(BlkBackend {
             inner: Arc::new(Inner {
@@ -151,6 +188,11 @@ impl BlkBackend {
                 born: std::time::Instant::now(),
                 first_completed: AtomicBool::new(false),
                 redone: AtomicBool::new(false),
+                region,
+                limits_gen: AtomicU64::new(u64::MAX),
+                limited: AtomicBool::new(false),
+                limiter: Mutex::new(Limiter::default()),
+                timers,
             }),
         })
     }
@@ -160,10 +202,14 @@ impl BlkBackend {
         self.inner.config
     }
 
+    /// Serves `queue` until nothing is in flight. True if the rate limiter stopped it: its
+    /// timer is armed, and notifications stay off until the timer fires.
     fn process_queue(&self, queue: u16, vring: &VringRwLock) -> io::Result<bool> {
         let Some(atomic) = self.inner.mem.lock().ok().and_then(|m| m.clone()) else {
             return Ok(false);
         };
+        self.refresh_limits();
+        let mut throttled = false;
         let mem = atomic.memory();
         let ring_size = vring.get_ref().get_queue().size();
         let target = Target {
@@ -193,7 +239,7 @@ impl BlkBackend {
         let mut done = Vec::new();
         let mut stalled = false;
         loop {
-            while !stalled && track.engine.in_flight() < room {
+            while !stalled && !throttled && track.engine.in_flight() < room {
                 let chain = vring
                     .get_mut()
                     .get_queue_mut()
@@ -202,13 +248,44 @@ impl BlkBackend {
                     break;
                 };
                 let head = chain.head_index();
+                // As process_chain: at most one more descriptor than a legal chain has.
+                let limit = target.max_descriptors.saturating_add(1);
+                let descs: Vec<Descriptor> = chain.clone().take(limit).collect();
+                if self.inner.limited.load(Ordering::Relaxed) {
+                    if let Err(wait) = self.admit(&descs) {
+                        // Put it back; the queue's timer takes it up again.
+                        let mut g = vring.get_mut();
+                        let q = g.get_queue_mut();
+                        let back = q.next_avail().wrapping_sub(1);
+                        q.set_next_avail(back);
+                        drop(g);
+                        self.arm_timer(queue, wait);
+                        if track.throttled_since.is_none() {
+                            track.throttled_since = Some(Instant::now());
+                            self.count(queue, devstats::Q_THROTTLES, 1);
+                            if let Some(r) = &self.inner.region {
+                                r.set(usize::from(queue), devstats::Q_WAITING, 1);
+                            }
+                        }
+                        throttled = true;
+                        break;
+                    }
+                    if let Some(t) = track.throttled_since.take() {
+                        self.count(
+                            queue,
+                            devstats::Q_THROTTLED_NS,
+                            t.elapsed().as_nanos() as u64,
+                        );
+                        if let Some(r) = &self.inner.region {
+                            r.set(usize::from(queue), devstats::Q_WAITING, 0);
+                        }
+                    }
+                }
                 if let Some(region) = &track.region {
                     region.mark(queue, head, track.counter);
                     track.counter = track.counter.wrapping_add(1);
                 }
-                // As process_chain: at most one more descriptor than a legal chain has.
-                let limit = target.max_descriptors.saturating_add(1);
-                let descs: Vec<Descriptor> = chain.clone().take(limit).collect();
+                self.count(queue, devstats::Q_REQUESTS, 1);
                 match begin(&*mem, head, &descs, &target) {
                     Started::Done(outcome) => {
                         stalled |= !self.complete(
@@ -229,7 +306,25 @@ impl BlkBackend {
                                 !self.reap(queue, vring, track, &*mem, &target, n, &mut done);
                             self.notify(vring);
                         }
+                        self.count(
+                            queue,
+                            match req.op {
+                                IoOp::Data(super::disk::Rw::Read) => devstats::Q_READS,
+                                IoOp::Data(super::disk::Rw::Write) => devstats::Q_WRITES,
+                                IoOp::Flush => devstats::Q_FLUSHES,
+                            },
+                            1,
+                        );
                         let token = track.slab.insert(req);
+                        if self.inner.region.is_some() {
+                            let t = usize::try_from(token).unwrap_or(usize::MAX);
+                            if track.taken.len() <= t {
+                                track.taken.resize(t + 1, Instant::now());
+                            }
+                            if let Some(slot) = track.taken.get_mut(t) {
+                                *slot = Instant::now();
+                            }
+                        }
                         let submitted = match track.slab.get(token) {
                             Some(req) => track.engine.submit(token, req),
                             None => Err(io::Error::from(io::ErrorKind::NotFound)),
@@ -267,7 +362,102 @@ impl BlkBackend {
             // Taking more would only fail the same way (the guest's used ring is bad).
             return Err(io::Error::other("the used ring cannot be written"));
         }
-        Ok(any)
+        Ok(throttled)
+    }
+
+    /// Adds `n` to `queue`'s counter `field` in the shared page, if there is one.
+    #[inline]
+    fn count(&self, queue: u16, field: usize, n: u64) {
+        if let Some(r) = &self.inner.region {
+            r.add(usize::from(queue), field, n);
+        }
+    }
+
+    /// Counts a completed I/O request taken at `taken`: its bytes or its failure, and its
+    /// latency.
+    fn account(&self, queue: u16, req: &IoRequest, ok: bool, taken: Option<Instant>) {
+        let Some(r) = &self.inner.region else {
+            return;
+        };
+        let q = usize::from(queue);
+        match (ok, req.op) {
+            (false, _) => r.add(q, devstats::Q_ERRORS, 1),
+            (true, IoOp::Data(super::disk::Rw::Read)) => {
+                r.add(q, devstats::Q_BYTES_READ, req.bytes)
+            }
+            (true, IoOp::Data(super::disk::Rw::Write)) => {
+                r.add(q, devstats::Q_BYTES_WRITTEN, req.bytes)
+            }
+            (true, IoOp::Flush) => {}
+        }
+        if let Some(t) = taken {
+            let us = t.elapsed().as_micros() as u64;
+            r.add(q, devstats::Q_LATENCY_SUM_US, us);
+            r.add(q, devstats::Q_HIST + devstats::latency_bucket(us), 1);
+        }
+    }
+
+    /// Takes the limits from the shared page when bulkheadd changed them.
+    fn refresh_limits(&self) {
+        let Some(r) = &self.inner.region else {
+            return;
+        };
+        if r.limits_generation() == self.inner.limits_gen.load(Ordering::Relaxed) {
+            return;
+        }
+        let (gen, limits) = r.limits();
+        let mut l = self.inner.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        l.set(limits, Instant::now());
+        self.inner.limited.store(l.active(), Ordering::Relaxed);
+        self.inner.limits_gen.store(gen, Ordering::Relaxed);
+        eprintln!(
+            "bulkhead-blk: limits: {} bytes/s (burst {}), {} requests/s (burst {}) (0: none)",
+            limits.bw_rate, limits.bw_burst, limits.ops_rate, limits.ops_burst
+        );
+    }
+
+    /// Asks the limiter for the request made of `descs` (its data bytes: every descriptor
+    /// but the header and the status).
+    fn admit(&self, descs: &[Descriptor]) -> Result<(), Duration> {
+        let bytes: u64 = descs
+            .iter()
+            .skip(1)
+            .take(descs.len().saturating_sub(2))
+            .map(|d| u64::from(d.len()))
+            .sum();
+        self.inner
+            .limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(bytes, Instant::now())
+    }
+
+    /// Arms `queue`'s timer to fire after `wait` (at most [`MAX_THROTTLE_SLEEP`]).
+    fn arm_timer(&self, queue: u16, wait: Duration) {
+        if let Some(t) = self.inner.timers.get(usize::from(queue)) {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = t.reset(
+                wait.clamp(Duration::from_micros(1), MAX_THROTTLE_SLEEP),
+                None,
+            ) {
+                eprintln!("bulkhead-blk: queue {queue}: cannot arm the rate-limit timer: {e}");
+            }
+        }
+    }
+
+    /// Each queue's timer fd, in queue order, for the worker threads' epoll.
+    pub fn timer_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.inner
+            .timers
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd())
+            .collect()
+    }
+
+    /// The epoll data the queue timers are registered with (above the queues and the exit
+    /// event, as vhost-user-backend asks).
+    pub fn timer_event(&self) -> u64 {
+        u64::from(self.inner.config.num_queues) + 1
     }
 
     /// Signals the guest if it wants to hear about the used ring (EVENT_IDX).
@@ -325,6 +515,7 @@ impl BlkBackend {
             let Some(req) = track.slab.take(token) else {
                 continue;
             };
+            let taken = track.taken.get(token as usize).copied();
             let result = match r {
                 Ok(n) if matches!(req.op, IoOp::Data(_)) && (n as u64) < req.bytes => {
                     // A short transfer: do the rest here.
@@ -346,6 +537,7 @@ impl BlkBackend {
                 }
                 Err(e) => Err(e),
             };
+            self.account(queue, &req, result.is_ok(), taken);
             let head = req.head;
             let outcome = req.finish(mem, result, target);
             ok &= self.complete(
@@ -525,8 +717,18 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
-        // With one queue per thread, `device_event` indexes this thread's vrings.
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
+        let vring = if u64::from(device_event) == self.timer_event() {
+            // A throttled queue's timer: take the expiry and serve the queue again (this
+            // thread's only vring).
+            if let Some(t) = self.inner.timers.get(thread_id) {
+                let _ = t.lock().unwrap_or_else(|e| e.into_inner()).wait();
+            }
+            vrings.first()
+        } else {
+            // With one queue per thread, `device_event` indexes this thread's vrings.
+            vrings.get(usize::from(device_event))
+        };
+        let Some(vring) = vring else {
             return Ok(());
         };
         // One queue per worker thread, in order: the thread index is the queue index.
@@ -536,10 +738,15 @@ impl VhostUserBackend for BlkBackend {
         // NO_NOTIFY) while requests are in flight.
         loop {
             let _ = vring.disable_notification();
-            if self.process_queue(queue, vring).is_err() {
-                // Wait for the next notification rather than spin on a broken ring.
-                let _ = vring.enable_notification();
-                break;
+            match self.process_queue(queue, vring) {
+                Err(_) => {
+                    // Wait for the next notification rather than spin on a broken ring.
+                    let _ = vring.enable_notification();
+                    break;
+                }
+                // Throttled: the queue's timer wakes it; notifications stay off meanwhile.
+                Ok(true) => break,
+                Ok(false) => {}
             }
             match vring.enable_notification() {
                 Ok(true) => continue,

@@ -65,6 +65,9 @@ pub enum EngineError {
     /// A pool thread could not be started.
     #[error("cannot start an I/O thread: {0}")]
     Thread(#[source] io::Error),
+    /// A queue's rate-limit timer could not be made.
+    #[error("cannot make a queue timer: {0}")]
+    Timer(#[source] io::Error),
 }
 
 /// Threads in the `threads` engine's pool (one pool per backend).

@@ -18,6 +18,8 @@ use super::engine::EngineKind;
 use super::request::ID_LEN;
 use super::stats::Stats;
 use crate::inflight::InflightSlot;
+use bulkhead_ipc::devstats::BackendRegion;
+use vmm_sys_util::epoll::EventSet;
 
 const PROG: &str = "bulkhead-blk";
 
@@ -34,6 +36,8 @@ pub struct Device {
     pub stats: Arc<Stats>,
     /// The I/O engine each queue gets.
     pub engine: EngineKind,
+    /// The shared counters and limits page bulkheadd handed us (`--stats-fd`), if any.
+    pub region: Option<Arc<BackendRegion>>,
 }
 
 impl Device {
@@ -48,14 +52,23 @@ impl Device {
             self.stats.clone(),
             slot.clone(),
             self.engine,
+            self.region.clone(),
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let timers = backend.timer_fds();
+        let event = backend.timer_event();
         let daemon = VhostUserDaemon::new(
             PROG.to_string(),
             backend,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        // One worker thread per queue, in queue order: each hears its queue's timer.
+        for (handler, fd) in daemon.get_epoll_handlers().iter().zip(timers) {
+            handler
+                .register_listener(fd, EventSet::IN, event)
+                .map_err(|e| ServeError::Daemon(format!("queue timer: {e}")))?;
+        }
         Ok((daemon, slot))
     }
 

@@ -32,11 +32,18 @@ use super::config::{
 };
 use super::rx::{Rx, RxContext, RxStop};
 use super::stats::NetStats;
+use super::stats::{RX_RECORD, TX_RECORD};
 use super::tap::Tap;
-use super::tx::{process_tx, TxContext};
+use super::throttle::Throttle;
+use super::tx::{process_tx_limited, TxContext};
+use bulkhead_ipc::devstats::BackendRegion;
 
 /// The epoll data the tap fd is registered with (0..=NUM_QUEUES are the library's).
 pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// The epoll data of the TX rate-limit timer.
+pub const TX_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 2;
+/// The epoll data of the RX rate-limit timer.
+pub const RX_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 3;
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want used-buffer notifications.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -70,6 +77,14 @@ struct Inner {
     rx: Mutex<RxState>,
     tx_buf: Mutex<Vec<u8>>,
     poller: Mutex<Weak<VringEpollHandler<NetBackend>>>,
+    /// The shared counters and limits page, if bulkheadd handed one.
+    region: Option<Arc<BackendRegion>>,
+    /// The limits generation last taken from it.
+    limits_gen: AtomicU64,
+    /// What the guest sends (woken by [`TX_TIMER_EVENT`]) and what it receives (by
+    /// [`RX_TIMER_EVENT`]) are each held to the limits; none without a page.
+    tx_throttle: Option<Throttle>,
+    rx_throttle: Option<Throttle>,
 }
 
 /// The vhost-user-net backend for one connection (cheap to clone; clones share state).
@@ -81,6 +96,20 @@ pub struct NetBackend {
 impl NetBackend {
     /// A backend moving frames between the guest and `tap`.
     pub fn new(tap: Arc<Tap>, config: NetConfig, stats: Arc<NetStats>) -> Self {
+        let region = stats.region();
+        // Made before the seccomp filter. Without a timer nothing is limited.
+        let throttle = |record| {
+            let r = region.clone()?;
+            match Throttle::new(r, record) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("bulkhead-net: no rate-limit timer ({e}): limits are not enforced");
+                    None
+                }
+            }
+        };
+        let tx_throttle = throttle(TX_RECORD);
+        let rx_throttle = throttle(RX_RECORD);
         NetBackend {
             inner: Arc::new(Inner {
                 tap,
@@ -95,8 +124,48 @@ impl NetBackend {
                 }),
                 tx_buf: Mutex::new(Vec::new()),
                 poller: Mutex::new(Weak::new()),
+                region,
+                limits_gen: AtomicU64::new(u64::MAX),
+                tx_throttle,
+                rx_throttle,
             }),
         }
+    }
+
+    /// Registers the rate-limit timers with the worker's epoll (the daemon's only handler).
+    pub fn register_timer(&self, handler: &VringEpollHandler<NetBackend>) -> io::Result<()> {
+        for (t, event) in [
+            (&self.inner.tx_throttle, TX_TIMER_EVENT),
+            (&self.inner.rx_throttle, RX_TIMER_EVENT),
+        ] {
+            if let Some(t) = t {
+                handler.register_listener(t.timer_fd(), EventSet::IN, u64::from(event))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the limits from the shared page when bulkheadd changed them (each direction
+    /// gets them).
+    fn refresh_limits(&self) {
+        let Some(r) = &self.inner.region else {
+            return;
+        };
+        if r.limits_generation() == self.inner.limits_gen.load(Ordering::Relaxed) {
+            return;
+        }
+        let (gen, limits) = r.limits();
+        for t in [&self.inner.tx_throttle, &self.inner.rx_throttle]
+            .into_iter()
+            .flatten()
+        {
+            t.set(limits);
+        }
+        self.inner.limits_gen.store(gen, Ordering::Relaxed);
+        eprintln!(
+            "bulkhead-net: limits each way: {} bytes/s (burst {}), {} frames/s (burst {}) (0: none)",
+            limits.bw_rate, limits.bw_burst, limits.ops_rate, limits.ops_burst
+        );
     }
 
     /// The config space this backend serves.
@@ -174,17 +243,25 @@ impl NetBackend {
         // avail_event, or else the used ring's NO_NOTIFY flag), and the queue is checked
         // once more after it is told again: without that a guest that does not negotiate
         // EVENT_IDX kicks for every frame, each kick an exit and a wake-up here.
+        self.refresh_limits();
+        let throttle = self.inner.tx_throttle.as_ref().filter(|t| t.active());
         loop {
             let _ = vring.disable_notification();
-            let used = {
+            let (used, wait) = {
                 let mut state = vring.get_mut();
                 if !state.get_queue().ready() || !state.is_enabled() {
                     return;
                 }
-                process_tx(state.get_queue_mut(), &mem, &ctx, &mut buf)
+                let mut admit = |bytes: u64| throttle.map_or(Ok(()), |t| t.admit(bytes));
+                process_tx_limited(state.get_queue_mut(), &mem, &ctx, &mut buf, &mut admit)
             };
             if used > 0 {
                 self.signal(vring, &mem);
+            }
+            if wait.is_some() {
+                // Its timer takes it up again; until then the guest is told not to kick
+                // (without EVENT_IDX), or its kicks find it throttled at once.
+                return;
             }
             match vring.enable_notification() {
                 Ok(true) => continue,
@@ -224,7 +301,11 @@ impl NetBackend {
                         .stats
                         .log(format_args!("cannot suppress RX notifications: {e}"));
                 }
-                state.rx.process(vs.get_queue_mut(), &mem, &ctx)
+                let throttle = self.inner.rx_throttle.as_ref().filter(|t| t.active());
+                let mut admit = |bytes: u64| throttle.map_or(Ok(()), |t| t.admit(bytes));
+                state
+                    .rx
+                    .process_limited(vs.get_queue_mut(), &mem, &ctx, &mut admit)
             };
             if outcome.used > 0 {
                 self.signal(vring, &mem);
@@ -237,6 +318,12 @@ impl NetBackend {
                 RxStop::TapError => {
                     // Retry at the guest's next kick.
                     let _ = vring.enable_notification();
+                    self.poll_tap(&mut state, false);
+                    return;
+                }
+                RxStop::Throttled => {
+                    // The frame waits in `rx`; the tap waits for the RX timer, so its
+                    // readiness does not wake us meanwhile.
                     self.poll_tap(&mut state, false);
                     return;
                 }
@@ -328,14 +415,24 @@ impl VhostUserBackend for NetBackend {
     ) -> io::Result<()> {
         // Errors here must not end the worker thread: that would silently kill the NIC.
         match device_event {
-            e if usize::from(e) == TX_QUEUE => {
+            e if usize::from(e) == TX_QUEUE || e == TX_TIMER_EVENT => {
+                if e == TX_TIMER_EVENT {
+                    if let Some(t) = &self.inner.tx_throttle {
+                        t.fired();
+                    }
+                }
                 if let Some(tx) = vrings.get(TX_QUEUE) {
                     self.process_tx(tx);
                 }
             }
-            e if usize::from(e) == RX_QUEUE || e == TAP_EVENT => {
+            e if usize::from(e) == RX_QUEUE || e == TAP_EVENT || e == RX_TIMER_EVENT => {
                 if e == TAP_EVENT && evset.is_empty() {
                     return Ok(());
+                }
+                if e == RX_TIMER_EVENT {
+                    if let Some(t) = &self.inner.rx_throttle {
+                        t.fired();
+                    }
                 }
                 if let Some(rx) = vrings.get(RX_QUEUE) {
                     self.process_rx(rx);

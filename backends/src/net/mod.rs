@@ -6,7 +6,9 @@
 //! - [`tap`]: the tap fd (non-blocking frame I/O and the two per-fd ioctls);
 //! - [`tx`]: validation of TX chains and their transmission to the tap;
 //! - [`rx`]: delivery of frames read from the tap into RX chains (mergeable buffers);
-//! - [`stats`]: packet/byte/drop counters and the rate-limited log;
+//! - [`stats`]: packet/byte/drop counters (also in bulkheadd's shared page) and the
+//!   rate-limited log;
+//! - [`throttle`]: the rate limit of one direction (token buckets, a timerfd wakeup);
 //! - [`backend`]: the `VhostUserBackend` glue (queues, the tap in the worker's epoll);
 //! - [`serve`]: the connection loops (standalone listener, or an inherited connected socket);
 //! - [`sandbox`]: the seccomp allowlist installed in `--socket-fd` mode.
@@ -18,6 +20,7 @@ pub mod sandbox;
 pub mod serve;
 pub mod stats;
 pub mod tap;
+pub mod throttle;
 pub mod tx;
 
 pub use backend::NetBackend;

@@ -50,6 +50,9 @@ pub enum RxStop {
     NoBuffers,
     /// Reading the tap failed with something other than "no frame": stop polling it.
     TapError,
+    /// The rate limit holds the next frame back (it stays pending; the limiter's caller
+    /// arranged the wakeup).
+    Throttled,
 }
 
 /// What one round of RX processing did.
@@ -82,6 +85,8 @@ pub struct Rx {
     held: Vec<(u16, u32)>,
     /// Where the first held chain's bytes live (its header holds `num_buffers`).
     first: Vec<Segment>,
+    /// Whether the rate limit admitted (and was charged for) the pending frame.
+    admitted: bool,
 }
 
 impl Default for Rx {
@@ -92,6 +97,7 @@ impl Default for Rx {
             written: 0,
             held: Vec::new(),
             first: Vec::new(),
+            admitted: false,
         }
     }
 }
@@ -176,6 +182,7 @@ impl Rx {
         self.written = 0;
         self.held.clear();
         self.first.clear();
+        self.admitted = false;
     }
 
     /// Moves frames from the tap into the RX `queue` until the tap is empty or the guest
@@ -185,6 +192,19 @@ impl Rx {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         ctx: &RxContext<'_>,
+    ) -> RxOutcome {
+        self.process_limited(queue, mem, ctx, &mut |_| Ok(()))
+    }
+
+    /// [`Self::process`] asking `admit` before delivering each frame (with its bytes,
+    /// without the vnet header): a frame it refuses stays pending ([`RxStop::Throttled`]).
+    /// Each frame is admitted (and charged) once.
+    pub fn process_limited(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        ctx: &RxContext<'_>,
+        admit: &mut dyn FnMut(u64) -> Result<(), std::time::Duration>,
     ) -> RxOutcome {
         let mut out = RxOutcome {
             delivered: 0,
@@ -219,6 +239,15 @@ impl Rx {
                     Err(e) => {
                         ctx.stats.log(format_args!("tap read failed: {e}"));
                         out.stop = RxStop::TapError;
+                        return out;
+                    }
+                }
+            }
+            if !self.admitted {
+                match admit(self.len.saturating_sub(ctx.hdr_len) as u64) {
+                    Ok(()) => self.admitted = true,
+                    Err(_) => {
+                        out.stop = RxStop::Throttled;
                         return out;
                     }
                 }

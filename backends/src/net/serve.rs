@@ -44,6 +44,9 @@ impl Device {
             .first()
             .ok_or_else(|| ServeError::Daemon("no vring worker".into()))?;
         backend.set_poller(handler);
+        backend
+            .register_timer(handler)
+            .map_err(|e| ServeError::Daemon(format!("TX timer: {e}")))?;
         Ok(daemon)
     }
 

@@ -1,7 +1,9 @@
 //! Packet, byte and drop counters, and a rate-limited log of malformed chains to stderr.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use bulkhead_ipc::devstats::{self, BackendRegion};
 use std::time::{Duration, Instant};
 
 /// At most this many log lines per window.
@@ -80,7 +82,15 @@ pub struct NetStats {
     rx_skips: [AtomicU64; RX_SKIPS],
     rx_dropped: AtomicU64,
     log: Mutex<LogWindow>,
+    /// The shared counters page bulkheadd reads (record [`RX_RECORD`]: frames to the guest,
+    /// [`TX_RECORD`]: frames from it), if one was handed to us.
+    region: Option<Arc<BackendRegion>>,
 }
+
+/// The shared page's record for frames delivered to the guest.
+pub const RX_RECORD: usize = 0;
+/// The shared page's record for frames the guest sent.
+pub const TX_RECORD: usize = 1;
 
 #[derive(Debug)]
 struct LogWindow {
@@ -104,6 +114,7 @@ impl Default for NetStats {
                 printed: 0,
                 suppressed: 0,
             }),
+            region: None,
         }
     }
 }
@@ -143,6 +154,25 @@ impl NetStatsSnapshot {
 }
 
 impl NetStats {
+    /// Counters that are also kept in `region` (the page bulkheadd reads).
+    pub fn with_region(region: Option<Arc<BackendRegion>>) -> Self {
+        NetStats {
+            region,
+            ..NetStats::default()
+        }
+    }
+
+    /// The shared page, if there is one.
+    pub fn region(&self) -> Option<Arc<BackendRegion>> {
+        self.region.clone()
+    }
+
+    fn shared(&self, record: usize, field: usize, n: u64) {
+        if let Some(r) = &self.region {
+            r.add(record, field, n);
+        }
+    }
+
     /// Copies the counters.
     pub fn snapshot(&self) -> NetStatsSnapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -162,6 +192,8 @@ impl NetStats {
         self.tx_packets.fetch_add(1, Ordering::Relaxed);
         self.tx_bytes
             .fetch_add(frame_bytes as u64, Ordering::Relaxed);
+        self.shared(TX_RECORD, devstats::Q_REQUESTS, 1);
+        self.shared(TX_RECORD, devstats::Q_BYTES_READ, frame_bytes as u64);
     }
 
     /// Counts one frame delivered to the guest.
@@ -169,11 +201,14 @@ impl NetStats {
         self.rx_packets.fetch_add(1, Ordering::Relaxed);
         self.rx_bytes
             .fetch_add(frame_bytes as u64, Ordering::Relaxed);
+        self.shared(RX_RECORD, devstats::Q_REQUESTS, 1);
+        self.shared(RX_RECORD, devstats::Q_BYTES_READ, frame_bytes as u64);
     }
 
     /// Counts and logs one dropped TX chain.
     pub fn tx_dropped(&self, head: u16, why: TxDrop) {
         self.tx_drops[why.index()].fetch_add(1, Ordering::Relaxed);
+        self.shared(TX_RECORD, devstats::Q_ERRORS, 1);
         self.log(format_args!("TX chain at head {head} dropped: {why}"));
     }
 
@@ -186,6 +221,7 @@ impl NetStats {
     /// Counts and logs one frame from the tap that could not be delivered.
     pub fn rx_frame_dropped(&self, what: std::fmt::Arguments<'_>) {
         self.rx_dropped.fetch_add(1, Ordering::Relaxed);
+        self.shared(RX_RECORD, devstats::Q_ERRORS, 1);
         self.log(what);
     }
 

@@ -112,10 +112,36 @@ pub fn process_tx(
     ctx: &TxContext<'_>,
     buf: &mut Vec<u8>,
 ) -> usize {
+    process_tx_limited(queue, mem, ctx, buf, &mut |_| Ok(())).0
+}
+
+/// [`process_tx`] asking `admit` before each chain (with its bytes, header included): a
+/// chain it refuses is put back in the avail ring, and the wait it asked for is returned
+/// with the count.
+pub fn process_tx_limited(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    ctx: &TxContext<'_>,
+    buf: &mut Vec<u8>,
+    admit: &mut dyn FnMut(u64) -> Result<(), std::time::Duration>,
+) -> (usize, Option<std::time::Duration>) {
     let max = usize::from(queue.size());
     let mut used = 0;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
+        // Its size as the guest describes it (bounded like `transmit` bounds it); a chain
+        // that is not a frame costs what it claims and is dropped below.
+        let bytes: u64 = chain
+            .clone()
+            .take(max.saturating_add(1))
+            .map(|d| u64::from(d.len()))
+            .fold(0, u64::saturating_add)
+            .saturating_sub(ctx.hdr_len as u64);
+        if let Err(wait) = admit(bytes) {
+            let back = queue.next_avail().wrapping_sub(1);
+            queue.set_next_avail(back);
+            return (used, Some(wait));
+        }
         match transmit(chain, max, ctx, buf) {
             Ok(n) => ctx.stats.tx_sent(n),
             Err(why) => ctx.stats.tx_dropped(head, why),
@@ -128,5 +154,5 @@ pub fn process_tx(
         }
         used += 1;
     }
-    used
+    (used, None)
 }

@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod format;
+pub mod top;
 
 use std::ffi::{OsStr, OsString};
 use std::io::{IsTerminal, Read, Write};
@@ -99,9 +100,72 @@ enum Verb {
     Info {
         /// The VM's name.
         name: String,
-        /// Print bulkheadd's VM info as JSON instead.
+        /// Print bulkheadd's VM info as JSON instead, with its counters under "stats"
+        /// (CPU time, and per device: restarts, limits, per-queue counters).
         #[arg(long)]
         json: bool,
+    },
+    /// Show every VM's resource use, refreshed (xentop's columns).
+    ///
+    /// Columns: NAME, STATE, CPU(sec) (runner and device backends, those restarted too),
+    /// CPU(%) (since the previous frame), MEM(k), VCPUS, NETTX(k)/NETRX(k) (bytes through
+    /// the NICs' backends that keep counters), VBD_RD/VBD_WR (disk read/write requests),
+    /// VBD_OO (times a disk queue waited for its rate limit), VBD_RSECT/VBD_WSECT (512-byte
+    /// sectors read/written), RESTARTS (device backend restarts). Counters are kept by the
+    /// backends in a page bulkheadd hands each of them, so they survive backend restarts.
+    ///
+    /// On a terminal: a full-screen view; keys q quit, n/c/m/v/x/r sort by name, CPU,
+    /// memory, disk, network, restarts, +/- double/halve the delay, d shows/hides the
+    /// per-device lines. Otherwise (or with --batch) the table is printed every delay;
+    /// --json prints one JSON object per frame, one per line.
+    Top {
+        /// Plain text frames, no screen control (as `xentop -b`).
+        #[arg(short, long)]
+        batch: bool,
+        /// Stop after N frames.
+        #[arg(short, long, value_name = "N")]
+        iterations: Option<u32>,
+        /// Seconds between frames.
+        #[arg(short, long, value_name = "S", default_value_t = 3.0)]
+        delay: f64,
+        /// One JSON object per frame and line: {"iteration", "time_unix", "vms": [...]}.
+        #[arg(long)]
+        json: bool,
+        /// Row order.
+        #[arg(long, value_enum, default_value = "name")]
+        sort: top::SortKey,
+    },
+    /// Print every VM's counters in the Prometheus text exposition format.
+    Metrics,
+    /// Change a device's rate limits on a running VM, at once and kept across backend
+    /// restarts and upgrades.
+    ///
+    /// Each option given replaces that value (0: none), the others stay. The policy's caps
+    /// (limits.max_disk_*, limits.max_nic_*) apply: a rate above one is refused, and a
+    /// rate of 0 gets the policy's default or cap. Sizes take K, M, G suffixes (binary).
+    DeviceSetLimit {
+        /// The VM's name.
+        name: String,
+        /// The device: disk0, ..., nic0, ...
+        device: String,
+        /// Bytes per second.
+        #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+        bandwidth: Option<u64>,
+        /// One-time extra bytes above the rate.
+        #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+        bandwidth_burst: Option<u64>,
+        /// Disk requests per second.
+        #[arg(long, value_name = "N", conflicts_with_all = ["pps", "pps_burst"])]
+        iops: Option<u64>,
+        /// One-time extra requests.
+        #[arg(long, value_name = "N")]
+        iops_burst: Option<u64>,
+        /// NIC packets per second.
+        #[arg(long, value_name = "N")]
+        pps: Option<u64>,
+        /// One-time extra packets.
+        #[arg(long, value_name = "N", conflicts_with = "iops_burst")]
+        pps_burst: Option<u64>,
     },
     /// Attach to a VM's serial console.
     ///
@@ -174,6 +238,16 @@ enum Verb {
         #[arg(long, value_name = "PATH")]
         binary: PathBuf,
     },
+}
+
+/// A byte count: digits (bytes) or digits with K, M, G, T (binary).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse().map_err(|_| format!("'{s}' is too large"));
+    }
+    core_vmm::config::parse_memory_size(t)
+        .map_err(|_| format!("'{s}' is not a byte count like 1048576 or 8M"))
 }
 
 /// The process's streams and environment, passed in so tests can supply their own.
@@ -251,6 +325,7 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Created { .. } => "Created",
         Reply::List { .. } => "List",
         Reply::Info { .. } => "Info",
+        Reply::Stats { .. } => "Stats",
         Reply::ConsoleAttached { .. } => "ConsoleAttached",
         Reply::ConsoleOutput { .. } => "ConsoleOutput",
         Reply::ConsoleClosed { .. } => "ConsoleClosed",
@@ -409,12 +484,81 @@ fn execute(cli: Cli, io: &mut Streams<'_>) -> Result<(), Failure> {
         Verb::Info {
             name,
             json: as_json,
-        } => match call(&socket, &Request::Info { name }, REPLY_TIMEOUT)? {
-            Reply::Info { vm } if as_json => json(io.stdout, &vm),
+        } => match call(
+            &socket,
+            &Request::Info { name: name.clone() },
+            REPLY_TIMEOUT,
+        )? {
+            Reply::Info { vm } if as_json => {
+                let stats =
+                    match call(&socket, &Request::Stats { name: Some(name) }, REPLY_TIMEOUT)? {
+                        Reply::Stats { vms } => vms.into_iter().next(),
+                        other => return Err(Failure::unexpected("info", &other)),
+                    };
+                let mut v = serde_json::to_value(&vm)
+                    .map_err(|e| Failure::new(format!("cannot encode JSON: {e}")))?;
+                if let (Some(obj), Some(stats)) = (v.as_object_mut(), stats) {
+                    let s = serde_json::to_value(&stats)
+                        .map_err(|e| Failure::new(format!("cannot encode JSON: {e}")))?;
+                    obj.insert("stats".into(), s);
+                }
+                json(io.stdout, &v)
+            }
             Reply::Info { vm } => print(io.stdout, &format::info(&vm)),
             other => Err(Failure::unexpected("info", &other)),
         },
         Verb::Console { name } => console::attach(&socket, &name, io),
+        Verb::Top {
+            batch,
+            iterations,
+            delay,
+            json,
+            sort,
+        } => top::top(
+            &socket,
+            &top::TopOptions {
+                batch,
+                iterations,
+                delay,
+                json,
+                sort,
+            },
+            io,
+        ),
+        Verb::Metrics => top::print_metrics(&socket, io),
+        Verb::DeviceSetLimit {
+            name,
+            device,
+            bandwidth,
+            bandwidth_burst,
+            iops,
+            iops_burst,
+            pps,
+            pps_burst,
+        } => {
+            let limits = bulkhead_ipc::control::LimitsUpdate {
+                bandwidth,
+                bandwidth_burst,
+                ops: iops.or(pps),
+                ops_burst: iops_burst.or(pps_burst),
+            };
+            if limits == Default::default() {
+                return Err(Failure {
+                    status: EXIT_USAGE,
+                    message: "give at least one of --bandwidth, --bandwidth-burst, --iops, --iops-burst, --pps, --pps-burst".into(),
+                });
+            }
+            done(
+                &socket,
+                "device-set-limit",
+                &Request::DeviceSetLimit {
+                    name,
+                    device,
+                    limits,
+                },
+                io,
+            )
+        }
         Verb::Pause { name } => done(&socket, "pause", &Request::Pause { name }, io),
         Verb::Unpause { name } => done(&socket, "unpause", &Request::Unpause { name }, io),
         Verb::Destroy { name } => done(&socket, "destroy", &Request::Destroy { name }, io),

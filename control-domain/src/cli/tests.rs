@@ -213,9 +213,30 @@ fn vm_info() -> VmInfo {
 
 #[test]
 fn info_prints_key_values_and_json() {
-    let fake = Fake::start(2, |_, ch| {
-        assert_eq!(recv(ch), Request::Info { name: "web".into() });
-        reply(ch, Reply::Info { vm: vm_info() });
+    // info; info --json asks for the info, then the counters.
+    let fake = Fake::start(3, |i, ch| {
+        if i < 2 {
+            assert_eq!(recv(ch), Request::Info { name: "web".into() });
+            reply(ch, Reply::Info { vm: vm_info() });
+        } else {
+            assert_eq!(
+                recv(ch),
+                Request::Stats {
+                    name: Some("web".into())
+                }
+            );
+            reply(
+                ch,
+                Reply::Stats {
+                    vms: vec![bulkhead_ipc::control::VmStats {
+                        summary: summary("web", 1, VmState::Running),
+                        cpu_ns: 2_000_000_000,
+                        vcpus: vec![],
+                        devices: vec![],
+                    }],
+                },
+            );
+        }
     });
     let o = cli(&fake.socket, &["info", "web"], b"");
     assert_eq!(o.status, 0, "{o:?}");
@@ -226,6 +247,7 @@ fn info_prints_key_values_and_json() {
     let back: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
     assert_eq!(back["kernel"], "/srv/vmlinux");
     assert_eq!(back["summary"]["name"], "web");
+    assert_eq!(back["stats"]["cpu_ns"], 2_000_000_000u64);
     fake.join();
 }
 

@@ -5,11 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-use bulkhead_ipc::control::{ErrorCode, Reply, Request};
+use bulkhead_ipc::control::{ErrorCode, LimitsUpdate, Reply, Request};
+use bulkhead_ipc::devstats::Limits;
 
 use super::describe::{info, summary};
 use super::policy::{Action, Caller};
-use super::{fail, Daemon, Failure};
+use super::stats::{summed, vm_stats};
+use super::vmconfig::LimitsConfig;
+use super::{fail, log, Daemon, Failure};
 
 impl Daemon {
     /// Serves one request for `caller`.
@@ -70,6 +73,32 @@ impl Daemon {
                 Some(PathBuf::from(binary)),
                 Action::DeviceUpgrade,
             ),
+            Request::Stats { name: Some(name) } => {
+                let vm = self.find(caller, &name, Action::View)?;
+                Ok(Reply::Stats {
+                    vms: vec![vm_stats(&vm)],
+                })
+            }
+            Request::Stats { name: None } => {
+                let vms = self
+                    .vms
+                    .all()
+                    .iter()
+                    .filter(|vm| {
+                        let owner = vm.read(|r| r.spec.owner);
+                        self.policy
+                            .authorize(caller, Action::View, Some((&vm.name, owner)))
+                            .is_ok()
+                    })
+                    .map(|vm| summed(vm_stats(vm)))
+                    .collect();
+                Ok(Reply::Stats { vms })
+            }
+            Request::DeviceSetLimit {
+                name,
+                device,
+                limits,
+            } => self.device_set_limit(caller, &name, &device, &limits),
             Request::Console { .. } | Request::ConsoleInput { .. } | Request::ConsoleDetach => {
                 Err(fail(
                     ErrorCode::Protocol,
@@ -77,6 +106,95 @@ impl Daemon {
                 ))
             }
         }
+    }
+
+    /// `device-set-limit`: a running VM's device gets new rate limits, within the policy's
+    /// caps; its backend takes them at its next request, and the record keeps them for
+    /// later backends.
+    fn device_set_limit(
+        &self,
+        caller: &Caller,
+        name: &str,
+        device: &str,
+        upd: &LimitsUpdate,
+    ) -> Result<Reply, Failure> {
+        let vm = self.find(caller, name, Action::DeviceSetLimit)?;
+        if !vm.is_live() {
+            return Err(fail(
+                ErrorCode::WrongState,
+                format!("VM '{name}' is not running"),
+            ));
+        }
+        let (disk, index) = match (device.strip_prefix("disk"), device.strip_prefix("nic")) {
+            (Some(i), _) => (true, i.parse::<usize>().ok()),
+            (_, Some(i)) => (false, i.parse::<usize>().ok()),
+            _ => (true, None),
+        };
+        let (count, now) = vm.read(|r| {
+            let l = |c: Option<&LimitsConfig>| c.and_then(|l| l.resolve(disk).ok());
+            if disk {
+                (
+                    r.spec.disks.len(),
+                    index
+                        .and_then(|i| r.spec.disks.get(i))
+                        .and_then(|d| l(d.limits.as_ref())),
+                )
+            } else {
+                (
+                    r.spec.nics.len(),
+                    index
+                        .and_then(|i| r.spec.nics.get(i))
+                        .and_then(|n| l(n.limits.as_ref())),
+                )
+            }
+        });
+        let Some(index) = index.filter(|i| *i < count) else {
+            return Err(fail(
+                ErrorCode::NotFound,
+                format!("VM '{name}' has no device '{device}'"),
+            ));
+        };
+        let now = now.unwrap_or_default();
+        let asked = Limits {
+            bw_rate: upd.bandwidth.unwrap_or(now.bw_rate),
+            bw_burst: upd.bandwidth_burst.unwrap_or(now.bw_burst),
+            ops_rate: upd.ops.unwrap_or(now.ops_rate),
+            ops_burst: upd.ops_burst.unwrap_or(now.ops_burst),
+        };
+        let l = self
+            .policy
+            .device_limits(device, disk, asked)
+            .map_err(|m| fail(ErrorCode::Denied, m))?;
+        let region = vm.devices.stats(device);
+        // Under the record lock: the page has one writer at a time.
+        vm.update(|r| {
+            let cfg = Some(LimitsConfig::from_limits(l, disk));
+            if disk {
+                if let Some(d) = r.spec.disks.get_mut(index) {
+                    d.limits = cfg;
+                }
+            } else if let Some(n) = r.spec.nics.get_mut(index) {
+                n.limits = cfg;
+            }
+            if let Some(region) = &region {
+                region.set_limits(l);
+            }
+        });
+        vm.save();
+        let ops = if disk { "requests/s" } else { "packets/s" };
+        let words = format!(
+            "{device}: limits {} bytes/s (burst {}), {} {ops} (burst {}) (0: none)",
+            l.bw_rate, l.bw_burst, l.ops_rate, l.ops_burst
+        );
+        log(&format!("VM '{name}': {words}"));
+        if region.is_none() {
+            return Ok(Reply::Done {
+                message: format!(
+                    "{words}; recorded, but its backend enforces none (it takes no limits page)"
+                ),
+            });
+        }
+        Ok(Reply::Done { message: words })
     }
 
     /// `device-restart` and `device-upgrade`: a running VM's device gets a new backend.

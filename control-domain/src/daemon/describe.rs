@@ -8,6 +8,7 @@ use bulkhead_ipc::control::{VmInfo, VmState, VmSummary};
 use super::network;
 use super::state::BackendRecord;
 use super::vm::{describe, VmEntry};
+use super::vmconfig::LimitsConfig;
 
 /// One line of `list`.
 pub fn summary(vm: &VmEntry) -> VmSummary {
@@ -22,6 +23,26 @@ pub fn summary(vm: &VmEntry) -> VmSummary {
         owner: rec.spec.owner,
         runner_pid: rec.runner_pid.filter(|_| live),
         uptime_secs: vm.uptime(),
+    }
+}
+
+/// `, limits ...` for a device with rate limits; nothing without.
+fn limit_words(l: Option<&LimitsConfig>, disk: bool) -> String {
+    let Some(l) = l.and_then(|l| l.resolve(disk).ok()) else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    if l.bw_rate > 0 {
+        parts.push(format!("{} B/s (burst {})", l.bw_rate, l.bw_burst));
+    }
+    if l.ops_rate > 0 {
+        let unit = if disk { "requests/s" } else { "frames/s sent" };
+        parts.push(format!("{} {unit} (burst {})", l.ops_rate, l.ops_burst));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(", limits {}", parts.join(", "))
     }
 }
 
@@ -48,7 +69,7 @@ pub fn info(vm: &VmEntry) -> VmInfo {
             .enumerate()
             .map(|(i, d)| {
                 format!(
-                    "disk{i}: {}{}, {} queue(s){}{}",
+                    "disk{i}: {}{}, {} queue(s){}{}{}",
                     d.path.display(),
                     if d.readonly { " (read-only)" } else { "" },
                     d.queues.unwrap_or(1),
@@ -58,7 +79,8 @@ pub fn info(vm: &VmEntry) -> VmInfo {
                         .unwrap_or_default(),
                     backend(format!("disk{i}"))
                         .map(backend_words)
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    limit_words(d.limits.as_ref(), true)
                 )
             })
             .collect(),
@@ -75,7 +97,11 @@ pub fn info(vm: &VmEntry) -> VmInfo {
                     .mac
                     .clone()
                     .unwrap_or_else(|| network::default_mac(rec.id, i));
-                format!("nic{i}: {mac} on network {}{words}", n.network)
+                format!(
+                    "nic{i}: {mac} on network {}{words}{}",
+                    n.network,
+                    limit_words(n.limits.as_ref(), false)
+                )
             })
             .collect(),
     }

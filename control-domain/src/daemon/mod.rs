@@ -25,6 +25,7 @@ pub mod policy;
 pub mod server;
 pub mod spawn;
 pub mod state;
+pub mod stats;
 pub mod supervisor;
 pub mod vm;
 pub mod vmconfig;

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use core_vmm::config::{parse_memory_size, MAX_VCPUS};
 use serde::Deserialize;
+
+use super::vmconfig::ByteSize;
+use bulkhead_ipc::devstats::Limits;
 use thiserror::Error;
 
 /// A policy file that cannot be used.
@@ -79,6 +82,14 @@ struct LimitsFile {
     max_vcpus: Option<u32>,
     max_memory: Option<String>,
     host_memory: Option<String>,
+    max_disk_bandwidth: Option<ByteSize>,
+    max_disk_iops: Option<u64>,
+    max_nic_bandwidth: Option<ByteSize>,
+    max_nic_pps: Option<u64>,
+    default_disk_bandwidth: Option<ByteSize>,
+    default_disk_iops: Option<u64>,
+    default_nic_bandwidth: Option<ByteSize>,
+    default_nic_pps: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +126,14 @@ pub struct DomainPolicy {
     pub runner_uid_count: u32,
     /// Networks by name.
     pub networks: std::collections::BTreeMap<String, NetworkPolicy>,
+    /// Most a disk may have (`limits.max_disk_*`; 0: no cap). Bursts are not capped.
+    pub disk_max: Limits,
+    /// What a disk that sets no limit gets (`limits.default_disk_*`; 0: none).
+    pub disk_default: Limits,
+    /// Most a NIC may have (`limits.max_nic_*`).
+    pub nic_max: Limits,
+    /// What a NIC that sets no limit gets (`limits.default_nic_*`).
+    pub nic_default: Limits,
 }
 
 /// Something a client asks to do.
@@ -137,6 +156,9 @@ pub enum Action {
     /// Move a device to another backend binary (`device-upgrade`): administrators only,
     /// since it names a program that `bulkheadd` runs.
     DeviceUpgrade,
+    /// Change a device's rate limits (`device-set-limit`): its owner or an administrator,
+    /// within the policy's caps.
+    DeviceSetLimit,
 }
 
 impl Action {
@@ -151,6 +173,7 @@ impl Action {
             Action::Destroy => "destroy",
             Action::DeviceRestart => "device-restart",
             Action::DeviceUpgrade => "device-upgrade",
+            Action::DeviceSetLimit => "device-set-limit",
         }
     }
 }
@@ -192,6 +215,10 @@ impl DomainPolicy {
             runner_uid_base: 61000,
             runner_uid_count: 1000,
             networks: std::collections::BTreeMap::new(),
+            disk_max: Limits::default(),
+            disk_default: Limits::default(),
+            nic_max: Limits::default(),
+            nic_default: Limits::default(),
         }
     }
 
@@ -239,6 +266,46 @@ impl DomainPolicy {
         if let Some(m) = &f.limits.host_memory {
             p.host_memory = parse_memory_size(m).map_err(|e| format!("limits.host_memory: {e}"))?;
         }
+        let size = |v: &Option<ByteSize>, key: &str| {
+            v.as_ref()
+                .map_or(Ok(0), |b| b.bytes())
+                .map_err(|m| format!("limits.{key}: {m}"))
+        };
+        let l = &f.limits;
+        p.disk_max.bw_rate = size(&l.max_disk_bandwidth, "max_disk_bandwidth")?;
+        p.disk_max.ops_rate = l.max_disk_iops.unwrap_or(0);
+        p.nic_max.bw_rate = size(&l.max_nic_bandwidth, "max_nic_bandwidth")?;
+        p.nic_max.ops_rate = l.max_nic_pps.unwrap_or(0);
+        p.disk_default.bw_rate = size(&l.default_disk_bandwidth, "default_disk_bandwidth")?;
+        p.disk_default.ops_rate = l.default_disk_iops.unwrap_or(0);
+        p.nic_default.bw_rate = size(&l.default_nic_bandwidth, "default_nic_bandwidth")?;
+        p.nic_default.ops_rate = l.default_nic_pps.unwrap_or(0);
+        for (key, d, m) in [
+            (
+                "default_disk_bandwidth",
+                p.disk_default.bw_rate,
+                p.disk_max.bw_rate,
+            ),
+            (
+                "default_disk_iops",
+                p.disk_default.ops_rate,
+                p.disk_max.ops_rate,
+            ),
+            (
+                "default_nic_bandwidth",
+                p.nic_default.bw_rate,
+                p.nic_max.bw_rate,
+            ),
+            (
+                "default_nic_pps",
+                p.nic_default.ops_rate,
+                p.nic_max.ops_rate,
+            ),
+        ] {
+            if m > 0 && d > m {
+                return Err(format!("limits.{key}: {d} is above its cap {m}"));
+            }
+        }
         if let Some(i) = f.images {
             if i.allowed.iter().any(|d| !d.is_absolute()) {
                 return Err("images.allowed: directories must be absolute".into());
@@ -273,6 +340,51 @@ impl DomainPolicy {
             p.runner_uid_count = r.uid_count;
         }
         Ok(p)
+    }
+
+    /// The limits `device` (a disk if `disk`, else a NIC) runs with when it asks for
+    /// `asked`: a rate it leaves at 0 gets the policy's default, or else its cap; a rate
+    /// above the cap is refused, naming the rule.
+    pub fn device_limits(&self, device: &str, disk: bool, asked: Limits) -> Result<Limits, String> {
+        let (max, default, kind, ops) = if disk {
+            (&self.disk_max, &self.disk_default, "disk", "iops")
+        } else {
+            (&self.nic_max, &self.nic_default, "nic", "pps")
+        };
+        let pick = |asked: u64, default: u64, max: u64, what: &str, unit: &str| {
+            let v = if asked > 0 {
+                asked
+            } else if default > 0 {
+                default
+            } else {
+                max
+            };
+            if max > 0 && v > max {
+                Err(format!(
+                    "denied by rule 'limits.max_{kind}_{what}': {device} asks {v} {unit}, at most {max}"
+                ))
+            } else {
+                Ok(v)
+            }
+        };
+        Ok(Limits {
+            bw_rate: pick(
+                asked.bw_rate,
+                default.bw_rate,
+                max.bw_rate,
+                "bandwidth",
+                "bytes/s",
+            )?,
+            bw_burst: asked.bw_burst,
+            ops_rate: pick(
+                asked.ops_rate,
+                default.ops_rate,
+                max.ops_rate,
+                ops,
+                "per second",
+            )?,
+            ops_burst: asked.ops_burst,
+        })
     }
 
     /// Whether the caller is an administrator.
@@ -362,6 +474,47 @@ mod tests {
             uid,
             gids: vec![uid],
         }
+    }
+
+    #[test]
+    fn device_limit_caps_and_defaults() {
+        let p = DomainPolicy::parse(
+            "[limits]\nmax_disk_iops = 500\nmax_disk_bandwidth = \"64M\"\ndefault_disk_bandwidth = \"16M\"\nmax_nic_pps = 100\n",
+        )
+        .expect("parse");
+        let none = Limits::default();
+        // Unset: the default, else the cap.
+        let l = p.device_limits("disk0", true, none).expect("within");
+        assert_eq!((l.bw_rate, l.ops_rate), (16 << 20, 500));
+        let l = p.device_limits("nic0", false, none).expect("within");
+        assert_eq!((l.bw_rate, l.ops_rate), (0, 100));
+        let e = p
+            .device_limits(
+                "disk1",
+                true,
+                Limits {
+                    ops_rate: 501,
+                    ..none
+                },
+            )
+            .unwrap_err();
+        assert!(e.contains("denied by rule 'limits.max_disk_iops'"), "{e}");
+        assert!(e.contains("disk1"), "{e}");
+        let e = p
+            .device_limits(
+                "nic0",
+                false,
+                Limits {
+                    ops_rate: 101,
+                    ..none
+                },
+            )
+            .unwrap_err();
+        assert!(e.contains("limits.max_nic_pps"), "{e}");
+        // A default above its cap is a policy error.
+        let e = DomainPolicy::parse("[limits]\nmax_disk_iops = 5\ndefault_disk_iops = 6\n")
+            .unwrap_err();
+        assert!(e.contains("default_disk_iops"), "{e}");
     }
 
     #[test]

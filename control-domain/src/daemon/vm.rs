@@ -83,6 +83,8 @@ pub struct VmEntry {
     /// re-adopted (their reboot ends them).
     restart_hook: Mutex<Option<RestartHook>>,
     state_dir: StateDir,
+    /// CPU time of its processes, as last seen in /proc.
+    pub cpu: Mutex<super::stats::CpuAccount>,
 }
 
 fn now_unix() -> u64 {
@@ -121,6 +123,7 @@ impl VmEntry {
             boots: (Mutex::new(0), Condvar::new()),
             restart_hook: Mutex::new(None),
             state_dir,
+            cpu: Mutex::new(super::stats::CpuAccount::default()),
         })
     }
 

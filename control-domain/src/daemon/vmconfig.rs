@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use bulkhead_ipc::devstats::Limits;
 use core_vmm::config::{parse_memory_size, MAX_VCPUS};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -145,6 +146,121 @@ pub struct DiskConfig {
     /// host page cache) or `none` (O_DIRECT). FLUSH makes completed writes durable in both.
     #[serde(default)]
     pub cache: DiskCache,
+    /// `[disks.limits]`: rate limits (`bandwidth`, `iops`, each with a `_burst`).
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
+}
+
+/// A byte count: an integer (bytes) or a string with a binary suffix (`"8M"`, `"512K"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    /// Bytes.
+    Bytes(u64),
+    /// With a suffix (K, M, G, T; B or none: bytes).
+    Text(String),
+}
+
+impl ByteSize {
+    /// The number of bytes, or why the text is not one.
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(t) if t.trim().bytes().all(|b| b.is_ascii_digit()) => t
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{t}' is not a byte count")),
+            ByteSize::Text(t) => parse_memory_size(t)
+                .map_err(|_| format!("'{t}' is not a byte count like 1048576 or \"8M\"")),
+        }
+    }
+}
+
+/// `[disks.limits]` / `[nics.limits]`: token-bucket rate limits of one device, enforced by
+/// its backend. A rate of 0 or none is unlimited (unless the policy imposes one); a
+/// `_burst` is a one-time credit on top of the rate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Bytes per second.
+    #[serde(default)]
+    pub bandwidth: Option<ByteSize>,
+    /// One-time extra bytes.
+    #[serde(default)]
+    pub bandwidth_burst: Option<ByteSize>,
+    /// Disk requests per second (disks only).
+    #[serde(default)]
+    pub iops: Option<u64>,
+    /// One-time extra requests (disks only).
+    #[serde(default)]
+    pub iops_burst: Option<u64>,
+    /// Packets per second, each way (NICs only).
+    #[serde(default)]
+    pub pps: Option<u64>,
+    /// One-time extra packets (NICs only).
+    #[serde(default)]
+    pub pps_burst: Option<u64>,
+}
+
+impl LimitsConfig {
+    /// The limits as the shared page holds them (`disk`: iops, else pps), or the key at
+    /// fault.
+    pub fn resolve(&self, disk: bool) -> Result<Limits, VmConfigError> {
+        let (kind, ops, ops_burst, wrong) = if disk {
+            (
+                "disks",
+                self.iops,
+                self.iops_burst,
+                self.pps.or(self.pps_burst),
+            )
+        } else {
+            (
+                "nics",
+                self.pps,
+                self.pps_burst,
+                self.iops.or(self.iops_burst),
+            )
+        };
+        if wrong.is_some() {
+            return Err(invalid(
+                if disk {
+                    "disks.limits.pps"
+                } else {
+                    "nics.limits.iops"
+                },
+                if disk {
+                    "a disk is limited in iops, not pps"
+                } else {
+                    "a NIC is limited in pps, not iops"
+                },
+            ));
+        }
+        let size = |v: &Option<ByteSize>, key: &'static str| {
+            v.as_ref()
+                .map_or(Ok(0), |b| b.bytes())
+                .map_err(|m| invalid(key, format!("{kind}: {m}")))
+        };
+        Ok(Limits {
+            bw_rate: size(&self.bandwidth, "limits.bandwidth")?,
+            bw_burst: size(&self.bandwidth_burst, "limits.bandwidth_burst")?,
+            ops_rate: ops.unwrap_or(0),
+            ops_burst: ops_burst.unwrap_or(0),
+        })
+    }
+
+    /// The config form of `l` (`disk`: iops, else pps); unlimited rates are left out.
+    pub fn from_limits(l: Limits, disk: bool) -> Self {
+        let some = |v: u64| (v > 0).then_some(v);
+        let (ops, ops_burst) = (some(l.ops_rate), some(l.ops_burst));
+        LimitsConfig {
+            bandwidth: some(l.bw_rate).map(ByteSize::Bytes),
+            bandwidth_burst: some(l.bw_burst).map(ByteSize::Bytes),
+            iops: if disk { ops } else { None },
+            iops_burst: if disk { ops_burst } else { None },
+            pps: if disk { None } else { ops },
+            pps_burst: if disk { None } else { ops_burst },
+        }
+    }
 }
 
 /// A disk's `cache` mode.
@@ -202,6 +318,9 @@ pub struct NicConfig {
     /// Seconds until a device marked failed is tried again (default 30; 0: only on request).
     #[serde(default)]
     pub retry_failed_secs: Option<u32>,
+    /// `[nics.limits]`: rate limits (`bandwidth`, `pps`, each with a `_burst`).
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
 }
 
 impl NicConfig {
@@ -396,6 +515,14 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
         if d.queues.is_some_and(|q| !(1..=8).contains(&q)) {
             return Err(invalid("disks.queues", "must be between 1 and 8"));
         }
+        if let Some(l) = &d.limits {
+            l.resolve(true)?;
+        }
+    }
+    for n in &file.nics {
+        if let Some(l) = &n.limits {
+            l.resolve(false)?;
+        }
     }
     let cpu_template = file.cpu_template.clone().unwrap_or_else(auto);
     if cpu_template != "auto" && core_vmm::cpu_template::by_name(&cpu_template).is_none() {
@@ -532,6 +659,57 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("preserve"), "{e}");
+    }
+
+    #[test]
+    fn limits_parse_and_name_bad_keys() {
+        let s = parse(
+            &format!(
+                "{BASE}[[disks]]\npath = \"d.img\"\n[disks.limits]\nbandwidth = \"8M\"\niops = 1000\niops_burst = 10\n\
+                 [[nics]]\nnetwork = \"lan\"\n[nics.limits]\nbandwidth = 1250000\npps = 5000\n"
+            ),
+            Path::new("/"),
+            0,
+        )
+        .expect("parse");
+        let d = s.disks[0].limits.as_ref().expect("disk limits");
+        assert_eq!(
+            d.resolve(true),
+            Ok(Limits {
+                bw_rate: 8 << 20,
+                bw_burst: 0,
+                ops_rate: 1000,
+                ops_burst: 10
+            })
+        );
+        let n = s.nics[0].limits.as_ref().expect("nic limits");
+        assert_eq!(
+            n.resolve(false).map(|l| (l.bw_rate, l.ops_rate)),
+            Ok((1_250_000, 5000))
+        );
+        // Round trip through the form the record keeps.
+        let back = LimitsConfig::from_limits(d.resolve(true).expect("resolve"), true);
+        assert_eq!(back.resolve(true), d.resolve(true));
+        for (bad, key) in [
+            ("[disks.limits]\npps = 5\n", "disks.limits.pps"),
+            ("[disks.limits]\nbandwidth = \"fast\"\n", "limits.bandwidth"),
+            ("[disks.limits]\nspeed = 5\n", "speed"),
+        ] {
+            let e = parse(
+                &format!("{BASE}[[disks]]\npath = \"d.img\"\n{bad}"),
+                Path::new("/"),
+                0,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
+        let e = parse(
+            &format!("{BASE}[[nics]]\nnetwork = \"lan\"\n[nics.limits]\niops = 5\n"),
+            Path::new("/"),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nics.limits.iops"), "{e}");
     }
 
     #[test]

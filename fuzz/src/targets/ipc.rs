@@ -267,6 +267,15 @@ pub fn seeds_request() -> Vec<Vec<u8>> {
             device: "nic0".into(),
             binary: "/usr/libexec/bulkhead-net".into(),
         },
+        Request::Stats { name: Some(n()) },
+        Request::DeviceSetLimit {
+            name: n(),
+            device: "disk0".into(),
+            limits: bulkhead_ipc::control::LimitsUpdate {
+                ops: Some(1000),
+                ..Default::default()
+            },
+        },
     ]
     .iter()
     .map(payload)
@@ -293,6 +302,18 @@ pub fn seeds_reply() -> Vec<Vec<u8>> {
                 disks: vec!["disk0".into()],
                 nics: vec![],
             },
+        },
+        Reply::Stats {
+            vms: vec![bulkhead_ipc::control::VmStats {
+                summary: summary(),
+                cpu_ns: 1,
+                vcpus: vec![Default::default()],
+                devices: vec![bulkhead_ipc::control::DeviceStats {
+                    device: "disk0".into(),
+                    queues: vec![Default::default()],
+                    ..Default::default()
+                }],
+            }],
         },
         Reply::ConsoleAttached {
             history: b"boot\n".to_vec(),
@@ -332,6 +353,7 @@ fn runner_commands() -> Vec<RunnerCommand> {
         RunnerCommand::Resume,
         RunnerCommand::RequestShutdown,
         RunnerCommand::Status,
+        RunnerCommand::VcpuStats,
         RunnerCommand::ConsoleInput(b"x".to_vec()),
         RunnerCommand::ReconnectDevice {
             device: "disk0".into(),
@@ -392,6 +414,10 @@ fn runner_events() -> Vec<RunnerEvent> {
         },
         RunnerEvent::Console(b"hello\n".to_vec()),
         RunnerEvent::ShutdownRequested,
+        RunnerEvent::VcpuStats(vec![bulkhead_ipc::runner::VcpuCounters {
+            exits: 1,
+            run_ns: 2,
+        }]),
         RunnerEvent::DeviceReconnected {
             device: "nic0".into(),
         },

@@ -92,13 +92,18 @@ impl Daemon {
                 .as_ref()
                 .filter(|_| alive)
                 .and_then(|fd| spawn::pidfd_getfd(fd, 4).ok());
+            // Its counters page (fd 6), so the counts go on.
+            let stats = pidfd
+                .as_ref()
+                .filter(|_| alive)
+                .and_then(|fd| spawn::pidfd_getfd(fd, 6).ok());
             let launch = if is_disk {
-                self.disk_launch_with(vm, index, b.uid, kept)
+                self.disk_launch_with(vm, index, b.uid, kept, stats)
             } else {
                 // What its opener found the tap takes, from the live backend's arguments.
                 let ufo = std::fs::read(format!("/proc/{}/cmdline", b.pid))
                     .is_ok_and(|c| c.split(|&x| x == 0).any(|a| a == b"ufo"));
-                self.nic_launch_with(vm, index, b.uid, kept.map(|fd| (fd, ufo)))
+                self.nic_launch_with(vm, index, b.uid, kept.map(|fd| (fd, ufo)), stats)
             };
             match launch {
                 Ok(mut launch) => {

@@ -61,6 +61,31 @@ impl Daemon {
                 .check_network(&spec.name, &n.network)
                 .map_err(denied)?;
         }
+        // The limits each device runs with: its own, or the policy's default or cap.
+        for (i, d) in spec.disks.iter_mut().enumerate() {
+            let asked = d
+                .limits
+                .as_ref()
+                .map_or(Ok(Default::default()), |l| l.resolve(true));
+            let asked = asked.map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
+            let l = self
+                .policy
+                .device_limits(&format!("disk{i}"), true, asked)
+                .map_err(denied)?;
+            d.limits = Some(vmconfig::LimitsConfig::from_limits(l, true));
+        }
+        for (i, n) in spec.nics.iter_mut().enumerate() {
+            let asked = n
+                .limits
+                .as_ref()
+                .map_or(Ok(Default::default()), |l| l.resolve(false));
+            let asked = asked.map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
+            let l = self
+                .policy
+                .device_limits(&format!("nic{i}"), false, asked)
+                .map_err(denied)?;
+            n.limits = Some(vmconfig::LimitsConfig::from_limits(l, false));
+        }
         // The one open of each file the config names; from here on they are descriptors.
         let files = self.open_host_files(&mut spec).map_err(denied)?;
         let _one_create_at_a_time = lock(&self.vms.create_lock);

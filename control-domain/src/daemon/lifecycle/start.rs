@@ -118,7 +118,7 @@ impl Daemon {
         let mut uid = || uids.next().ok_or("no uid for a device backend");
         let mut disk_socks = Vec::new();
         for (i, image) in disks.into_iter().enumerate() {
-            let launch = self.disk_launch_with(vm, i, uid()?, Some(image))?;
+            let launch = self.disk_launch_with(vm, i, uid()?, Some(image), None)?;
             disk_socks.push(
                 self.supervisor
                     .start_device(vm, &format!("disk{i}"), launch)?,
@@ -152,13 +152,15 @@ impl Daemon {
 
     /// Disk `index`'s backend: `bulkhead-blk` holding only the image, already open
     /// (`image`) or opened here beneath the allowed directories (a re-adopted VM's
-    /// backend that died while `bulkheadd` was down).
+    /// backend that died while `bulkheadd` was down), and the device's counters page kept
+    /// (`stats`), or made here.
     pub(super) fn disk_launch_with(
         &self,
         vm: &VmEntry,
         index: usize,
         uid: u32,
         image: Option<OwnedFd>,
+        stats: Option<OwnedFd>,
     ) -> Result<BackendLaunch, String> {
         let disk = vm.read(|r| r.spec.disks[index].clone());
         let image = match image {
@@ -189,29 +191,43 @@ impl Daemon {
             args.push("--cache".into());
             args.push(disk.cache.as_str().into());
         }
+        let stats = match stats {
+            Some(fd) => fd,
+            None => bulkhead_ipc::devstats::create(&format!("{}-disk{index}", vm.name))
+                .map_err(|e| format!("disk{index} counters: {e}"))?,
+        };
+        let limits = disk
+            .limits
+            .as_ref()
+            .map_or(Ok(Default::default()), |l| l.resolve(true))
+            .map_err(|e| format!("disk{index}: {e}"))?;
         Ok(BackendLaunch {
             binary: self.cfg.blk.clone(),
             args,
             resource: image,
             uid,
             policy: disk.restart_policy(),
+            stats: Some(stats),
+            limits,
         })
     }
 
     /// NIC `index`'s backend: its tap, created here on its network's bridge, and
     /// `bulkhead-net` holding only that tap.
     fn nic_launch(&self, vm: &VmEntry, index: usize, uid: u32) -> Result<BackendLaunch, String> {
-        self.nic_launch_with(vm, index, uid, None)
+        self.nic_launch_with(vm, index, uid, None, None)
     }
 
     /// [`Self::nic_launch`] with the tap already open and probed (`tap`, and whether it
-    /// takes UFO), or created and probed here.
+    /// takes UFO), or created and probed here, and its counters page kept (`stats`), or
+    /// made here.
     pub(super) fn nic_launch_with(
         &self,
         vm: &VmEntry,
         index: usize,
         uid: u32,
         tap: Option<(OwnedFd, bool)>,
+        stats: Option<OwnedFd>,
     ) -> Result<BackendLaunch, String> {
         let (nic, id) = vm.read(|r| (r.spec.nics[index].clone(), r.id));
         let device = format!("nic{index}");
@@ -237,6 +253,16 @@ impl Daemon {
             .mac
             .clone()
             .unwrap_or_else(|| network::default_mac(id, index));
+        let stats = match stats {
+            Some(fd) => fd,
+            None => bulkhead_ipc::devstats::create(&format!("{}-{device}", vm.name))
+                .map_err(|e| format!("{device} counters: {e}"))?,
+        };
+        let limits = nic
+            .limits
+            .as_ref()
+            .map_or(Ok(Default::default()), |l| l.resolve(false))
+            .map_err(|e| format!("{device}: {e}"))?;
         Ok(BackendLaunch {
             binary: self.cfg.net.clone(),
             args: vec![
@@ -250,6 +276,8 @@ impl Daemon {
             resource: tap,
             uid,
             policy: nic.restart_policy(),
+            stats: Some(stats),
+            limits,
         })
     }
 

@@ -24,6 +24,12 @@ pub struct BackendLaunch {
     pub uid: u32,
     /// When it is restarted.
     pub policy: RestartPolicy,
+    /// The device's shared counters and limits page (a memfd from
+    /// [`bulkhead_ipc::devstats::create`]), handed as fd 6 with `--stats-fd 6`; None for a
+    /// backend that takes none.
+    pub stats: Option<OwnedFd>,
+    /// The limits written in that page when the device is added.
+    pub limits: bulkhead_ipc::devstats::Limits,
 }
 
 /// A backend process that was spawned and has not yet said it is ready.
@@ -44,7 +50,8 @@ pub struct Spawned {
 const READY_TIMEOUT_MS: u16 = 30_000;
 
 /// Spawns `binary` for `vm`'s `device` in its sandbox with fd 3 = a listener holding the
-/// runner's queued connection, fd 4 = `resource` (image or tap), fd 5 = a ready pipe. A
+/// runner's queued connection, fd 4 = `resource` (image or tap), fd 5 = a ready pipe, fd 6
+/// = `stats` (the device's shared counters page) if given. A
 /// device's log starts with the VM (`fresh_log`); each later process appends to it, so the
 /// log tells the device's whole history.
 #[allow(clippy::too_many_arguments)]
@@ -55,6 +62,7 @@ pub fn spawn_backend(
     binary: &Path,
     extra_args: &[String],
     resource: OwnedFd,
+    stats: Option<OwnedFd>,
     uid: u32,
     standby: bool,
     fresh_log: bool,
@@ -97,6 +105,10 @@ pub fn spawn_backend(
         "--ready-fd".into(),
         "5".into(),
     ];
+    if stats.is_some() {
+        args.push("--stats-fd".into());
+        args.push("6".into());
+    }
     args.extend(extra_args.iter().cloned());
     // A disk backend writes up to its image's end (the image cannot grow: the backend
     // refuses requests past it); every backend writes its log.
@@ -116,7 +128,8 @@ pub fn spawn_backend(
         max_file_size: image_size.max(spawn::LOG_FILE_LIMIT),
         max_address_space: spawn::backend_address_space(guest_memory),
     };
-    let handed = vec![OwnedFd::from(listener), resource, ready_w];
+    let mut handed = vec![OwnedFd::from(listener), resource, ready_w];
+    handed.extend(stats);
     let child = spawn::spawn_sandboxed(binary, &args, handed, log_file, &sandbox)
         .map_err(|e| format!("cannot spawn {}: {e}", binary.display()))?;
     Ok(Spawned {

@@ -28,6 +28,7 @@ use std::time::Instant;
 use super::state::{BackendRecord, StateDir};
 use super::vm::{lock, VmEntry};
 use super::{log, spawn};
+use bulkhead_ipc::devstats::DaemonRegion;
 use device::{Action, Device, Event, Serving, Stall};
 pub use launch::BackendLaunch;
 
@@ -44,6 +45,9 @@ struct DeviceSlot {
     /// A pidfd per process of the device that may still be signalled: kills go through
     /// these, so a reused pid is never hit (re-adopted backends are not our children).
     pidfds: BTreeMap<i32, OwnedFd>,
+    /// The device's shared counters and limits page: the memfd every process of the
+    /// device is handed, and bulkheadd's mapping of it.
+    stats: Option<(OwnedFd, Arc<DaemonRegion>)>,
 }
 
 /// The devices of one VM, by name (`disk0`, `nic0`).
@@ -61,6 +65,13 @@ impl DeviceTable {
     /// Runs `f` on `device`'s slot under the table lock.
     fn with<R>(&self, device: &str, f: impl FnOnce(&mut DeviceSlot) -> R) -> Option<R> {
         lock(&self.slots).get_mut(device).map(f)
+    }
+
+    /// `device`'s shared counters and limits page, if it has one.
+    pub fn stats(&self, device: &str) -> Option<Arc<DaemonRegion>> {
+        lock(&self.slots)
+            .get(device)
+            .and_then(|s| s.stats.as_ref().map(|(_, r)| r.clone()))
     }
 }
 
@@ -176,6 +187,19 @@ impl Supervisor {
         pidfds: BTreeMap<i32, OwnedFd>,
     ) {
         self.hear_hangs(vm);
+        let stats =
+            launch
+                .stats
+                .and_then(|fd| match DaemonRegion::map(fd.as_fd(), launch.limits) {
+                    Ok(r) => Some((fd, Arc::new(r))),
+                    Err(e) => {
+                        log(&format!(
+                            "VM '{}': {device}: no counters or limits: {e}",
+                            vm.name
+                        ));
+                        None
+                    }
+                });
         lock(&vm.devices.slots).insert(
             device.to_string(),
             DeviceSlot {
@@ -184,6 +208,7 @@ impl Supervisor {
                 uid: launch.uid,
                 machine: Device::new(launch.binary, launch.policy),
                 pidfds,
+                stats,
             },
         );
     }
@@ -283,6 +308,13 @@ impl Supervisor {
                         .map_err(|e| format!("{device}: {e}"))?,
                     uid: slot.uid,
                     policy: slot.machine.policy,
+                    stats: match &slot.stats {
+                        Some((fd, _)) => {
+                            Some(fd.try_clone().map_err(|e| format!("{device}: {e}"))?)
+                        }
+                        None => None,
+                    },
+                    limits: Default::default(),
                 })
             })
             .unwrap_or_else(|| Err(format!("'{device}' is not restartable (re-adopted VM?)")))
@@ -305,6 +337,7 @@ impl Supervisor {
             &l.binary,
             &l.args,
             l.resource,
+            l.stats,
             l.uid,
             standby,
             fresh_log,

@@ -111,6 +111,15 @@ impl Supervisor {
     /// The runner saw `device`'s serving backend hold requests with no completion for
     /// `stalled_ms`: it is killed, and replaced like after a crash.
     pub fn hung(&self, vm: &VmEntry, device: &str, stalled_ms: u64) {
+        // A backend holding requests back for its rate limit makes no progress on purpose.
+        if vm.devices.stats(device).is_some_and(|r| r.waiting()) {
+            self.tell(
+                vm,
+                device,
+                &format!("backend waits for its rate limit ({stalled_ms} ms without a completion): not hung"),
+            );
+            return;
+        }
         let pid = vm
             .devices
             .with(device, |s| s.machine.serving_pid())
