@@ -4,3 +4,4 @@
 
 pub mod crc;
 pub mod format;
+pub mod kvm;
