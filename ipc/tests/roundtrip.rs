@@ -29,9 +29,11 @@ fn request_index(r: &Request) -> usize {
         Request::DeviceRestart { .. } => 10,
         Request::DeviceUpgrade { .. } => 11,
         Request::Reboot { .. } => 12,
+        Request::Save { .. } => 13,
+        Request::Restore { .. } => 14,
     }
 }
-const REQUEST_VARIANTS: usize = 13;
+const REQUEST_VARIANTS: usize = 15;
 
 fn reply_index(r: &Reply) -> usize {
     match r {
@@ -56,9 +58,12 @@ fn command_index(c: &RunnerCommand) -> usize {
         RunnerCommand::Status => 4,
         RunnerCommand::ConsoleInput(_) => 5,
         RunnerCommand::ReconnectDevice { .. } => 6,
+        RunnerCommand::SaveState => 7,
+        RunnerCommand::EndSave { .. } => 8,
+        RunnerCommand::Restore(_) => 9,
     }
 }
-const COMMAND_VARIANTS: usize = 7;
+const COMMAND_VARIANTS: usize = 10;
 
 fn event_index(e: &RunnerEvent) -> usize {
     match e {
@@ -73,9 +78,10 @@ fn event_index(e: &RunnerEvent) -> usize {
         RunnerEvent::ShutdownRequested => 8,
         RunnerEvent::DeviceReconnected { .. } => 9,
         RunnerEvent::DeviceHung { .. } => 10,
+        RunnerEvent::Saved { .. } => 11,
     }
 }
-const EVENT_VARIANTS: usize = 11;
+const EVENT_VARIANTS: usize = 12;
 
 fn summary(name: &str, state: VmState) -> VmSummary {
     VmSummary {
@@ -127,6 +133,14 @@ fn requests() -> Vec<Request> {
             name: "web".into(),
             timeout_secs: 0,
         },
+        Request::Save {
+            name: "web".into(),
+            keep_running: true,
+        },
+        Request::Restore {
+            name: Some("web2".into()),
+        },
+        Request::Restore { name: None },
     ]
 }
 
@@ -149,6 +163,7 @@ fn replies() -> Vec<Reply> {
         ErrorCode::WrongState,
         ErrorCode::Timeout,
         ErrorCode::Internal,
+        ErrorCode::BadSnapshot,
     ]
     .into_iter()
     .map(|code| Reply::Error {
@@ -174,6 +189,8 @@ fn replies() -> Vec<Reply> {
                     VmState::Stopped(StopReason::Crashed("triple fault".into())),
                 ),
                 summary("e", VmState::Stopped(StopReason::Destroyed)),
+                summary("s", VmState::Saving),
+                summary("r", VmState::Restoring),
                 VmSummary {
                     runner_pid: None,
                     ..summary("f", VmState::Paused)
@@ -225,6 +242,19 @@ fn commands() -> Vec<RunnerCommand> {
         RunnerCommand::ReconnectDevice {
             device: "disk0".into(),
         },
+        RunnerCommand::SaveState,
+        RunnerCommand::EndSave { resume: true },
+        RunnerCommand::Restore(bulkhead_ipc::runner::RestoreSpec {
+            vcpus: 2,
+            cpu_template: "minimal".into(),
+            disks: vec!["disk0".into()],
+            nics: Vec::new(),
+            hang_timeouts_ms: vec![2000],
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vcpu0".into(),
+                data: vec![0, 1, 255],
+            }],
+        }),
     ]
 }
 
@@ -260,6 +290,12 @@ fn events() -> Vec<RunnerEvent> {
         RunnerEvent::Exited(GuestOutcome::Failed("emulation failure".into())),
         RunnerEvent::Error {
             message: "already booted".into(),
+        },
+        RunnerEvent::Saved {
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vm".into(),
+                data: vec![7; 300],
+            }],
         },
     ]
 }

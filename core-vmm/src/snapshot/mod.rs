@@ -4,4 +4,6 @@
 
 pub mod crc;
 pub mod format;
+pub mod inflight;
 pub mod kvm;
+pub mod records;
