@@ -271,25 +271,27 @@ fn serve_connection(
                 Some(vm) => {
                     // On a thread of its own: draining waits for the backends.
                     let state = state.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("save".into())
-                        .spawn(move || {
-                            let event = match vm.save_state().and_then(|s| s.to_records()) {
-                                Ok(records) => {
-                                    let bytes: usize = records.iter().map(|r| r.data.len()).sum();
-                                    log(&format!(
-                                        "state saved: {} records, {bytes} bytes",
-                                        records.len()
-                                    ));
-                                    RunnerEvent::Saved { records }
-                                }
-                                Err(message) => {
-                                    log(&format!("save failed: {message}"));
-                                    RunnerEvent::Error { message }
-                                }
-                            };
-                            state.answer(id, event);
-                        });
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("save".into())
+                            .spawn(move || {
+                                let event = match vm.save_state().and_then(|s| s.to_records()) {
+                                    Ok(records) => {
+                                        let bytes: usize =
+                                            records.iter().map(|r| r.data.len()).sum();
+                                        log(&format!(
+                                            "state saved: {} records, {bytes} bytes",
+                                            records.len()
+                                        ));
+                                        RunnerEvent::Saved { records }
+                                    }
+                                    Err(message) => {
+                                        log(&format!("save failed: {message}"));
+                                        RunnerEvent::Error { message }
+                                    }
+                                };
+                                state.answer(id, event);
+                            });
                     match spawned {
                         Ok(_) => continue,
                         Err(e) => RunnerEvent::Error {

@@ -117,7 +117,10 @@ impl LegacyDevices {
 
     /// COM1's registers and receive FIFO, for a snapshot.
     pub fn serial_state(&self) -> vm_superio::serial::SerialState {
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).state()
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
     }
 
     /// Puts back COM1's registers and FIFO from a snapshot (same interrupt line and output).
@@ -132,7 +135,10 @@ impl LegacyDevices {
         let old = std::mem::replace(
             &mut *serial,
             Serial::new(
-                EventTrigger(irq.try_clone().map_err(|e| format!("serial eventfd: {e}"))?),
+                EventTrigger(
+                    irq.try_clone()
+                        .map_err(|e| format!("serial eventfd: {e}"))?,
+                ),
                 placeholder,
             ),
         );

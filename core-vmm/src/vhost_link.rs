@@ -557,15 +557,15 @@ impl BackendLink {
                 continue;
             }
             loop {
-                let used: u16 = self
-                    .ram
-                    .mem()
-                    .read_obj(GuestAddress(q.used + 2))
-                    .map_err(|_| {
-                        VirtioPciError::EventFd(std::io::Error::other(
-                            "used ring outside guest RAM",
-                        ))
-                    })?;
+                let used: u16 =
+                    self.ram
+                        .mem()
+                        .read_obj(GuestAddress(q.used + 2))
+                        .map_err(|_| {
+                            VirtioPciError::EventFd(std::io::Error::other(
+                                "used ring outside guest RAM",
+                            ))
+                        })?;
                 if used == base {
                     break;
                 }

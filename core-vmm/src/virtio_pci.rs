@@ -802,7 +802,11 @@ impl VhostUserPciDevice {
                     pending: q.pending,
                 })
                 .collect(),
-            msix: self.msix.iter().map(|e| (e.addr, e.data, e.masked)).collect(),
+            msix: self
+                .msix
+                .iter()
+                .map(|e| (e.addr, e.data, e.masked))
+                .collect(),
             msix_enabled: self.msix_enabled,
             msix_masked: self.msix_masked,
             active: self.active,

@@ -616,9 +616,8 @@ impl RunningVm {
             if let Some(s) = lock(&self.save).as_mut() {
                 s.drained.push(dev.clone());
             }
-            let state = crate::virtio_pci::drain(dev).map_err(|e| {
-                format!("{}: cannot drain: {e}", lock(dev).name())
-            })?;
+            let state = crate::virtio_pci::drain(dev)
+                .map_err(|e| format!("{}: cannot drain: {e}", lock(dev).name()))?;
             devices.push(state);
         }
         let vcpus = self.save_vcpus()?;

@@ -71,7 +71,7 @@ impl Daemon {
         let mut console: Option<Arc<VmEntry>> = None;
         loop {
             let req = match ch.recv::<Request>() {
-                Ok((req, _fds)) => req,
+                Ok((req, fds)) => (req, fds),
                 Err(IpcError::Closed) => break,
                 Err(
                     e @ (IpcError::Decode(_)
@@ -90,6 +90,7 @@ impl Daemon {
                 }
                 Err(_) => break,
             };
+            let (req, fds) = req;
             let reply = match req {
                 Request::Console { name } => {
                     match self.attach_console(&caller, &name, client_id, &ch) {
@@ -123,7 +124,7 @@ impl Daemon {
                         message: "no console attached".into(),
                     },
                 },
-                other => match self.handle(&caller, other) {
+                other => match self.handle(&caller, other, fds) {
                     Ok(r) => r,
                     Err((code, message)) => Reply::Error { code, message },
                 },

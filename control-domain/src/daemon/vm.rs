@@ -83,6 +83,9 @@ pub struct VmEntry {
     /// re-adopted (their reboot ends them).
     restart_hook: Mutex<Option<RestartHook>>,
     state_dir: StateDir,
+    /// The guest-RAM memfd this daemon made for the running guest (None for a re-adopted
+    /// VM): what a snapshot reads guest RAM from.
+    guest_ram: Mutex<Option<std::fs::File>>,
 }
 
 fn now_unix() -> u64 {
@@ -121,6 +124,7 @@ impl VmEntry {
             boots: (Mutex::new(0), Condvar::new()),
             restart_hook: Mutex::new(None),
             state_dir,
+            guest_ram: Mutex::new(None),
         })
     }
 
@@ -223,6 +227,18 @@ impl VmEntry {
     /// The runner's report of how the guest ended, received outside the supervisor.
     pub fn record_outcome(&self, outcome: GuestOutcome) {
         *lock(&self.outcome) = Some(outcome);
+    }
+
+    /// Keeps the guest-RAM memfd of the guest just started.
+    pub fn set_guest_ram(&self, memfd: std::fs::File) {
+        *lock(&self.guest_ram) = Some(memfd);
+    }
+
+    /// The guest-RAM memfd, if this daemon made it.
+    pub fn guest_ram(&self) -> Option<std::fs::File> {
+        lock(&self.guest_ram)
+            .as_ref()
+            .and_then(|f| f.try_clone().ok())
     }
 
     /// Remembers a device backend to stop with the VM.

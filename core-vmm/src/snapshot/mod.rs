@@ -6,4 +6,5 @@ pub mod crc;
 pub mod format;
 pub mod inflight;
 pub mod kvm;
+pub mod mapping;
 pub mod records;

@@ -82,7 +82,10 @@ pub struct VmSnapshot {
 
 fn enc<T: Serialize>(name: String, v: &T) -> Result<StateRecord, String> {
     postcard::to_allocvec(v)
-        .map(|data| StateRecord { name: name.clone(), data })
+        .map(|data| StateRecord {
+            name: name.clone(),
+            data,
+        })
         .map_err(|e| format!("encoding {name}: {e}"))
 }
 

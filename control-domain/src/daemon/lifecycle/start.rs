@@ -23,6 +23,17 @@ impl Daemon {
     /// Spawns a VM's device backends, then its runner; seals the runner and boots it. Also
     /// starts a VM again in place after its guest rebooted ([`super::reboot`]).
     pub(super) fn start(&self, vm: &Arc<VmEntry>, backend_uids: &[u32]) -> Result<String, String> {
+        self.start_with(vm, backend_uids, None)
+    }
+
+    /// [`Self::start`], or with `restore` the runner creates the VM from a snapshot's state
+    /// instead of booting it.
+    pub(super) fn start_with(
+        &self,
+        vm: &Arc<VmEntry>,
+        backend_uids: &[u32],
+        restore: Option<super::snapshot::RestoreInput>,
+    ) -> Result<String, String> {
         let (disk_count, nic_count) = vm.read(|r| (r.spec.disks.len(), r.spec.nics.len()));
         let mut uids = backend_uids.iter().copied();
         let mut uid = || uids.next().ok_or("no uid for a device backend");
@@ -41,7 +52,10 @@ impl Daemon {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let (ch, pidfd) = self.spawn_runner(vm)?;
-        let detail = self.boot(vm, &ch, &disk_socks, &nic_socks)?;
+        let detail = match restore {
+            None => self.boot(vm, &ch, &disk_socks, &nic_socks)?,
+            Some(input) => self.boot_from_snapshot(vm, &ch, &disk_socks, &nic_socks, input)?,
+        };
         vm.set_state(VmState::Running);
         self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
@@ -240,6 +254,14 @@ impl Daemon {
         let boot = RunnerRequest { id, command: boot };
         ch.send(&boot, &fds)
             .map_err(|e| format!("sending Boot: {e}"))?;
+        vm.set_guest_ram(memfd);
+        await_started(vm, ch, id)
+    }
+}
+
+/// Waits for the runner's answer to the Boot or Restore request `id`.
+pub(super) fn await_started(vm: &VmEntry, ch: &Channel, id: u64) -> Result<String, String> {
+    {
         // Guest output (and, for a very short guest, its exit) may overtake `Started`.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -265,7 +287,7 @@ impl Daemon {
 }
 
 /// Resolves `auto` to the template this host needs, and says why.
-fn cpu_template(vm: &str, wanted: &str) -> String {
+pub(super) fn cpu_template(vm: &str, wanted: &str) -> String {
     if wanted != "auto" {
         return wanted.to_string();
     }
@@ -275,7 +297,7 @@ fn cpu_template(vm: &str, wanted: &str) -> String {
 }
 
 /// Creates the guest-RAM memfd, sized and sealed.
-fn create_guest_memfd(size: u64) -> std::io::Result<File> {
+pub(super) fn create_guest_memfd(size: u64) -> std::io::Result<File> {
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     let fd = memfd_create(
         c"bulkhead-guest-ram",
