@@ -433,7 +433,7 @@ fn boot(
     drop(kernel);
     drop(initrd);
     let names: Vec<String> = spec.disks.iter().chain(spec.nics.iter()).cloned().collect();
-    run_vm(state, vm, &names, &spec.hang_timeouts_ms)?;
+    run_vm(state, vm, &names, &spec.hang_timeouts_ms, false)?;
     Ok(detail)
 }
 
@@ -498,10 +498,16 @@ fn restore(
     )
     .map_err(|e| e.to_string())?;
     let names: Vec<String> = spec.disks.iter().chain(spec.nics.iter()).cloned().collect();
-    run_vm(state, vm, &names, &spec.hang_timeouts_ms)?;
+    let paused = snap.machine.paused;
+    run_vm(state, vm, &names, &spec.hang_timeouts_ms, paused)?;
     Ok(format!(
-        "restored: {} vCPUs, {} devices, CPU template {}",
+        "restored: {} vCPUs{}, {} devices, CPU template {}",
         spec.vcpus,
+        if paused {
+            format!(" {}", bulkhead_ipc::runner::RESTORED_PAUSED)
+        } else {
+            String::new()
+        },
         names.len(),
         spec.cpu_template
     ))
@@ -513,8 +519,9 @@ fn run_vm(
     vm: Vm,
     devices: &[String],
     hang_timeouts_ms: &[u32],
+    paused: bool,
 ) -> Result<(), String> {
-    let running = Arc::new(vm.start(None).map_err(|e| e.to_string())?);
+    let running = Arc::new(vm.start_paused(None, paused).map_err(|e| e.to_string())?);
     *state.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
     let timeouts = devices
         .iter()

@@ -499,8 +499,19 @@ impl Vm {
 
     /// Starts one thread per vCPU and returns a handle to pause, resume and wait on them.
     pub fn start(self, console_in: Option<OwnedFd>) -> Result<RunningVm, VmError> {
+        self.start_paused(console_in, false)
+    }
+
+    /// [`Self::start`], with the vCPUs parked before their first KVM_RUN if `paused`
+    /// (a restored VM that was paused when saved).
+    pub fn start_paused(
+        self,
+        console_in: Option<OwnedFd>,
+        paused: bool,
+    ) -> Result<RunningVm, VmError> {
         install_kick_handler();
         let exit = Arc::new(ExitLatch::default());
+        exit.set_paused(paused);
         let vcpu_count = self.vcpus.len() as u8;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, vcpu) in (0u8..).zip(self.vcpus) {
@@ -628,6 +639,7 @@ impl RunningVm {
                 kvm,
                 serial: (&self.devices.serial_state()).into(),
                 pci_address: self.devices.pci.config_address(),
+                paused: lock(&self.save).as_ref().is_some_and(|s| s.was_paused),
             },
             vcpus,
             devices,

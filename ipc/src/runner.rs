@@ -146,6 +146,10 @@ pub struct RestoreSpec {
     pub records: Vec<StateRecord>,
 }
 
+/// In the `detail` of the `Started` answer to a [`RunnerCommand::Restore`]: the snapshot
+/// was taken of a paused VM, and the restored vCPUs wait paused too.
+pub const RESTORED_PAUSED: &str = "(paused, as saved)";
+
 /// Order of the descriptors that travel with [`RunnerCommand::Restore`].
 pub struct RestoreFds;
 

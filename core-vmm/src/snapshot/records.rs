@@ -67,6 +67,8 @@ pub struct MachineState {
     pub serial: SerialRecord,
     /// The PCI config address register.
     pub pci_address: u32,
+    /// The vCPUs were paused before the save (a restore leaves them paused).
+    pub paused: bool,
 }
 
 /// Everything the runner saves.

@@ -56,7 +56,13 @@ impl Daemon {
             None => self.boot(vm, &ch, &disk_socks, &nic_socks)?,
             Some(input) => self.boot_from_snapshot(vm, &ch, &disk_socks, &nic_socks, input)?,
         };
-        vm.set_state(VmState::Running);
+        // A restored VM that was saved paused comes back paused.
+        let paused = detail.contains(bulkhead_ipc::runner::RESTORED_PAUSED);
+        vm.set_state(if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        });
         self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
