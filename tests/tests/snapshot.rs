@@ -1,0 +1,287 @@
+//! `bulkhead save` and `bulkhead restore` with real KVM and real backends: a guest streaming
+//! checksummed, sequence-numbered writes (`blk-stream`) is saved mid-stream, destroyed,
+//! restored with fresh processes, and must finish its stream and verify it (nothing lost,
+//! nothing doubled); a paused VM saved, restored and saved again gives the same guest RAM;
+//! every bad snapshot is refused with status 2 and nothing changes.
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+#[path = "common/stream.rs"]
+mod stream;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use core_vmm::snapshot::crc::crc32;
+use core_vmm::snapshot::format::SnapshotReader;
+use daemon::*;
+use stream::{assert_no_io_error, stream_consistent};
+
+/// Long enough for a stream that is still going when it is saved.
+const STREAM_DONE: Duration = Duration::from_secs(240);
+
+/// The guest RAM a snapshot holds: its size, bytes written, and the CRC-32 of all of it.
+fn snapshot_ram(path: &Path) -> (u64, u64, u32) {
+    let f = std::fs::File::open(path).expect("snapshot");
+    let r = SnapshotReader::open(&f).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut ram = vec![0u8; r.memory() as usize];
+    r.fill_ram(&f, &mut ram).expect("snapshot RAM");
+    (r.memory(), r.ram_bytes(), crc32(&ram))
+}
+
+/// The state dir's files (names and contents), to show a refused restore changed nothing.
+fn state_files(d: &Bulkheadd) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![d.state.clone()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                let data = std::fs::read(&p).unwrap_or_default();
+                out.push((p, data));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A stream of `passes` passes over sectors 0..2048 of a disk with `queues` queues on
+/// `vcpus` vCPUs, then its verification, then exit 0.
+fn stream_config(d: &Bulkheadd, name: &str, img: &Path, vcpus: u32, queues: u32) -> PathBuf {
+    let passes = 400;
+    let cmdline = format!(
+        "blk blk-queues={queues} blk-stream=11:0:2048:{passes} blk-stream-verify=11:0:2048:{passes} exit=0"
+    );
+    let extra = format!(
+        "[[disks]]\npath = \"{}\"\nserial = \"snap\"\nqueues = {queues}\n",
+        img.display()
+    );
+    d.config_with(name, &cmdline, "256M", vcpus, &extra)
+}
+
+/// Saves the stream mid-way, restores it, and checks that it finishes and verifies.
+fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32) {
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start(tag, Some(&runner_uids(uid_base)), false);
+    let (dir, img) = temp_image(tag, 8);
+    let name = format!("snap{tag}");
+    let cfg = stream_config(&d, &name, &img, vcpus, queues);
+    d.create_config(&name, &cfg);
+    let con = d.console(&name);
+    assert!(
+        con.stdout.wait_for("blk-stream: pass 20 ok", STEP),
+        "the stream did not get going\n{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    let snap = dir.join("vm.snap");
+    let out = d.cli(&["save", &name, snap.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    assert!(out.stdout.contains("saved"), "{}", out.dump());
+    let before = assert_no_io_error(&con);
+    assert!(
+        !before.contains("blk-stream: done"),
+        "the stream ended before the save: make it longer\n{before}"
+    );
+    assert!(d.vm(&name).is_none(), "save destroys the VM: {:?}", d.list());
+    let (memory, written, _) = snapshot_ram(&snap);
+    assert_eq!(memory, 256 << 20);
+    let size = std::fs::metadata(&snap).expect("snapshot").len();
+    eprintln!("snapshot: {size} bytes, {written} bytes of guest RAM; {}", out.stdout.trim());
+    assert!(
+        written < 64 << 20 && size < written + (1 << 20),
+        "the snapshot is sparse: {written} of {memory} bytes written, file {size}"
+    );
+
+    let out = d.cli(&["restore", snap.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    eprintln!("{}", out.stdout.trim());
+    let con = d.console(&name);
+    assert!(
+        con.stdout.wait_for("blk-stream-verify: ", STREAM_DONE),
+        "the restored stream did not finish\n{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    let text = assert_no_io_error(&con);
+    assert!(
+        text.contains("blk-stream-verify: ok"),
+        "the restored stream does not verify\n{text}\n{}",
+        d.dump()
+    );
+    // Every sector holds exactly the write of the last pass, with its request number.
+    assert!(
+        wait_until(STEP, || d
+            .vm(&name)
+            .is_some_and(|v| v.state.starts_with("stopped"))),
+        "the restored guest did not end\n{}",
+        d.dump()
+    );
+    let (lo, hi) = stream_consistent(&img, 11, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((lo, hi), (400, 400), "every sector holds the last pass");
+    let _ = d.cli(&["destroy", &name]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn stream_survives_save_and_restore() {
+    stream_survives(
+        "stream_survives_save_and_restore",
+        "s1",
+        67000,
+        1,
+        1,
+    );
+}
+
+#[test]
+fn stream_survives_save_and_restore_with_2_vcpus_and_2_queues() {
+    stream_survives(
+        "stream_survives_save_and_restore_with_2_vcpus_and_2_queues",
+        "s2",
+        67100,
+        2,
+        2,
+    );
+}
+
+/// A paused VM is saved, restored (paused), saved again and restored again: both
+/// snapshots hold the same guest RAM, and the restored VM runs on when unpaused.
+#[test]
+fn paused_vm_saved_twice_gives_the_same_ram() {
+    let test = "paused_vm_saved_twice_gives_the_same_ram";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("s3", Some(&runner_uids(67200)), false);
+    let (dir, img) = temp_image("s3", 8);
+    let name = "snaptwice";
+    let extra = format!(
+        "[[disks]]\npath = \"{}\"\nserial = \"snap\"\n",
+        img.display()
+    );
+    let cfg = d.config_with(name, "fill=16 blk echo", "128M", 2, &extra);
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(
+        con.stdout.wait_for("echo: ready", STEP),
+        "{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    let out = d.cli(&["pause", name]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let first = dir.join("first.snap");
+    let second = dir.join("second.snap");
+    let out = d.cli(&["save", name, first.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    let out = d.cli(&["restore", first.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    assert!(
+        d.row(name).is_some_and(|r| r.contains("paused")),
+        "a VM saved paused is restored paused: {:?}",
+        d.row(name)
+    );
+    let out = d.cli(&["save", name, second.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "save again\n{}\n{}", out.dump(), d.dump());
+    let a = snapshot_ram(&first);
+    let b = snapshot_ram(&second);
+    assert_eq!(a, b, "both snapshots hold the same guest RAM");
+    let out = d.cli(&["restore", second.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "restore again\n{}\n{}", out.dump(), d.dump());
+    let out = d.cli(&["unpause", name]);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    // The guest echoes serial input: it runs again.
+    let mut con = d.console(name);
+    con.send(b"still here\r");
+    assert!(
+        con.stdout.wait_for("still here", STEP),
+        "the twice-restored guest does not echo\n{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    let _ = d.cli(&["destroy", name]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Truncated, corrupted, wrong-version and foreign files are refused with status 2 and a
+/// line that names what is wrong; the state dir is left as it was and nothing is listed.
+#[test]
+fn bad_snapshots_are_refused_and_change_nothing() {
+    let test = "bad_snapshots_are_refused_and_change_nothing";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("s4", Some(&runner_uids(67300)), false);
+    let (dir, img) = temp_image("s4", 8);
+    let name = "snapbad";
+    let extra = format!(
+        "[[disks]]\npath = \"{}\"\nserial = \"snap\"\n",
+        img.display()
+    );
+    let cfg = d.config_with(name, "fill=4 blk echo", "128M", 1, &extra);
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(
+        con.stdout.wait_for("echo: ready", STEP),
+        "{}",
+        con.stdout.text()
+    );
+    let good = dir.join("good.snap");
+    let out = d.cli(&["save", name, good.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    let bytes = std::fs::read(&good).expect("snapshot");
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", bytes[..bytes.len() - 100].to_vec(), "truncated"),
+        ("truncated-header", bytes[..30].to_vec(), "truncated"),
+        ("empty", Vec::new(), "truncated"),
+        ("not-a-snapshot", b"name = \"x\"\n".to_vec(), "bad magic"),
+    ];
+    let mut version = bytes.clone();
+    version[8] = 9;
+    cases.push(("wrong-version", version, "format version 9"));
+    let mut header = bytes.clone();
+    header[25] ^= 0x40;
+    cases.push(("corrupted-header", header, "corrupted"));
+    // A byte in the middle of the guest RAM.
+    let mut ram = bytes.clone();
+    let at = bytes.len() - 4096 * 3;
+    ram[at] ^= 1;
+    cases.push(("corrupted-ram", ram, "corrupted"));
+    let state_before = state_files(&d);
+    let listed_before = d.list().len();
+    for (what, data, says) in cases {
+        let p = dir.join(format!("{what}.snap"));
+        std::fs::write(&p, &data).expect("write");
+        let out = d.cli(&["restore", p.to_str().expect("utf-8")]);
+        assert_eq!(out.code, Some(2), "{what}: exit status 2\n{}", out.dump());
+        let line = out.stderr.trim();
+        assert_eq!(line.lines().count(), 1, "{what}: one line\n{}", out.dump());
+        assert!(
+            line.contains(says),
+            "{what}: the error names what is wrong ({says})\n{}",
+            out.dump()
+        );
+        assert_eq!(d.list().len(), listed_before, "{what}: nothing listed");
+        assert_eq!(
+            state_files(&d),
+            state_before,
+            "{what}: the state dir changed"
+        );
+    }
+    // The good one still restores.
+    let out = d.cli(&["restore", good.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    let _ = d.cli(&["destroy", name]);
+    let _ = std::fs::remove_dir_all(dir);
+}
