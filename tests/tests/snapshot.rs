@@ -93,11 +93,18 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
         !before.contains("blk-stream: done"),
         "the stream ended before the save: make it longer\n{before}"
     );
-    assert!(d.vm(&name).is_none(), "save destroys the VM: {:?}", d.list());
+    assert!(
+        d.vm(&name).is_none(),
+        "save destroys the VM: {:?}",
+        d.list()
+    );
     let (memory, written, _) = snapshot_ram(&snap);
     assert_eq!(memory, 256 << 20);
     let size = std::fs::metadata(&snap).expect("snapshot").len();
-    eprintln!("snapshot: {size} bytes, {written} bytes of guest RAM; {}", out.stdout.trim());
+    eprintln!(
+        "snapshot: {size} bytes, {written} bytes of guest RAM; {}",
+        out.stdout.trim()
+    );
     assert!(
         written < 64 << 20 && size < written + (1 << 20),
         "the snapshot is sparse: {written} of {memory} bytes written, file {size}"
@@ -113,13 +120,7 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
         con.stdout.text(),
         d.dump()
     );
-    let text = assert_no_io_error(&con);
-    assert!(
-        text.contains("blk-stream-verify: ok"),
-        "the restored stream does not verify\n{text}\n{}",
-        d.dump()
-    );
-    // Every sector holds exactly the write of the last pass, with its request number.
+    // The guest exits after its verification: wait for that, so the whole line is in.
     assert!(
         wait_until(STEP, || d
             .vm(&name)
@@ -127,6 +128,19 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
         "the restored guest did not end\n{}",
         d.dump()
     );
+    assert!(con.stdout.wait_closed(STEP), "the console did not close");
+    let text = assert_no_io_error(&con);
+    assert!(
+        text.contains("blk-stream-verify: ok"),
+        "the restored stream does not verify\n{text}\n{}",
+        d.dump()
+    );
+    assert!(
+        d.vm(&name).is_some_and(|v| v.state == "stopped (exit 0)"),
+        "{:?}",
+        d.vm(&name)
+    );
+    // Every sector holds exactly the write of the last pass, with its request number.
     let (lo, hi) = stream_consistent(&img, 11, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((lo, hi), (400, 400), "every sector holds the last pass");
     let _ = d.cli(&["destroy", &name]);
@@ -135,13 +149,7 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
 
 #[test]
 fn stream_survives_save_and_restore() {
-    stream_survives(
-        "stream_survives_save_and_restore",
-        "s1",
-        67000,
-        1,
-        1,
-    );
+    stream_survives("stream_survives_save_and_restore", "s1", 67000, 1, 1);
 }
 
 #[test]
@@ -193,12 +201,24 @@ fn paused_vm_saved_twice_gives_the_same_ram() {
         d.row(name)
     );
     let out = d.cli(&["save", name, second.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "save again\n{}\n{}", out.dump(), d.dump());
+    assert_eq!(
+        out.code,
+        Some(0),
+        "save again\n{}\n{}",
+        out.dump(),
+        d.dump()
+    );
     let a = snapshot_ram(&first);
     let b = snapshot_ram(&second);
     assert_eq!(a, b, "both snapshots hold the same guest RAM");
     let out = d.cli(&["restore", second.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "restore again\n{}\n{}", out.dump(), d.dump());
+    assert_eq!(
+        out.code,
+        Some(0),
+        "restore again\n{}\n{}",
+        out.dump(),
+        d.dump()
+    );
     let out = d.cli(&["unpause", name]);
     assert_eq!(out.code, Some(0), "{}", out.dump());
     // The guest echoes serial input: it runs again.
@@ -242,7 +262,11 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
     let bytes = std::fs::read(&good).expect("snapshot");
     let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("truncated", bytes[..bytes.len() - 100].to_vec(), "truncated"),
+        (
+            "truncated",
+            bytes[..bytes.len() - 100].to_vec(),
+            "truncated",
+        ),
         ("truncated-header", bytes[..30].to_vec(), "truncated"),
         ("empty", Vec::new(), "truncated"),
         ("not-a-snapshot", b"name = \"x\"\n".to_vec(), "bad magic"),
