@@ -309,3 +309,141 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     let _ = d.cli(&["destroy", name]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `save --keep-running` mid-stream: the VM goes on (its backend's rings brought up again
+/// where they stopped) and its stream verifies; then the snapshot, restored under a new
+/// name, replays the rest of the stream from the save point and verifies too.
+#[test]
+fn keep_running_save_and_restore_under_a_new_name() {
+    let test = "keep_running_save_and_restore_under_a_new_name";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("s5", Some(&runner_uids(67400)), false);
+    let (dir, img) = temp_image("s5", 8);
+    let name = "snapkeep";
+    let cfg = stream_config(&d, name, &img, 2, 2);
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(
+        con.stdout.wait_for("blk-stream: pass 20 ok", STEP),
+        "{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    let snap = dir.join("keep.snap");
+    let out = d.cli(&["save", "--keep-running", name, snap.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    assert!(out.stdout.contains("keeps running"), "{}", out.dump());
+    assert!(
+        !con.stdout.text().contains("blk-stream: done"),
+        "the stream ended before the save: make it longer"
+    );
+    finishes_and_verifies(&d, &con, name);
+    let _ = d.cli(&["destroy", name]);
+
+    let out = d.cli(&[
+        "restore",
+        "--name",
+        "snapkeep2",
+        snap.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    let con = d.console("snapkeep2");
+    finishes_and_verifies(&d, &con, "snapkeep2");
+    let (lo, hi) = stream_consistent(&img, 11, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((lo, hi), (400, 400), "every sector holds the last pass");
+    let _ = d.cli(&["destroy", "snapkeep2"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Waits for `vm`'s stream to end and its verification to pass (the guest then exits 0).
+fn finishes_and_verifies(d: &Bulkheadd, con: &Running, vm: &str) {
+    assert!(
+        wait_until(STREAM_DONE, || d
+            .vm(vm)
+            .is_some_and(|v| v.state.starts_with("stopped"))),
+        "{vm} did not end\n{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    assert!(con.stdout.wait_closed(STEP), "the console did not close");
+    let text = assert_no_io_error(con);
+    assert!(
+        text.contains("blk-stream-verify: ok"),
+        "{vm}: the stream does not verify\n{text}\n{}",
+        d.dump()
+    );
+    assert_eq!(
+        d.vm(vm).map(|v| v.state),
+        Some("stopped (exit 0)".to_string())
+    );
+}
+
+/// Save and restore obey the rules of create: only the owner (or an administrator) saves
+/// a VM, only administrators restore, and a restored VM's disk is checked against the
+/// image dirs again.
+#[test]
+fn save_and_restore_obey_the_policy() {
+    let test = "save_and_restore_obey_the_policy";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let (dir, img) = temp_image("s6", 8);
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let guest_dir = test_guest()
+        .parent()
+        .expect("guest dir")
+        .display()
+        .to_string();
+    let policy = |images: &[&str]| {
+        format!(
+            "[admins]\nuids = [0]\n[images]\nallowed = {images:?}\n{}",
+            runner_uids(67500)
+        )
+    };
+    let mut d = Bulkheadd::start(
+        "s6",
+        Some(&policy(&[&guest_dir, &dir.display().to_string()])),
+        false,
+    );
+    let name = "snappol";
+    let extra = format!(
+        "owner = 1000\n[[disks]]\npath = \"{}\"\nserial = \"snap\"\n",
+        img.display()
+    );
+    let cfg = d.config_with(name, "blk echo", "128M", 1, &extra);
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(con.stdout.wait_for("echo: ready", STEP), "{}", con.stdout.text());
+    let snap = dir.join("pol.snap");
+    let snap_s = snap.to_str().expect("utf-8");
+    // Not the owner: refused, and the file it created is gone again.
+    let out = d.cli_as(1001, &["save", name, snap_s]);
+    assert_eq!(out.code, Some(3), "{}", out.dump());
+    assert!(out.stderr.contains("denied by rule 'owner'"), "{}", out.dump());
+    assert!(!snap.exists(), "a refused save leaves no file");
+    // The owner may.
+    let out = d.cli_as(1000, &["save", name, snap_s]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.dump(), d.dump());
+    // Restoring is creating: administrators only.
+    let out = d.cli_as(1000, &["restore", snap_s]);
+    assert_eq!(out.code, Some(3), "{}", out.dump());
+    assert!(out.stderr.contains("denied by rule 'admins'"), "{}", out.dump());
+    // With the disk's dir no longer allowed, the restored VM's disk is refused.
+    d.terminate();
+    write_file(&d.policy, &policy(&[&guest_dir]));
+    d.launch();
+    let before = state_files(&d);
+    let out = d.cli(&["restore", snap_s]);
+    assert_eq!(out.code, Some(3), "{}", out.dump());
+    assert!(
+        out.stderr.contains("denied by rule 'images.allowed'"),
+        "{}",
+        out.dump()
+    );
+    assert_eq!(state_files(&d), before, "the state dir changed");
+    assert!(d.vm(name).is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}
