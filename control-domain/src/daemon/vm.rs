@@ -466,6 +466,8 @@ impl VmEntry {
             }
         }
         *lock(&self.ctl) = None;
+        // The guest is gone: its RAM is not kept past its runner.
+        *lock(&self.guest_ram) = None;
         self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         let reason = self.stop_reason();
         self.stop_backends();
