@@ -332,7 +332,12 @@ fn keep_running_save_and_restore_under_a_new_name() {
         d.dump()
     );
     let snap = dir.join("keep.snap");
-    let out = d.cli(&["save", "--keep-running", name, snap.to_str().expect("utf-8")]);
+    let out = d.cli(&[
+        "save",
+        "--keep-running",
+        name,
+        snap.to_str().expect("utf-8"),
+    ]);
     assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
     assert!(out.stdout.contains("keeps running"), "{}", out.dump());
     assert!(
@@ -416,13 +421,21 @@ fn save_and_restore_obey_the_policy() {
     let cfg = d.config_with(name, "blk echo", "128M", 1, &extra);
     d.create_config(name, &cfg);
     let con = d.console(name);
-    assert!(con.stdout.wait_for("echo: ready", STEP), "{}", con.stdout.text());
+    assert!(
+        con.stdout.wait_for("echo: ready", STEP),
+        "{}",
+        con.stdout.text()
+    );
     let snap = dir.join("pol.snap");
     let snap_s = snap.to_str().expect("utf-8");
     // Not the owner: refused, and the file it created is gone again.
     let out = d.cli_as(1001, &["save", name, snap_s]);
     assert_eq!(out.code, Some(3), "{}", out.dump());
-    assert!(out.stderr.contains("denied by rule 'owner'"), "{}", out.dump());
+    assert!(
+        out.stderr.contains("denied by rule 'owner'"),
+        "{}",
+        out.dump()
+    );
     assert!(!snap.exists(), "a refused save leaves no file");
     // The owner may.
     let out = d.cli_as(1000, &["save", name, snap_s]);
@@ -430,7 +443,11 @@ fn save_and_restore_obey_the_policy() {
     // Restoring is creating: administrators only.
     let out = d.cli_as(1000, &["restore", snap_s]);
     assert_eq!(out.code, Some(3), "{}", out.dump());
-    assert!(out.stderr.contains("denied by rule 'admins'"), "{}", out.dump());
+    assert!(
+        out.stderr.contains("denied by rule 'admins'"),
+        "{}",
+        out.dump()
+    );
     // With the disk's dir no longer allowed, the restored VM's disk is refused.
     d.terminate();
     write_file(&d.policy, &policy(&[&guest_dir]));
@@ -445,5 +462,50 @@ fn save_and_restore_obey_the_policy() {
     );
     assert_eq!(state_files(&d), before, "the state dir changed");
     assert!(d.vm(name).is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A snapshot taken mid-stream is restored by a `bulkheadd` whose disk backend binary was
+/// replaced meanwhile (a copy at another path stands in for the new build): the new
+/// binary serves the restored disk, takes the saved in-flight region, and the stream
+/// finishes and verifies.
+#[test]
+fn restore_after_the_disk_backend_binary_was_upgraded() {
+    let test = "restore_after_the_disk_backend_binary_was_upgraded";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let mut d = Bulkheadd::start("s7", Some(&runner_uids(67600)), false);
+    let (dir, img) = temp_image("s7", 8);
+    let name = "snapupg";
+    let cfg = stream_config(&d, name, &img, 1, 1);
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(
+        con.stdout.wait_for("blk-stream: pass 20 ok", STEP),
+        "{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    let snap = dir.join("upg.snap");
+    let out = d.cli(&["save", name, snap.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    let new_blk = dir.join("bulkhead-blk.new");
+    std::fs::copy(bin("bulkhead-blk"), &new_blk).expect("copy bulkhead-blk");
+    d.terminate();
+    d.extra_args = vec!["--blk".into(), new_blk.display().to_string()];
+    d.launch();
+    let out = d.cli(&["restore", snap.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    let info = d.cli(&["info", name]).stdout;
+    assert!(
+        info.contains("bulkhead-blk.new"),
+        "the new binary serves the disk\n{info}"
+    );
+    let con = d.console(name);
+    finishes_and_verifies(&d, &con, name);
+    let (lo, hi) = stream_consistent(&img, 11, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((lo, hi), (400, 400), "every sector holds the last pass");
+    let _ = d.cli(&["destroy", name]);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -150,6 +150,8 @@ pub struct Bulkheadd {
     pub daemon: Option<Running>,
     /// stderr of daemons that were stopped, for failure reports.
     pub earlier: Vec<String>,
+    /// More arguments for the next `launch` (e.g. `--blk PATH`).
+    pub extra_args: Vec<String>,
 }
 
 impl Bulkheadd {
@@ -169,6 +171,7 @@ impl Bulkheadd {
             selftest,
             daemon: None,
             earlier: Vec::new(),
+            extra_args: Vec::new(),
         };
         if let Some(p) = policy {
             write_file(&d.policy, p);
@@ -204,6 +207,7 @@ impl Bulkheadd {
         if self.selftest {
             c.arg("--runner-selftest");
         }
+        c.args(&self.extra_args);
         let place = netns
             .map(|n| format!(" (in netns {n})"))
             .unwrap_or_default();
@@ -518,6 +522,7 @@ impl Bulkheadd {
             selftest,
             daemon: None,
             earlier: Vec::new(),
+            extra_args: Vec::new(),
         };
         if let Some(p) = policy {
             write_file(&d.policy, p);
