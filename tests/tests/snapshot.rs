@@ -509,3 +509,79 @@ fn restore_after_the_disk_backend_binary_was_upgraded() {
     let _ = d.cli(&["destroy", name]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Sends numbered UDP datagrams to argv[1]:argv[2] until stdin closes and prints `ok SEQ`
+/// for each echo that comes back intact.
+const UDP_CLIENT: &str = r#"
+import socket, sys, threading, time
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.005)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+sent = 0
+while not stop.is_set():
+    s.sendto(sent.to_bytes(4, "big") + b"snapshot-echo" * 8, (addr, port))
+    sent += 1
+    deadline = time.monotonic() + 0.01
+    while time.monotonic() < deadline:
+        try:
+            data, _ = s.recvfrom(2048)
+        except socket.timeout:
+            continue
+        if data[4:] == b"snapshot-echo" * 8:
+            print(f"ok {int.from_bytes(data[:4], 'big')}", flush=True)
+"#;
+
+/// A guest echoing UDP on its NIC is saved and restored: the restored NIC (a new
+/// `bulkhead-net` on a new tap on the same bridge) echoes again.
+#[test]
+fn nic_echoes_udp_after_save_and_restore() {
+    let test = "nic_echoes_udp_after_save_and_restore";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let ns = Netns::new("snapnet");
+    let policy = format!(
+        "{}[networks.lan]\naddress = \"10.77.1.1/24\"\nvms = [\"*\"]\n",
+        runner_uids(67700)
+    );
+    let d = Bulkheadd::start_in_netns("snapnet", Some(&policy), false, &ns.name);
+    let name = "snapnet";
+    let cfg = d.config_with(
+        name,
+        "net ip=10.77.1.2/24 peer=10.77.1.1 udp-echo=7000:100000000 net-idle=600000",
+        "128M",
+        1,
+        "[[nics]]\nnetwork = \"lan\"\nmac = \"52:54:00:5a:00:01\"\n",
+    );
+    d.create_config(name, &cfg);
+    let mut client = ns.exec("python3");
+    client.args(["-c", UDP_CLIENT, "10.77.1.2", "7000"]);
+    let mut client = Running::spawn(client);
+    let echoes = |c: &Running| c.stdout.text().matches("ok ").count();
+    assert!(
+        wait_until(Duration::from_secs(30), || echoes(&client) > 5),
+        "no echo to begin with\n{}\n{}",
+        client.stderr.text(),
+        d.dump()
+    );
+    let dir = std::env::temp_dir().join(format!("bulkhead-snapnet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let snap = dir.join("net.snap");
+    let out = d.cli(&["save", name, snap.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    let out = d.cli(&["restore", snap.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    let before = echoes(&client);
+    assert!(
+        wait_until(Duration::from_secs(30), || echoes(&client) > before + 20),
+        "no echo after the restore ({before} before)\n{}",
+        d.dump()
+    );
+    client.send(b"");
+    drop(client.child.stdin.take());
+    let _ = client.wait(Duration::from_secs(10));
+    let _ = d.cli(&["destroy", name]);
+    let _ = std::fs::remove_dir_all(dir);
+}
