@@ -658,12 +658,17 @@ impl RunningVm {
                 failed.push(format!("{}: {e}", lock(dev).name()));
             }
         }
-        if !failed.is_empty() {
-            return Err(format!("devices not resumed: {}", failed.join("; ")));
-        }
+        // The vCPUs go on even if a device did not come back: its backend is replaced
+        // (a device whose drain was cut has lost its connection) and its I/O waits till then.
         let run = resume && !save.was_paused;
         if run {
             self.resume();
+        }
+        if !failed.is_empty() {
+            return Err(format!(
+                "devices not resumed (they resume when their backend is replaced): {}",
+                failed.join("; ")
+            ));
         }
         Ok(run)
     }

@@ -585,3 +585,63 @@ fn nic_echoes_udp_after_save_and_restore() {
     let _ = d.cli(&["destroy", name]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A save whose disk backend does not drain (stopped with SIGSTOP) fails after the drain
+/// deadline, `list` shows the VM `saving` meanwhile, no file is left, and the VM goes on:
+/// the backend is replaced and the stream finishes and verifies.
+#[test]
+fn save_of_a_frozen_backend_fails_and_the_vm_goes_on() {
+    let test = "save_of_a_frozen_backend_fails_and_the_vm_goes_on";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let d = Bulkheadd::start("s8", Some(&runner_uids(67800)), false);
+    let (dir, img) = temp_image("s8", 8);
+    let name = "snapfrozen";
+    let cmdline = "blk blk-stream=11:0:2048:400 blk-stream-verify=11:0:2048:400 exit=0";
+    let extra = format!(
+        "[[disks]]\npath = \"{}\"\nserial = \"snap\"\nhang_timeout_ms = 0\n",
+        img.display()
+    );
+    let cfg = d.config_with(name, cmdline, "256M", 1, &extra);
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(
+        con.stdout.wait_for("blk-stream: pass 20 ok", STEP),
+        "{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    let pid = d
+        .backend_pid_in_state(name, "disk0")
+        .expect("disk0's backend");
+    send_signal(pid, libc::SIGSTOP);
+    let snap = dir.join("frozen.snap");
+    let save = Running::spawn(d.cli_cmd(&["save", name, snap.to_str().expect("utf-8")]));
+    assert!(
+        wait_until(STEP, || d.row(name).is_some_and(|r| r.contains("saving"))),
+        "list never showed the VM saving: {:?}",
+        d.row(name)
+    );
+    let mut save = save;
+    let status = save.wait(Duration::from_secs(60));
+    send_signal(pid, libc::SIGCONT);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the save fails\n{}\n{}",
+        save.stderr.text(),
+        d.dump()
+    );
+    assert!(
+        save.stderr.text().contains("goes on as before"),
+        "{}",
+        save.stderr.text()
+    );
+    assert!(!snap.exists(), "a failed save leaves no file");
+    finishes_and_verifies(&d, &con, name);
+    let (lo, hi) = stream_consistent(&img, 11, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((lo, hi), (400, 400), "every sector holds the last pass");
+    let _ = d.cli(&["destroy", name]);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -118,7 +118,9 @@ impl Daemon {
         })
     }
 
-    /// Ends a save: the devices' rings up again, the vCPUs running if they were.
+    /// Ends a save: the devices' rings up again, the vCPUs running if they were (also when
+    /// a device did not come back: the runner resumes them anyway, and that device waits
+    /// for its backend to be replaced).
     fn end_save(&self, vm: &VmEntry, before: &VmState) {
         let resume = *before == VmState::Running;
         match vm.request(&RunnerCommand::EndSave { resume }, Duration::from_secs(20)) {
