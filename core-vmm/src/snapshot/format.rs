@@ -34,6 +34,8 @@ const PRELUDE_LEN: u64 = 20;
 const SECTION_HEAD: u64 = 16;
 /// No section payload is larger than this (RAM is not a section payload).
 const MAX_SECTION: u64 = 64 << 20;
+/// Nor a header.
+const MAX_HEADER: u32 = 1 << 20;
 
 const TAG_CONF: [u8; 4] = *b"CONF";
 const TAG_STAT: [u8; 4] = *b"STAT";
@@ -355,6 +357,12 @@ impl SnapshotReader {
         let version = word(0);
         if version != FORMAT_VERSION {
             return Err(SnapshotError::WrongVersion { found: version });
+        }
+        if word(4) > MAX_HEADER {
+            return Err(SnapshotError::Malformed(format!(
+                "the header claims {} bytes",
+                word(4)
+            )));
         }
         let header_bytes = c.read(u64::from(word(4)), "the header")?;
         if crc32(&header_bytes) != word(8) {

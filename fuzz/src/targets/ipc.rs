@@ -267,6 +267,13 @@ pub fn seeds_request() -> Vec<Vec<u8>> {
             device: "nic0".into(),
             binary: "/usr/libexec/bulkhead-net".into(),
         },
+        Request::Save {
+            name: n(),
+            keep_running: true,
+        },
+        Request::Restore {
+            name: Some("vm2".into()),
+        },
     ]
     .iter()
     .map(payload)
@@ -305,6 +312,10 @@ pub fn seeds_reply() -> Vec<Vec<u8>> {
             code: ErrorCode::Denied,
             message: "denied by rule 'limits.max_memory'".into(),
         },
+        Reply::Error {
+            code: ErrorCode::BadSnapshot,
+            message: "snapshot refused: snapshot is truncated".into(),
+        },
     ]
     .iter()
     .map(payload)
@@ -336,6 +347,19 @@ fn runner_commands() -> Vec<RunnerCommand> {
         RunnerCommand::ReconnectDevice {
             device: "disk0".into(),
         },
+        RunnerCommand::SaveState,
+        RunnerCommand::EndSave { resume: false },
+        RunnerCommand::Restore(bulkhead_ipc::runner::RestoreSpec {
+            vcpus: 1,
+            cpu_template: "host".into(),
+            disks: vec!["disk0".into()],
+            nics: vec![],
+            hang_timeouts_ms: vec![0],
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vm".into(),
+                data: vec![1, 2, 3],
+            }],
+        }),
     ]
 }
 
@@ -404,6 +428,12 @@ fn runner_events() -> Vec<RunnerEvent> {
         },
         RunnerEvent::Error {
             message: "bad".into(),
+        },
+        RunnerEvent::Saved {
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vcpu0".into(),
+                data: vec![0; 64],
+            }],
         },
     ]
 }
