@@ -639,6 +639,12 @@ fn save_of_a_frozen_backend_fails_and_the_vm_goes_on() {
         save.stderr.text()
     );
     assert!(!snap.exists(), "a failed save leaves no file");
+    // The drain's deadline cut the frozen backend's connection: it is replaced.
+    assert!(
+        wait_until(STEP, || stream::restarts(&d, name) >= 1),
+        "the frozen backend was not replaced\n{}",
+        d.dump()
+    );
     finishes_and_verifies(&d, &con, name);
     let (lo, hi) = stream_consistent(&img, 11, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((lo, hi), (400, 400), "every sector holds the last pass");
