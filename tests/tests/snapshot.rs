@@ -466,9 +466,9 @@ fn save_and_restore_obey_the_policy() {
 }
 
 /// A snapshot taken mid-stream is restored by a `bulkheadd` whose disk backend binary was
-/// replaced meanwhile (a copy at another path stands in for the new build): the new
-/// binary serves the restored disk, takes the saved in-flight region, and the stream
-/// finishes and verifies.
+/// replaced meanwhile by another build (the release build, which scripts/test.sh makes for
+/// the live-upgrade test; copied to a path of its own): the new binary serves the restored
+/// disk, takes the saved in-flight region, and the stream finishes and verifies.
 #[test]
 fn restore_after_the_disk_backend_binary_was_upgraded() {
     let test = "restore_after_the_disk_backend_binary_was_upgraded";
@@ -491,7 +491,17 @@ fn restore_after_the_disk_backend_binary_was_upgraded() {
     let out = d.cli(&["save", name, snap.to_str().expect("utf-8")]);
     assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
     let new_blk = dir.join("bulkhead-blk.new");
-    std::fs::copy(bin("bulkhead-blk"), &new_blk).expect("copy bulkhead-blk");
+    let release = bin("bulkhead-blk")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("release/bulkhead-blk");
+    assert!(
+        release.exists(),
+        "{} is missing: build it first (scripts/test.sh does: cargo build --release -p bulkhead-backends --bin bulkhead-blk)",
+        release.display()
+    );
+    std::fs::copy(&release, &new_blk).expect("copy bulkhead-blk");
     d.terminate();
     d.extra_args = vec!["--blk".into(), new_blk.display().to_string()];
     d.launch();
