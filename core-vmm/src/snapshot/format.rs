@@ -159,7 +159,8 @@ pub fn ram_runs(ram: &[u8], holes: Option<&File>) -> Vec<RamRun> {
     let mut current: Option<(u64, Crc32)> = None;
     let mut end = 0u64;
     for (start, stop) in extents {
-        let mut page = start & !(PAGE - 1);
+        // Extents never overlap, but two may share a page: each page is looked at once.
+        let mut page = (start & !(PAGE - 1)).max(end);
         while page < stop.min(size) {
             let len = PAGE.min(size - page);
             let bytes = &ram[page as usize..(page + len) as usize];

@@ -127,7 +127,10 @@ impl Daemon {
             Ok(RunnerEvent::Resumed) | Ok(RunnerEvent::Paused) => {}
             other => log(&format!("VM '{}': ending the save: {other:?}", vm.name)),
         }
-        vm.set_state(before.clone());
+        // Unless it was destroyed (or died) meanwhile.
+        if vm.read(|r| r.state == VmState::Saving) {
+            vm.set_state(before.clone());
+        }
     }
 
     /// Creates a VM from the snapshot in `file`, named `new_name` if given.
