@@ -209,11 +209,20 @@ impl Daemon {
                 format!("VM '{name}' is not running"),
             ));
         }
-        if vm.read(|r| r.state == VmState::Paused) {
-            return Err(fail(
-                ErrorCode::WrongState,
-                format!("VM '{name}' is paused: `bulkhead unpause {name}` first"),
-            ));
+        match vm.read(|r| r.state.clone()) {
+            VmState::Paused => {
+                return Err(fail(
+                    ErrorCode::WrongState,
+                    format!("VM '{name}' is paused: `bulkhead unpause {name}` first"),
+                ))
+            }
+            s @ (VmState::Saving | VmState::Restoring) => {
+                return Err(fail(
+                    ErrorCode::WrongState,
+                    format!("VM '{name}' is {}: wait for it to finish", state_word(&s)),
+                ))
+            }
+            _ => {}
         }
         request_shutdown(vm, Intent::Shutdown)?;
         if vm.wait_stopped(Duration::from_secs(timeout_secs.into())) {
