@@ -234,8 +234,8 @@ fn paused_vm_saved_twice_gives_the_same_ram() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Truncated, corrupted, wrong-version and foreign files are refused with status 2 and a
-/// line that names what is wrong; the state dir is left as it was and nothing is listed.
+/// Truncated, corrupted, wrong-version, wrong-host and foreign files are refused with status
+/// 2 and a line that names what is wrong; the state dir is left as it was and nothing is listed.
 #[test]
 fn bad_snapshots_are_refused_and_change_nothing() {
     let test = "bad_snapshots_are_refused_and_change_nothing";
@@ -282,6 +282,27 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     let at = bytes.len() - 4096 * 3;
     ram[at] ^= 1;
     cases.push(("corrupted-ram", ram, "corrupted"));
+    // The same snapshot, as if taken on another kind of CPU.
+    let foreign = {
+        let f = std::fs::File::open(&good).expect("snapshot");
+        let r = SnapshotReader::open(&f).expect("a good snapshot reads");
+        let mut ram = vec![0u8; r.memory() as usize];
+        r.fill_ram(&f, &mut ram).expect("RAM");
+        let mut header = r.header.clone();
+        header.cpu_vendor = if header.cpu_vendor == "AuthenticAMD" {
+            "GenuineIntel".into()
+        } else {
+            "AuthenticAMD".into()
+        };
+        let p = dir.join("foreign.tmp");
+        let out = std::fs::File::create(&p).expect("create");
+        core_vmm::snapshot::format::write_snapshot(
+            &out, &header, &r.config, &r.records, &ram, None,
+        )
+        .expect("write");
+        std::fs::read(&p).expect("read")
+    };
+    cases.push(("wrong-host", foreign, "was taken on"));
     let state_before = state_files(&d);
     let listed_before = d.list().len();
     for (what, data, says) in cases {
