@@ -56,7 +56,8 @@ Exit status:
   0  success
   1  failure: bulkheadd unreachable or refused the connection, a bad or unexpected
      reply, or an error bulkheadd reports without a more specific status
-  2  usage error
+  2  usage error, or a bad snapshot (restore: truncated, corrupted, another format
+     version or another kind of host)
   3  bulkheadd's policy denied the request
   4  no such VM (or not visible to you)
   5  timed out: the guest did not do it in time (e.g. shutdown --timeout)";
