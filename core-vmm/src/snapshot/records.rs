@@ -140,3 +140,78 @@ impl VmSnapshot {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::kvm::VmKvmState;
+
+    fn vcpu(index: u8) -> VcpuState {
+        VcpuState {
+            index,
+            regs: vec![index; 8],
+            sregs: vec![1; 4],
+            fpu: vec![2; 4],
+            xsave: Some(vec![3; 16]),
+            xcrs: None,
+            debugregs: None,
+            msrs: vec![(0x10, 12345), (0xc000_0080, 0x500)],
+            lapic: vec![4; 16],
+            mp_state: 0,
+            events: None,
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    fn snap(vcpus: u8) -> VmSnapshot {
+        VmSnapshot {
+            machine: MachineState {
+                vcpus,
+                kvm: VmKvmState {
+                    irqchips: vec![vec![0; 8]; 3],
+                    pit: vec![5; 8],
+                    clock: vec![6; 8],
+                },
+                serial: SerialRecord {
+                    registers: [1, 2, 3, 4, 5, 6, 7, 8, 9],
+                    in_buffer: b"abc".to_vec(),
+                },
+                pci_address: 0x8000_0800,
+                paused: true,
+            },
+            vcpus: (0..vcpus).map(vcpu).collect(),
+            devices: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let s = snap(2);
+        let records = s.to_records().expect("encode");
+        let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["vm", "vcpu0", "vcpu1"]);
+        assert_eq!(VmSnapshot::from_records(&records).expect("decode"), s);
+    }
+
+    #[test]
+    fn a_missing_or_garbled_record_is_named() {
+        let mut records = snap(2).to_records().expect("encode");
+        records.retain(|r| r.name != "vcpu1");
+        let e = VmSnapshot::from_records(&records).unwrap_err();
+        assert!(e.contains("'vcpu1'"), "{e}");
+        let mut records = snap(1).to_records().expect("encode");
+        records[0].data.truncate(3);
+        let e = VmSnapshot::from_records(&records).unwrap_err();
+        assert!(e.contains("state record vm"), "{e}");
+    }
+
+    #[test]
+    fn serial_state_round_trips() {
+        let r = SerialRecord {
+            registers: [1, 2, 3, 4, 5, 6, 7, 8, 9],
+            in_buffer: b"xyz".to_vec(),
+        };
+        let s: vm_superio::serial::SerialState = (&r).into();
+        assert_eq!(SerialRecord::from(&s), r);
+    }
+}
