@@ -271,27 +271,9 @@ fn serve_connection(
                 Some(vm) => {
                     // On a thread of its own: draining waits for the backends.
                     let state = state.clone();
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("save".into())
-                            .spawn(move || {
-                                let event = match vm.save_state().and_then(|s| s.to_records()) {
-                                    Ok(records) => {
-                                        let bytes: usize =
-                                            records.iter().map(|r| r.data.len()).sum();
-                                        log(&format!(
-                                            "state saved: {} records, {bytes} bytes",
-                                            records.len()
-                                        ));
-                                        RunnerEvent::Saved { records }
-                                    }
-                                    Err(message) => {
-                                        log(&format!("save failed: {message}"));
-                                        RunnerEvent::Error { message }
-                                    }
-                                };
-                                state.answer(id, event);
-                            });
+                    let spawned = std::thread::Builder::new()
+                        .name("save".into())
+                        .spawn(move || state.answer(id, save_answer(&vm)));
                     match spawned {
                         Ok(_) => continue,
                         Err(e) => RunnerEvent::Error {
@@ -318,6 +300,36 @@ fn serve_connection(
         };
         state.answer(id, reply);
     }
+}
+
+/// Takes the VM's state for a snapshot: the answer to `SaveState`.
+fn save_answer(vm: &RunningVm) -> RunnerEvent {
+    let records = match vm.save_state().and_then(|s| s.to_records()) {
+        Ok(r) => r,
+        Err(message) => {
+            log(&format!("save failed: {message}"));
+            return RunnerEvent::Error { message };
+        }
+    };
+    let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+    let event = RunnerEvent::Saved { records };
+    let answer = RunnerMessage::Answer {
+        id: u64::MAX,
+        event: event.clone(),
+    };
+    let fits = postcard::to_allocvec(&answer)
+        .map(|b| b.len() <= bulkhead_ipc::transport::MAX_FRAME)
+        .unwrap_or(false);
+    if !fits {
+        let message = format!(
+            "the VM's state ({bytes} bytes) does not fit one control frame ({} bytes)",
+            bulkhead_ipc::transport::MAX_FRAME
+        );
+        log(&format!("save failed: {message}"));
+        return RunnerEvent::Error { message };
+    }
+    log(&format!("state saved: {bytes} bytes"));
+    event
 }
 
 /// Hands `device` its new backend's connection; answers how it went.

@@ -225,8 +225,8 @@ pub struct InflightSnapshot {
     pub num_queues: u16,
     /// Ring size it was laid out for.
     pub queue_size: u16,
-    /// Its bytes.
-    pub bytes: Vec<u8>,
+    /// Its bytes, sparse: a drained region is mostly zeros.
+    pub bytes: crate::snapshot::inflight::SparseBytes,
 }
 
 /// What a drained device reports.
@@ -597,7 +597,7 @@ impl BackendLink {
         Ok(Some(InflightSnapshot {
             num_queues: info.num_queues,
             queue_size: info.queue_size,
-            bytes,
+            bytes: crate::snapshot::inflight::SparseBytes::from_bytes(&bytes),
         }))
     }
 
@@ -621,14 +621,19 @@ impl BackendLink {
                 .get_inflight_fd(&ask)
                 .map_err(vu("GET_INFLIGHT_FD"))
         })?;
-        if info.mmap_size as usize != saved.bytes.len() {
+        let bytes = saved.bytes.to_bytes().map_err(|e| {
+            VirtioPciError::EventFd(std::io::Error::other(format!(
+                "the snapshot's in-flight region: {e}"
+            )))
+        })?;
+        if info.mmap_size as usize != bytes.len() {
             return Err(VirtioPciError::EventFd(std::io::Error::other(format!(
                 "the backend's in-flight region is {} bytes, the snapshot's {}",
                 info.mmap_size,
-                saved.bytes.len()
+                bytes.len()
             ))));
         }
-        crate::snapshot::inflight::write_region(&file, info.mmap_offset, &saved.bytes)
+        crate::snapshot::inflight::write_region(&file, info.mmap_offset, &bytes)
             .map_err(VirtioPciError::EventFd)?;
         self.inflight_region = Some((info, file));
         Ok(())
