@@ -29,6 +29,9 @@ pub struct VmConfig {
 /// A VM configuration that cannot be run.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// A snapshot's state does not fit the VM it is restored into.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// Memory size text that is not a size.
     #[error("invalid memory size '{0}': use a number with an optional K, M, G or T suffix (e.g. 256M, 1G)")]
     BadMemorySize(String),

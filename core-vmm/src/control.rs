@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bulkhead_ipc::hello::{server_hello, Role};
 use bulkhead_ipc::runner::{
-    BootFds, BootSpec, GuestOutcome, RunnerCommand, RunnerEvent, RunnerMessage, RunnerRequest,
-    VcpuCounters,
+    BootFds, BootSpec, GuestOutcome, RestoreFds, RestoreSpec, RunnerCommand, RunnerEvent,
+    RunnerMessage, RunnerRequest, VcpuCounters,
 };
 use bulkhead_ipc::{Channel, IpcError, Listener};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -263,6 +263,43 @@ fn serve_connection(
                     message: "ReconnectDevice carried no connection".into(),
                 },
             },
+            RunnerCommand::Restore(spec) => match console.take() {
+                Some(tx) => match restore(state, spec, fds, tx) {
+                    Ok(detail) => RunnerEvent::Started { detail },
+                    Err(message) => {
+                        log(&format!("restore failed: {message}"));
+                        state.answer(id, RunnerEvent::BootFailed { message });
+                        std::process::exit(2);
+                    }
+                },
+                None => RunnerEvent::Error {
+                    message: "already booted".into(),
+                },
+            },
+            RunnerCommand::SaveState => match state.vm() {
+                Some(vm) => {
+                    // On a thread of its own: draining waits for the backends.
+                    let state = state.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("save".into())
+                        .spawn(move || state.answer(id, save_answer(&vm)));
+                    match spawned {
+                        Ok(_) => continue,
+                        Err(e) => RunnerEvent::Error {
+                            message: format!("cannot start the save: {e}"),
+                        },
+                    }
+                }
+                None => not_booted(),
+            },
+            RunnerCommand::EndSave { resume } => match state.vm() {
+                Some(vm) => match vm.end_save(resume) {
+                    Ok(true) => RunnerEvent::Resumed,
+                    Ok(false) => RunnerEvent::Paused,
+                    Err(message) => RunnerEvent::Error { message },
+                },
+                None => not_booted(),
+            },
             RunnerCommand::ConsoleInput(bytes) => {
                 if let Some(vm) = state.vm() {
                     feed_console(&vm, &bytes);
@@ -272,6 +309,36 @@ fn serve_connection(
         };
         state.answer(id, reply);
     }
+}
+
+/// Takes the VM's state for a snapshot: the answer to `SaveState`.
+fn save_answer(vm: &RunningVm) -> RunnerEvent {
+    let records = match vm.save_state().and_then(|s| s.to_records()) {
+        Ok(r) => r,
+        Err(message) => {
+            log(&format!("save failed: {message}"));
+            return RunnerEvent::Error { message };
+        }
+    };
+    let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+    let event = RunnerEvent::Saved { records };
+    let answer = RunnerMessage::Answer {
+        id: u64::MAX,
+        event: event.clone(),
+    };
+    let fits = postcard::to_allocvec(&answer)
+        .map(|b| b.len() <= bulkhead_ipc::transport::MAX_FRAME)
+        .unwrap_or(false);
+    if !fits {
+        let message = format!(
+            "the VM's state ({bytes} bytes) does not fit one control frame ({} bytes)",
+            bulkhead_ipc::transport::MAX_FRAME
+        );
+        log(&format!("save failed: {message}"));
+        return RunnerEvent::Error { message };
+    }
+    log(&format!("state saved: {bytes} bytes"));
+    event
 }
 
 /// Hands `device` its new backend's connection; answers how it went.
@@ -358,20 +425,7 @@ fn boot(
     };
     let cpu_template = crate::cpu_template::by_name(&spec.cpu_template)
         .ok_or_else(|| format!("unknown CPU template '{}'", spec.cpu_template))?;
-    let kinds = spec
-        .disks
-        .iter()
-        .map(|n| (n, DeviceKind::Block))
-        .chain(spec.nics.iter().map(|n| (n, DeviceKind::Net)));
-    let mut backends = Vec::new();
-    for (i, (name, kind)) in kinds.enumerate() {
-        let f = take(first_disk + i).ok_or_else(|| format!("missing socket for {name}"))?;
-        backends.push(DeviceBackend {
-            name: name.clone(),
-            kind,
-            stream: std::os::unix::net::UnixStream::from(OwnedFd::from(f)),
-        });
-    }
+    let backends = device_backends(&spec.disks, &spec.nics, |i| take(first_disk + i))?;
     let images = crate::vm::GuestImages {
         kernel: &mut kernel,
         initrd: initrd.as_mut(),
@@ -390,18 +444,111 @@ fn boot(
         Box::new(QueuedConsole(console)),
     )
     .map_err(|e| e.to_string())?;
-    let setup = *vm.boot_setup();
+    let detail = match vm.boot_setup() {
+        Some(setup) => format!(
+            "{} loaded as {:?}, entry {:?}; {} vCPUs, CPU template {}",
+            spec.kernel_name, setup.format, setup.entry, spec.vcpus, spec.cpu_template
+        ),
+        None => String::new(),
+    };
     drop(kernel);
     drop(initrd);
-    let running = Arc::new(vm.start(None).map_err(|e| e.to_string())?);
-    *state.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
-    let timeouts = spec
-        .disks
+    let names: Vec<String> = spec.disks.iter().chain(spec.nics.iter()).cloned().collect();
+    run_vm(state, vm, &names, &spec.hang_timeouts_ms, false)?;
+    Ok(detail)
+}
+
+/// The devices of a boot or restore, by kind, each with its socket from `take`.
+fn device_backends(
+    disks: &[String],
+    nics: &[String],
+    mut take: impl FnMut(usize) -> Option<File>,
+) -> Result<Vec<DeviceBackend>, String> {
+    let kinds = disks
         .iter()
-        .chain(spec.nics.iter())
+        .map(|n| (n, DeviceKind::Block))
+        .chain(nics.iter().map(|n| (n, DeviceKind::Net)));
+    let mut backends = Vec::new();
+    for (i, (name, kind)) in kinds.enumerate() {
+        let f = take(i).ok_or_else(|| format!("missing socket for {name}"))?;
+        backends.push(DeviceBackend {
+            name: name.clone(),
+            kind,
+            stream: std::os::unix::net::UnixStream::from(OwnedFd::from(f)),
+        });
+    }
+    Ok(backends)
+}
+
+/// Creates the VM from a snapshot's state and runs it.
+fn restore(
+    state: &Arc<RunnerState>,
+    spec: RestoreSpec,
+    fds: Vec<OwnedFd>,
+    console: Sender<u8>,
+) -> Result<String, String> {
+    let want = RestoreFds::FIRST_DEVICE + spec.disks.len() + spec.nics.len();
+    if fds.len() != want {
+        return Err(format!(
+            "Restore carried {} descriptors, expected {want}",
+            fds.len()
+        ));
+    }
+    let snap = crate::snapshot::records::VmSnapshot::from_records(&spec.records)?;
+    let mut fds = fds.into_iter().map(Some).collect::<Vec<_>>();
+    let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).map(File::from);
+    let kvm = open_kvm(take(RestoreFds::KVM)).map_err(|e| e.to_string())?;
+    let memfd = take(RestoreFds::MEMFD).ok_or("missing memfd")?;
+    let ram = GuestRam::from_memfd(memfd).map_err(|e| e.to_string())?;
+    let cpu_template = crate::cpu_template::by_name(&spec.cpu_template)
+        .ok_or_else(|| format!("unknown CPU template '{}'", spec.cpu_template))?;
+    let backends = device_backends(&spec.disks, &spec.nics, |i| {
+        take(RestoreFds::FIRST_DEVICE + i)
+    })?;
+    let machine = crate::vm::Machine {
+        vcpus: spec.vcpus,
+        cpu_template,
+    };
+    let vm = Vm::restore(
+        kvm,
+        ram,
+        machine,
+        backends,
+        Box::new(QueuedConsole(console)),
+        &snap,
+    )
+    .map_err(|e| e.to_string())?;
+    let names: Vec<String> = spec.disks.iter().chain(spec.nics.iter()).cloned().collect();
+    let paused = snap.machine.paused;
+    run_vm(state, vm, &names, &spec.hang_timeouts_ms, paused)?;
+    Ok(format!(
+        "restored: {} vCPUs{}, {} devices, CPU template {}",
+        spec.vcpus,
+        if paused {
+            format!(" {}", bulkhead_ipc::runner::RESTORED_PAUSED)
+        } else {
+            String::new()
+        },
+        names.len(),
+        spec.cpu_template
+    ))
+}
+
+/// Starts the vCPUs, the progress watchdog over `devices` and the outcome watcher.
+fn run_vm(
+    state: &Arc<RunnerState>,
+    vm: Vm,
+    devices: &[String],
+    hang_timeouts_ms: &[u32],
+    paused: bool,
+) -> Result<(), String> {
+    let running = Arc::new(vm.start_paused(None, paused).map_err(|e| e.to_string())?);
+    *state.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
+    let timeouts = devices
+        .iter()
         .enumerate()
         .map(|(i, name)| {
-            let ms = spec.hang_timeouts_ms.get(i).copied().unwrap_or(0);
+            let ms = hang_timeouts_ms.get(i).copied().unwrap_or(0);
             (name.clone(), Duration::from_millis(ms.into()))
         })
         .collect();
@@ -422,10 +569,7 @@ fn boot(
         .name("outcome".into())
         .spawn(move || watch_outcome(state2, running))
         .map_err(|e| format!("cannot start the outcome watcher: {e}"))?;
-    Ok(format!(
-        "{} loaded as {:?}, entry {:?}; {} vCPUs, CPU template {}",
-        spec.kernel_name, setup.format, setup.entry, spec.vcpus, spec.cpu_template
-    ))
+    Ok(())
 }
 
 fn watch_outcome(state: Arc<RunnerState>, vm: Arc<RunningVm>) {

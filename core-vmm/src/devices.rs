@@ -115,6 +115,39 @@ impl LegacyDevices {
             .cloned()
     }
 
+    /// COM1's registers and receive FIFO, for a snapshot.
+    pub fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+    }
+
+    /// Puts back COM1's registers and FIFO from a snapshot (same interrupt line and output).
+    pub fn restore_serial(&self, state: &vm_superio::serial::SerialState) -> Result<(), String> {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let irq = serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("serial eventfd: {e}"))?;
+        let placeholder: ConsoleOut = Box::new(io::sink());
+        let old = std::mem::replace(
+            &mut *serial,
+            Serial::new(
+                EventTrigger(
+                    irq.try_clone()
+                        .map_err(|e| format!("serial eventfd: {e}"))?,
+                ),
+                placeholder,
+            ),
+        );
+        let out = old.into_writer();
+        *serial = Serial::from_state(state, EventTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(())
+    }
+
     /// Feeds console input to COM1's receive FIFO; returns how many bytes fit.
     pub fn console_input(&self, bytes: &[u8]) -> usize {
         match self.serial.lock() {

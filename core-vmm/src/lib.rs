@@ -18,6 +18,7 @@ pub mod mptable;
 pub mod pci;
 pub mod reconnect;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vhost_link;
 pub mod virtio_pci;
 pub mod vm;

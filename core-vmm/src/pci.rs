@@ -78,6 +78,20 @@ impl ConfigSpace {
         self.regs[1] |= 1 << 20;
     }
 
+    /// Every register, for a snapshot.
+    pub fn regs(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Puts back registers a snapshot took ([`Self::regs`]); false if the count is wrong.
+    pub fn set_regs(&mut self, regs: &[u32]) -> bool {
+        if regs.len() != self.regs.len() {
+            return false;
+        }
+        self.regs.copy_from_slice(regs);
+        true
+    }
+
     /// Reads a dword register.
     pub fn read(&self, reg: usize) -> u32 {
         self.regs.get(reg).copied().unwrap_or(0xffff_ffff)
@@ -173,6 +187,16 @@ impl PciBus {
             slots: vec![bridge],
             next_bar: BAR_WINDOW_START,
         }
+    }
+
+    /// The config address register (0xCF8), for a snapshot.
+    pub fn config_address(&self) -> u32 {
+        *self.address.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts back the config address register (a snapshot's).
+    pub fn set_config_address(&self, value: u32) {
+        *self.address.lock().unwrap_or_else(|e| e.into_inner()) = value;
     }
 
     /// Reserves `size` bytes (a power of two, naturally aligned) of BAR space.

@@ -199,7 +199,48 @@ pub enum Job {
         stream: UnixStream,
         done: mpsc::Sender<Result<(), VirtioPciError>>,
     },
+    /// A snapshot is taken: stop every ring (GET_VRING_BASE), wait until the requests the
+    /// backend had taken are completed, and answer each ring's base and the in-flight
+    /// region's contents.
+    Drain {
+        done: mpsc::Sender<Result<DrainReport, VirtioPciError>>,
+    },
+    /// After a drain: bring the same backend's rings up again where they stopped.
+    Resume {
+        done: mpsc::Sender<Result<(), VirtioPciError>>,
+    },
+    /// A restored device: give the backend the saved in-flight region (if the device had
+    /// one) and bring its rings up where the snapshot's used rings say.
+    Restore {
+        plan: Plan,
+        inflight: Option<InflightSnapshot>,
+        done: mpsc::Sender<Result<(), VirtioPciError>>,
+    },
 }
+
+/// A device's in-flight region as a snapshot keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InflightSnapshot {
+    /// Queues it covers.
+    pub num_queues: u16,
+    /// Ring size it was laid out for.
+    pub queue_size: u16,
+    /// Its bytes, sparse: a drained region is mostly zeros.
+    pub bytes: crate::snapshot::inflight::SparseBytes,
+}
+
+/// What a drained device reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DrainReport {
+    /// Each stopped ring and its base (GET_VRING_BASE: the next avail entry the backend
+    /// would have taken).
+    pub bases: Vec<(usize, u16)>,
+    /// The in-flight region, if the device keeps one.
+    pub inflight: Option<InflightSnapshot>,
+}
+
+/// How long a drain waits for the requests a backend had taken to complete.
+pub const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The device's vhost-user connection and what was agreed on it. Owned by the worker.
 pub struct BackendLink {
@@ -254,6 +295,34 @@ impl BackendLink {
                 Job::Reset { queues } => self.reset(&queues),
                 Job::Reconnect { stream, done } => {
                     let r = self.reconnect(&dev, stream);
+                    let _ = done.send(r);
+                }
+                Job::Drain { done } => {
+                    let r = self.drain(&dev);
+                    let _ = done.send(r);
+                }
+                Job::Resume { done } => {
+                    let plan = lock(&dev).plan().1;
+                    let r = match plan {
+                        Some(plan) => self.activate(&plan, true).map(|()| kick_and_call(&plan)),
+                        None => Ok(()),
+                    };
+                    let _ = done.send(r);
+                }
+                Job::Restore {
+                    plan,
+                    inflight,
+                    done,
+                } => {
+                    let epoch = plan.epoch;
+                    let r = self
+                        .restore_inflight(inflight)
+                        .and_then(|()| self.activate(&plan, true))
+                        .map(|()| kick_and_call(&plan));
+                    if let Err(e) = &r {
+                        self.log(&format!("restore failed: {e}"));
+                    }
+                    lock(&dev).activated(epoch, r.is_ok());
                     let _ = done.send(r);
                 }
             }
@@ -452,6 +521,124 @@ impl BackendLink {
         Ok(())
     }
 
+    /// Stops every ring for a snapshot and waits (up to [`DRAIN_DEADLINE`]) until the used
+    /// ring holds every request the backend had taken; a NIC's receive rings are not waited
+    /// on (buffers it took wait for packets, and are offered again from the used index).
+    fn drain(
+        &mut self,
+        dev: &Arc<Mutex<VhostUserPciDevice>>,
+    ) -> Result<DrainReport, VirtioPciError> {
+        let Some(plan) = lock(dev).plan().1 else {
+            return Ok(DrainReport {
+                bases: Vec::new(),
+                inflight: self.inflight_snapshot()?,
+            });
+        };
+        let sock = self.sock.try_clone().map_err(VirtioPciError::EventFd)?;
+        let bases = SetupDeadline::run(&sock, "drain", || {
+            let mut bases = Vec::new();
+            for q in &plan.queues {
+                if self.protocol {
+                    self.frontend
+                        .set_vring_enable(q.index, false)
+                        .map_err(vu("SET_VRING_ENABLE"))?;
+                }
+                let base = self
+                    .frontend
+                    .get_vring_base(q.index)
+                    .map_err(vu("GET_VRING_BASE"))?;
+                bases.push((q.index, u16::try_from(base & 0xffff).unwrap_or(0)));
+            }
+            Ok(bases)
+        })?;
+        let deadline = std::time::Instant::now() + DRAIN_DEADLINE;
+        for (q, &(index, base)) in plan.queues.iter().zip(&bases) {
+            if self.device_type == 1 && index % 2 == 0 {
+                continue;
+            }
+            loop {
+                let used: u16 =
+                    self.ram
+                        .mem()
+                        .read_obj(GuestAddress(q.used + 2))
+                        .map_err(|_| {
+                            VirtioPciError::EventFd(std::io::Error::other(
+                                "used ring outside guest RAM",
+                            ))
+                        })?;
+                if used == base {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(VirtioPciError::EventFd(std::io::Error::other(format!(
+                        "queue {index}: the backend took requests up to {base} but completed only up to {used} within {}s",
+                        DRAIN_DEADLINE.as_secs()
+                    ))));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        self.log(&format!("drained: vring bases {bases:?}"));
+        Ok(DrainReport {
+            bases,
+            inflight: self.inflight_snapshot()?,
+        })
+    }
+
+    /// The in-flight region's bytes, if the device keeps one.
+    fn inflight_snapshot(&self) -> Result<Option<InflightSnapshot>, VirtioPciError> {
+        use std::os::unix::fs::FileExt;
+        let Some((info, file)) = &self.inflight_region else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; usize::try_from(info.mmap_size).unwrap_or(0)];
+        file.read_exact_at(&mut bytes, info.mmap_offset)
+            .map_err(VirtioPciError::EventFd)?;
+        Ok(Some(InflightSnapshot {
+            num_queues: info.num_queues,
+            queue_size: info.queue_size,
+            bytes: crate::snapshot::inflight::SparseBytes::from_bytes(&bytes),
+        }))
+    }
+
+    /// Asks the (new) backend for an in-flight region and fills it with `saved`.
+    fn restore_inflight(&mut self, saved: Option<InflightSnapshot>) -> Result<(), VirtioPciError> {
+        let Some(saved) = saved else {
+            return Ok(());
+        };
+        if !self.inflight {
+            self.log("the backend keeps no in-flight region; the snapshot's is not used (it was drained, so nothing was in flight)");
+            return Ok(());
+        }
+        let ask = VhostUserInflight {
+            num_queues: saved.num_queues,
+            queue_size: saved.queue_size,
+            ..Default::default()
+        };
+        let sock = self.sock.try_clone().map_err(VirtioPciError::EventFd)?;
+        let (info, file) = SetupDeadline::run(&sock, "setup", || {
+            self.frontend
+                .get_inflight_fd(&ask)
+                .map_err(vu("GET_INFLIGHT_FD"))
+        })?;
+        let bytes = saved.bytes.to_bytes().map_err(|e| {
+            VirtioPciError::EventFd(std::io::Error::other(format!(
+                "the snapshot's in-flight region: {e}"
+            )))
+        })?;
+        if info.mmap_size as usize != bytes.len() {
+            return Err(VirtioPciError::EventFd(std::io::Error::other(format!(
+                "the backend's in-flight region is {} bytes, the snapshot's {}",
+                info.mmap_size,
+                bytes.len()
+            ))));
+        }
+        crate::snapshot::inflight::write_region(&file, info.mmap_offset, &bytes)
+            .map_err(VirtioPciError::EventFd)?;
+        self.inflight_region = Some((info, file));
+        Ok(())
+    }
+
     /// Stops `queues` after a driver reset; nothing the old region holds is to be
     /// resubmitted.
     fn reset(&mut self, queues: &[usize]) {
@@ -468,6 +655,15 @@ impl BackendLink {
             }
             Ok(())
         });
+    }
+}
+
+/// Every ring of `plan` is looked at once by the backend (a kick) and by the driver (a
+/// call): a completion that landed while the rings were stopped had no one to tell.
+fn kick_and_call(plan: &Plan) {
+    for q in &plan.queues {
+        let _ = q.kick.write(1);
+        let _ = q.call.write(1);
     }
 }
 

@@ -20,7 +20,7 @@ use crate::interrupts::GsiRouter;
 use crate::memory::GuestRam;
 use crate::pci::{ConfigSpace, PciDevice};
 pub use crate::vhost_link::SETUP_DEADLINE;
-use crate::vhost_link::{handshake, BackendLink, Job, Plan, QueuePlan};
+use crate::vhost_link::{handshake, BackendLink, DrainReport, Job, Plan, QueuePlan};
 
 /// Size of BAR 0, which holds every virtio structure and the MSI-X table.
 pub const BAR0_SIZE: u64 = 0x1_0000;
@@ -95,6 +95,68 @@ struct Queue {
     pending: bool,
 }
 
+/// One queue's transport registers, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    /// Ring size.
+    pub size: u16,
+    /// Enabled by the driver.
+    pub enable: bool,
+    /// MSI-X vector.
+    pub vector: u16,
+    /// Descriptor table, avail and used ring (guest-physical).
+    pub desc: u64,
+    /// Avail ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+    /// An interrupt arrived while its vector was masked.
+    pub pending: bool,
+}
+
+/// A device's virtio-pci transport state (and, once drained, its backend's ring bases and
+/// in-flight region), for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// Device name.
+    pub name: String,
+    /// Virtio device type.
+    pub device_type: u16,
+    /// PCI configuration registers (BAR address, command, MSI-X control).
+    pub config: Vec<u32>,
+    /// Features offered.
+    pub device_features: u64,
+    /// Features the driver acknowledged.
+    pub driver_features: u64,
+    /// Feature select registers.
+    pub dfselect: u32,
+    /// Driver feature select.
+    pub gfselect: u32,
+    /// Device status.
+    pub status: u8,
+    /// Config generation.
+    pub generation: u8,
+    /// Queue select.
+    pub queue_select: u16,
+    /// Config-change MSI-X vector.
+    pub config_vector: u16,
+    /// Each queue.
+    pub queues: Vec<QueueState>,
+    /// MSI-X table: address, data, masked.
+    pub msix: Vec<(u64, u32, bool)>,
+    /// MSI-X enable bit.
+    pub msix_enabled: bool,
+    /// MSI-X function mask.
+    pub msix_masked: bool,
+    /// The backend's rings were up.
+    pub active: bool,
+    /// The drain's report (ring bases, in-flight region).
+    pub drain: Option<DrainReport>,
+}
+
+/// How long a restored device's backend may take to bring its rings up.
+const RESTORE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A ring's number, avail index and used index, as the progress watchdog reads them.
 pub type RingIndices = (usize, u16, u16);
 
@@ -135,6 +197,8 @@ pub struct VhostUserPciDevice {
     notify_base: u64,
     /// The backend's rings are up (the worker said so): irqfds may be bound.
     active: bool,
+    /// Stopped for a snapshot: the progress watchdog looks away.
+    drained: bool,
 }
 
 impl VhostUserPciDevice {
@@ -254,6 +318,7 @@ impl VhostUserPciDevice {
             gsi_base,
             notify_base: 0,
             active: false,
+            drained: false,
         };
         dev.register_notifiers(bar_addr)?;
         Ok(dev)
@@ -279,7 +344,7 @@ impl VhostUserPciDevice {
     /// that wait for traffic), its avail and used indices; None while the rings are not up.
     pub fn progress(&self) -> Option<(u32, Vec<RingIndices>)> {
         use vm_memory::{Bytes, GuestAddress};
-        if !self.active {
+        if !self.active || self.drained {
             return None;
         }
         let mem = self.ram.mem();
@@ -640,6 +705,177 @@ impl VhostUserPciDevice {
         if field == 12 || self.queues.iter().any(|q| usize::from(q.vector) == index) {
             self.update_interrupts();
         }
+    }
+}
+
+/// Drains `dev` for a snapshot (its worker stops the backend's rings and waits for what it
+/// had taken) and returns the transport state with the drain's report.
+pub fn drain(dev: &Arc<Mutex<VhostUserPciDevice>>) -> Result<TransportState, VirtioPciError> {
+    let (done, answer) = mpsc::channel();
+    {
+        let mut d = lock(dev);
+        d.drained = true;
+        if !d.submit(Job::Drain { done }) {
+            return Err(worker_gone());
+        }
+    }
+    let report = answer
+        .recv_timeout(crate::vhost_link::DRAIN_DEADLINE + SETUP_DEADLINE)
+        .map_err(|_| worker_gone())??;
+    let mut state = lock(dev).transport_state();
+    state.drain = Some(report);
+    Ok(state)
+}
+
+/// Brings a drained device's rings up again on the same backend.
+pub fn resume_after_drain(dev: &Arc<Mutex<VhostUserPciDevice>>) -> Result<(), VirtioPciError> {
+    let (done, answer) = mpsc::channel();
+    if !lock(dev).submit(Job::Resume { done }) {
+        return Err(worker_gone());
+    }
+    let r = answer
+        .recv_timeout(RESTORE_DEADLINE)
+        .map_err(|_| worker_gone())?;
+    lock(dev).drained = false;
+    r
+}
+
+/// Gives a freshly connected device (worker started, guest not yet running) the transport
+/// state of a snapshot and, if its rings were up, brings its backend's rings up where the
+/// snapshot's used rings say, with the saved in-flight region; waits for that.
+pub fn restore(
+    dev: &Arc<Mutex<VhostUserPciDevice>>,
+    state: &TransportState,
+) -> Result<(), VirtioPciError> {
+    let job = lock(dev).restore_transport(state)?;
+    let Some((plan, inflight)) = job else {
+        return Ok(());
+    };
+    let (done, answer) = mpsc::channel();
+    if !lock(dev).submit(Job::Restore {
+        plan,
+        inflight,
+        done,
+    }) {
+        return Err(worker_gone());
+    }
+    answer
+        .recv_timeout(RESTORE_DEADLINE)
+        .map_err(|_| worker_gone())?
+}
+
+fn worker_gone() -> VirtioPciError {
+    VirtioPciError::EventFd(std::io::Error::other(
+        "the device's worker ended or did not answer in time",
+    ))
+}
+
+fn mismatch(what: String) -> VirtioPciError {
+    VirtioPciError::EventFd(std::io::Error::other(what))
+}
+
+impl VhostUserPciDevice {
+    /// The transport registers, for a snapshot (no drain report).
+    pub fn transport_state(&self) -> TransportState {
+        TransportState {
+            name: self.name.clone(),
+            device_type: self.device_type,
+            config: self.cfg.regs(),
+            device_features: self.device_features,
+            driver_features: self.driver_features,
+            dfselect: self.dfselect,
+            gfselect: self.gfselect,
+            status: self.status,
+            generation: self.generation,
+            queue_select: self.queue_select,
+            config_vector: self.config_vector,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    size: q.size,
+                    enable: q.enable,
+                    vector: q.vector,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    pending: q.pending,
+                })
+                .collect(),
+            msix: self
+                .msix
+                .iter()
+                .map(|e| (e.addr, e.data, e.masked))
+                .collect(),
+            msix_enabled: self.msix_enabled,
+            msix_masked: self.msix_masked,
+            active: self.active,
+            drain: None,
+        }
+    }
+
+    /// Puts `s` back; returns the job that brings the rings up, if they were up.
+    #[allow(clippy::type_complexity)]
+    fn restore_transport(
+        &mut self,
+        s: &TransportState,
+    ) -> Result<Option<(Plan, Option<crate::vhost_link::InflightSnapshot>)>, VirtioPciError> {
+        if s.name != self.name || s.device_type != self.device_type {
+            return Err(mismatch(format!(
+                "the snapshot's device {} (type {}) is not {} (type {})",
+                s.name, s.device_type, self.name, self.device_type
+            )));
+        }
+        if s.queues.len() != self.queues.len() || s.msix.len() != self.msix.len() {
+            return Err(mismatch(format!(
+                "the snapshot's device has {} queues, its new backend {}",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let missing = s.driver_features & !self.device_features;
+        if missing != 0 {
+            return Err(mismatch(format!(
+                "the new backend lacks negotiated features {missing:#x}"
+            )));
+        }
+        if !self.cfg.set_regs(&s.config) {
+            return Err(mismatch("PCI config space size".into()));
+        }
+        self.driver_features = s.driver_features;
+        self.dfselect = s.dfselect;
+        self.gfselect = s.gfselect;
+        self.status = s.status;
+        self.generation = s.generation;
+        self.queue_select = s.queue_select;
+        self.config_vector = s.config_vector;
+        for (q, saved) in self.queues.iter_mut().zip(&s.queues) {
+            q.size = saved.size.clamp(1, MAX_QUEUE_SIZE);
+            q.enable = saved.enable;
+            q.vector = saved.vector;
+            q.desc = saved.desc;
+            q.avail = saved.avail;
+            q.used = saved.used;
+            q.pending = saved.pending;
+        }
+        for (e, &(addr, data, masked)) in self.msix.iter_mut().zip(&s.msix) {
+            *e = MsixEntry { addr, data, masked };
+        }
+        self.msix_enabled = s.msix_enabled;
+        self.msix_masked = s.msix_masked;
+        let bar = if self.cfg.memory_enabled() {
+            self.cfg.bar_addr(0)
+        } else {
+            0
+        };
+        self.register_notifiers(bar)?;
+        if !s.active {
+            return Ok(None);
+        }
+        self.epoch += 1;
+        let plan = self.make_plan().map_err(VirtioPciError::EventFd)?;
+        let inflight = s.drain.as_ref().and_then(|d| d.inflight.clone());
+        Ok(Some((plan, inflight)))
     }
 }
 

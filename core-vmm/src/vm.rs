@@ -245,9 +245,11 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     vcpus: Vec<VcpuFd>,
-    boot: BootSetup,
+    boot: Option<BootSetup>,
     devices: Arc<LegacyDevices>,
     reset_evt: EventFd,
+    /// The MSRs a snapshot saves.
+    msr_list: Arc<Vec<u32>>,
 }
 
 impl Vm {
@@ -290,7 +292,6 @@ impl Vm {
         backends: Vec<DeviceBackend>,
         console: ConsoleOut,
     ) -> Result<Self, VmError> {
-        let vcpus = machine.vcpus;
         let GuestImages {
             kernel,
             initrd,
@@ -298,7 +299,88 @@ impl Vm {
         } = images;
         let full_cmdline = machine.cpu_template.kernel_cmdline(cmdline);
         let cmdline = full_cmdline.as_str();
-        crate::config::validate_machine(ram.size(), vcpus, cmdline)?;
+        crate::config::validate_machine(ram.size(), machine.vcpus, cmdline)?;
+        let mut vm = Self::build(kvm, ram, machine, backends, console)?;
+        let boot = crate::boot::load_images(
+            vm.ram.mem(),
+            vm.ram.size(),
+            kernel,
+            initrd,
+            cmdline,
+            machine.vcpus,
+        )?;
+        for (index, vcpu) in (0u8..).zip(&vm.vcpus) {
+            cpu::setup_msrs(vcpu, index)?;
+            cpu::setup_fpu(vcpu, index)?;
+            cpu::setup_lapic(vcpu, index)?;
+            if index == 0 {
+                cpu::setup_boot_registers(vcpu, boot.entry)?;
+            }
+        }
+        vm.boot = Some(boot);
+        Ok(vm)
+    }
+
+    /// Creates the VM from a snapshot's state instead of booting: RAM (`ram`) already holds
+    /// the snapshot's guest memory; every vCPU, the irqchip, PIT, clock, COM1 and each
+    /// device's transport get their saved state, and each device's new backend its rings
+    /// (where the saved used rings say) and the saved in-flight region.
+    pub fn restore(
+        kvm: Kvm,
+        ram: GuestRam,
+        machine: Machine,
+        backends: Vec<DeviceBackend>,
+        console: ConsoleOut,
+        snap: &crate::snapshot::records::VmSnapshot,
+    ) -> Result<Self, VmError> {
+        let bad = |m: String| VmError::Config(ConfigError::Snapshot(m));
+        if snap.machine.vcpus != machine.vcpus || snap.vcpus.len() != usize::from(machine.vcpus) {
+            return Err(bad(format!(
+                "the snapshot has {} vCPUs, the VM {}",
+                snap.vcpus.len(),
+                machine.vcpus
+            )));
+        }
+        if snap.devices.len() != backends.len() {
+            return Err(bad(format!(
+                "the snapshot has {} devices, the VM {}",
+                snap.devices.len(),
+                backends.len()
+            )));
+        }
+        crate::config::validate_machine(ram.size(), machine.vcpus, "")?;
+        let vm = Self::build(kvm, ram, machine, backends, console)?;
+        let kvm_err = |e: crate::snapshot::kvm::KvmStateError| VmError::Device(e.to_string());
+        crate::snapshot::kvm::restore_vm(&vm.vm_fd, &snap.machine.kvm).map_err(kvm_err)?;
+        for (vcpu, state) in vm.vcpus.iter().zip(&snap.vcpus) {
+            let refused = crate::snapshot::kvm::restore_vcpu(vcpu, state).map_err(kvm_err)?;
+            if !refused.is_empty() {
+                eprintln!(
+                    "bulkhead-runner: vCPU {}: KVM refused MSRs {refused:x?}",
+                    state.index
+                );
+            }
+        }
+        vm.devices
+            .restore_serial(&(&snap.machine.serial).into())
+            .map_err(VmError::Device)?;
+        vm.devices.pci.set_config_address(snap.machine.pci_address);
+        for (dev, state) in vm.devices.vhost.iter().zip(&snap.devices) {
+            crate::virtio_pci::restore(dev, state)
+                .map_err(|e| VmError::Device(format!("{}: {e}", state.name)))?;
+        }
+        Ok(vm)
+    }
+
+    /// The VM with its RAM, irqchip, PIT, legacy devices, virtio devices (workers running)
+    /// and vCPUs (CPUID set), but nothing loaded and no register set.
+    fn build(
+        kvm: Kvm,
+        ram: GuestRam,
+        machine: Machine,
+        backends: Vec<DeviceBackend>,
+        console: ConsoleOut,
+    ) -> Result<Self, VmError> {
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -315,7 +397,6 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         ram.register(&vm_fd)?;
-        let boot = crate::boot::load_images(ram.mem(), ram.size(), kernel, initrd, cmdline, vcpus)?;
 
         let host_err = |what| move |source| VmError::Host { what, source };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
@@ -366,7 +447,7 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let count = vcpus;
+        let count = machine.vcpus;
         let mut vcpus = Vec::with_capacity(count.into());
         for index in 0..count {
             let vcpu = vm_fd
@@ -379,28 +460,25 @@ impl Vm {
                 what: "KVM_SET_CPUID2",
                 source,
             })?;
-            cpu::setup_msrs(&vcpu, index)?;
-            cpu::setup_fpu(&vcpu, index)?;
-            cpu::setup_lapic(&vcpu, index)?;
-            if index == 0 {
-                cpu::setup_boot_registers(&vcpu, boot.entry)?;
-            }
             vcpus.push(vcpu);
         }
+        // Without the list a snapshot still saves the registers; MSRs are then not kept.
+        let msr_list = crate::snapshot::kvm::msr_indices(&kvm).unwrap_or_default();
         Ok(Self {
             _kvm: kvm,
             vm_fd,
             ram,
             vcpus,
-            boot,
+            boot: None,
             devices,
             reset_evt,
+            msr_list: Arc::new(msr_list),
         })
     }
 
-    /// Where and how the kernel was loaded.
-    pub fn boot_setup(&self) -> &BootSetup {
-        &self.boot
+    /// Where and how the kernel was loaded (None for a restored VM).
+    pub fn boot_setup(&self) -> Option<&BootSetup> {
+        self.boot.as_ref()
     }
 
     /// Guest RAM.
@@ -421,8 +499,20 @@ impl Vm {
 
     /// Starts one thread per vCPU and returns a handle to pause, resume and wait on them.
     pub fn start(self, console_in: Option<OwnedFd>) -> Result<RunningVm, VmError> {
+        self.start_paused(console_in, false)
+    }
+
+    /// [`Self::start`], with the vCPUs parked before their first KVM_RUN if `paused`
+    /// (a restored VM that was paused when saved).
+    pub fn start_paused(
+        self,
+        console_in: Option<OwnedFd>,
+        paused: bool,
+    ) -> Result<RunningVm, VmError> {
         install_kick_handler();
         let exit = Arc::new(ExitLatch::default());
+        exit.set_paused(paused);
+        let vcpu_count = self.vcpus.len() as u8;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut counters = Vec::new();
         for (index, vcpu) in (0u8..).zip(self.vcpus) {
@@ -438,6 +528,7 @@ impl Vm {
                 })?,
                 exit: exit.clone(),
                 counters: counter,
+                msr_list: self.msr_list.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -461,9 +552,11 @@ impl Vm {
             counters,
             threads: Mutex::new(threads),
             devices: self.devices,
-            _vm_fd: self.vm_fd,
+            vm_fd: self.vm_fd,
             _ram: self.ram,
             _kvm: self._kvm,
+            vcpu_count,
+            save: Mutex::new(None),
         })
     }
 }
@@ -474,9 +567,18 @@ pub struct RunningVm {
     counters: Vec<Arc<VcpuCounter>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     devices: Arc<LegacyDevices>,
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
     _ram: Arc<GuestRam>,
     _kvm: Kvm,
+    vcpu_count: u8,
+    /// While a snapshot is being taken: whether the vCPUs were paused before it, and which
+    /// devices were drained.
+    save: Mutex<Option<SaveInProgress>>,
+}
+
+struct SaveInProgress {
+    was_paused: bool,
+    drained: Vec<Arc<Mutex<VhostUserPciDevice>>>,
 }
 
 impl RunningVm {
@@ -516,6 +618,112 @@ impl RunningVm {
             self.kick();
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Takes a snapshot's state: pauses the vCPUs (if running), drains every device
+    /// (its backend stops its rings once what it had taken is completed), then reads each
+    /// vCPU's state (on its own thread, parked), the irqchip, PIT, clock, COM1 and each
+    /// transport. The VM stays paused and drained until [`Self::end_save`]; on an error
+    /// the caller ends the save too.
+    pub fn save_state(&self) -> Result<crate::snapshot::records::VmSnapshot, String> {
+        use crate::snapshot::records::{MachineState, VmSnapshot};
+        {
+            let mut save = lock(&self.save);
+            if save.is_some() {
+                return Err("a snapshot is already being taken".into());
+            }
+            *save = Some(SaveInProgress {
+                was_paused: self.is_paused(),
+                drained: Vec::new(),
+            });
+        }
+        if self.exit.outcome().is_some() {
+            return Err("the guest has stopped".into());
+        }
+        self.pause()?;
+        let mut devices = Vec::new();
+        for dev in &self.devices.vhost {
+            if let Some(s) = lock(&self.save).as_mut() {
+                s.drained.push(dev.clone());
+            }
+            let state = crate::virtio_pci::drain(dev)
+                .map_err(|e| format!("{}: cannot drain: {e}", lock(dev).name()))?;
+            devices.push(state);
+        }
+        let vcpus = self.save_vcpus()?;
+        let kvm = crate::snapshot::kvm::save_vm(&self.vm_fd).map_err(|e| e.to_string())?;
+        Ok(VmSnapshot {
+            machine: MachineState {
+                vcpus: self.vcpu_count,
+                kvm,
+                serial: (&self.devices.serial_state()).into(),
+                pci_address: self.devices.pci.config_address(),
+                paused: lock(&self.save).as_ref().is_some_and(|s| s.was_paused),
+            },
+            vcpus,
+            devices,
+        })
+    }
+
+    /// Ends a save: the drained devices' rings come up again on the same backends, and the
+    /// vCPUs run again if `resume` (and they ran before the save). Returns whether they run.
+    pub fn end_save(&self, resume: bool) -> Result<bool, String> {
+        let Some(save) = lock(&self.save).take() else {
+            return Err("no snapshot is being taken".into());
+        };
+        let mut failed = Vec::new();
+        for dev in &save.drained {
+            if let Err(e) = crate::virtio_pci::resume_after_drain(dev) {
+                failed.push(format!("{}: {e}", lock(dev).name()));
+            }
+        }
+        // The vCPUs go on even if a device did not come back: its backend is replaced
+        // (a device whose drain was cut has lost its connection) and its I/O waits till then.
+        let run = resume && !save.was_paused;
+        if run {
+            self.resume();
+        }
+        if !failed.is_empty() {
+            return Err(format!(
+                "devices not resumed (they resume when their backend is replaced): {}",
+                failed.join("; ")
+            ));
+        }
+        Ok(run)
+    }
+
+    /// Each vCPU's state, read by its own (parked) thread.
+    fn save_vcpus(&self) -> Result<Vec<crate::snapshot::kvm::VcpuState>, String> {
+        let want = usize::from(self.vcpu_count);
+        lock(&self.exit.saved).clear();
+        {
+            let _paused = lock(&self.exit.pause);
+            self.exit.save_gen.fetch_add(1, Ordering::SeqCst);
+            self.exit.pause_cond.notify_all();
+        }
+        let deadline = Instant::now() + STOP_DEADLINE;
+        let mut saved = lock(&self.exit.saved);
+        while saved.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "{} of {want} vCPUs saved their state within {STOP_DEADLINE:?}",
+                    saved.len()
+                ));
+            }
+            saved = self
+                .exit
+                .saved_cond
+                .wait_timeout(saved, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut out = Vec::new();
+        for r in std::mem::take(&mut *saved) {
+            out.push(r?);
+        }
+        out.sort_by_key(|v| v.index);
+        Ok(out)
     }
 
     /// Lets parked vCPUs run again.
@@ -582,6 +790,11 @@ struct ExitLatch {
     pause: Mutex<bool>,
     pause_cond: Condvar,
     parked: std::sync::atomic::AtomicUsize,
+    /// Bumped to ask every parked vCPU for its state.
+    save_gen: std::sync::atomic::AtomicU64,
+    /// The states they gave.
+    saved: Mutex<Vec<Result<crate::snapshot::kvm::VcpuState, String>>>,
+    saved_cond: Condvar,
 }
 
 impl ExitLatch {
@@ -623,14 +836,27 @@ impl ExitLatch {
         *self.pause.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Blocks a vCPU thread while the VM is paused.
-    fn park_while_paused(&self) {
+    /// Blocks a vCPU thread while the VM is paused; gives its state (`save`) whenever a
+    /// snapshot asks meanwhile.
+    fn park_while_paused(
+        &self,
+        seen: &mut u64,
+        save: &mut dyn FnMut() -> Result<crate::snapshot::kvm::VcpuState, String>,
+    ) {
         let mut paused = self.pause.lock().unwrap_or_else(|e| e.into_inner());
         if !*paused {
+            *seen = self.save_gen.load(Ordering::SeqCst);
             return;
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
         while *paused && !self.stopping() {
+            let gen = self.save_gen.load(Ordering::SeqCst);
+            if gen != *seen {
+                *seen = gen;
+                let state = save();
+                lock(&self.saved).push(state);
+                self.saved_cond.notify_all();
+            }
             paused = self
                 .pause_cond
                 .wait_timeout(paused, Duration::from_millis(100))
@@ -639,6 +865,10 @@ impl ExitLatch {
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn kick_signal() -> i32 {
@@ -671,6 +901,7 @@ struct VcpuContext {
     reset_evt: EventFd,
     exit: Arc<ExitLatch>,
     counters: Arc<VcpuCounter>,
+    msr_list: Arc<Vec<u32>>,
 }
 
 /// One vCPU's exits and time in KVM_RUN, updated by its thread.
@@ -685,8 +916,14 @@ pub struct VcpuCounter {
 impl VcpuContext {
     fn run(mut self) {
         let index = self.index;
+        let mut seen = 0u64;
         while !self.exit.stopping() {
-            self.exit.park_while_paused();
+            {
+                let (vcpu, msrs) = (&self.vcpu, &self.msr_list);
+                self.exit.park_while_paused(&mut seen, &mut || {
+                    crate::snapshot::kvm::save_vcpu(vcpu, index, msrs).map_err(|e| e.to_string())
+                });
+            }
             if self.exit.stopping() {
                 break;
             }

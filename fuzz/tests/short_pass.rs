@@ -61,4 +61,5 @@ passes! {
     ipc_runner_request => "ipc-runner-request",
     ipc_runner_message => "ipc-runner-message",
     ipc_hello => "ipc-hello",
+    snapshot => "snapshot",
 }

@@ -97,6 +97,21 @@ pub enum Request {
         /// What to change.
         limits: LimitsUpdate,
     },
+    /// Save a VM (running or paused) to a snapshot: the file, opened for writing by the
+    /// client (with its own rights), travels as the one descriptor of this frame. Unless
+    /// `keep_running`, the VM is destroyed once the snapshot is written.
+    Save {
+        /// VM name.
+        name: String,
+        /// Keep the VM (running, or paused if it was) after the snapshot.
+        keep_running: bool,
+    },
+    /// Create a VM from a snapshot: the file, opened for reading by the client, travels as
+    /// the one descriptor of this frame.
+    Restore {
+        /// A new name for the VM (default: the snapshot's).
+        name: Option<String>,
+    },
 }
 
 /// A change of a device's limits: each `Some` replaces that value (0: none), each `None`
@@ -202,6 +217,9 @@ pub enum ErrorCode {
     Timeout,
     /// The daemon failed.
     Internal,
+    /// A snapshot that is truncated, corrupted, of another format version or from another
+    /// kind of host.
+    BadSnapshot,
 }
 
 /// Lifecycle state of a VM.
@@ -215,6 +233,10 @@ pub enum VmState {
     Paused,
     /// The VM ended.
     Stopped(StopReason),
+    /// A snapshot of it is being written.
+    Saving,
+    /// It is being created from a snapshot.
+    Restoring,
 }
 
 /// Why a VM stopped.

@@ -105,6 +105,21 @@ pub enum RunnerCommand {
     },
     /// Report each vCPU's exits and time in KVM_RUN ([`RunnerEvent::VcpuStats`]).
     VcpuStats,
+    /// Take a snapshot's state: pause the vCPUs (if running), drain every device (its
+    /// backend stops its rings: GET_VRING_BASE; requests it had taken complete first) and
+    /// answer [`RunnerEvent::Saved`] with every component's state. The VM stays paused and
+    /// drained until [`RunnerCommand::EndSave`] (or its end).
+    SaveState,
+    /// After [`RunnerCommand::SaveState`]: bring the devices' rings up again and, with
+    /// `resume`, run the vCPUs (answer `Resumed`; without, `Paused`).
+    EndSave {
+        /// Run the vCPUs again.
+        resume: bool,
+    },
+    /// Create the VM from a snapshot's state and run it (once, first, instead of `Boot`).
+    /// Descriptors: `/dev/kvm`, the guest-RAM memfd (already holding the snapshot's RAM),
+    /// then each device's vhost-user connection (disks, then NICs).
+    Restore(RestoreSpec),
 }
 
 /// One vCPU's counters, as its runner keeps them.
@@ -114,6 +129,48 @@ pub struct VcpuCounters {
     pub exits: u64,
     /// Nanoseconds spent in KVM_RUN.
     pub run_ns: u64,
+}
+
+/// A snapshot's component state, opaque to `bulkheadd` (the runner wrote it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    /// Which component (`vm`, `vcpu0`, `dev:disk0`).
+    pub name: String,
+    /// Its state.
+    pub data: Vec<u8>,
+}
+
+/// What the runner restores (see [`RunnerCommand::Restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// vCPU count.
+    pub vcpus: u8,
+    /// CPU template name, as the snapshot was taken with.
+    pub cpu_template: String,
+    /// Disks, in PCI slot order (their sockets travel after the memfd).
+    pub disks: Vec<String>,
+    /// NICs, after the disks.
+    pub nics: Vec<String>,
+    /// As in [`BootSpec::hang_timeouts_ms`].
+    pub hang_timeouts_ms: Vec<u32>,
+    /// The component state, as [`RunnerEvent::Saved`] gave it.
+    pub records: Vec<StateRecord>,
+}
+
+/// In the `detail` of the `Started` answer to a [`RunnerCommand::Restore`]: the snapshot
+/// was taken of a paused VM, and the restored vCPUs wait paused too.
+pub const RESTORED_PAUSED: &str = "(paused, as saved)";
+
+/// Order of the descriptors that travel with [`RunnerCommand::Restore`].
+pub struct RestoreFds;
+
+impl RestoreFds {
+    /// The `/dev/kvm` fd.
+    pub const KVM: usize = 0;
+    /// The guest-RAM memfd.
+    pub const MEMFD: usize = 1;
+    /// The first device socket.
+    pub const FIRST_DEVICE: usize = 2;
 }
 
 /// How a guest run ended, as the runner saw it.
@@ -169,13 +226,18 @@ pub enum RunnerEvent {
         /// How long nothing was completed.
         stalled_ms: u64,
     },
-    /// Per-vCPU counters (answer to `VcpuStats`), in vCPU order.
-    VcpuStats(Vec<VcpuCounters>),
     /// The guest ended; the runner exits after sending this.
     Exited(GuestOutcome),
     /// A command could not be carried out.
     Error {
         /// Why.
         message: String,
+    },
+    /// Per-vCPU counters (answer to `VcpuStats`), in vCPU order.
+    VcpuStats(Vec<VcpuCounters>),
+    /// The answer to [`RunnerCommand::SaveState`]: the VM is paused and drained.
+    Saved {
+        /// Every component's state.
+        records: Vec<StateRecord>,
     },
 }

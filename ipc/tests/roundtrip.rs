@@ -34,9 +34,11 @@ fn request_index(r: &Request) -> usize {
         Request::Reboot { .. } => 12,
         Request::Stats { .. } => 13,
         Request::DeviceSetLimit { .. } => 14,
+        Request::Save { .. } => 15,
+        Request::Restore { .. } => 16,
     }
 }
-const REQUEST_VARIANTS: usize = 15;
+const REQUEST_VARIANTS: usize = 17;
 
 fn reply_index(r: &Reply) -> usize {
     match r {
@@ -63,9 +65,12 @@ fn command_index(c: &RunnerCommand) -> usize {
         RunnerCommand::ConsoleInput(_) => 5,
         RunnerCommand::ReconnectDevice { .. } => 6,
         RunnerCommand::VcpuStats => 7,
+        RunnerCommand::SaveState => 8,
+        RunnerCommand::EndSave { .. } => 9,
+        RunnerCommand::Restore(_) => 10,
     }
 }
-const COMMAND_VARIANTS: usize = 8;
+const COMMAND_VARIANTS: usize = 11;
 
 fn event_index(e: &RunnerEvent) -> usize {
     match e {
@@ -81,9 +86,10 @@ fn event_index(e: &RunnerEvent) -> usize {
         RunnerEvent::DeviceReconnected { .. } => 9,
         RunnerEvent::DeviceHung { .. } => 10,
         RunnerEvent::VcpuStats(_) => 11,
+        RunnerEvent::Saved { .. } => 12,
     }
 }
-const EVENT_VARIANTS: usize = 12;
+const EVENT_VARIANTS: usize = 13;
 
 fn summary(name: &str, state: VmState) -> VmSummary {
     VmSummary {
@@ -149,6 +155,14 @@ fn requests() -> Vec<Request> {
                 ops_burst: Some(u64::MAX),
             },
         },
+        Request::Save {
+            name: "web".into(),
+            keep_running: true,
+        },
+        Request::Restore {
+            name: Some("web2".into()),
+        },
+        Request::Restore { name: None },
     ]
 }
 
@@ -171,6 +185,7 @@ fn replies() -> Vec<Reply> {
         ErrorCode::WrongState,
         ErrorCode::Timeout,
         ErrorCode::Internal,
+        ErrorCode::BadSnapshot,
     ]
     .into_iter()
     .map(|code| Reply::Error {
@@ -196,6 +211,8 @@ fn replies() -> Vec<Reply> {
                     VmState::Stopped(StopReason::Crashed("triple fault".into())),
                 ),
                 summary("e", VmState::Stopped(StopReason::Destroyed)),
+                summary("s", VmState::Saving),
+                summary("r", VmState::Restoring),
                 VmSummary {
                     runner_pid: None,
                     ..summary("f", VmState::Paused)
@@ -272,6 +289,19 @@ fn commands() -> Vec<RunnerCommand> {
         RunnerCommand::ReconnectDevice {
             device: "disk0".into(),
         },
+        RunnerCommand::SaveState,
+        RunnerCommand::EndSave { resume: true },
+        RunnerCommand::Restore(bulkhead_ipc::runner::RestoreSpec {
+            vcpus: 2,
+            cpu_template: "minimal".into(),
+            disks: vec!["disk0".into()],
+            nics: Vec::new(),
+            hang_timeouts_ms: vec![2000],
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vcpu0".into(),
+                data: vec![0, 1, 255],
+            }],
+        }),
     ]
 }
 
@@ -315,6 +345,12 @@ fn events() -> Vec<RunnerEvent> {
         RunnerEvent::Exited(GuestOutcome::Failed("emulation failure".into())),
         RunnerEvent::Error {
             message: "already booted".into(),
+        },
+        RunnerEvent::Saved {
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vm".into(),
+                data: vec![7; 300],
+            }],
         },
     ]
 }

@@ -40,6 +40,8 @@ pub fn state(s: &VmState) -> String {
         VmState::Starting => "starting".to_owned(),
         VmState::Running => "running".to_owned(),
         VmState::Paused => "paused".to_owned(),
+        VmState::Saving => "saving".to_owned(),
+        VmState::Restoring => "restoring".to_owned(),
         VmState::Stopped(reason) => format!("stopped ({})", stop_reason(reason)),
     }
 }

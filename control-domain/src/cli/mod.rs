@@ -28,6 +28,9 @@ pub const SOCKET_ENV: &str = "BULKHEAD_SOCKET";
 
 /// Exit status: any failure without a more specific status.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: a snapshot that is truncated, corrupted, of another format version or from
+/// another kind of host (`restore`); the same status as bad usage.
+pub const EXIT_BAD_SNAPSHOT: u8 = 2;
 /// Exit status: bad usage (clap's).
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status: `bulkheadd`'s policy refused the request.
@@ -54,7 +57,8 @@ Exit status:
   0  success
   1  failure: bulkheadd unreachable or refused the connection, a bad or unexpected
      reply, or an error bulkheadd reports without a more specific status
-  2  usage error
+  2  usage error, or a bad snapshot (restore: truncated, corrupted, another format
+     version or another kind of host)
   3  bulkheadd's policy denied the request
   4  no such VM (or not visible to you)
   5  timed out: the guest did not do it in time (e.g. shutdown --timeout)";
@@ -88,7 +92,8 @@ enum Verb {
     },
     /// List the VMs you may see.
     ///
-    /// Columns: NAME, ID, STATE (running, paused, starting, or stopped (REASON)), VCPUS,
+    /// Columns: NAME, ID, STATE (running, paused, starting, saving, restoring, or stopped
+    /// (REASON)), VCPUS,
     /// MEMORY(MiB), OWNER (uid), PID (of the VM's runner, - when none), UPTIME (time
     /// since creation, [D-]HH:MM:SS or MM:SS).
     List {
@@ -220,6 +225,40 @@ enum Verb {
         /// The VM's name.
         name: String,
     },
+    /// Save a VM (running or paused) to a snapshot file, then destroy it.
+    ///
+    /// The vCPUs are paused and every device drained (its backend stops its rings once the
+    /// requests it took are done); bulkheadd writes the VM config, each vCPU, the irqchip,
+    /// PIT, clock, serial port and virtio-pci transport state, each device's ring bases and
+    /// in-flight region, and the guest RAM that is not zero. The file is created (mode
+    /// 0600) by this command, with your rights, and removed again if the save fails (the VM
+    /// then goes on as before). Prints what was written.
+    Save {
+        /// The VM's name.
+        name: String,
+        /// The snapshot file to write.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Keep the VM afterwards (running, or paused if it was paused) instead of
+        /// destroying it.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Create a VM again from a snapshot file and run it (administrators).
+    ///
+    /// Fresh backends and a fresh runner, each in its sandbox; guest RAM, vCPUs, devices
+    /// and each device's rings continue where the snapshot stopped. The VM config inside is
+    /// checked like a create's (limits, image dirs, networks). A truncated, corrupted,
+    /// wrong-version or wrong-host snapshot is refused with exit status 2 and nothing is
+    /// started.
+    Restore {
+        /// The snapshot file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Name the restored VM this instead of the name in the snapshot.
+        #[arg(long, value_name = "NEW")]
+        name: Option<String>,
+    },
     /// Restart one device's backend process under the running guest (its I/O pauses, the
     /// guest sees no error); also starts a device that was stopped or marked failed.
     DeviceRestart {
@@ -293,6 +332,7 @@ impl Failure {
             | ErrorCode::Exists
             | ErrorCode::WrongState
             | ErrorCode::Internal => EXIT_FAILURE,
+            ErrorCode::BadSnapshot => EXIT_BAD_SNAPSHOT,
         };
         Failure {
             status,
@@ -412,6 +452,55 @@ fn recv_reply(ch: &Channel, wait: Duration) -> Result<Reply, Failure> {
             "cannot understand bulkheadd's reply ({e}); are bulkhead and bulkheadd the same version?"
         ))),
         Err(e) => Err(Failure::new(format!("bad reply from bulkheadd: {e}"))),
+    }
+}
+
+/// One request carrying `file`'s descriptor, one reply.
+fn call_with_fd(
+    socket: &Path,
+    req: &Request,
+    file: &std::fs::File,
+    wait: Duration,
+) -> Result<Reply, Failure> {
+    use std::os::fd::AsFd;
+    let ch = connect(socket)?;
+    ch.send(req, &[file.as_fd()]).map_err(|e| match e {
+        IpcError::Closed => Failure::new("bulkheadd closed the connection"),
+        e => Failure::new(format!("cannot send the request to bulkheadd: {e}")),
+    })?;
+    recv_reply(&ch, wait)
+}
+
+/// `save`: creates the file (0600) with the caller's rights, hands it to bulkheadd, and
+/// removes it again if the save failed.
+fn save(
+    socket: &Path,
+    name: String,
+    file: &Path,
+    keep_running: bool,
+    io: &mut Streams<'_>,
+) -> Result<(), Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = file.display();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(|e| Failure::new(format!("cannot create {shown}: {}", errno_text(&e))))?;
+    let req = Request::Save { name, keep_running };
+    match call_with_fd(socket, &req, &f, REPLY_TIMEOUT) {
+        Ok(Reply::Done { message }) => print(io.stdout, &format!("{}\n", one_line(&message))),
+        Ok(other) => {
+            let _ = std::fs::remove_file(file);
+            Err(Failure::unexpected("save", &other))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(file);
+            Err(e)
+        }
     }
 }
 
@@ -562,6 +651,21 @@ fn execute(cli: Cli, io: &mut Streams<'_>) -> Result<(), Failure> {
         Verb::Pause { name } => done(&socket, "pause", &Request::Pause { name }, io),
         Verb::Unpause { name } => done(&socket, "unpause", &Request::Unpause { name }, io),
         Verb::Destroy { name } => done(&socket, "destroy", &Request::Destroy { name }, io),
+        Verb::Save {
+            name,
+            file,
+            keep_running,
+        } => save(&socket, name, &file, keep_running, io),
+        Verb::Restore { file, name } => {
+            let shown = file.display();
+            let f = std::fs::File::open(&file)
+                .map_err(|e| Failure::new(format!("cannot open {shown}: {}", errno_text(&e))))?;
+            let reply = call_with_fd(&socket, &Request::Restore { name }, &f, REPLY_TIMEOUT)?;
+            match reply {
+                Reply::Done { message } => print(io.stdout, &format!("{}\n", one_line(&message))),
+                other => Err(Failure::unexpected("restore", &other)),
+            }
+        }
         Verb::DeviceRestart { name, device } => done(
             &socket,
             "device-restart",

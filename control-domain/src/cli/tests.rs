@@ -717,3 +717,93 @@ fn clap_definition_is_consistent() {
     use clap::CommandFactory;
     Cli::command().debug_assert();
 }
+
+#[test]
+fn save_sends_the_file_it_created_and_removes_it_when_refused() {
+    let dir = TempDir::new();
+    let file = dir.0.join("vm.snap");
+    let fake = Fake::start(2, |i, ch| {
+        let (req, fds) = ch
+            .recv_timeout::<Request>(Duration::from_secs(5))
+            .expect("request");
+        assert_eq!(
+            req,
+            Request::Save {
+                name: "web".into(),
+                keep_running: i == 0,
+            }
+        );
+        assert_eq!(fds.len(), 1, "the snapshot file travels as one descriptor");
+        let f = std::fs::File::from(fds.into_iter().next().expect("fd"));
+        use std::io::Write;
+        (&f).write_all(b"snapshot")
+            .expect("the descriptor is writable");
+        if i == 0 {
+            reply(
+                ch,
+                Reply::Done {
+                    message: "VM 'web' saved".into(),
+                },
+            );
+        } else {
+            reply(
+                ch,
+                Reply::Error {
+                    code: ErrorCode::Internal,
+                    message: "cannot save VM 'web'".into(),
+                },
+            );
+        }
+    });
+    let path = file.to_str().expect("utf-8");
+    let o = cli(&fake.socket, &["save", "--keep-running", "web", path], b"");
+    assert_eq!(o.status, 0, "{o:?}");
+    assert_eq!(std::fs::read(&file).expect("file"), b"snapshot");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "a snapshot holds guest memory: 0600");
+    let o = cli(&fake.socket, &["save", "web", path], b"");
+    assert_eq!(o.status, EXIT_FAILURE, "{o:?}");
+    assert!(!file.exists(), "a failed save leaves no file");
+    fake.join();
+}
+
+#[test]
+fn restore_sends_the_file_and_a_bad_snapshot_exits_2() {
+    let dir = TempDir::new();
+    let file = dir.0.join("vm.snap");
+    std::fs::write(&file, b"not a snapshot").expect("write");
+    let fake = Fake::start(1, |_, ch| {
+        let (req, fds) = ch
+            .recv_timeout::<Request>(Duration::from_secs(5))
+            .expect("request");
+        assert_eq!(
+            req,
+            Request::Restore {
+                name: Some("web2".into())
+            }
+        );
+        let f = std::fs::File::from(fds.into_iter().next().expect("fd"));
+        let mut text = String::new();
+        use std::io::Read;
+        (&f).read_to_string(&mut text).expect("readable");
+        assert_eq!(text, "not a snapshot");
+        reply(
+            ch,
+            Reply::Error {
+                code: ErrorCode::BadSnapshot,
+                message: "snapshot refused: not a Bulkhead snapshot (bad magic)".into(),
+            },
+        );
+    });
+    let path = file.to_str().expect("utf-8");
+    let o = cli(&fake.socket, &["restore", "--name", "web2", path], b"");
+    assert_eq!(o.status, EXIT_BAD_SNAPSHOT, "{o:?}");
+    assert_eq!(EXIT_BAD_SNAPSHOT, 2);
+    assert!(o.stderr.contains("bad magic"), "{o:?}");
+    // A file that cannot be opened never reaches bulkheadd.
+    let o = cli(&fake.socket, &["restore", "/nonexistent/x.snap"], b"");
+    assert_eq!(o.status, EXIT_FAILURE, "{o:?}");
+    assert!(o.stderr.contains("cannot open"), "{o:?}");
+    fake.join();
+}

@@ -16,8 +16,44 @@ use super::{fail, log, Daemon, Failure};
 
 impl Daemon {
     /// Serves one request for `caller`.
-    pub(super) fn handle(&self, caller: &Caller, req: Request) -> Result<Reply, Failure> {
+    /// `fds`: the descriptors that came with the request (a snapshot file for `Save` and
+    /// `Restore`; any other request must carry none).
+    pub(super) fn handle(
+        &self,
+        caller: &Caller,
+        req: Request,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Reply, Failure> {
+        let one_file = |fds: Vec<std::os::fd::OwnedFd>| -> Result<std::fs::File, Failure> {
+            let mut fds = fds.into_iter();
+            match (fds.next(), fds.next()) {
+                (Some(fd), None) => Ok(std::fs::File::from(fd)),
+                _ => Err(fail(
+                    ErrorCode::Protocol,
+                    "save and restore carry exactly one descriptor: the snapshot file",
+                )),
+            }
+        };
+        let snapshot = matches!(req, Request::Save { .. } | Request::Restore { .. });
+        if !snapshot && !fds.is_empty() {
+            return Err(fail(
+                ErrorCode::Protocol,
+                "this request carries no descriptors",
+            ));
+        }
         match req {
+            Request::Save { name, keep_running } => {
+                let file = one_file(fds)?;
+                let vm = self.find(caller, &name, Action::Save)?;
+                self.save(&vm, &file, keep_running)
+            }
+            Request::Restore { name } => {
+                let file = one_file(fds)?;
+                self.policy
+                    .authorize(caller, Action::Create, None)
+                    .map_err(|m| fail(ErrorCode::Denied, m))?;
+                self.restore(caller, &file, name)
+            }
             Request::Create {
                 config_toml,
                 config_dir,

@@ -148,6 +148,8 @@ pub fn state_word(s: &VmState) -> String {
         VmState::Starting => "starting".into(),
         VmState::Running => "running".into(),
         VmState::Paused => "paused".into(),
+        VmState::Saving => "saving".into(),
+        VmState::Restoring => "restoring".into(),
         VmState::Stopped(r) => format!("stopped ({})", describe(r)),
     }
 }

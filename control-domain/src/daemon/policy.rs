@@ -151,6 +151,8 @@ pub enum Action {
     Shutdown,
     /// Destroy it.
     Destroy,
+    /// Save it to a snapshot (`save`).
+    Save,
     /// Restart a device's backend (`device-restart`): its owner or an administrator.
     DeviceRestart,
     /// Move a device to another backend binary (`device-upgrade`): administrators only,
@@ -171,6 +173,7 @@ impl Action {
             Action::Pause => "pause",
             Action::Shutdown => "shutdown",
             Action::Destroy => "destroy",
+            Action::Save => "save",
             Action::DeviceRestart => "device-restart",
             Action::DeviceUpgrade => "device-upgrade",
             Action::DeviceSetLimit => "device-set-limit",

@@ -97,7 +97,7 @@ impl Daemon {
                 None => ch.recv_timeout::<Request>(IDLE_DEADLINE),
             };
             let req = match next {
-                Ok((req, _fds)) => req,
+                Ok((req, fds)) => (req, fds),
                 Err(IpcError::Closed) => break,
                 Err(IpcError::Timeout) => {
                     let _ = ch.send(
@@ -129,6 +129,7 @@ impl Daemon {
                 }
                 Err(_) => break,
             };
+            let (req, fds) = req;
             let reply = match req {
                 Request::Console { name } => {
                     match self.attach_console(&caller, &name, client_id, &ch) {
@@ -162,7 +163,7 @@ impl Daemon {
                         message: "no console attached".into(),
                     },
                 },
-                other => match self.handle(&caller, other) {
+                other => match self.handle(&caller, other, fds) {
                     Ok(r) => r,
                     Err((code, message)) => Reply::Error { code, message },
                 },

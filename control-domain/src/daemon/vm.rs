@@ -85,6 +85,9 @@ pub struct VmEntry {
     state_dir: StateDir,
     /// CPU time of its processes, as last seen in /proc.
     pub cpu: Mutex<super::stats::CpuAccount>,
+    /// The guest-RAM memfd this daemon made for the running guest (None for a re-adopted
+    /// VM): what a snapshot reads guest RAM from.
+    guest_ram: Mutex<Option<std::fs::File>>,
 }
 
 fn now_unix() -> u64 {
@@ -124,6 +127,7 @@ impl VmEntry {
             restart_hook: Mutex::new(None),
             state_dir,
             cpu: Mutex::new(super::stats::CpuAccount::default()),
+            guest_ram: Mutex::new(None),
         })
     }
 
@@ -226,6 +230,18 @@ impl VmEntry {
     /// The runner's report of how the guest ended, received outside the supervisor.
     pub fn record_outcome(&self, outcome: GuestOutcome) {
         *lock(&self.outcome) = Some(outcome);
+    }
+
+    /// Keeps the guest-RAM memfd of the guest just started.
+    pub fn set_guest_ram(&self, memfd: std::fs::File) {
+        *lock(&self.guest_ram) = Some(memfd);
+    }
+
+    /// The guest-RAM memfd, if this daemon made it.
+    pub fn guest_ram(&self) -> Option<std::fs::File> {
+        lock(&self.guest_ram)
+            .as_ref()
+            .and_then(|f| f.try_clone().ok())
     }
 
     /// Remembers a device backend to stop with the VM.
@@ -453,6 +469,8 @@ impl VmEntry {
             }
         }
         *lock(&self.ctl) = None;
+        // The guest is gone: its RAM is not kept past its runner.
+        *lock(&self.guest_ram) = None;
         self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         let reason = self.stop_reason();
         self.stop_backends();

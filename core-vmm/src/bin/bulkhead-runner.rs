@@ -178,8 +178,7 @@ fn run(args: Args) -> Result<i32, Failure> {
         Box::new(FdConsole(stdout)),
     )
     .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
-    if args.verbose {
-        let b = vm.boot_setup();
+    if let (true, Some(b)) = (args.verbose, vm.boot_setup()) {
         eprintln!(
             "bulkhead-runner: {} loaded as {:?}, entry {:?}, kernel end {:#x}, initrd {:?}; {} vCPUs, {} MiB",
             config.kernel.display(),

@@ -276,6 +276,13 @@ pub fn seeds_request() -> Vec<Vec<u8>> {
                 ..Default::default()
             },
         },
+        Request::Save {
+            name: n(),
+            keep_running: true,
+        },
+        Request::Restore {
+            name: Some("vm2".into()),
+        },
     ]
     .iter()
     .map(payload)
@@ -326,6 +333,10 @@ pub fn seeds_reply() -> Vec<Vec<u8>> {
             code: ErrorCode::Denied,
             message: "denied by rule 'limits.max_memory'".into(),
         },
+        Reply::Error {
+            code: ErrorCode::BadSnapshot,
+            message: "snapshot refused: snapshot is truncated".into(),
+        },
     ]
     .iter()
     .map(payload)
@@ -358,6 +369,19 @@ fn runner_commands() -> Vec<RunnerCommand> {
         RunnerCommand::ReconnectDevice {
             device: "disk0".into(),
         },
+        RunnerCommand::SaveState,
+        RunnerCommand::EndSave { resume: false },
+        RunnerCommand::Restore(bulkhead_ipc::runner::RestoreSpec {
+            vcpus: 1,
+            cpu_template: "host".into(),
+            disks: vec!["disk0".into()],
+            nics: vec![],
+            hang_timeouts_ms: vec![0],
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vm".into(),
+                data: vec![1, 2, 3],
+            }],
+        }),
     ]
 }
 
@@ -430,6 +454,12 @@ fn runner_events() -> Vec<RunnerEvent> {
         },
         RunnerEvent::Error {
             message: "bad".into(),
+        },
+        RunnerEvent::Saved {
+            records: vec![bulkhead_ipc::runner::StateRecord {
+                name: "vcpu0".into(),
+                data: vec![0; 64],
+            }],
         },
     ]
 }

@@ -4,6 +4,7 @@ pub mod blk;
 pub mod inflight;
 pub mod ipc;
 pub mod net;
+pub mod snapshot;
 
 use crate::Target;
 
@@ -92,6 +93,13 @@ pub const ALL: &[Target] = &[
         run: ipc::run_hello,
         seeds: ipc::seeds_hello,
         max_len: 1024,
+    },
+    Target {
+        name: "snapshot",
+        about: "the snapshot file reader (header, sections, RAM index and checksums) and the runner's record decoder",
+        run: snapshot::run,
+        seeds: snapshot::seeds,
+        max_len: 80_000,
     },
 ];
 

@@ -152,6 +152,8 @@ pub struct Bulkheadd {
     pub earlier: Vec<String>,
     /// Soft and hard `RLIMIT_NOFILE` the daemon starts with (None: the test's own).
     pub open_files: Option<u64>,
+    /// More arguments for the next `launch` (e.g. `--blk PATH`).
+    pub extra_args: Vec<String>,
 }
 
 impl Bulkheadd {
@@ -182,6 +184,7 @@ impl Bulkheadd {
             daemon: None,
             earlier: Vec::new(),
             open_files,
+            extra_args: Vec::new(),
         };
         if let Some(p) = policy {
             write_file(&d.policy, p);
@@ -234,6 +237,7 @@ impl Bulkheadd {
                 });
             }
         }
+        c.args(&self.extra_args);
         let place = netns
             .map(|n| format!(" (in netns {n})"))
             .unwrap_or_default();
@@ -549,6 +553,7 @@ impl Bulkheadd {
             daemon: None,
             earlier: Vec::new(),
             open_files: None,
+            extra_args: Vec::new(),
         };
         if let Some(p) = policy {
             write_file(&d.policy, p);

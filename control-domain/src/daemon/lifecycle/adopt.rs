@@ -63,6 +63,20 @@ impl Daemon {
                 vm.add_backend(fd);
             }
         }
+        if rec.state == VmState::Saving {
+            // The last bulkheadd died during a save: its runner holds the VM paused and
+            // drained. The devices come back; the vCPUs stay paused until `unpause`.
+            let end = RunnerRequest {
+                id: 0,
+                command: RunnerCommand::EndSave { resume: false },
+            };
+            ch.send(&end, &[]).map_err(|e| gone(e.to_string()))?;
+            vm.set_state(VmState::Paused);
+            log(&format!(
+                "VM '{}': a save was interrupted by bulkheadd's restart; the VM is left paused",
+                vm.name
+            ));
+        }
         let status = RunnerRequest {
             id: 0,
             command: RunnerCommand::Status,

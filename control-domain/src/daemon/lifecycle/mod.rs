@@ -1,12 +1,14 @@
 //! VM lifecycle: the registry of VMs and the verbs that change a VM's life — create (with
 //! [`start`]), pause and unpause, shutdown, reboot and the restart in place after a guest
-//! reboot ([`reboot`]), destroy — and re-adoption after a restart ([`adopt`]). Called by [`super::api`] after it authorized the caller; checks what the
+//! reboot ([`reboot`]), destroy, save and restore ([`snapshot`]) — and re-adoption after a
+//! restart ([`adopt`]). Called by [`super::api`] after it authorized the caller; checks what the
 //! policy says a VM may have (limits, images, networks). Owns the registry's lock and the
 //! create lock (one create at a time, so limits and uids are counted once).
 //! May call: the VM's runner link, the supervisor (to start devices), the state dir.
 
 mod adopt;
 mod reboot;
+mod snapshot;
 mod start;
 
 use std::collections::BTreeMap;
@@ -22,6 +24,7 @@ use super::policy::{Action, Caller};
 use super::state::VmRecord;
 use super::vm::{lock, Intent, VmEntry};
 use super::{fail, log, vmconfig, Daemon, Failure};
+use start::HostFiles;
 
 /// The VMs `bulkheadd` knows, by name.
 #[derive(Default)]
@@ -53,9 +56,39 @@ impl Registry {
 impl Daemon {
     /// Creates and starts a VM from a config's text (`dir`: where relative paths start).
     pub(super) fn create(&self, caller: &Caller, text: &str, dir: &Path) -> Result<Reply, Failure> {
-        let denied = |m: String| fail(ErrorCode::Denied, m);
-        let mut spec = vmconfig::parse(text, dir, caller.uid)
+        let spec = vmconfig::parse(text, dir, caller.uid)
             .map_err(|e| fail(ErrorCode::BadConfig, e.to_string()))?;
+        let _one_create_at_a_time = lock(&self.vms.create_lock);
+        let (vm, uids, files) = self.admit(spec, VmState::Starting)?;
+        let (name, id) = (vm.name.clone(), vm.read(|r| r.id));
+        match self.start(&vm, &uids, files) {
+            Ok(detail) => {
+                log(&format!("VM '{name}' (id {id}) started: {detail}"));
+                Ok(Reply::Created { vm: summary(&vm) })
+            }
+            Err(msg) => {
+                self.abandon(&vm);
+                log(&format!("VM '{name}' failed to start: {msg}"));
+                Err(fail(
+                    ErrorCode::BadConfig,
+                    format!("VM '{name}' failed to start: {msg}"),
+                ))
+            }
+        }
+    }
+
+    /// Checks a new VM's `spec` as every create is checked — networks, device limits
+    /// against the policy's caps, the limits, free runner uids — opens its kernel, initrd
+    /// and disk images beneath the allowed directories (the one open of each), gives it an
+    /// id and puts it in the registry in `state` (not yet in the state dir). Returns it,
+    /// the uids for its device backends and the opened files. The caller holds the create
+    /// lock.
+    fn admit(
+        &self,
+        mut spec: vmconfig::VmSpec,
+        state: VmState,
+    ) -> Result<(Arc<VmEntry>, Vec<u32>, HostFiles), Failure> {
+        let denied = |m: String| fail(ErrorCode::Denied, m);
         for n in &spec.nics {
             self.policy
                 .check_network(&spec.name, &n.network)
@@ -88,7 +121,6 @@ impl Daemon {
         }
         // The one open of each file the config names; from here on they are descriptors.
         let files = self.open_host_files(&mut spec).map_err(denied)?;
-        let _one_create_at_a_time = lock(&self.vms.create_lock);
         let (id, uids) = {
             let vms = self.vms.all();
             if let Some(old) = vms.iter().find(|v| v.name == spec.name) {
@@ -128,7 +160,7 @@ impl Daemon {
         let name = spec.name.clone();
         let record = VmRecord {
             id,
-            state: VmState::Starting,
+            state,
             runner_pid: None,
             runner_uid: Some(uids[0]),
             created_unix: std::time::SystemTime::now()
@@ -138,27 +170,19 @@ impl Daemon {
             spec,
             backends: Vec::new(),
         };
-        let vm = VmEntry::new(name.clone(), record, self.state.clone(), true);
+        let vm = VmEntry::new(name, record, self.state.clone(), true);
         vm.set_restart_hook(self.restart_hook());
         self.vms.insert(vm.clone());
-        match self.start(&vm, &uids[1..], files) {
-            Ok(detail) => {
-                log(&format!("VM '{name}' (id {id}) started: {detail}"));
-                Ok(Reply::Created { vm: summary(&vm) })
-            }
-            Err(msg) => {
-                let _ = vm.kill();
-                vm.wait_stopped(Duration::from_secs(5));
-                vm.stop_backends();
-                self.vms.remove(&name);
-                self.state.remove(&name);
-                log(&format!("VM '{name}' failed to start: {msg}"));
-                Err(fail(
-                    ErrorCode::BadConfig,
-                    format!("VM '{name}' failed to start: {msg}"),
-                ))
-            }
-        }
+        Ok((vm, uids[1..].to_vec(), files))
+    }
+
+    /// Undoes a create or restore that failed: its processes stopped, the VM forgotten.
+    fn abandon(&self, vm: &VmEntry) {
+        let _ = vm.kill();
+        vm.wait_stopped(Duration::from_secs(5));
+        vm.stop_backends();
+        self.vms.remove(&vm.name);
+        self.state.remove(&vm.name);
     }
 
     /// Pauses (or with `pause` false, unpauses) a running VM's vCPUs.
@@ -205,11 +229,20 @@ impl Daemon {
                 format!("VM '{name}' is not running"),
             ));
         }
-        if vm.read(|r| r.state == VmState::Paused) {
-            return Err(fail(
-                ErrorCode::WrongState,
-                format!("VM '{name}' is paused: `bulkhead unpause {name}` first"),
-            ));
+        match vm.read(|r| r.state.clone()) {
+            VmState::Paused => {
+                return Err(fail(
+                    ErrorCode::WrongState,
+                    format!("VM '{name}' is paused: `bulkhead unpause {name}` first"),
+                ))
+            }
+            s @ (VmState::Saving | VmState::Restoring) => {
+                return Err(fail(
+                    ErrorCode::WrongState,
+                    format!("VM '{name}' is {}: wait for it to finish", state_word(&s)),
+                ))
+            }
+            _ => {}
         }
         request_shutdown(vm, Intent::Shutdown)?;
         if vm.wait_stopped(Duration::from_secs(timeout_secs.into())) {

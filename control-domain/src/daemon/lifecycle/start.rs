@@ -101,6 +101,18 @@ impl Daemon {
         backend_uids: &[u32],
         files: HostFiles,
     ) -> Result<String, String> {
+        self.start_with(vm, backend_uids, files, None)
+    }
+
+    /// [`Self::start`], or with `restore` the runner creates the VM from a snapshot's state
+    /// instead of booting it (the kernel and initrd in `files` are then not used).
+    pub(super) fn start_with(
+        &self,
+        vm: &Arc<VmEntry>,
+        backend_uids: &[u32],
+        files: HostFiles,
+        restore: Option<super::snapshot::RestoreInput>,
+    ) -> Result<String, String> {
         let (disk_count, nic_count) = vm.read(|r| (r.spec.disks.len(), r.spec.nics.len()));
         if files.disks.len() != disk_count {
             return Err(format!(
@@ -132,9 +144,18 @@ impl Daemon {
             .collect::<Result<Vec<_>, String>>()?;
         times.step("devices");
         let (ch, pidfd) = self.spawn_runner(vm, &mut times)?;
-        let detail = self.boot(vm, &ch, (&kernel, initrd.as_ref()), &disk_socks, &nic_socks)?;
+        let detail = match restore {
+            None => self.boot(vm, &ch, (&kernel, initrd.as_ref()), &disk_socks, &nic_socks)?,
+            Some(input) => self.boot_from_snapshot(vm, &ch, &disk_socks, &nic_socks, input)?,
+        };
         times.step("boot");
-        vm.set_state(VmState::Running);
+        // A restored VM that was saved paused comes back paused.
+        let paused = detail.contains(bulkhead_ipc::runner::RESTORED_PAUSED);
+        vm.set_state(if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        });
         self.supervisor.booted(vm);
         vm.attach(ch, pidfd)
             .map_err(|e| format!("supervisor: {e}"))?;
@@ -364,6 +385,14 @@ impl Daemon {
         let boot = RunnerRequest { id, command: boot };
         ch.send(&boot, &fds)
             .map_err(|e| format!("sending Boot: {e}"))?;
+        vm.set_guest_ram(memfd);
+        await_started(vm, ch, id)
+    }
+}
+
+/// Waits for the runner's answer to the Boot or Restore request `id`.
+pub(super) fn await_started(vm: &VmEntry, ch: &Channel, id: u64) -> Result<String, String> {
+    {
         // Guest output (and, for a very short guest, its exit) may overtake `Started`.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -389,7 +418,7 @@ impl Daemon {
 }
 
 /// Resolves `auto` to the template this host needs, and says why.
-fn cpu_template(vm: &str, wanted: &str) -> String {
+pub(super) fn cpu_template(vm: &str, wanted: &str) -> String {
     if wanted != "auto" {
         return wanted.to_string();
     }
@@ -399,7 +428,7 @@ fn cpu_template(vm: &str, wanted: &str) -> String {
 }
 
 /// Creates the guest-RAM memfd, sized and sealed.
-fn create_guest_memfd(size: u64) -> std::io::Result<File> {
+pub(super) fn create_guest_memfd(size: u64) -> std::io::Result<File> {
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     let fd = memfd_create(
         c"bulkhead-guest-ram",
