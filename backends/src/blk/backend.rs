@@ -239,6 +239,8 @@ impl BlkBackend {
         let mut done = Vec::new();
         let mut stalled = false;
         loop {
+            // One clock reading per pass: the requests taken in it share it (counters only).
+            let taken_at = self.inner.region.as_ref().map(|_| Instant::now());
             while !stalled && !throttled && track.engine.in_flight() < room {
                 let chain = vring
                     .get_mut()
@@ -316,13 +318,13 @@ impl BlkBackend {
                             1,
                         );
                         let token = track.slab.insert(req);
-                        if self.inner.region.is_some() {
+                        if let Some(at) = taken_at {
                             let t = usize::try_from(token).unwrap_or(usize::MAX);
                             if track.taken.len() <= t {
-                                track.taken.resize(t + 1, Instant::now());
+                                track.taken.resize(t + 1, at);
                             }
                             if let Some(slot) = track.taken.get_mut(t) {
-                                *slot = Instant::now();
+                                *slot = at;
                             }
                         }
                         let submitted = match track.slab.get(token) {
@@ -373,9 +375,16 @@ impl BlkBackend {
         }
     }
 
-    /// Counts a completed I/O request taken at `taken`: its bytes or its failure, and its
-    /// latency.
-    fn account(&self, queue: u16, req: &IoRequest, ok: bool, taken: Option<Instant>) {
+    /// Counts a completed I/O request taken at `taken` and completed by `now`: its bytes
+    /// or its failure, and its latency.
+    fn account(
+        &self,
+        queue: u16,
+        req: &IoRequest,
+        ok: bool,
+        taken: Option<Instant>,
+        now: Option<Instant>,
+    ) {
         let Some(r) = &self.inner.region else {
             return;
         };
@@ -390,8 +399,8 @@ impl BlkBackend {
             }
             (true, IoOp::Flush) => {}
         }
-        if let Some(t) = taken {
-            let us = t.elapsed().as_micros() as u64;
+        if let (Some(t), Some(now)) = (taken, now) {
+            let us = now.saturating_duration_since(t).as_micros() as u64;
             r.add(q, devstats::Q_LATENCY_SUM_US, us);
             r.add(q, devstats::Q_HIST + devstats::latency_bucket(us), 1);
         }
@@ -511,6 +520,8 @@ impl BlkBackend {
             return ok;
         }
         let mut ok = true;
+        // One clock reading per batch of completions (counters only).
+        let completed_at = self.inner.region.as_ref().map(|_| Instant::now());
         for (token, r) in done.drain(..) {
             let Some(req) = track.slab.take(token) else {
                 continue;
@@ -537,7 +548,7 @@ impl BlkBackend {
                 }
                 Err(e) => Err(e),
             };
-            self.account(queue, &req, result.is_ok(), taken);
+            self.account(queue, &req, result.is_ok(), taken, completed_at);
             let head = req.head;
             let outcome = req.finish(mem, result, target);
             ok &= self.complete(
