@@ -351,10 +351,17 @@ fn spawn_sandboxed(img: &Path, serial: &str) -> (Kill, UnixStream) {
 
 /// [`spawn_sandboxed`] with extra arguments.
 fn spawn_sandboxed_with(img: &Path, serial: &str, extra: &[&str]) -> (Kill, UnixStream) {
-    let image = File::options().read(true).write(true).open(img).unwrap();
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let theirs = OwnedFd::from(theirs);
-    let (sfd, ifd) = (theirs.as_raw_fd(), image.as_raw_fd());
+    let mut args = vec!["--serial", serial];
+    args.extend_from_slice(extra);
+    (spawn_inheriting(OwnedFd::from(theirs), img, &args), ours)
+}
+
+/// Starts `bulkhead-blk` sandboxed with `sock` as its inherited `--socket-fd` and `img`
+/// opened read-write as its `--image-fd`, stderr piped.
+fn spawn_inheriting(sock: OwnedFd, img: &Path, extra: &[&str]) -> Kill {
+    let image = File::options().read(true).write(true).open(img).unwrap();
+    let (sfd, ifd) = (sock.as_raw_fd(), image.as_raw_fd());
     let mut cmd = Command::new(BIN);
     cmd.args([
         "--socket-fd",
@@ -362,7 +369,6 @@ fn spawn_sandboxed_with(img: &Path, serial: &str, extra: &[&str]) -> (Kill, Unix
         "--image-fd",
         &ifd.to_string(),
     ])
-    .args(["--serial", serial])
     .args(extra)
     .stderr(Stdio::piped());
     // SAFETY: between fork and exec we only clear FD_CLOEXEC on two fds we own
@@ -378,9 +384,9 @@ fn spawn_sandboxed_with(img: &Path, serial: &str, extra: &[&str]) -> (Kill, Unix
         });
     }
     let child = Kill(cmd.spawn().unwrap());
-    drop(theirs);
+    drop(sock);
     drop(image);
-    (child, ours)
+    child
 }
 
 /// Waits (with a deadline) for the backend to exit.
@@ -436,28 +442,7 @@ fn an_inherited_connection_from_a_non_root_peer_is_refused() {
     });
     let (accepted, _) = listener.accept().unwrap();
     let _their_end = connector.join().unwrap();
-    let image = File::options().read(true).write(true).open(&img).unwrap();
-    let (sfd, ifd) = (accepted.as_raw_fd(), image.as_raw_fd());
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "--socket-fd",
-        &sfd.to_string(),
-        "--image-fd",
-        &ifd.to_string(),
-    ])
-    .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only fcntl on two fds we own (async-signal-safe).
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in [sfd, ifd] {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let mut child = Kill(cmd.spawn().unwrap());
+    let mut child = spawn_inheriting(OwnedFd::from(accepted), &img, &[]);
     let status = wait_exit(&mut child);
     let err = stderr_of(&mut child);
     assert!(!status.success(), "served a foreign peer\n{err}");
