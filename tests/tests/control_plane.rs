@@ -33,7 +33,7 @@ fn readopted_vm_keeps_restarts_and_standbys() {
         d.dump()
     );
     // bulkheadd goes down; the serving backend is killed while nobody watches.
-    let before = serving(&d, "adopt").expect("a backend serves disk0");
+    let before = wait_serving(&d, "adopt");
     d.terminate();
     drop(con);
     send_signal(before, libc::SIGKILL);
@@ -58,7 +58,7 @@ fn readopted_vm_keeps_restarts_and_standbys() {
     let con = d.console("adopt");
     // Ten kills: each is restarted, by the standby (one is kept ready before each kill).
     for kill in 1..=10 {
-        let pid = serving(&d, "adopt").expect("a backend serves disk0");
+        let pid = wait_serving(&d, "adopt");
         let count = restarts(&d, "adopt");
         assert!(
             wait_until(STEP, || info_pid(&d, "adopt", "standby pid ").is_some()),
@@ -357,7 +357,7 @@ fn a_connection_flood_from_a_user_leaves_the_daemon_answering() {
     let d = Bulkheadd::start_with("cp-flood", Some(&runner_uids(66800)), false, Some(1024));
     let (dir, img) = temp_image("cp-flood", 8);
     let _con = stream_vm(&d, "flood", &img, 41, "", "");
-    let before = serving(&d, "flood").expect("a backend serves disk0");
+    let before = wait_serving(&d, "flood");
     // 5,000 connections from `nobody` (no rights in the policy) that never say hello.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/flood_connect.py");
     let mut cmd = std::process::Command::new("python3");

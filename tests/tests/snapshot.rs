@@ -22,6 +22,13 @@ use stream::{assert_no_io_error, stream_consistent};
 /// Long enough for a stream that is still going when it is saved.
 const STREAM_DONE: Duration = Duration::from_secs(240);
 
+/// `bulkhead ARGS` as root, which must succeed (`what` names the step in a failure).
+fn cli_ok(d: &Bulkheadd, args: &[&str], what: &str) -> Finished {
+    let out = d.cli(args);
+    assert_eq!(out.code, Some(0), "{what}\n{}\n{}", out.dump(), d.dump());
+    out
+}
+
 /// The guest RAM a snapshot holds: its size, bytes written, and the CRC-32 of all of it.
 fn snapshot_ram(path: &Path) -> (u64, u64, u32) {
     let f = std::fs::File::open(path).expect("snapshot");
@@ -85,8 +92,7 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
         d.dump()
     );
     let snap = dir.join("vm.snap");
-    let out = d.cli(&["save", &name, snap.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    let out = cli_ok(&d, &["save", &name, snap.to_str().expect("utf-8")], "save");
     assert!(out.stdout.contains("saved"), "{}", out.dump());
     let before = assert_no_io_error(&con);
     assert!(
@@ -110,8 +116,7 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
         "the snapshot is sparse: {written} of {memory} bytes written, file {size}"
     );
 
-    let out = d.cli(&["restore", snap.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    let out = cli_ok(&d, &["restore", snap.to_str().expect("utf-8")], "restore");
     eprintln!("{}", out.stdout.trim());
     let con = d.console(&name);
     assert!(
@@ -187,40 +192,30 @@ fn paused_vm_saved_twice_gives_the_same_ram() {
         con.stdout.text(),
         d.dump()
     );
-    let out = d.cli(&["pause", name]);
-    assert_eq!(out.code, Some(0), "{}", out.dump());
+    cli_ok(&d, &["pause", name], "pause");
     let first = dir.join("first.snap");
     let second = dir.join("second.snap");
-    let out = d.cli(&["save", name, first.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
-    let out = d.cli(&["restore", first.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    cli_ok(&d, &["save", name, first.to_str().expect("utf-8")], "save");
+    cli_ok(&d, &["restore", first.to_str().expect("utf-8")], "restore");
     assert!(
         d.row(name).is_some_and(|r| r.contains("paused")),
         "a VM saved paused is restored paused: {:?}",
         d.row(name)
     );
-    let out = d.cli(&["save", name, second.to_str().expect("utf-8")]);
-    assert_eq!(
-        out.code,
-        Some(0),
-        "save again\n{}\n{}",
-        out.dump(),
-        d.dump()
+    cli_ok(
+        &d,
+        &["save", name, second.to_str().expect("utf-8")],
+        "save again",
     );
     let a = snapshot_ram(&first);
     let b = snapshot_ram(&second);
     assert_eq!(a, b, "both snapshots hold the same guest RAM");
-    let out = d.cli(&["restore", second.to_str().expect("utf-8")]);
-    assert_eq!(
-        out.code,
-        Some(0),
-        "restore again\n{}\n{}",
-        out.dump(),
-        d.dump()
+    cli_ok(
+        &d,
+        &["restore", second.to_str().expect("utf-8")],
+        "restore again",
     );
-    let out = d.cli(&["unpause", name]);
-    assert_eq!(out.code, Some(0), "{}", out.dump());
+    cli_ok(&d, &["unpause", name], "unpause");
     // The guest echoes serial input: it runs again.
     let mut con = d.console(name);
     con.send(b"still here\r");
@@ -258,8 +253,7 @@ fn bad_snapshots_are_refused_and_change_nothing() {
         con.stdout.text()
     );
     let good = dir.join("good.snap");
-    let out = d.cli(&["save", name, good.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    cli_ok(&d, &["save", name, good.to_str().expect("utf-8")], "save");
     let bytes = std::fs::read(&good).expect("snapshot");
     let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
@@ -325,8 +319,7 @@ fn bad_snapshots_are_refused_and_change_nothing() {
         );
     }
     // The good one still restores.
-    let out = d.cli(&["restore", good.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    cli_ok(&d, &["restore", good.to_str().expect("utf-8")], "restore");
     let _ = d.cli(&["destroy", name]);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -353,13 +346,16 @@ fn keep_running_save_and_restore_under_a_new_name() {
         d.dump()
     );
     let snap = dir.join("keep.snap");
-    let out = d.cli(&[
+    let out = cli_ok(
+        &d,
+        &[
+            "save",
+            "--keep-running",
+            name,
+            snap.to_str().expect("utf-8"),
+        ],
         "save",
-        "--keep-running",
-        name,
-        snap.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    );
     assert!(out.stdout.contains("keeps running"), "{}", out.dump());
     assert!(
         !con.stdout.text().contains("blk-stream: done"),
@@ -368,13 +364,16 @@ fn keep_running_save_and_restore_under_a_new_name() {
     finishes_and_verifies(&d, &con, name);
     let _ = d.cli(&["destroy", name]);
 
-    let out = d.cli(&[
+    cli_ok(
+        &d,
+        &[
+            "restore",
+            "--name",
+            "snapkeep2",
+            snap.to_str().expect("utf-8"),
+        ],
         "restore",
-        "--name",
-        "snapkeep2",
-        snap.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    );
     let con = d.console("snapkeep2");
     finishes_and_verifies(&d, &con, "snapkeep2");
     let (lo, hi) = stream_consistent(&img, 11, 0, 2048).unwrap_or_else(|e| panic!("{e}"));
@@ -509,8 +508,7 @@ fn restore_after_the_disk_backend_binary_was_upgraded() {
         d.dump()
     );
     let snap = dir.join("upg.snap");
-    let out = d.cli(&["save", name, snap.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
+    cli_ok(&d, &["save", name, snap.to_str().expect("utf-8")], "save");
     let new_blk = dir.join("bulkhead-blk.new");
     let release = bin("bulkhead-blk")
         .parent()
@@ -526,8 +524,7 @@ fn restore_after_the_disk_backend_binary_was_upgraded() {
     d.terminate();
     d.extra_args = vec!["--blk".into(), new_blk.display().to_string()];
     d.launch();
-    let out = d.cli(&["restore", snap.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    cli_ok(&d, &["restore", snap.to_str().expect("utf-8")], "restore");
     let info = d.cli(&["info", name]).stdout;
     assert!(
         info.contains("bulkhead-blk.new"),
@@ -600,10 +597,8 @@ fn nic_echoes_udp_after_save_and_restore() {
     let dir = std::env::temp_dir().join(format!("bulkhead-snapnet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let snap = dir.join("net.snap");
-    let out = d.cli(&["save", name, snap.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "save\n{}\n{}", out.dump(), d.dump());
-    let out = d.cli(&["restore", snap.to_str().expect("utf-8")]);
-    assert_eq!(out.code, Some(0), "restore\n{}\n{}", out.dump(), d.dump());
+    cli_ok(&d, &["save", name, snap.to_str().expect("utf-8")], "save");
+    cli_ok(&d, &["restore", snap.to_str().expect("utf-8")], "restore");
     let before = echoes(&client);
     assert!(
         wait_until(Duration::from_secs(30), || echoes(&client) > before + 20),
@@ -673,7 +668,8 @@ fn save_of_a_frozen_backend_fails_and_the_vm_goes_on() {
     // The drain's deadline cut the frozen backend's connection: it is replaced.
     assert!(
         wait_until(STEP, || stream::restarts(&d, name) >= 1),
-        "the frozen backend was not replaced\n{}",
+        "the frozen backend was not replaced; its threads: {}\n{}",
+        threads_of(pid),
         d.dump()
     );
     finishes_and_verifies(&d, &con, name);
@@ -681,4 +677,30 @@ fn save_of_a_frozen_backend_fails_and_the_vm_goes_on() {
     assert_eq!((lo, hi), (400, 400), "every sector holds the last pass");
     let _ = d.cli(&["destroy", name]);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Each thread of `pid` with its state and where it waits, for a failure report.
+fn threads_of(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("process {pid} is gone");
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("?");
+        out.push(format!(
+            "{} {} {} {}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state,
+            read("wchan")
+        ));
+    }
+    out.join("; ")
 }

@@ -35,7 +35,7 @@ fn a_frozen_serving_backend_is_replaced_and_nothing_is_lost() {
             "round {round}: no standby\n{}",
             d.dump()
         );
-        let pid = serving(&d, "frozen").expect("a backend serves disk0");
+        let pid = wait_serving(&d, "frozen");
         send_signal(pid, libc::SIGSTOP);
         let t = Instant::now();
         assert!(
@@ -78,7 +78,7 @@ fn a_frozen_standby_is_replaced_without_disturbing_the_serving_backend() {
         "no standby\n{}",
         d.dump()
     );
-    let serving_before = serving(&d, "sb").expect("serving");
+    let serving_before = wait_serving(&d, "sb");
     let standby = info_pid(&d, "sb", "standby pid ").expect("standby");
     send_signal(standby, libc::SIGSTOP);
     assert!(
@@ -183,7 +183,7 @@ fn a_slow_backend_is_not_killed() {
     };
     let img = slow.image();
     let con = stream_vm(&d, "slow", &img, 33, "", "");
-    let pid = serving(&d, "slow").expect("serving");
+    let pid = wait_serving(&d, "slow");
     // Watch for several hang timeouts, with requests always waiting, and on until the
     // stream has finished a pass: a pass is 16 requests of 64 KiB and FUSE serializes the
     // writes, so at 500 ms each it takes about 8 s, more on a loaded machine.

@@ -748,6 +748,15 @@ impl VhostUserBackend for BlkBackend {
         // Notifications stay off (EVENT_IDX: avail_event is not advanced; otherwise
         // NO_NOTIFY) while requests are in flight.
         loop {
+            // A ring the frontend stopped or reset (a disconnect, a cut connection) has
+            // nothing to serve: without this check the worker would spin here, reading an
+            // avail index that no longer means anything, and never see its exit event.
+            {
+                let state = vring.get_ref();
+                if !state.get_queue().ready() || !state.is_enabled() {
+                    break;
+                }
+            }
             let _ = vring.disable_notification();
             match self.process_queue(queue, vring) {
                 Err(_) => {

@@ -48,6 +48,21 @@ pub fn info_pid(d: &Bulkheadd, vm: &str, key: &str) -> Option<i32> {
         .ok()
 }
 
+/// [`serving`], waiting up to [`STEP`]: right after a replacement `info` and the process
+/// list, read one after the other, may briefly disagree.
+pub fn wait_serving(d: &Bulkheadd, vm: &str) -> i32 {
+    let mut pid = None;
+    assert!(
+        wait_until(STEP, || {
+            pid = serving(d, vm);
+            pid.is_some()
+        }),
+        "no backend serves {vm}'s disk0\n{}",
+        d.dump()
+    );
+    pid.expect("checked above")
+}
+
 /// The live process serving disk0, as `info` names it.
 pub fn serving(d: &Bulkheadd, vm: &str) -> Option<i32> {
     info_pid(d, vm, " pid ").filter(|p| d.disk_backends(vm, 0).contains(p))
