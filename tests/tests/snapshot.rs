@@ -22,6 +22,32 @@ use stream::{assert_no_io_error, stream_consistent};
 /// Long enough for a stream that is still going when it is saved.
 const STREAM_DONE: Duration = Duration::from_secs(240);
 
+/// Creates `name` (128 MiB, `vcpus`) running the test guest's `cmdline` with one disk on
+/// `img` (serial "snap"), `toml` before its table, and waits for its echo prompt.
+fn echo_vm(
+    d: &Bulkheadd,
+    name: &str,
+    img: &Path,
+    toml: &str,
+    cmdline: &str,
+    vcpus: u32,
+) -> Running {
+    let extra = format!(
+        "{toml}[[disks]]\npath = \"{}\"\nserial = \"snap\"\n",
+        img.display()
+    );
+    let cfg = d.config_with(name, cmdline, "128M", vcpus, &extra);
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(
+        con.stdout.wait_for("echo: ready", STEP),
+        "{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    con
+}
+
 /// `bulkhead ARGS` as root, which must succeed (`what` names the step in a failure).
 fn cli_ok(d: &Bulkheadd, args: &[&str], what: &str) -> Finished {
     let out = d.cli(args);
@@ -179,19 +205,7 @@ fn paused_vm_saved_twice_gives_the_same_ram() {
     let d = Bulkheadd::start("s3", Some(&runner_uids(67200)), false);
     let (dir, img) = temp_image("s3", 8);
     let name = "snaptwice";
-    let extra = format!(
-        "[[disks]]\npath = \"{}\"\nserial = \"snap\"\n",
-        img.display()
-    );
-    let cfg = d.config_with(name, "fill=16 blk echo", "128M", 2, &extra);
-    d.create_config(name, &cfg);
-    let con = d.console(name);
-    assert!(
-        con.stdout.wait_for("echo: ready", STEP),
-        "{}\n{}",
-        con.stdout.text(),
-        d.dump()
-    );
+    let _con = echo_vm(&d, name, &img, "", "fill=16 blk echo", 2);
     cli_ok(&d, &["pause", name], "pause");
     let first = dir.join("first.snap");
     let second = dir.join("second.snap");
@@ -240,18 +254,7 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     let d = Bulkheadd::start("s4", Some(&runner_uids(67300)), false);
     let (dir, img) = temp_image("s4", 8);
     let name = "snapbad";
-    let extra = format!(
-        "[[disks]]\npath = \"{}\"\nserial = \"snap\"\n",
-        img.display()
-    );
-    let cfg = d.config_with(name, "fill=4 blk echo", "128M", 1, &extra);
-    d.create_config(name, &cfg);
-    let con = d.console(name);
-    assert!(
-        con.stdout.wait_for("echo: ready", STEP),
-        "{}",
-        con.stdout.text()
-    );
+    let _con = echo_vm(&d, name, &img, "", "fill=4 blk echo", 1);
     let good = dir.join("good.snap");
     cli_ok(&d, &["save", name, good.to_str().expect("utf-8")], "save");
     let bytes = std::fs::read(&good).expect("snapshot");
@@ -434,18 +437,7 @@ fn save_and_restore_obey_the_policy() {
         false,
     );
     let name = "snappol";
-    let extra = format!(
-        "owner = 1000\n[[disks]]\npath = \"{}\"\nserial = \"snap\"\n",
-        img.display()
-    );
-    let cfg = d.config_with(name, "blk echo", "128M", 1, &extra);
-    d.create_config(name, &cfg);
-    let con = d.console(name);
-    assert!(
-        con.stdout.wait_for("echo: ready", STEP),
-        "{}",
-        con.stdout.text()
-    );
+    let _con = echo_vm(&d, name, &img, "owner = 1000\n", "blk echo", 1);
     let snap = dir.join("pol.snap");
     let snap_s = snap.to_str().expect("utf-8");
     // Not the owner: refused, and the file it created is gone again.
