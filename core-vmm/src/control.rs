@@ -7,7 +7,8 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bulkhead_ipc::hello::{server_hello, Role};
@@ -35,6 +36,42 @@ struct RunnerState {
     vm: Mutex<Option<Arc<RunningVm>>>,
     /// How the guest ended, once it has.
     outcome: Mutex<Option<VmOutcome>>,
+    /// Bytes of guest output queued for, and sent by, the console pump.
+    console: ConsoleProgress,
+}
+
+/// How far the console pump is behind the guest's serial output, so that the guest's end
+/// is reported only after its last output (no fixed sleep).
+#[derive(Default)]
+struct ConsoleProgress {
+    queued: AtomicU64,
+    sent: Mutex<u64>,
+    sent_cv: Condvar,
+}
+
+impl ConsoleProgress {
+    fn add_sent(&self, n: usize) {
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        *sent += n as u64;
+        self.sent_cv.notify_all();
+    }
+
+    /// Waits until everything queued so far was sent, or `limit` passed.
+    fn wait_drained(&self, limit: Duration) {
+        let target = self.queued.load(Ordering::Acquire);
+        let deadline = std::time::Instant::now() + limit;
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        while *sent < target {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            sent = match self.sent_cv.wait_timeout(sent, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
 }
 
 impl RunnerState {
@@ -62,13 +99,16 @@ impl RunnerState {
 }
 
 /// Guest serial output into a bounded queue that the console pump drains.
-struct QueuedConsole(Sender<u8>);
+struct QueuedConsole(Sender<u8>, Arc<RunnerState>);
 
 impl Write for QueuedConsole {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         for b in buf {
             match self.0.try_send(*b) {
-                Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+                Ok(()) => {
+                    self.1.console.queued.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
             }
         }
         Ok(buf.len())
@@ -89,6 +129,7 @@ pub fn serve(listener: Listener, selftest: bool) -> i32 {
         conn: Mutex::new(None),
         vm: Mutex::new(None),
         outcome: Mutex::new(None),
+        console: ConsoleProgress::default(),
     });
     let (tx, rx) = crossbeam_channel::bounded::<u8>(CONSOLE_BACKLOG);
     let mut console = Some(tx);
@@ -441,7 +482,7 @@ fn boot(
         machine,
         images,
         backends,
-        Box::new(QueuedConsole(console)),
+        Box::new(QueuedConsole(console, state.clone())),
     )
     .map_err(|e| e.to_string())?;
     let detail = match vm.boot_setup() {
@@ -514,7 +555,7 @@ fn restore(
         ram,
         machine,
         backends,
-        Box::new(QueuedConsole(console)),
+        Box::new(QueuedConsole(console, state.clone())),
         &snap,
     )
     .map_err(|e| e.to_string())?;
@@ -575,8 +616,8 @@ fn run_vm(
 fn watch_outcome(state: Arc<RunnerState>, vm: Arc<RunningVm>) {
     let outcome = vm.wait();
     log(&format!("guest stopped: {outcome}"));
-    // Let the console pump flush the last output first.
-    std::thread::sleep(Duration::from_millis(50));
+    // The guest's last output goes out before its end.
+    state.console.wait_drained(Duration::from_secs(1));
     *state.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome.clone());
     let connected = state
         .conn
@@ -607,5 +648,6 @@ fn console_pump(rx: Receiver<u8>, state: Arc<RunnerState>) {
             }
         }
         state.send(RunnerEvent::Console(buf.clone()));
+        state.console.add_sent(buf.len());
     }
 }
