@@ -14,6 +14,7 @@
 # the pattern, per GiB moved ("I/O CPU s/GiB"); fio: its own user+system time.
 #
 # Usage: bash scripts/bench-blk.sh [MiB]      env: REPS=3 CACHE=none|writeback ENGINE=auto
+#   ONLY=REGEX (run only the patterns whose name matches, e.g. ONLY='rand')
 #   MiB: image size and sequential amount (default 256). CACHE: host caching for all of
 #   (a)-(d) (none = O_DIRECT everywhere; default). The machine is shared: numbers are noisy.
 set -euo pipefail
@@ -22,6 +23,7 @@ mib=${1:-256}
 reps=${REPS:-3}
 cache=${CACHE:-none}
 engine=${ENGINE:-auto}
+only=${ONLY:-}
 case "$cache" in none|writeback) ;; *) echo "CACHE must be none or writeback" >&2; exit 2 ;; esac
 for t in qemu-system-x86_64 qemu-storage-daemon fio python3; do
   command -v "$t" >/dev/null || { echo "bench-blk: $t is missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -32,10 +34,10 @@ cargo build --release -p bulkhead-tests >&2
 work=$(mktemp -d /var/tmp/bulkhead-bench-blk.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
-python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" <<'PY'
+python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" "$only" <<'PY'
 import json, os, re, signal, socket, statistics, subprocess, sys, time
 
-root, work, mib, reps, cache, engine, khz = sys.argv[1:8]
+root, work, mib, reps, cache, engine, khz, only = sys.argv[1:9]
 mib, reps = int(mib), int(reps)
 bin_ = f"{root}/target/release"
 guest = f"{root}/target/guest/x86_64-unknown-linux-gnu/release/bulkhead-test-guest"
@@ -58,6 +60,9 @@ PATTERNS = [
     ("rand write 4K QD1", "blk-rand-write=9:10000:1:4k", "--rw=randwrite --bs=4k --iodepth=1 --number_ios=10000", 10000 * 4096),
     ("rand write 4K QD32", "blk-rand-write=10:100000:32:4k", "--rw=randwrite --bs=4k --iodepth=32 --number_ios=100000", 100000 * 4096),
 ]
+PATTERNS = [p for p in PATTERNS if re.search(only, p[0])]
+if not PATTERNS:
+    sys.exit(f"bench-blk: no pattern matches ONLY={only!r}")
 SYSTEMS = ["bulkhead", "qemu+qsd", "qemu virtio-blk", "host fio"]
 
 def cpu_of(pid, skip=None):

@@ -77,6 +77,14 @@ struct Args {
     /// io-uring, threads (a pool of blocking threads), inline (one request at a time).
     #[arg(long, value_name = "ENGINE", default_value = "auto")]
     io_engine: EngineKind,
+    /// How long (microseconds) a queue worker that just served requests keeps looking at
+    /// the ring and the engine before it sleeps and waits to be notified: it then takes
+    /// the guest's next request without a notification (an exit in the guest) and a
+    /// wake-up, at the price of that much CPU. 0 (the default) never polls: on a host with
+    /// few CPUs, busy with vCPUs, polling takes CPU time the guests need.
+    #[arg(long, value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    poll_us: u32,
     /// Inherited shared page (a sealed memfd made by bulkheadd) that holds this disk's
     /// counters, which the backend keeps, and its rate limits, which it obeys; it outlives
     /// the backend, so a restarted backend counts on and keeps the limits.
@@ -141,6 +149,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         queues: args.queues,
         stats: Arc::new(Stats::default()),
         engine: args.io_engine,
+        poll: std::time::Duration::from_micros(args.poll_us.into()),
     };
 
     match (&args.socket, args.socket_fd) {

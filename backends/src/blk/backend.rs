@@ -36,6 +36,7 @@ use super::request::{
     begin, chain_at, process_descriptors, IoOp, IoRequest, Started, Target, ID_LEN,
 };
 use super::stats::Stats;
+use super::waiter::IoWaiter;
 use crate::inflight::{InflightRegion, InflightSlot, Takeover};
 use crate::ratelimit::Limiter;
 use virtio_queue::desc::split::Descriptor;
@@ -56,7 +57,13 @@ struct QueueTrack {
     taken: Vec<Instant>,
     /// Since when the queue has waited for the rate limiter.
     throttled_since: Option<Instant>,
+    /// Sleeps the worker until a completion or a kick (None: it blocks in the engine).
+    waiter: Option<IoWaiter>,
 }
+
+/// The longest a worker sleeps in [`IoWaiter::wait`] before it looks at its queue again
+/// (a safety net: a completion or a kick ends the sleep).
+const IO_WAIT_LIMIT_MS: i32 = 100;
 
 /// The longest a throttled queue sleeps before it looks at its limits again (a limit
 /// raised meanwhile takes effect within this).
@@ -119,6 +126,8 @@ struct Inner {
     limiter: Mutex<Limiter>,
     /// One timer per queue: wakes a throttled queue (registered with its worker's epoll).
     timers: Vec<Mutex<TimerFd>>,
+    /// How long a worker polls before it sleeps, in nanoseconds (`--poll-us`).
+    poll_ns: AtomicU64,
 }
 
 /// The vhost-user-blk backend for one connection (cheap to clone; clones share state).
@@ -164,6 +173,13 @@ impl BlkBackend {
                 slab: Slab::default(),
                 taken: Vec::new(),
                 throttled_since: None,
+                waiter: match IoWaiter::new() {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        eprintln!("bulkhead-blk: queue {q}: no epoll set ({e}); requests posted while others are in flight wait for the next completion");
+                        None
+                    }
+                },
             }));
             let timer = TimerFd::new()
                 .map_err(|e| EngineError::Timer(io::Error::from_raw_os_error(e.errno())))?;
@@ -193,8 +209,62 @@ impl BlkBackend {
                 limited: AtomicBool::new(false),
                 limiter: Mutex::new(Limiter::default()),
                 timers,
+                poll_ns: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Sets how long a queue worker that just served requests keeps polling its ring (and,
+    /// with requests in flight, its engine) before it sleeps; zero never polls.
+    pub fn set_poll_window(&self, window: Duration) {
+        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        self.inner.poll_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn poll_window(&self) -> Duration {
+        Duration::from_nanos(self.inner.poll_ns.load(Ordering::Relaxed))
+    }
+
+    /// Spins for up to the poll window until the guest posts a request on `vring` or (with
+    /// `engine`) a completion is ready. True if something is there to take.
+    fn poll_for_work(
+        &self,
+        vring: &VringRwLock,
+        mut engine: Option<&mut Engine>,
+        guest: bool,
+    ) -> bool {
+        let window = self.poll_window();
+        if window.is_zero() {
+            return false;
+        }
+        let Some(atomic) = self.inner.mem.lock().ok().and_then(|m| m.clone()) else {
+            return false;
+        };
+        let mem = atomic.memory();
+        let start = Instant::now();
+        loop {
+            if let Some(e) = engine.as_deref_mut() {
+                if e.completion_pending() {
+                    return true;
+                }
+            }
+            if guest {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                if !q.ready() || !state.is_enabled() {
+                    return false;
+                }
+                match q.avail_idx(&*mem, Ordering::Acquire) {
+                    Ok(avail) if avail.0 != q.next_avail() => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            if start.elapsed() >= window {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// The config space this backend serves.
@@ -350,9 +420,24 @@ impl BlkBackend {
             if track.engine.in_flight() == 0 {
                 break;
             }
-            // Tell the guest about what is done before blocking for more.
+            // Tell the guest about what is done before waiting for more.
             if any {
                 self.notify(vring);
+                any = false;
+            }
+            if track.waiter.is_some() && track.engine.completion_fd().is_some() {
+                // Take what is done without blocking; with nothing done, sleep until a
+                // completion or, if more can be taken, a new request from the guest.
+                track.engine.clear_completion_event();
+                let before = track.engine.in_flight();
+                stalled |= !self.reap(queue, vring, track, &*mem, &target, 0, &mut done);
+                if track.engine.in_flight() < before {
+                    any = true;
+                } else {
+                    let more = !stalled && !throttled && track.engine.in_flight() < room;
+                    self.await_io_or_guest(vring, track, more);
+                }
+                continue;
             }
             stalled |= !self.reap(queue, vring, track, &*mem, &target, 1, &mut done);
             any = true;
@@ -475,6 +560,47 @@ impl BlkBackend {
             if let Err(e) = vring.signal_used_queue() {
                 eprintln!("bulkhead-blk: cannot signal the used queue: {e}");
             }
+        }
+    }
+
+    /// Sleeps until the engine completes a request or, with `take_more`, the guest posts
+    /// one (notifications are on meanwhile, and off again on return).
+    fn await_io_or_guest(&self, vring: &VringRwLock, track: &mut QueueTrack, take_more: bool) {
+        let Some(done_fd) = track.engine.completion_fd() else {
+            return;
+        };
+        if self.poll_for_work(vring, Some(&mut track.engine), take_more) {
+            return;
+        }
+        let Some(waiter) = track.waiter.as_mut() else {
+            return;
+        };
+        let mut kick = None;
+        if take_more {
+            match vring.enable_notification() {
+                // Posted while notifications were off: take it now.
+                Ok(true) | Err(_) => {
+                    let _ = vring.disable_notification();
+                    return;
+                }
+                Ok(false) => {}
+            }
+            kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+        }
+        match waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS) {
+            Ok(w) if w.kick => {
+                if let Some(k) = vring.get_ref().get_kick() {
+                    let _ = k.consume();
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("bulkhead-blk: waiting for I/O failed ({e}); blocking in the engine from now on");
+                track.waiter = None;
+            }
+        }
+        if take_more {
+            let _ = vring.disable_notification();
         }
     }
 
@@ -767,6 +893,10 @@ impl VhostUserBackend for BlkBackend {
                 // Throttled: the queue's timer wakes it; notifications stay off meanwhile.
                 Ok(true) => break,
                 Ok(false) => {}
+            }
+            // The guest is likely to post again soon: look before sleeping.
+            if self.poll_for_work(vring, None, true) {
+                continue;
             }
             match vring.enable_notification() {
                 Ok(true) => continue,

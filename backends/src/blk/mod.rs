@@ -4,6 +4,8 @@
 //! - [`request`]: validation of one virtio-blk descriptor chain, turned into an I/O for an engine;
 //! - [`engine`]: the I/O engines (io_uring, a thread pool, inline) that run a queue's requests,
 //!   several in flight;
+//! - [`waiter`]: sleeps a queue worker with requests in flight until one completes or the
+//!   guest posts more;
 //! - [`config`]: the feature bits and the `virtio_blk_config` space served through GET_CONFIG;
 //! - [`stats`]: request/error counters and the rate-limited log of malformed requests;
 //! - [`backend`]: the `VhostUserBackend` glue (queues, notifications, config);
@@ -18,6 +20,7 @@ pub mod request;
 pub mod sandbox;
 pub mod serve;
 pub mod stats;
+pub mod waiter;
 
 pub use backend::BlkBackend;
 pub use config::BlkConfig;

@@ -36,6 +36,8 @@ pub struct Device {
     pub stats: Arc<Stats>,
     /// The I/O engine each queue gets.
     pub engine: EngineKind,
+    /// How long a queue worker polls before it sleeps (`--poll-us`).
+    pub poll: std::time::Duration,
     /// The shared counters and limits page bulkheadd handed us (`--stats-fd`), if any.
     pub region: Option<Arc<BackendRegion>>,
 }
@@ -55,6 +57,7 @@ impl Device {
             self.region.clone(),
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        backend.set_poll_window(self.poll);
         let timers = backend.timer_fds();
         let event = backend.timer_event();
         let daemon = VhostUserDaemon::new(
