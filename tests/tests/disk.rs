@@ -1096,6 +1096,14 @@ fn random_io_matches_a_host_replay_of_its_seeds() {
         &["--io-engine", "io-uring"][..],
         &["--io-engine", "threads", "--cache", "none"],
         &["--io-engine", "inline"],
+        &[
+            "--io-engine",
+            "io-uring",
+            "--cache",
+            "none",
+            "--poll-us",
+            "50",
+        ],
     ] {
         let (dir, img) = temp_image("blk-rand", 9);
         let sock = dir.join("blk.sock");
@@ -1164,7 +1172,7 @@ fn daemon_disk_with_cache_none_is_served_o_direct() {
     let d = Bulkheadd::start("disk-direct", Some(&runner_uids(66700)), false);
     let img = image_in(&d, "direct.img", 16);
     let disks = format!(
-        "{}cache = \"none\"\n",
+        "{}cache = \"none\"\npoll_us = 50\n",
         disk_toml(&img, false, None, Some(2))
     );
     let cfg = d.config_with(
@@ -1193,6 +1201,15 @@ fn daemon_disk_with_cache_none_is_served_o_direct() {
         }
         let flags = flags.unwrap_or_else(|| panic!("bulkhead-blk {pid} does not hold the image"));
         assert_ne!(flags & libc::O_DIRECT as u32, 0, "image fd flags {flags:o}");
+        // poll_us reaches the backend.
+        let argv = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let argv: Vec<&[u8]> = argv.split(|b| *b == 0).collect();
+        assert!(
+            argv.windows(2)
+                .any(|w| w[0] == b"--poll-us" && w[1] == b"50"),
+            "bulkhead-blk {pid} argv lacks --poll-us 50: {:?}",
+            String::from_utf8_lossy(&argv.join(&b' '))
+        );
     });
     for line in [
         "blk-write: 4096 sectors ok status 0",

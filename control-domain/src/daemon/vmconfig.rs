@@ -149,6 +149,12 @@ pub struct DiskConfig {
     /// `[disks.limits]`: rate limits (`bandwidth`, `iops`, each with a `_burst`).
     #[serde(default)]
     pub limits: Option<LimitsConfig>,
+    /// Microseconds the backend's queue workers keep polling the ring (and the I/O
+    /// engine) after serving requests before they sleep (0 to 10000; default 0: never).
+    /// Lower latency and more IOPS when the host has CPUs to spare, CPU time taken from
+    /// the guests when it has not (`bulkhead-blk --poll-us`).
+    #[serde(default)]
+    pub poll_us: Option<u32>,
 }
 
 /// A byte count: an integer (bytes) or a string with a binary suffix (`"8M"`, `"512K"`).
@@ -515,6 +521,9 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
         if d.queues.is_some_and(|q| !(1..=8).contains(&q)) {
             return Err(invalid("disks.queues", "must be between 1 and 8"));
         }
+        if d.poll_us.is_some_and(|us| us > 10_000) {
+            return Err(invalid("disks.poll_us", "at most 10000 (10 ms)"));
+        }
         if let Some(l) = &d.limits {
             l.resolve(true)?;
         }
@@ -730,6 +739,21 @@ mod tests {
         )
         .expect("cache = none");
         assert_eq!(c.disks[0].cache, DiskCache::None);
+        assert_eq!(c.disks[0].poll_us, None);
+        let c = parse(
+            &format!("{BASE}[[disks]]\npath = \"d.img\"\npoll_us = 50\n"),
+            Path::new("/"),
+            0,
+        )
+        .expect("poll_us = 50");
+        assert_eq!(c.disks[0].poll_us, Some(50));
+        let e = parse(
+            &format!("{BASE}[[disks]]\npath = \"d.img\"\npoll_us = 20000\n"),
+            Path::new("/"),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("disks.poll_us"), "{e}");
         let e = parse(
             &format!("{BASE}[[disks]]\npath = \"d.img\"\ncache = \"unsafe\"\n"),
             Path::new("/"),

@@ -212,6 +212,10 @@ impl Daemon {
             args.push("--cache".into());
             args.push(disk.cache.as_str().into());
         }
+        if let Some(us) = disk.poll_us.filter(|us| *us > 0) {
+            args.push("--poll-us".into());
+            args.push(us.to_string());
+        }
         let stats = match stats {
             Some(fd) => fd,
             None => bulkhead_ipc::devstats::create(&format!("{}-disk{index}", vm.name))
