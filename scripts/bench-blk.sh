@@ -15,6 +15,7 @@
 #
 # Usage: bash scripts/bench-blk.sh [MiB]      env: REPS=3 CACHE=none|writeback ENGINE=auto
 #   ONLY=REGEX (run only the patterns whose name matches, e.g. ONLY='rand')
+#   POLL=US (bulkhead-blk --poll-us, default 0 as bulkheadd's default; qsd polls by itself)
 #   MiB: image size and sequential amount (default 256). CACHE: host caching for all of
 #   (a)-(d) (none = O_DIRECT everywhere; default). The machine is shared: numbers are noisy.
 set -euo pipefail
@@ -24,6 +25,7 @@ reps=${REPS:-3}
 cache=${CACHE:-none}
 engine=${ENGINE:-auto}
 only=${ONLY:-}
+poll=${POLL:-0}
 case "$cache" in none|writeback) ;; *) echo "CACHE must be none or writeback" >&2; exit 2 ;; esac
 for t in qemu-system-x86_64 qemu-storage-daemon fio python3; do
   command -v "$t" >/dev/null || { echo "bench-blk: $t is missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -34,10 +36,10 @@ cargo build --release -p bulkhead-tests >&2
 work=$(mktemp -d /var/tmp/bulkhead-bench-blk.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
-python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" "$only" <<'PY'
+python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" "$only" "$poll" <<'PY'
 import json, os, re, signal, socket, statistics, subprocess, sys, time
 
-root, work, mib, reps, cache, engine, khz, only = sys.argv[1:9]
+root, work, mib, reps, cache, engine, khz, only, poll = sys.argv[1:10]
 mib, reps = int(mib), int(reps)
 bin_ = f"{root}/target/release"
 guest = f"{root}/target/guest/x86_64-unknown-linux-gnu/release/bulkhead-test-guest"
@@ -104,7 +106,7 @@ def guest_run(system, tokens):
     if system == "bulkhead":
         sock = f"{work}/blk.sock"
         backend = subprocess.Popen([f"{bin_}/bulkhead-blk", "--socket", sock, "--image", img,
-                                    "--cache", cache, "--io-engine", engine],
+                                    "--cache", cache, "--io-engine", engine, "--poll-us", poll],
                                    stdout=subprocess.DEVNULL, stderr=open(f"{work}/blk.log", "a"))
         wait_socket(sock, backend, "bulkhead-blk")
         cmd = [f"{bin_}/bulkhead-runner", "--kernel", guest, "--memory", "512M",
@@ -206,7 +208,7 @@ def fmt(v, d=1):
 def ratio(a, b):
     return "-" if a is None or b in (None, 0) else f"{a / b:.2f}x"
 
-print(f"\nbench-blk: {mib} MiB image, cache={cache}, bulkhead-blk --io-engine {engine}, "
+print(f"\nbench-blk: {mib} MiB image, cache={cache}, bulkhead-blk --io-engine {engine} --poll-us {poll}, "
       f"median of {reps} interleaved runs; tsc-khz={khz}")
 print("\nthroughput: MiB/s (sequential) or IOPS (random); (a) bulkhead, (b) QEMU+qsd, "
       "(c) QEMU virtio-blk, (d) host fio")
