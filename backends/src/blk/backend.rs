@@ -428,7 +428,6 @@ impl BlkBackend {
             if track.waiter.is_some() && track.engine.completion_fd().is_some() {
                 // Take what is done without blocking; with nothing done, sleep until a
                 // completion or, if more can be taken, a new request from the guest.
-                track.engine.clear_completion_event();
                 let before = track.engine.in_flight();
                 stalled |= !self.reap(queue, vring, track, &*mem, &target, 0, &mut done);
                 if track.engine.in_flight() < before {
@@ -570,6 +569,12 @@ impl BlkBackend {
             return;
         };
         if self.poll_for_work(vring, Some(&mut track.engine), take_more) {
+            return;
+        }
+        // Reset the completion eventfd, then look once more: a completion posted after
+        // this look signals it again, so the sleep below cannot miss it.
+        track.engine.clear_completion_event();
+        if track.engine.completion_pending() {
             return;
         }
         let Some(waiter) = track.waiter.as_mut() else {
