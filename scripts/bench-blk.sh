@@ -16,6 +16,7 @@
 # Usage: bash scripts/bench-blk.sh [MiB]      env: REPS=3 CACHE=none|writeback ENGINE=auto
 #   ONLY=REGEX (run only the patterns whose name matches, e.g. ONLY='rand')
 #   POLL=US (bulkhead-blk --poll-us, default 0 as bulkheadd's default; qsd polls by itself)
+#   PIN=1 (for (a) and (b) alike: the VMM process on CPU 0, the backend process on CPU 1)
 #   MiB: image size and sequential amount (default 256). CACHE: host caching for all of
 #   (a)-(d) (none = O_DIRECT everywhere; default). The machine is shared: numbers are noisy.
 set -euo pipefail
@@ -26,6 +27,7 @@ cache=${CACHE:-none}
 engine=${ENGINE:-auto}
 only=${ONLY:-}
 poll=${POLL:-0}
+pin=${PIN:-0}
 case "$cache" in none|writeback) ;; *) echo "CACHE must be none or writeback" >&2; exit 2 ;; esac
 for t in qemu-system-x86_64 qemu-storage-daemon fio python3; do
   command -v "$t" >/dev/null || { echo "bench-blk: $t is missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -36,10 +38,12 @@ cargo build --release -p bulkhead-tests >&2
 work=$(mktemp -d /var/tmp/bulkhead-bench-blk.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
-python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" "$only" "$poll" <<'PY'
+python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" "$only" "$poll" "$pin" <<'PY'
 import json, os, re, signal, socket, statistics, subprocess, sys, time
 
-root, work, mib, reps, cache, engine, khz, only, poll = sys.argv[1:10]
+root, work, mib, reps, cache, engine, khz, only, poll, pin = sys.argv[1:11]
+# (a) and (b) are a VMM process plus a backend process: with PIN=1 each gets a CPU of its own.
+vmm_cpu, backend_cpu = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if pin == "1" else ([], [])
 mib, reps = int(mib), int(reps)
 bin_ = f"{root}/target/release"
 guest = f"{root}/target/guest/x86_64-unknown-linux-gnu/release/bulkhead-test-guest"
@@ -105,22 +109,22 @@ def guest_run(system, tokens):
             "-kernel", guest, "-append", cmdline]
     if system == "bulkhead":
         sock = f"{work}/blk.sock"
-        backend = subprocess.Popen([f"{bin_}/bulkhead-blk", "--socket", sock, "--image", img,
+        backend = subprocess.Popen(backend_cpu + [f"{bin_}/bulkhead-blk", "--socket", sock, "--image", img,
                                     "--cache", cache, "--io-engine", engine, "--poll-us", poll],
                                    stdout=subprocess.DEVNULL, stderr=open(f"{work}/blk.log", "a"))
         wait_socket(sock, backend, "bulkhead-blk")
-        cmd = [f"{bin_}/bulkhead-runner", "--kernel", guest, "--memory", "512M",
+        cmd = vmm_cpu + [f"{bin_}/bulkhead-runner", "--kernel", guest, "--memory", "512M",
                "--disk-socket", sock, "--cmdline", cmdline]
         vcpu = r"vcpu\d+"
     elif system == "qemu+qsd":
         sock = f"{work}/qsd.sock"
-        backend = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
+        backend = subprocess.Popen(backend_cpu + ["qemu-storage-daemon", "--blockdev",
             f"driver=file,node-name=file,filename={img},cache.direct={'on' if direct else 'off'},aio=io_uring",
             "--blockdev", "driver=raw,node-name=disk,file=file", "--export",
             f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={sock},writable=on"],
             stdout=subprocess.DEVNULL, stderr=open(f"{work}/qsd.log", "a"))
         wait_socket(sock, backend, "qemu-storage-daemon")
-        cmd = qemu + ["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem",
+        cmd = vmm_cpu + qemu + ["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem",
                       "-chardev", f"socket,id=c0,path={sock}", "-device", "vhost-user-blk-pci,chardev=c0"]
         vcpu = r"CPU \d+/KVM"
     else:
@@ -209,6 +213,7 @@ def ratio(a, b):
     return "-" if a is None or b in (None, 0) else f"{a / b:.2f}x"
 
 print(f"\nbench-blk: {mib} MiB image, cache={cache}, bulkhead-blk --io-engine {engine} --poll-us {poll}, "
+      f"{'(a),(b) pinned: VMM CPU 0, backend CPU 1, ' if pin == '1' else ''}"
       f"median of {reps} interleaved runs; tsc-khz={khz}")
 print("\nthroughput: MiB/s (sequential) or IOPS (random); (a) bulkhead, (b) QEMU+qsd, "
       "(c) QEMU virtio-blk, (d) host fio")
