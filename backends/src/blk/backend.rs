@@ -249,11 +249,11 @@ impl BlkBackend {
                 }
             }
             if guest {
-                let state = vring.get_ref();
-                let q = state.get_queue();
-                if !q.ready() || !state.is_enabled() {
+                if !ring_is_live(vring) {
                     return false;
                 }
+                let state = vring.get_ref();
+                let q = state.get_queue();
                 match q.avail_idx(&*mem, Ordering::Acquire) {
                     Ok(avail) if avail.0 != q.next_avail() => return true,
                     Ok(_) => {}
@@ -593,12 +593,12 @@ impl BlkBackend {
             kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
         }
         match waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS) {
-            Ok(w) if w.kick => {
+            Ok(true) => {
                 if let Some(k) = vring.get_ref().get_kick() {
                     let _ = k.consume();
                 }
             }
-            Ok(_) => {}
+            Ok(false) => {}
             Err(e) => {
                 eprintln!("bulkhead-blk: waiting for I/O failed ({e}); blocking in the engine from now on");
                 track.waiter = None;
@@ -882,11 +882,8 @@ impl VhostUserBackend for BlkBackend {
             // A ring the frontend stopped or reset (a disconnect, a cut connection) has
             // nothing to serve: without this check the worker would spin here, reading an
             // avail index that no longer means anything, and never see its exit event.
-            {
-                let state = vring.get_ref();
-                if !state.get_queue().ready() || !state.is_enabled() {
-                    break;
-                }
+            if !ring_is_live(vring) {
+                break;
             }
             let _ = vring.disable_notification();
             match self.process_queue(queue, vring) {
@@ -910,4 +907,10 @@ impl VhostUserBackend for BlkBackend {
         }
         Ok(())
     }
+}
+
+/// False for a ring the frontend stopped or reset: its avail index means nothing.
+fn ring_is_live(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
 }

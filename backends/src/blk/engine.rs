@@ -352,11 +352,8 @@ impl<T> WaitQueue<T> {
     }
 
     /// Moves every item there is into `out`.
-    fn drain_into<U>(&self, out: &mut Vec<U>)
-    where
-        T: Into<U>,
-    {
-        out.extend(self.lock().0.drain(..).map(Into::into));
+    fn drain_into(&self, out: &mut Vec<T>) {
+        out.extend(self.lock().0.drain(..));
     }
 
     /// Wakes every taker; what is queued is still taken, then `pop` returns None.

@@ -10,13 +10,6 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 const COMPLETION: u64 = 0;
 const KICK: u64 = 1;
 
-/// What ended a [`IoWaiter::wait`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Woken {
-    /// The guest's notification (kick) fd is readable: consume it.
-    pub kick: bool,
-}
-
 /// One queue worker's epoll set: the engine's completion eventfd, always; the queue's kick
 /// eventfd, one-shot, re-armed for each wait (the frontend may replace it at any time).
 pub struct IoWaiter {
@@ -34,13 +27,14 @@ impl IoWaiter {
     }
 
     /// Sleeps until `completion` (level-triggered) or `kick` (if given) is readable, a signal
-    /// or task work interrupts, or `timeout_ms` passes.
+    /// or task work interrupts, or `timeout_ms` passes. True if the kick fd is readable
+    /// (the caller consumes it).
     pub fn wait(
         &mut self,
         completion: RawFd,
         kick: Option<RawFd>,
         timeout_ms: i32,
-    ) -> io::Result<Woken> {
+    ) -> io::Result<bool> {
         if self.completion != Some(completion) {
             if let Some(old) = self.completion.take() {
                 let _ = self
@@ -72,13 +66,7 @@ impl IoWaiter {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => 0,
             Err(e) => return Err(e),
         };
-        let mut woken = Woken::default();
-        for ev in events.iter().take(n) {
-            if ev.data() == KICK {
-                woken.kick = true;
-            }
-        }
-        Ok(woken)
+        Ok(events.iter().take(n).any(|ev| ev.data() == KICK))
     }
 }
 
@@ -97,19 +85,19 @@ mod tests {
         let r = w
             .wait(done.as_raw_fd(), Some(kick.as_raw_fd()), 50)
             .expect("wait");
-        assert_eq!(r, Woken::default());
+        assert!(!r, "nothing is ready");
         assert!(t.elapsed() >= std::time::Duration::from_millis(40));
         kick.write(1).expect("kick");
         let r = w
             .wait(done.as_raw_fd(), Some(kick.as_raw_fd()), 5000)
             .expect("wait");
-        assert!(r.kick);
+        assert!(r);
         kick.read().expect("consume");
         done.write(1).expect("complete");
         let r = w
             .wait(done.as_raw_fd(), Some(kick.as_raw_fd()), 5000)
             .expect("wait");
-        assert!(!r.kick, "only the completion is ready");
+        assert!(!r, "only the completion is ready");
         done.read().expect("consume");
         // A replaced kick fd (the old one closed) is picked up.
         drop(kick);
@@ -118,6 +106,6 @@ mod tests {
         let r = w
             .wait(done.as_raw_fd(), Some(kick2.as_raw_fd()), 5000)
             .expect("wait");
-        assert!(r.kick);
+        assert!(r);
     }
 }
