@@ -144,6 +144,9 @@ impl Disk {
         let t_start = crate::tsc::now();
         let mut last_progress = t_start;
         let mut last_kick = t_start;
+        // NEEDS_RESET is a device register: each read is an exit to the VMM, so it is
+        // read only once progress has stalled, at most once a millisecond.
+        let mut last_status = t_start;
         while done < spec.count {
             // Submit in sequence order while the next request's queue has room.
             let mut dirty = 0u32;
@@ -267,10 +270,13 @@ impl Disk {
                     first_err = S_TIMEOUT;
                 }
                 break;
-            } else if self.t.status() & STATUS_NEEDS_RESET != 0 {
-                self.ready = false;
-                first_err = S_TIMEOUT;
-                break;
+            } else if !progressed && now - last_progress > self.ms && now - last_status > self.ms {
+                last_status = now;
+                if self.t.status() & STATUS_NEEDS_RESET != 0 {
+                    self.ready = false;
+                    first_err = S_TIMEOUT;
+                    break;
+                }
             }
         }
         let ticks = crate::tsc::now().saturating_sub(t_start).max(1);
