@@ -15,7 +15,8 @@
 #
 # Usage: bash scripts/bench-blk.sh [MiB]      env: REPS=3 CACHE=none|writeback ENGINE=auto
 #   ONLY=REGEX (run only the patterns whose name matches, e.g. ONLY='rand')
-#   POLL=US (bulkhead-blk --poll-us, default 0 as bulkheadd's default; qsd polls by itself)
+#   POLL=US (bulkhead-blk --poll-us: the adaptive polling limit; default: the backend's own,
+#   as bulkheadd uses it; 0 never polls. qsd polls by itself, adaptively up to 32 us)
 #   PIN=1 (for (a) and (b) alike: the VMM process on CPU 0, the backend process on CPU 1)
 #   MiB: image size and sequential amount (default 256). CACHE: host caching for all of
 #   (a)-(d) (none = O_DIRECT everywhere; default). The machine is shared: numbers are noisy.
@@ -26,7 +27,7 @@ reps=${REPS:-3}
 cache=${CACHE:-none}
 engine=${ENGINE:-auto}
 only=${ONLY:-}
-poll=${POLL:-0}
+poll=${POLL:-}
 pin=${PIN:-0}
 case "$cache" in none|writeback) ;; *) echo "CACHE must be none or writeback" >&2; exit 2 ;; esac
 for t in qemu-system-x86_64 qemu-storage-daemon fio python3; do
@@ -110,7 +111,7 @@ def guest_run(system, tokens):
     if system == "bulkhead":
         sock = f"{work}/blk.sock"
         backend = subprocess.Popen(backend_cpu + [f"{bin_}/bulkhead-blk", "--socket", sock, "--image", img,
-                                    "--cache", cache, "--io-engine", engine, "--poll-us", poll],
+                                    "--cache", cache, "--io-engine", engine] + (["--poll-us", poll] if poll else []),
                                    stdout=subprocess.DEVNULL, stderr=open(f"{work}/blk.log", "a"))
         wait_socket(sock, backend, "bulkhead-blk")
         cmd = vmm_cpu + [f"{bin_}/bulkhead-runner", "--kernel", guest, "--memory", "512M",
@@ -212,7 +213,7 @@ def fmt(v, d=1):
 def ratio(a, b):
     return "-" if a is None or b in (None, 0) else f"{a / b:.2f}x"
 
-print(f"\nbench-blk: {mib} MiB image, cache={cache}, bulkhead-blk --io-engine {engine} --poll-us {poll}, "
+print(f"\nbench-blk: {mib} MiB image, cache={cache}, bulkhead-blk --io-engine {engine} --poll-us {poll or 'default'}, "
       f"{'(a),(b) pinned: VMM CPU 0, backend CPU 1, ' if pin == '1' else ''}"
       f"median of {reps} interleaved runs; tsc-khz={khz}")
 print("\nthroughput: MiB/s (sequential) or IOPS (random); (a) bulkhead, (b) QEMU+qsd, "

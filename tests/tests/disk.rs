@@ -1093,7 +1093,7 @@ fn random_io_matches_a_host_replay_of_its_seeds() {
         return;
     }
     for args in [
-        &["--io-engine", "io-uring"][..],
+        &["--io-engine", "io-uring", "--poll-us", "0"][..],
         &["--io-engine", "threads", "--cache", "none"],
         &["--io-engine", "inline"],
         &[

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bulkhead_backends::blk::config::MAX_QUEUES;
+use bulkhead_backends::blk::poll::HostLoad;
 use bulkhead_backends::blk::request::{serial_bytes, ID_LEN};
 use bulkhead_backends::blk::serve::{bind_path, serve_connected, serve_listener, Device};
 use bulkhead_backends::blk::{Cache, Disk, EngineKind, Stats, SECTOR_SIZE};
@@ -77,12 +78,14 @@ struct Args {
     /// io-uring, threads (a pool of blocking threads), inline (one request at a time).
     #[arg(long, value_name = "ENGINE", default_value = "auto")]
     io_engine: EngineKind,
-    /// How long (microseconds) a queue worker that just served requests keeps looking at
-    /// the ring and the engine before it sleeps and waits to be notified: it then takes
-    /// the guest's next request without a notification (an exit in the guest) and a
-    /// wake-up, at the price of that much CPU. 0 (the default) never polls: on a host with
-    /// few CPUs, busy with vCPUs, polling takes CPU time the guests need.
-    #[arg(long, value_name = "US", default_value_t = 0,
+    /// The most (microseconds) a queue worker that just served requests keeps looking at
+    /// the ring and the engine before it sleeps and waits to be notified: while it looks,
+    /// the guest's next request needs no notification (an exit in the guest) and the
+    /// worker no wake-up, at the price of CPU time. Each worker adapts its window within
+    /// this: it grows while requests or completions keep coming within it, shrinks when
+    /// they do not, and polling stops while the host has more runnable threads than CPUs
+    /// or the spin was preempted. 0 never polls.
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     poll_us: u32,
     /// Inherited shared page (a sealed memfd made by bulkheadd) that holds this disk's
@@ -100,7 +103,22 @@ fn parse_cache(s: &str) -> Result<Cache, String> {
     }
 }
 
+/// `--poll-us` when not given: the adaptive window's limit.
+const DEFAULT_POLL_US: u32 = 200;
+
 fn run(args: Args) -> anyhow::Result<()> {
+    // Before the ready byte: bulkheadd then takes our root (and /proc) away.
+    let host_load = if args.poll_us > 0 {
+        match HostLoad::open() {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                eprintln!("bulkhead-blk: cannot read /proc/loadavg ({e}): polling will not know when the host is short of CPUs");
+                None
+            }
+        }
+    } else {
+        None
+    };
     signal_ready(args.ready_fd)?;
     if args.serial.len() > ID_LEN {
         return Err(usage(format!(
@@ -150,6 +168,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         stats: Arc::new(Stats::default()),
         engine: args.io_engine,
         poll: std::time::Duration::from_micros(args.poll_us.into()),
+        host_load,
     };
 
     match (&args.socket, args.socket_fd) {

@@ -32,6 +32,7 @@ use vmm_sys_util::event::{
 use super::config::{BlkConfig, MAX_QUEUE_SIZE};
 use super::disk::Disk;
 use super::engine::{Engine, EngineError, EngineKind};
+use super::poll::{HostLoad, PollWindow, PREEMPTED_GAP};
 use super::request::{
     begin, chain_at, process_descriptors, IoOp, IoRequest, Started, Target, ID_LEN,
 };
@@ -126,8 +127,10 @@ struct Inner {
     limiter: Mutex<Limiter>,
     /// One timer per queue: wakes a throttled queue (registered with its worker's epoll).
     timers: Vec<Mutex<TimerFd>>,
-    /// How long a worker polls before it sleeps, in nanoseconds (`--poll-us`).
-    poll_ns: AtomicU64,
+    /// Each queue worker's adaptive polling window (its limit: `--poll-us`).
+    polls: Vec<Mutex<PollWindow>>,
+    /// Whether the host is short of CPUs (no polling then); None: not known.
+    host_load: Mutex<Option<Arc<HostLoad>>>,
 }
 
 /// The vhost-user-blk backend for one connection (cheap to clone; clones share state).
@@ -209,60 +212,97 @@ impl BlkBackend {
                 limited: AtomicBool::new(false),
                 limiter: Mutex::new(Limiter::default()),
                 timers,
-                poll_ns: AtomicU64::new(0),
+                polls: (0..queues)
+                    .map(|_| Mutex::new(PollWindow::new(Duration::ZERO)))
+                    .collect(),
+                host_load: Mutex::new(None),
             }),
         })
     }
 
-    /// Sets how long a queue worker that just served requests keeps polling its ring (and,
-    /// with requests in flight, its engine) before it sleeps; zero never polls.
-    pub fn set_poll_window(&self, window: Duration) {
-        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
-        self.inner.poll_ns.store(ns, Ordering::Relaxed);
+    /// Sets the most a queue worker that just served requests keeps polling its ring
+    /// (and, with requests in flight, its engine) before it sleeps; zero never polls.
+    /// Within that, each worker adapts its window ([`PollWindow`]), and none spins while
+    /// `load` says the host has more runnable threads than CPUs.
+    pub fn set_polling(&self, limit: Duration, load: Option<Arc<HostLoad>>) {
+        for p in &self.inner.polls {
+            p.lock().unwrap_or_else(|e| e.into_inner()).set_limit(limit);
+        }
+        *self
+            .inner
+            .host_load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = load;
     }
 
-    fn poll_window(&self) -> Duration {
-        Duration::from_nanos(self.inner.poll_ns.load(Ordering::Relaxed))
+    /// True if the host has more runnable threads than CPUs.
+    fn host_contended(&self, now: Instant) -> bool {
+        let load = self
+            .inner
+            .host_load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        load.is_some_and(|l| l.contended(now))
     }
 
-    /// Spins for up to the poll window until the guest posts a request on `vring` or (with
-    /// `engine`) a completion is ready. True if something is there to take.
+    /// Runs `f` on `queue`'s polling window.
+    fn with_poll<R>(&self, queue: u16, f: impl FnOnce(&mut PollWindow) -> R) -> Option<R> {
+        let p = self.inner.polls.get(usize::from(queue))?;
+        Some(f(&mut p.lock().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    /// Spins for up to `queue`'s poll window until the guest posts a request on `vring`
+    /// or (with `engine`) a completion is ready. True if something is there to take.
     fn poll_for_work(
         &self,
+        queue: u16,
         vring: &VringRwLock,
         mut engine: Option<&mut Engine>,
         guest: bool,
     ) -> bool {
-        let window = self.poll_window();
-        if window.is_zero() {
+        let start = Instant::now();
+        let window = self
+            .with_poll(queue, |p| p.begin(start))
+            .unwrap_or_default();
+        if window.is_zero() || self.host_contended(start) {
             return false;
         }
         let Some(atomic) = self.inner.mem.lock().ok().and_then(|m| m.clone()) else {
             return false;
         };
         let mem = atomic.memory();
-        let start = Instant::now();
+        let mut last = start;
         loop {
+            let mut found = false;
             if let Some(e) = engine.as_deref_mut() {
-                if e.completion_pending() {
-                    return true;
-                }
+                found = e.completion_pending();
             }
-            if guest {
+            if guest && !found {
                 if !ring_is_live(vring) {
                     return false;
                 }
                 let state = vring.get_ref();
                 let q = state.get_queue();
                 match q.avail_idx(&*mem, Ordering::Acquire) {
-                    Ok(avail) if avail.0 != q.next_avail() => return true,
-                    Ok(_) => {}
+                    Ok(avail) => found = avail.0 != q.next_avail(),
                     Err(_) => return false,
                 }
             }
-            if start.elapsed() >= window {
+            if found {
+                self.with_poll(queue, PollWindow::found);
+                return true;
+            }
+            let now = Instant::now();
+            if now.saturating_duration_since(last) >= PREEMPTED_GAP {
+                // Descheduled mid-spin: the CPU is wanted elsewhere (a vCPU, likely).
+                self.with_poll(queue, |p| p.preempted(now));
                 return false;
             }
+            if now.saturating_duration_since(start) >= window {
+                return false;
+            }
+            last = now;
             std::hint::spin_loop();
         }
     }
@@ -434,7 +474,7 @@ impl BlkBackend {
                     any = true;
                 } else {
                     let more = !stalled && !throttled && track.engine.in_flight() < room;
-                    self.await_io_or_guest(vring, track, more);
+                    self.await_io_or_guest(queue, vring, track, more);
                 }
                 continue;
             }
@@ -564,20 +604,28 @@ impl BlkBackend {
 
     /// Sleeps until the engine completes a request or, with `take_more`, the guest posts
     /// one (notifications are on meanwhile, and off again on return).
-    fn await_io_or_guest(&self, vring: &VringRwLock, track: &mut QueueTrack, take_more: bool) {
+    fn await_io_or_guest(
+        &self,
+        queue: u16,
+        vring: &VringRwLock,
+        track: &mut QueueTrack,
+        take_more: bool,
+    ) {
         let Some(done_fd) = track.engine.completion_fd() else {
             return;
         };
-        if self.poll_for_work(vring, Some(&mut track.engine), take_more) {
+        if self.poll_for_work(queue, vring, Some(&mut track.engine), take_more) {
             return;
         }
         // Reset the completion eventfd, then look once more: a completion posted after
         // this look signals it again, so the sleep below cannot miss it.
         track.engine.clear_completion_event();
         if track.engine.completion_pending() {
+            self.with_poll(queue, PollWindow::busy);
             return;
         }
         let Some(waiter) = track.waiter.as_mut() else {
+            self.with_poll(queue, PollWindow::busy);
             return;
         };
         let mut kick = None;
@@ -586,13 +634,17 @@ impl BlkBackend {
                 // Posted while notifications were off: take it now.
                 Ok(true) | Err(_) => {
                     let _ = vring.disable_notification();
+                    self.with_poll(queue, PollWindow::busy);
                     return;
                 }
                 Ok(false) => {}
             }
             kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
         }
-        match waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS) {
+        let woke = waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS);
+        let now = Instant::now();
+        self.with_poll(queue, |p| p.woken(now));
+        match woke {
             Ok(true) => {
                 if let Some(k) = vring.get_ref().get_kick() {
                     let _ = k.consume();
@@ -875,6 +927,10 @@ impl VhostUserBackend for BlkBackend {
         };
         // One queue per worker thread, in order: the thread index is the queue index.
         let queue = u16::try_from(thread_id).unwrap_or(u16::MAX);
+        // The worker slept since it last polled for nothing (if it did): that sleep's
+        // length tunes the window.
+        let now = Instant::now();
+        self.with_poll(queue, |p| p.woken(now));
         // Errors here must not end the worker thread: that would silently kill the queue.
         // Notifications stay off (EVENT_IDX: avail_event is not advanced; otherwise
         // NO_NOTIFY) while requests are in flight.
@@ -897,11 +953,14 @@ impl VhostUserBackend for BlkBackend {
                 Ok(false) => {}
             }
             // The guest is likely to post again soon: look before sleeping.
-            if self.poll_for_work(vring, None, true) {
+            if self.poll_for_work(queue, vring, None, true) {
                 continue;
             }
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => {
+                    self.with_poll(queue, PollWindow::busy);
+                    continue;
+                }
                 _ => break,
             }
         }

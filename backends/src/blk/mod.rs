@@ -4,6 +4,7 @@
 //! - [`request`]: validation of one virtio-blk descriptor chain, turned into an I/O for an engine;
 //! - [`engine`]: the I/O engines (io_uring, a thread pool, inline) that run a queue's requests,
 //!   several in flight;
+//! - [`poll`]: the adaptive window a queue worker spins for before it sleeps;
 //! - [`waiter`]: sleeps a queue worker with requests in flight until one completes or the
 //!   guest posts more;
 //! - [`config`]: the feature bits and the `virtio_blk_config` space served through GET_CONFIG;
@@ -16,6 +17,7 @@ pub mod backend;
 pub mod config;
 pub mod disk;
 pub mod engine;
+pub mod poll;
 pub mod request;
 pub mod sandbox;
 pub mod serve;

@@ -36,8 +36,10 @@ pub struct Device {
     pub stats: Arc<Stats>,
     /// The I/O engine each queue gets.
     pub engine: EngineKind,
-    /// How long a queue worker polls before it sleeps (`--poll-us`).
+    /// The most a queue worker polls before it sleeps (`--poll-us`).
     pub poll: std::time::Duration,
+    /// The host's runnable-thread count (no polling while it exceeds the CPUs).
+    pub host_load: Option<Arc<super::poll::HostLoad>>,
     /// The shared counters and limits page bulkheadd handed us (`--stats-fd`), if any.
     pub region: Option<Arc<BackendRegion>>,
 }
@@ -57,7 +59,7 @@ impl Device {
             self.region.clone(),
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        backend.set_poll_window(self.poll);
+        backend.set_polling(self.poll, self.host_load.clone());
         let timers = backend.timer_fds();
         let event = backend.timer_event();
         let daemon = VhostUserDaemon::new(

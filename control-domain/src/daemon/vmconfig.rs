@@ -149,10 +149,10 @@ pub struct DiskConfig {
     /// `[disks.limits]`: rate limits (`bandwidth`, `iops`, each with a `_burst`).
     #[serde(default)]
     pub limits: Option<LimitsConfig>,
-    /// Microseconds the backend's queue workers keep polling the ring (and the I/O
-    /// engine) after serving requests before they sleep (0 to 10000; default 0: never).
-    /// Lower latency and more IOPS when the host has CPUs to spare, CPU time taken from
-    /// the guests when it has not (`bulkhead-blk --poll-us`).
+    /// The most microseconds the backend's queue workers keep polling the ring (and the
+    /// I/O engine) after serving requests before they sleep (0 to 10000; 0: never; unset:
+    /// the backend's default, 200). Each worker adapts its window within this and does not
+    /// poll while the host has more runnable threads than CPUs (`bulkhead-blk --poll-us`).
     #[serde(default)]
     pub poll_us: Option<u32>,
 }

@@ -212,7 +212,8 @@ impl Daemon {
             args.push("--cache".into());
             args.push(disk.cache.as_str().into());
         }
-        if let Some(us) = disk.poll_us.filter(|us| *us > 0) {
+        // Given, even 0 (never poll): the backend's own default is to poll adaptively.
+        if let Some(us) = disk.poll_us {
             args.push("--poll-us".into());
             args.push(us.to_string());
         }
