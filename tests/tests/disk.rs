@@ -766,7 +766,9 @@ fn daemon_disk_backend_is_sandboxed() {
     );
 
     // Only the descriptors it was handed (log, image, socket) or received (guest RAM,
-    // eventfds); no other host path.
+    // eventfds), and /proc/loadavg read-only (opened before its root was taken: adaptive
+    // polling stops while the host has more runnable threads than CPUs); no other host
+    // path.
     let log = d.disk_log_path("boxed", 0);
     let mut seen = Vec::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -786,7 +788,28 @@ fn daemon_disk_backend_is_sandboxed() {
             || t.starts_with("/memfd:bulkhead-stats-")
             || t.starts_with("socket:[")
             || t.starts_with("anon_inode:");
-        assert!(allowed, "bulkhead-blk fd {t} is not allowed; all: {seen:?}");
+        let loadavg = t == "/loadavg" || t == "/proc/loadavg";
+        if loadavg {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .expect("fdinfo");
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .expect("fdinfo flags");
+            assert_eq!(
+                flags & libc::O_ACCMODE as u32,
+                libc::O_RDONLY as u32,
+                "{t} is not read-only: {info}"
+            );
+        }
+        assert!(
+            allowed || loadavg,
+            "bulkhead-blk fd {t} is not allowed; all: {seen:?}"
+        );
     }
     let has =
         |f: &dyn Fn(&str) -> bool| seen.iter().any(|s| f(s.split(" -> ").nth(1).unwrap_or("")));

@@ -272,7 +272,8 @@ impl BlkBackend {
             return false;
         };
         let mem = atomic.memory();
-        let mut last = start;
+        // Measured from here: the setup above (a read of /proc/loadavg) is not a spin.
+        let mut last = Instant::now();
         loop {
             let mut found = false;
             if let Some(e) = engine.as_deref_mut() {
