@@ -78,6 +78,15 @@ fn hash_mem(h: &mut Fnv1a, a: u64, len: u64) {
     }
 }
 
+/// The `blk-checksum:` line of blk-write= and blk-read=.
+fn print_checksum(nohash: bool, value: u64) {
+    if nohash {
+        println!("blk-checksum: none (blk-nohash)");
+    } else {
+        println!("blk-checksum: {:#018x}", value);
+    }
+}
+
 fn tsc_per_ms() -> u64 {
     crate::tsc::khz().0.max(1)
 }
@@ -96,6 +105,8 @@ struct Opts {
     stall_ms: u64,
     /// `blk-rand-area=<start>:<sectors>`.
     rand_area: (u64, u64),
+    /// `blk-nohash`: blk-write= and blk-read= skip the checksum (benchmarks).
+    nohash: bool,
 }
 
 /// One virtio-blk device and its driver state.
@@ -117,6 +128,8 @@ pub struct Disk {
     event_idx: bool,
     ready: bool,
     ms: u64,
+    /// `blk-nohash`: stream() does not checksum the data.
+    nohash: bool,
 }
 
 impl Disk {
@@ -139,6 +152,7 @@ impl Disk {
             event_idx: false,
             ready: false,
             ms: tsc_per_ms(),
+            nohash: false,
         }
     }
 
@@ -423,6 +437,7 @@ impl Disk {
             r.status = S_TIMEOUT;
             return r;
         }
+        let hash = !self.nohash;
         let req_bytes = req_sectors * SECTOR;
         let nslots = ((mem.1 - mem.0) / req_bytes)
             .min((4 * self.nq) as u64)
@@ -457,7 +472,9 @@ impl Disk {
                         let a = buf + i * SECTOR;
                         for (k, &w) in pat.iter().enumerate() {
                             w64(a + 8 * k as u64, w);
-                            r.hash.u64(w);
+                            if hash {
+                                r.hash.u64(w);
+                            }
                         }
                     }
                 }
@@ -516,7 +533,8 @@ impl Disk {
                 let buf = mem.0 + (ret % nslots) * req_bytes;
                 match mode {
                     Mode::Write(_) => {}
-                    Mode::Read => hash_mem(&mut r.hash, buf, n * SECTOR),
+                    Mode::Read if hash => hash_mem(&mut r.hash, buf, n * SECTOR),
+                    Mode::Read => {}
                     Mode::Verify(seed) => {
                         if r.mismatch.is_none() {
                             if st != 0 {
@@ -844,6 +862,8 @@ fn parse_opts(cmdline: &str) -> Opts {
             o.pci = true;
         } else if tok == "blk-event-idx" {
             o.event_idx = true;
+        } else if tok == "blk-nohash" {
+            o.nohash = true;
         } else if let Some(v) = tok.strip_prefix("blk-disk=") {
             if let Some(v) = parse_u64(v) {
                 o.disk = v as usize;
@@ -1005,6 +1025,7 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             failed = true;
             continue;
         };
+        d.nohash = o.nohash;
         if tok == "blk-id" {
             let st = d.get_id();
             if st != 0 {
@@ -1088,7 +1109,7 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             let ticks = crate::tsc::now().saturating_sub(t0);
             failed |= r.status != 0 || r.ok_sectors != count;
             println!("blk-write: {} sectors ok status {}", r.ok_sectors, r.status);
-            println!("blk-checksum: {:#018x}", r.hash.value());
+            print_checksum(d.nohash, r.hash.value());
             let rb = req_sectors * SECTOR;
             d.perf("write", rb, r.depth, count.div_ceil(req_sectors), count * SECTOR, ticks, None);
         } else if let Some(v) = tok.strip_prefix("blk-read=") {
@@ -1106,7 +1127,7 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             );
             let ticks = crate::tsc::now().saturating_sub(t0);
             failed |= r.status != 0 || r.ok_sectors != count;
-            println!("blk-checksum: {:#018x}", r.hash.value());
+            print_checksum(d.nohash, r.hash.value());
             println!("blk-read: {} sectors ok status {}", r.ok_sectors, r.status);
             let rb = req_sectors * SECTOR;
             d.perf("read", rb, r.depth, count.div_ceil(req_sectors), count * SECTOR, ticks, None);
