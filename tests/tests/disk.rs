@@ -1013,8 +1013,14 @@ fn runner_drives_a_standalone_bulkhead_blk_and_reconnects() {
     );
     assert_serves_on(&mut blk, 1);
 
-    // A second frontend on the same backend process finds the data.
-    let mut c = runner_guest("blk blk-verify=3:0:1024 exit=0", 1, "128M");
+    // A second frontend on the same backend process finds the data. It also writes and
+    // reads without the guest's checksum (blk-nohash, as bench-blk does): the data must
+    // be the same pattern.
+    let mut c = runner_guest(
+        "blk blk-verify=3:0:1024 blk-nohash blk-write=4:1024:512 blk-read=0:1024 blk-verify=4:1024:512 exit=0",
+        1,
+        "128M",
+    );
     c.arg("--disk-socket").arg(&sock);
     let out = run_complete(c, DEADLINE);
     let context = format!(
@@ -1023,7 +1029,15 @@ fn runner_drives_a_standalone_bulkhead_blk_and_reconnects() {
         blk.stderr.text()
     );
     assert_eq!(out.code, Some(0), "{context}");
-    assert!(out.stdout.contains("blk-verify: ok"), "{context}");
+    assert_eq!(out.stdout.matches("blk-verify: ok").count(), 2, "{context}");
+    for line in [
+        "blk-write: 512 sectors ok status 0",
+        "blk-read: 1024 sectors ok status 0",
+        "blk-checksum: none (blk-nohash)",
+    ] {
+        assert!(out.stdout.contains(line), "lacks '{line}'\n{context}");
+    }
+    assert_eq!(blk_image_mismatch(&img, 4, 1024, 512), None, "{context}");
     assert!(
         !out.stderr.contains("went away"),
         "spurious reconnect\n{context}"
