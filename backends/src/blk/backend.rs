@@ -265,7 +265,14 @@ impl BlkBackend {
         let window = self
             .with_poll(queue, |p| p.begin(start))
             .unwrap_or_default();
-        if window.is_zero() || self.host_contended(start) {
+        if window.is_zero() {
+            return false;
+        }
+        if self.host_contended(start) {
+            self.inner
+                .stats
+                .poll_skipped
+                .fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let Some(atomic) = self.inner.mem.lock().ok().and_then(|m| m.clone()) else {
@@ -292,15 +299,24 @@ impl BlkBackend {
             }
             if found {
                 self.with_poll(queue, PollWindow::found);
+                self.inner.stats.poll_found.fetch_add(1, Ordering::Relaxed);
                 return true;
             }
             let now = Instant::now();
             if now.saturating_duration_since(last) >= PREEMPTED_GAP {
                 // Descheduled mid-spin: the CPU is wanted elsewhere (a vCPU, likely).
                 self.with_poll(queue, |p| p.preempted(now));
+                self.inner
+                    .stats
+                    .poll_preempted
+                    .fetch_add(1, Ordering::Relaxed);
                 return false;
             }
             if now.saturating_duration_since(start) >= window {
+                self.inner
+                    .stats
+                    .poll_expired
+                    .fetch_add(1, Ordering::Relaxed);
                 return false;
             }
             last = now;

@@ -1,7 +1,7 @@
 //! Adaptive polling for a queue worker: how long it spins on its ring (and engine) before
-//! it sleeps. The window grows while the next request or completion keeps coming within
-//! the limit (`--poll-us`), shrinks when it does not, and drops to zero for a while when
-//! spinning was preempted — on a host short of CPUs the spin would take the time a vCPU
+//! it sleeps, up to a limit (`--poll-us`). The window grows while requests and completions
+//! keep coming (the queue is busy), shrinks once they stop, and drops to zero for a while
+//! when spinning was preempted — on a host short of CPUs the spin would take the time a vCPU
 //! needs.
 //!
 //! A spin also waits while the host has more runnable threads than CPUs ([`HostLoad`]):
@@ -20,9 +20,22 @@ use std::time::{Duration, Instant};
 /// The first window after polling was off (it then doubles).
 const START: Duration = Duration::from_micros(4);
 
+/// An idle period (spin plus sleep) up to this long means the queue is busy: the window
+/// grows. It is not the limit itself: on a host that is a VM, waking a sleeping thread
+/// alone can take longer than the limit, and the spin then still catches the requests
+/// the guest posts right after each completion.
+const ACTIVE_GAP: Duration = Duration::from_millis(1);
+
+/// Longer idle periods in a row, with no spin finding work between them, before the
+/// window halves. One says little: a disk that completes in batches leaves long gaps
+/// between short ones, and the short ones are what the spin catches.
+const SHRINK_AFTER: u32 = 4;
+
 /// A gap this long between two looks at the clock while spinning means the thread was
-/// not running: something else wanted the CPU.
-pub const PREEMPTED_GAP: Duration = Duration::from_micros(50);
+/// not running: something else wanted the CPU. Interrupts are shorter: at 50 us, the host
+/// disk's completion interrupts (a batch of ~25 requests) counted as preemptions here and
+/// held polling off for most of a QD32 run.
+pub const PREEMPTED_GAP: Duration = Duration::from_micros(500);
 
 /// The first hold-off after a preemption; it doubles while preemptions recur, up to
 /// [`MAX_HOLD`], and resets once a poll runs unpreempted.
@@ -42,6 +55,8 @@ pub struct PollWindow {
     hold: Duration,
     /// When the worker last began to idle (polling, then sleeping), if it is idle.
     idle_since: Option<Instant>,
+    /// Long sleeps since a spin last found work (or the window last changed).
+    misses: u32,
 }
 
 impl PollWindow {
@@ -53,6 +68,7 @@ impl PollWindow {
             hold_until: None,
             hold: FIRST_HOLD,
             idle_since: None,
+            misses: 0,
         }
     }
 
@@ -82,6 +98,7 @@ impl PollWindow {
     pub fn found(&mut self) {
         self.idle_since = None;
         self.hold = FIRST_HOLD;
+        self.misses = 0;
     }
 
     /// Work turned up without a spin or a sleep: the idle period ends, nothing else
@@ -91,8 +108,9 @@ impl PollWindow {
     }
 
     /// The worker was woken at `now` after spinning for nothing and sleeping: the window
-    /// grows if the whole idle period fit in the limit (a longer window would have caught
-    /// the event), and halves otherwise (the wait was long: the spin was wasted).
+    /// grows if the whole idle period was at most [`ACTIVE_GAP`] (the queue is busy), and
+    /// halves after [`SHRINK_AFTER`] longer ones with no spin finding work in between (the
+    /// guest has gone quiet: the spins are wasted).
     pub fn woken(&mut self, now: Instant) {
         let Some(since) = self.idle_since.take() else {
             return;
@@ -101,14 +119,19 @@ impl PollWindow {
             return;
         }
         let idle = now.saturating_duration_since(since);
-        if idle <= self.limit {
+        if idle <= ACTIVE_GAP.max(self.limit) {
+            self.misses = 0;
             if self.hold_until.is_none() {
                 self.window = (self.window * 2).max(START).min(self.limit);
             }
         } else {
-            self.window /= 2;
-            if self.window < START {
-                self.window = Duration::ZERO;
+            self.misses += 1;
+            if self.misses >= SHRINK_AFTER {
+                self.misses = 0;
+                self.window /= 2;
+                if self.window < START {
+                    self.window = Duration::ZERO;
+                }
             }
         }
     }
@@ -207,8 +230,23 @@ mod tests {
         assert_eq!(p.begin(t), 200 * US);
         p.found();
         assert_eq!(p.window(), 200 * US);
-        // A long sleep halves it; repeated long sleeps end polling.
-        for _ in 0..7 {
+        // Long sleeps with spins that catch the short gaps between them keep it.
+        for _ in 0..20 {
+            p.begin(t);
+            t += Duration::from_millis(5);
+            p.woken(t);
+            p.begin(t);
+            p.found();
+        }
+        assert_eq!(p.window(), 200 * US, "kept while spins find work");
+        // Every SHRINK_AFTER long sleeps in a row halve it; in the end polling stops.
+        for _ in 0..SHRINK_AFTER {
+            p.begin(t);
+            t += Duration::from_millis(5);
+            p.woken(t);
+        }
+        assert_eq!(p.window(), 100 * US);
+        for _ in 0..6 * SHRINK_AFTER {
             p.begin(t);
             t += Duration::from_millis(5);
             p.woken(t);

@@ -83,6 +83,14 @@ impl Device {
             "bulkhead-blk: totals: {} requests, {} errors, {} broken chains, {} bytes read, {} bytes written",
             s.requests, s.errors, s.broken, s.bytes_read, s.bytes_written
         );
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "bulkhead-blk: polling: {} spins found work, {} ran out their window, {} were preempted, {} skipped (host short of CPUs)",
+            n(&self.stats.poll_found),
+            n(&self.stats.poll_expired),
+            n(&self.stats.poll_preempted),
+            n(&self.stats.poll_skipped)
+        );
     }
 }
 

@@ -22,6 +22,12 @@ pub struct Stats {
     pub bytes_read: AtomicU64,
     /// Bytes written to the image from guest memory.
     pub bytes_written: AtomicU64,
+    /// Polling: spins that found work, spins that ran out their window, spins cut short
+    /// by a preemption, and spins skipped because the host was short of CPUs.
+    pub poll_found: AtomicU64,
+    pub poll_expired: AtomicU64,
+    pub poll_preempted: AtomicU64,
+    pub poll_skipped: AtomicU64,
     log: Mutex<LogWindow>,
 }
 
@@ -40,6 +46,10 @@ impl Default for Stats {
             broken: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            poll_found: AtomicU64::new(0),
+            poll_expired: AtomicU64::new(0),
+            poll_preempted: AtomicU64::new(0),
+            poll_skipped: AtomicU64::new(0),
             log: Mutex::new(LogWindow {
                 start: Instant::now(),
                 printed: 0,
