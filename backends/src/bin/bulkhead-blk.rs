@@ -82,9 +82,9 @@ struct Args {
     /// the ring and the engine before it sleeps and waits to be notified: while it looks,
     /// the guest's next request needs no notification (an exit in the guest) and the
     /// worker no wake-up, at the price of CPU time. Each worker adapts its window within
-    /// this: it grows while requests or completions keep coming within it, shrinks when
-    /// they do not, and polling stops while the host has more runnable threads than CPUs
-    /// or the spin was preempted. 0 never polls.
+    /// this: it grows while the queue is busy, shrinks once the guest goes quiet, and
+    /// polling stops while the host has more runnable threads than CPUs or after a spin
+    /// was preempted. 0 never polls.
     #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     poll_us: u32,
