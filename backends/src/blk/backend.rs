@@ -237,13 +237,12 @@ impl BlkBackend {
 
     /// True if the host has more runnable threads than CPUs.
     fn host_contended(&self, now: Instant) -> bool {
-        let load = self
-            .inner
+        self.inner
             .host_load
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        load.is_some_and(|l| l.contended(now))
+            .as_ref()
+            .is_some_and(|l| l.contended(now))
     }
 
     /// Runs `f` on `queue`'s polling window.
@@ -619,8 +618,9 @@ impl BlkBackend {
         }
     }
 
-    /// Sleeps until the engine completes a request or, with `take_more`, the guest posts
-    /// one (notifications are on meanwhile, and off again on return).
+    /// Spins for `queue`'s poll window, then sleeps until the engine completes a request
+    /// or, with `take_more`, the guest posts one (notifications are on meanwhile, and off
+    /// again on return). How long it was idle tunes the window.
     fn await_io_or_guest(
         &self,
         queue: u16,
@@ -628,22 +628,34 @@ impl BlkBackend {
         track: &mut QueueTrack,
         take_more: bool,
     ) {
-        let Some(done_fd) = track.engine.completion_fd() else {
-            return;
-        };
-        if self.poll_for_work(queue, vring, Some(&mut track.engine), take_more) {
+        if track.engine.completion_fd().is_none()
+            || self.poll_for_work(queue, vring, Some(&mut track.engine), take_more)
+        {
             return;
         }
+        let slept = self.sleep_for_io_or_guest(vring, track, take_more);
+        let now = Instant::now();
+        self.with_poll(queue, |p| if slept { p.woken(now) } else { p.busy() });
+    }
+
+    /// The sleep of [`Self::await_io_or_guest`]. False if work turned up before it began.
+    fn sleep_for_io_or_guest(
+        &self,
+        vring: &VringRwLock,
+        track: &mut QueueTrack,
+        take_more: bool,
+    ) -> bool {
+        let Some(done_fd) = track.engine.completion_fd() else {
+            return false;
+        };
         // Reset the completion eventfd, then look once more: a completion posted after
         // this look signals it again, so the sleep below cannot miss it.
         track.engine.clear_completion_event();
         if track.engine.completion_pending() {
-            self.with_poll(queue, PollWindow::busy);
-            return;
+            return false;
         }
         let Some(waiter) = track.waiter.as_mut() else {
-            self.with_poll(queue, PollWindow::busy);
-            return;
+            return false;
         };
         let mut kick = None;
         if take_more {
@@ -651,17 +663,13 @@ impl BlkBackend {
                 // Posted while notifications were off: take it now.
                 Ok(true) | Err(_) => {
                     let _ = vring.disable_notification();
-                    self.with_poll(queue, PollWindow::busy);
-                    return;
+                    return false;
                 }
                 Ok(false) => {}
             }
             kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
         }
-        let woke = waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS);
-        let now = Instant::now();
-        self.with_poll(queue, |p| p.woken(now));
-        match woke {
+        match waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS) {
             Ok(true) => {
                 if let Some(k) = vring.get_ref().get_kick() {
                     let _ = k.consume();
@@ -676,6 +684,7 @@ impl BlkBackend {
         if take_more {
             let _ = vring.disable_notification();
         }
+        true
     }
 
     /// Waits for at least `min` of the queue's requests to complete and puts every

@@ -32,9 +32,9 @@ const ACTIVE_GAP: Duration = Duration::from_millis(1);
 const SHRINK_AFTER: u32 = 4;
 
 /// A gap this long between two looks at the clock while spinning means the thread was
-/// not running: something else wanted the CPU. Interrupts are shorter: at 50 us, the host
-/// disk's completion interrupts (a batch of ~25 requests) counted as preemptions here and
-/// held polling off for most of a QD32 run.
+/// not running: something else wanted the CPU. Interrupts are shorter: at 50 us, 2-18
+/// "preemptions" a QD32 run were counted here with no other load (most likely the host
+/// disk's completion interrupts, ~25 requests each) and held polling off for most of it.
 pub const PREEMPTED_GAP: Duration = Duration::from_micros(500);
 
 /// The first hold-off after a preemption; it doubles while preemptions recur, up to
@@ -43,7 +43,7 @@ const FIRST_HOLD: Duration = Duration::from_millis(20);
 const MAX_HOLD: Duration = Duration::from_secs(1);
 
 /// One queue worker's polling state.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PollWindow {
     /// The largest window (zero: never poll).
     limit: Duration,
@@ -144,8 +144,9 @@ impl PollWindow {
         self.hold = (self.hold * 2).min(MAX_HOLD);
     }
 
-    /// The current window (for tests and logs).
-    pub fn window(&self) -> Duration {
+    /// The current window.
+    #[cfg(test)]
+    fn window(&self) -> Duration {
         self.window
     }
 }
