@@ -55,7 +55,7 @@ fn bzimage_zero_page_layout() {
         memory: RAM,
         vcpus: 2,
     };
-    let ram = GuestRam::create(RAM).expect("ram");
+    let ram = GuestRam::create(RAM, core_vmm::memory::RamBacking::Shmem).expect("ram");
     let setup = boot::load(ram.mem(), RAM, &cfg).expect("load bzImage");
     let _ = std::fs::remove_file(&initrd);
     assert_eq!(setup.format, KernelFormat::BzImage);
@@ -144,7 +144,7 @@ fn vmlinux_pvh_note_is_found() {
         memory: RAM,
         vcpus: 1,
     };
-    let ram = GuestRam::create(RAM).expect("ram");
+    let ram = GuestRam::create(RAM, core_vmm::memory::RamBacking::Shmem).expect("ram");
     let setup = boot::load(ram.mem(), RAM, &cfg).expect("load vmlinux");
     assert_eq!(setup.format, KernelFormat::Elf);
     assert_eq!(setup.entry, EntryMode::Pvh { entry: note_entry });

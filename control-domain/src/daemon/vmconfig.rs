@@ -353,6 +353,10 @@ pub struct VmConfigFile {
     /// Guest RAM (default 256M).
     #[serde(default = "default_memory")]
     pub memory: MemorySetting,
+    /// Guest RAM in 2 MiB pages from the host's hugetlb pool, all taken at create (default
+    /// false; `memory` must then be a multiple of 2 MiB).
+    #[serde(default)]
+    pub hugepages: bool,
     /// Kernel image (ELF with PVH note, or bzImage).
     pub kernel: PathBuf,
     /// Initrd.
@@ -406,6 +410,9 @@ pub struct VmSpec {
     pub vcpus: u8,
     /// RAM bytes.
     pub memory: u64,
+    /// Whether RAM is in huge pages (absent from records and snapshots made before it).
+    #[serde(default)]
+    pub hugepages: bool,
     /// Kernel, absolute.
     pub kernel: PathBuf,
     /// Initrd, absolute.
@@ -506,6 +513,15 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
             ),
         ));
     }
+    if file.hugepages && memory % core_vmm::memory::HUGE_PAGE_SIZE != 0 {
+        return Err(invalid(
+            "memory",
+            format!(
+                "{} KiB is not a multiple of 2 MiB, as hugepages = true needs",
+                memory >> 10
+            ),
+        ));
+    }
     core_vmm::config::validate_machine(memory, vcpus, &file.cmdline)
         .map_err(|e| invalid("memory/cmdline", e.to_string()))?;
     let owner = match &file.owner {
@@ -554,6 +570,7 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
         name: file.name,
         vcpus,
         memory,
+        hugepages: file.hugepages,
         kernel: absolute(config_dir, &file.kernel),
         initrd: file.initrd.as_deref().map(|p| absolute(config_dir, p)),
         cmdline: file.cmdline,
@@ -598,6 +615,28 @@ mod tests {
         assert_eq!(s.memory, 256 << 20);
         assert_eq!(s.kernel, PathBuf::from("/etc/vms/guest.elf"));
         assert_eq!(s.owner, 1000);
+    }
+
+    #[test]
+    fn hugepages_need_whole_2_mib_pages() {
+        let s = parse(BASE, Path::new("/"), 0).expect("default");
+        assert!(!s.hugepages);
+        let s = parse(
+            &format!("{BASE}hugepages = true\nmemory = \"130M\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .expect("130M in huge pages");
+        assert!(s.hugepages);
+        let e = parse(
+            &format!("{BASE}hugepages = true\nmemory = \"129M\"\n"),
+            Path::new("/"),
+            0,
+        )
+        .expect_err("129M");
+        assert!(e.to_string().contains("multiple of 2 MiB"), "{e}");
+        // Without huge pages any whole number of MiB will do.
+        parse(&format!("{BASE}memory = \"129M\"\n"), Path::new("/"), 0).expect("129M");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use core_vmm::config::DEFAULT_MEMORY;
 use core_vmm::devices::FdConsole;
-use core_vmm::memory::{file_from_inherited_fd, GuestRam};
+use core_vmm::memory::{file_from_inherited_fd, GuestRam, RamBacking};
 use core_vmm::vm::{open_kvm, EXIT_BAD_INPUT, EXIT_SETUP_FAILURE};
 use core_vmm::vm::{DeviceBackend, DeviceKind};
 use core_vmm::{parse_memory_size, Vm, VmConfig};
@@ -34,6 +34,11 @@ struct Args {
     /// Guest RAM: 256M, 1G, or a number of MiB.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     memory: String,
+    /// Back guest RAM with 2 MiB pages from the host's hugetlb pool (reserve them first:
+    /// `sysctl vm.nr_hugepages=N`); all are taken at start, and --memory must be a multiple
+    /// of 2 MiB. Backends that map the RAM then move a large guest buffer in few segments.
+    #[arg(long, conflicts_with = "memfd")]
+    hugepages: bool,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u64,
@@ -124,9 +129,17 @@ fn run(args: Args) -> Result<i32, Failure> {
     let kvm = open_kvm(kvm_file).map_err(|e| Failure(e.exit_status(), e.to_string()))?;
     let ram = match memfd {
         Some(f) => GuestRam::from_memfd(f),
-        None => GuestRam::create(config.memory),
+        None => GuestRam::create(
+            config.memory,
+            if args.hugepages {
+                RamBacking::HugePages
+            } else {
+                RamBacking::Shmem
+            },
+        ),
     }
     .map_err(fail(EXIT_SETUP_FAILURE))?;
+    let huge = ram.is_huge();
 
     let stdout = std::io::stdout()
         .as_fd()
@@ -180,14 +193,15 @@ fn run(args: Args) -> Result<i32, Failure> {
     .map_err(|e| Failure(e.exit_status(), e.to_string()))?;
     if let (true, Some(b)) = (args.verbose, vm.boot_setup()) {
         eprintln!(
-            "bulkhead-runner: {} loaded as {:?}, entry {:?}, kernel end {:#x}, initrd {:?}; {} vCPUs, {} MiB",
+            "bulkhead-runner: {} loaded as {:?}, entry {:?}, kernel end {:#x}, initrd {:?}; {} vCPUs, {} MiB{}",
             config.kernel.display(),
             b.format,
             b.entry,
             b.kernel_end,
             b.initrd,
             config.vcpus,
-            config.memory >> 20
+            config.memory >> 20,
+            if huge { " in 2 MiB pages" } else { "" }
         );
     }
     let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();

@@ -166,7 +166,7 @@ impl Daemon {
         let (vm, uids, files) = self.admit(spec, VmState::Restoring)?;
         let name = vm.name.clone();
         // Guest RAM is filled and checked before anything is started.
-        let memfd = match fill_ram(&reader, file, vm.read(|r| r.spec.memory)) {
+        let memfd = match fill_ram(&reader, file, &name, &vm.read(|r| r.spec.clone())) {
             Ok(m) => m,
             Err(e) => {
                 self.vms.remove(&name);
@@ -290,8 +290,13 @@ fn write_file(
 }
 
 /// A fresh guest-RAM memfd holding the snapshot's RAM, each run's checksum checked.
-fn fill_ram(reader: &SnapshotReader, file: &File, size: u64) -> Result<File, Failure> {
-    let memfd = create_guest_memfd(size)
+fn fill_ram(
+    reader: &SnapshotReader,
+    file: &File,
+    vm: &str,
+    spec: &VmSpec,
+) -> Result<File, Failure> {
+    let memfd = create_guest_memfd(vm, spec)
         .map_err(|e| fail(ErrorCode::Internal, format!("guest RAM: {e}")))?;
     let mut map = Mapping::map(&memfd, true)
         .map_err(|e| fail(ErrorCode::Internal, format!("mapping guest RAM: {e}")))?;

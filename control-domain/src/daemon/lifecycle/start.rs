@@ -359,7 +359,7 @@ impl Daemon {
         nic_socks: &[UnixStream],
     ) -> Result<String, String> {
         let spec = vm.read(|r| r.spec.clone());
-        let memfd = create_guest_memfd(spec.memory).map_err(|e| format!("guest RAM: {e}"))?;
+        let memfd = create_guest_memfd(&vm.name, &spec).map_err(|e| format!("guest RAM: {e}"))?;
         let kvm = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -432,15 +432,24 @@ pub(super) fn cpu_template(vm: &str, wanted: &str) -> String {
     t.name.to_string()
 }
 
-/// Creates the guest-RAM memfd, sized and sealed.
-pub(super) fn create_guest_memfd(size: u64) -> std::io::Result<File> {
-    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    let fd = memfd_create(
-        c"bulkhead-guest-ram",
-        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-    )?;
-    let file = File::from(fd);
-    file.set_len(size)?;
-    core_vmm::memory::seal(&file)?;
+/// Creates the guest-RAM memfd of `spec`, sized and sealed (huge pages all allocated).
+pub(super) fn create_guest_memfd(
+    vm: &str,
+    spec: &VmSpec,
+) -> Result<File, core_vmm::memory::MemoryError> {
+    use core_vmm::memory::{create_memfd, RamBacking};
+    let backing = if spec.hugepages {
+        RamBacking::HugePages
+    } else {
+        RamBacking::Shmem
+    };
+    let file = create_memfd(spec.memory, backing)?;
+    if spec.hugepages {
+        log(&format!(
+            "VM '{vm}': guest RAM {} MiB in {} huge pages of 2 MiB",
+            spec.memory >> 20,
+            spec.memory / core_vmm::memory::HUGE_PAGE_SIZE
+        ));
+    }
     Ok(file)
 }
