@@ -130,7 +130,7 @@ pub fn create_memfd(size: u64, backing: RamBacking) -> Result<File, MemoryError>
     let len = i64::try_from(size).map_err(|_| MemoryError::BadMemfd("size too large".into()))?;
     let mut flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
     if backing == RamBacking::HugePages {
-        if size % HUGE_PAGE_SIZE != 0 {
+        if !size.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(MemoryError::NotHugeAligned(size));
         }
         flags |= MemFdCreateFlag::MFD_HUGETLB | MemFdCreateFlag::MFD_HUGE_2MB;
@@ -192,7 +192,7 @@ impl GuestRam {
             return Err(MemoryError::BadMemfd("size is zero".into()));
         }
         let huge = is_huge(&memfd);
-        if huge && size % HUGE_PAGE_SIZE != 0 {
+        if huge && !size.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(MemoryError::NotHugeAligned(size));
         }
         let mut regions = Vec::new();

@@ -513,7 +513,7 @@ pub fn parse(text: &str, config_dir: &Path, creator: u32) -> Result<VmSpec, VmCo
             ),
         ));
     }
-    if file.hugepages && memory % core_vmm::memory::HUGE_PAGE_SIZE != 0 {
+    if file.hugepages && !memory.is_multiple_of(core_vmm::memory::HUGE_PAGE_SIZE) {
         return Err(invalid(
             "memory",
             format!(
