@@ -20,6 +20,11 @@
 #   POLL=US (bulkhead-blk --poll-us: the adaptive polling limit; default: the backend's own,
 #   as bulkheadd uses it; 0 never polls. qsd polls by itself, adaptively up to 32 us)
 #   PIN=1 (for (a) and (b) alike: the VMM process on CPU 0, the backend process on CPU 1)
+#   HUGEPAGES=1 (guest RAM of (a)-(c) in 2 MiB hugetlb pages: bulkhead-runner --hugepages,
+#   QEMU's memory-backend-memfd hugetlb=on; fio's buffers --iomem=shmhuge. As root, the host
+#   pool is raised to what the run needs and put back after. Default: 4 KiB pages, as each
+#   system has them out of the box: shared memfd RAM for (a) and (b), and QEMU's own
+#   anonymous RAM for (c), which gets transparent huge pages where the host allows madvise)
 #   MiB: image size and sequential amount (default 256). CACHE: host caching for all of
 #   (a)-(d) (none = O_DIRECT everywhere; default). The machine is shared: numbers are noisy.
 set -euo pipefail
@@ -31,6 +36,7 @@ engine=${ENGINE:-auto}
 only=${ONLY:-}
 poll=${POLL:-}
 pin=${PIN:-0}
+huge=${HUGEPAGES:-0}
 case "$cache" in none|writeback) ;; *) echo "CACHE must be none or writeback" >&2; exit 2 ;; esac
 for t in qemu-system-x86_64 qemu-storage-daemon fio python3; do
   command -v "$t" >/dev/null || { echo "bench-blk: $t is missing: run scripts/install-deps.sh" >&2; exit 1; }
@@ -39,12 +45,32 @@ export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 cargo build --release -p bulkhead-backends -p bulkhead-core-vmm --bins >&2
 cargo build --release -p bulkhead-tests >&2
 work=$(mktemp -d /var/tmp/bulkhead-bench-blk.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+pool=/proc/sys/vm/nr_hugepages
+pool_was=
+cleanup() {
+  rm -rf "$work"
+  if [ -n "$pool_was" ]; then echo "$pool_was" > "$pool"; fi
+}
+trap cleanup EXIT
+if [ "$huge" = 1 ]; then
+  # 512 MiB of guest RAM, plus fio's buffers (at most 4 MiB in flight) and slack.
+  need=264
+  free=$(( $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages) - $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages) ))
+  if [ "$free" -lt "$need" ]; then
+    [ "$(id -u)" -eq 0 ] || { echo "bench-blk: HUGEPAGES=1 needs $need free 2 MiB pages ($free free): reserve them (sysctl vm.nr_hugepages) or run as root" >&2; exit 1; }
+    pool_was=$(cat "$pool")
+    echo $(( pool_was + need - free )) > "$pool"
+    free=$(( $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages) - $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages) ))
+    [ "$free" -ge "$need" ] || { echo "bench-blk: the kernel gave only $free of $need huge pages (memory fragmented?)" >&2; exit 1; }
+  fi
+fi
 khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
-python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" "$only" "$poll" "$pin" <<'PY'
+python3 - "$PWD" "$work" "$mib" "$reps" "$cache" "$engine" "$khz" "$only" "$poll" "$pin" "$huge" <<'PY'
 import json, os, re, signal, socket, statistics, subprocess, sys, time
 
-root, work, mib, reps, cache, engine, khz, only, poll, pin = sys.argv[1:11]
+root, work, mib, reps, cache, engine, khz, only, poll, pin, huge = sys.argv[1:12]
+huge = huge == "1"
+hugetlb = ",hugetlb=on,hugetlbsize=2M" if huge else ""
 # (a) and (b) are a VMM process plus a backend process: with PIN=1 each gets a CPU of its own.
 vmm_cpu, backend_cpu = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if pin == "1" else ([], [])
 mib, reps = int(mib), int(reps)
@@ -117,7 +143,7 @@ def guest_run(system, tokens):
                                    stdout=subprocess.DEVNULL, stderr=open(f"{work}/blk.log", "a"))
         wait_socket(sock, backend, "bulkhead-blk")
         cmd = vmm_cpu + [f"{bin_}/bulkhead-runner", "--kernel", guest, "--memory", "512M",
-               "--disk-socket", sock, "--cmdline", cmdline]
+               "--disk-socket", sock, "--cmdline", cmdline] + (["--hugepages"] if huge else [])
         vcpu = r"vcpu\d+"
     elif system == "qemu+qsd":
         sock = f"{work}/qsd.sock"
@@ -127,12 +153,14 @@ def guest_run(system, tokens):
             f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={sock},writable=on"],
             stdout=subprocess.DEVNULL, stderr=open(f"{work}/qsd.log", "a"))
         wait_socket(sock, backend, "qemu-storage-daemon")
-        cmd = vmm_cpu + qemu + ["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem",
+        cmd = vmm_cpu + qemu + ["-object", f"memory-backend-memfd,id=mem,size=512M,share=on{hugetlb}", "-numa", "node,memdev=mem",
                       "-chardev", f"socket,id=c0,path={sock}", "-device", "vhost-user-blk-pci,chardev=c0"]
         vcpu = r"CPU \d+/KVM"
     else:
         cmd = qemu + ["-drive", f"file={img},if=none,format=raw,id=d0,cache={cache},aio=io_uring",
                       "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+        if huge:
+            cmd += ["-object", f"memory-backend-memfd,id=mem,size=512M{hugetlb}", "-numa", "node,memdev=mem"]
         vcpu = r"CPU \d+/KVM"
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     snap = lambda: cpu_of(p.pid, vcpu) + (cpu_of(backend.pid) if backend else 0)
@@ -170,7 +198,7 @@ def guest_run(system, tokens):
 def fio_run(opts, nbytes):
     args = ["fio", "--name=bench", f"--filename={img}", "--ioengine=io_uring",
             f"--direct={1 if direct else 0}", f"--size={mib}m", "--output-format=json",
-            "--randrepeat=0"] + opts.split()
+            "--randrepeat=0"] + (["--iomem=shmhuge"] if huge else []) + opts.split()
     if not direct:
         # fio drops the file's page cache before it starts by default: the system run next
         # would then read from the disk what the others read from the cache.
@@ -222,6 +250,8 @@ def ratio(a, b):
 print(f"\nbench-blk: {mib} MiB image, cache={cache}, bulkhead-blk --io-engine {engine} --poll-us {poll or 'default'}, "
       f"{'(a),(b) pinned: VMM CPU 0, backend CPU 1, ' if pin == '1' else ''}"
       f"median of {reps} interleaved runs; tsc-khz={khz}")
+print("guest RAM: " + ("2 MiB hugetlb pages for (a)-(c), fio --iomem=shmhuge" if huge else
+      "4 KiB shared pages for (a) and (b); (c) QEMU's anonymous RAM (THP if the host allows)"))
 print("\nthroughput: MiB/s (sequential) or IOPS (random); (a) bulkhead, (b) QEMU+qsd, "
       "(c) QEMU virtio-blk, (d) host fio")
 print(f"{'pattern':<20} {'(a)':>10} {'(b)':>10} {'(c)':>10} {'(d)':>10} {'a/b':>7} {'a/c':>7} {'a/d':>7}")

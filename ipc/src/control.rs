@@ -280,6 +280,8 @@ pub struct VmInfo {
     pub summary: VmSummary,
     /// Kernel path.
     pub kernel: String,
+    /// Whether guest RAM is in 2 MiB huge pages.
+    pub hugepages: bool,
     /// Initrd path.
     pub initrd: Option<String>,
     /// Command line.

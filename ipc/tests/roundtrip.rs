@@ -170,6 +170,7 @@ fn replies() -> Vec<Reply> {
     let info = VmInfo {
         summary: summary("db", VmState::Paused),
         kernel: "/boot/vmlinuz".into(),
+        hugepages: true,
         initrd: Some("/boot/initrd.img".into()),
         cmdline: "console=ttyS0 quiet".into(),
         runner_uid: Some(60001),

@@ -150,7 +150,16 @@ pub fn info(vm: &VmInfo) -> String {
     field(&mut out, "id", &one(s.id.to_string()));
     field(&mut out, "state", &one(state(&s.state)));
     field(&mut out, "vcpus", &one(s.vcpus.to_string()));
-    field(&mut out, "memory", &one(format!("{} MiB", s.memory_mib)));
+    let pages = if vm.hugepages {
+        " in 2 MiB huge pages"
+    } else {
+        ""
+    };
+    field(
+        &mut out,
+        "memory",
+        &one(format!("{} MiB{pages}", s.memory_mib)),
+    );
     field(&mut out, "owner", &one(format!("uid {}", s.owner)));
     field(
         &mut out,
@@ -269,6 +278,7 @@ database  12  stopped (exit 1)      2        16384   1000     -     00:05
         let vm = VmInfo {
             summary: summary("web", 1, VmState::Paused),
             kernel: "/srv/vmlinux".into(),
+            hugepages: true,
             initrd: None,
             cmdline: "console=ttyS0".into(),
             runner_uid: Some(60001),
@@ -280,7 +290,7 @@ name:       web
 id:         1
 state:      paused
 vcpus:      2
-memory:     512 MiB
+memory:     512 MiB in 2 MiB huge pages
 owner:      uid 1000
 runner pid: 4242
 runner uid: 60001
@@ -300,6 +310,7 @@ nics:       -
         let vm = VmInfo {
             summary: summary("x", 1, VmState::Starting),
             kernel: "k".into(),
+            hugepages: false,
             initrd: Some("i".into()),
             cmdline: String::new(),
             runner_uid: None,

@@ -203,6 +203,7 @@ fn vm_info() -> VmInfo {
     VmInfo {
         summary: summary("web", 1, VmState::Running),
         kernel: "/srv/vmlinux".into(),
+        hugepages: false,
         initrd: Some("/srv/initrd".into()),
         cmdline: "console=ttyS0".into(),
         runner_uid: Some(60001),

@@ -59,6 +59,7 @@ pub fn info(vm: &VmEntry) -> VmInfo {
     VmInfo {
         summary: summary(vm),
         kernel: rec.spec.kernel.display().to_string(),
+        hugepages: rec.spec.hugepages,
         initrd: rec.spec.initrd.as_ref().map(|p| p.display().to_string()),
         cmdline: rec.spec.cmdline.clone(),
         runner_uid: rec.runner_uid,
