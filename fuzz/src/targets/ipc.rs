@@ -303,6 +303,7 @@ pub fn seeds_reply() -> Vec<Vec<u8>> {
             vm: VmInfo {
                 summary: summary(),
                 kernel: "/k".into(),
+                hugepages: false,
                 initrd: Some("/i".into()),
                 cmdline: "console=ttyS0".into(),
                 runner_uid: Some(61000),

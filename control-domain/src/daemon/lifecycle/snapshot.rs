@@ -296,8 +296,8 @@ fn fill_ram(
     vm: &str,
     spec: &VmSpec,
 ) -> Result<File, Failure> {
-    let memfd = create_guest_memfd(vm, spec)
-        .map_err(|e| fail(ErrorCode::Internal, format!("guest RAM: {e}")))?;
+    let memfd =
+        create_guest_memfd(vm, spec).map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
     let mut map = Mapping::map(&memfd, true)
         .map_err(|e| fail(ErrorCode::Internal, format!("mapping guest RAM: {e}")))?;
     let Some(ram) = map.as_mut_slice() else {

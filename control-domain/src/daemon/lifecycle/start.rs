@@ -359,7 +359,7 @@ impl Daemon {
         nic_socks: &[UnixStream],
     ) -> Result<String, String> {
         let spec = vm.read(|r| r.spec.clone());
-        let memfd = create_guest_memfd(&vm.name, &spec).map_err(|e| format!("guest RAM: {e}"))?;
+        let memfd = create_guest_memfd(&vm.name, &spec).map_err(|e| e.to_string())?;
         let kvm = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
