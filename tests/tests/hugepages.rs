@@ -3,7 +3,9 @@
 //! pool streams checksummed writes (`blk-stream`) while its disk backend is killed and
 //! replaced, is saved and restored (the RAM made again of huge pages), and its stream
 //! finishes and verifies; the pool gives the pages back when the VM goes. A pool too short
-//! for the VM, or a size that is not a whole number of pages, is refused at create.
+//! for the VM, or a size that is not a whole number of pages, is refused at create. A VM
+//! holding every free page reboots in place again and again (each boot's RAM given back
+//! before the next is made).
 //!
 //! The tests change a global sysctl (`vm.nr_hugepages`): each holds [`POOL_LOCK`] for its
 //! whole body, and [`HugePool`] puts the sysctl back as it found it.
@@ -418,5 +420,74 @@ fn huge_page_vm_is_refused_when_the_pool_is_short() {
         "a refused VM is not listed: {:?}",
         d.list()
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A guest whose RAM takes every free page of the pool resets itself over and over with
+/// `on_reboot = "restart"`: each boot gets its huge pages again, so the previous boot's RAM
+/// (the daemon's memfd, the runner's and the disk backend's mappings) must be given back
+/// before the next one is made.
+#[test]
+fn huge_page_vm_reboots_in_place_on_an_exact_pool() {
+    let test = "huge_page_vm_reboots_in_place_on_an_exact_pool";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let _serial = POOL_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(_pool) = HugePool::reserve(test, 64) else {
+        return;
+    };
+    let d = Bulkheadd::start("hp-reboot", Some(&runner_uids(69200)), false);
+    let (dir, img) = temp_image("hp-reboot", 8);
+    let name = "hugereboot";
+    let before = free_pages();
+    // Every page there is: a second set cannot be had while the first is held.
+    let pages = available_pages();
+    let extra = format!(
+        "hugepages = true\non_reboot = \"restart\"\n[[disks]]\npath = \"{}\"\nserial = \"reboot\"\n",
+        img.display()
+    );
+    let cfg = d.config_with(
+        name,
+        "blk blk-write=3:0:64 reboot",
+        &format!("{}M", pages * 2),
+        1,
+        &extra,
+    );
+    d.create_config(name, &cfg);
+    let con = d.console(name);
+    assert!(
+        wait_until(STEP, || d
+            .daemon_log()
+            .contains(&format!("VM '{name}' restarted in place (boot 3)"))),
+        "no third boot of a VM holding all {pages} free huge pages ({})\n{}",
+        pool_state(),
+        d.dump()
+    );
+    assert!(
+        d.daemon_log().matches("huge pages of 2 MiB").count() >= 3,
+        "each boot takes its RAM in huge pages\n{}",
+        d.dump()
+    );
+    // The boots seen from here on each write through the disk backend, which maps that
+    // boot's RAM.
+    assert!(
+        wait_until(STEP, || con
+            .stdout
+            .text()
+            .matches("blk-write: 64 sectors ok status 0")
+            .count()
+            >= 2),
+        "two more boots each wrote to the disk\n{}\n{}",
+        con.stdout.text(),
+        d.dump()
+    );
+    assert!(
+        !d.daemon_log().contains("cannot allocate"),
+        "a boot found the pool short\n{}",
+        d.dump()
+    );
+    cli_ok(&d, &["destroy", name], "destroy");
+    wait_pool_back(&d, before, "the rebooting VM was destroyed");
     let _ = std::fs::remove_dir_all(dir);
 }
