@@ -160,13 +160,6 @@ impl Drop for HugePool {
     }
 }
 
-/// `bulkhead ARGS` as root, which must succeed (`what` names the step in a failure).
-fn cli_ok(d: &Bulkheadd, args: &[&str], what: &str) -> Finished {
-    let out = d.cli(args);
-    assert_eq!(out.code, Some(0), "{what}\n{}\n{}", out.dump(), d.dump());
-    out
-}
-
 /// A VM of [`VM_MEMORY`] in huge pages on 2 vCPUs streaming [`PASSES`] passes over sectors
 /// 0..2048 of a two-queue disk on `img`, then verifying them and exiting 0.
 fn huge_stream_config(d: &Bulkheadd, name: &str, img: &Path) -> PathBuf {
@@ -195,7 +188,7 @@ fn assert_pool_holds_the_vm(d: &Bulkheadd, before: u64, when: &str) {
 
 /// Asserts `bulkhead info NAME` says the VM's RAM is in huge pages (`when` names the step).
 fn assert_info_says_huge(d: &Bulkheadd, name: &str, when: &str) {
-    let info = cli_ok(d, &["info", name], "info").stdout;
+    let info = d.cli_ok(&["info", name], "info").stdout;
     assert!(
         info.lines()
             .any(|l| l.starts_with("memory:") && l.contains("256 MiB in 2 MiB huge pages")),
@@ -263,7 +256,7 @@ fn huge_page_vm_streams_through_backend_restart_and_save_restore() {
     // Saved mid-stream (the VM goes, and its pages with it), then restored: its RAM is
     // made of huge pages again.
     let snap = dir.join("huge.snap");
-    let out = cli_ok(&d, &["save", name, snap.to_str().expect("utf-8")], "save");
+    let out = d.cli_ok(&["save", name, snap.to_str().expect("utf-8")], "save");
     assert!(out.stdout.contains("saved"), "{}", out.dump());
     let text = assert_no_io_error(&con);
     assert!(
@@ -282,7 +275,7 @@ fn huge_page_vm_streams_through_backend_restart_and_save_restore() {
         d.dump()
     );
     wait_pool_back(&d, before, "the save");
-    let out = cli_ok(&d, &["restore", snap.to_str().expect("utf-8")], "restore");
+    let out = d.cli_ok(&["restore", snap.to_str().expect("utf-8")], "restore");
     eprintln!("{}", out.stdout.trim());
     let log = d.daemon_log();
     assert_eq!(
@@ -330,7 +323,7 @@ fn huge_page_vm_streams_through_backend_restart_and_save_restore() {
         "every sector holds the last pass"
     );
 
-    cli_ok(&d, &["destroy", name], "destroy");
+    d.cli_ok(&["destroy", name], "destroy");
     wait_pool_back(&d, before, "the destroy");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -487,7 +480,7 @@ fn huge_page_vm_reboots_in_place_on_an_exact_pool() {
         "a boot found the pool short\n{}",
         d.dump()
     );
-    cli_ok(&d, &["destroy", name], "destroy");
+    d.cli_ok(&["destroy", name], "destroy");
     wait_pool_back(&d, before, "the rebooting VM was destroyed");
     let _ = std::fs::remove_dir_all(dir);
 }

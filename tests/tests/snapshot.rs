@@ -48,13 +48,6 @@ fn echo_vm(
     con
 }
 
-/// `bulkhead ARGS` as root, which must succeed (`what` names the step in a failure).
-fn cli_ok(d: &Bulkheadd, args: &[&str], what: &str) -> Finished {
-    let out = d.cli(args);
-    assert_eq!(out.code, Some(0), "{what}\n{}\n{}", out.dump(), d.dump());
-    out
-}
-
 /// The guest RAM a snapshot holds: its size, bytes written, and the CRC-32 of all of it.
 fn snapshot_ram(path: &Path) -> (u64, u64, u32) {
     let f = std::fs::File::open(path).expect("snapshot");
@@ -118,7 +111,7 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
         d.dump()
     );
     let snap = dir.join("vm.snap");
-    let out = cli_ok(&d, &["save", &name, snap.to_str().expect("utf-8")], "save");
+    let out = d.cli_ok(&["save", &name, snap.to_str().expect("utf-8")], "save");
     assert!(out.stdout.contains("saved"), "{}", out.dump());
     let before = assert_no_io_error(&con);
     assert!(
@@ -142,7 +135,7 @@ fn stream_survives(test: &str, tag: &str, uid_base: u32, vcpus: u32, queues: u32
         "the snapshot is sparse: {written} of {memory} bytes written, file {size}"
     );
 
-    let out = cli_ok(&d, &["restore", snap.to_str().expect("utf-8")], "restore");
+    let out = d.cli_ok(&["restore", snap.to_str().expect("utf-8")], "restore");
     eprintln!("{}", out.stdout.trim());
     let con = d.console(&name);
     assert!(
@@ -206,30 +199,28 @@ fn paused_vm_saved_twice_gives_the_same_ram() {
     let (dir, img) = temp_image("s3", 8);
     let name = "snaptwice";
     let _con = echo_vm(&d, name, &img, "", "fill=16 blk echo", 2);
-    cli_ok(&d, &["pause", name], "pause");
+    d.cli_ok(&["pause", name], "pause");
     let first = dir.join("first.snap");
     let second = dir.join("second.snap");
-    cli_ok(&d, &["save", name, first.to_str().expect("utf-8")], "save");
-    cli_ok(&d, &["restore", first.to_str().expect("utf-8")], "restore");
+    d.cli_ok(&["save", name, first.to_str().expect("utf-8")], "save");
+    d.cli_ok(&["restore", first.to_str().expect("utf-8")], "restore");
     assert!(
         d.row(name).is_some_and(|r| r.contains("paused")),
         "a VM saved paused is restored paused: {:?}",
         d.row(name)
     );
-    cli_ok(
-        &d,
+    d.cli_ok(
         &["save", name, second.to_str().expect("utf-8")],
         "save again",
     );
     let a = snapshot_ram(&first);
     let b = snapshot_ram(&second);
     assert_eq!(a, b, "both snapshots hold the same guest RAM");
-    cli_ok(
-        &d,
+    d.cli_ok(
         &["restore", second.to_str().expect("utf-8")],
         "restore again",
     );
-    cli_ok(&d, &["unpause", name], "unpause");
+    d.cli_ok(&["unpause", name], "unpause");
     // The guest echoes serial input: it runs again.
     let mut con = d.console(name);
     con.send(b"still here\r");
@@ -256,7 +247,7 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     let name = "snapbad";
     let _con = echo_vm(&d, name, &img, "", "fill=4 blk echo", 1);
     let good = dir.join("good.snap");
-    cli_ok(&d, &["save", name, good.to_str().expect("utf-8")], "save");
+    d.cli_ok(&["save", name, good.to_str().expect("utf-8")], "save");
     let bytes = std::fs::read(&good).expect("snapshot");
     let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
@@ -322,7 +313,7 @@ fn bad_snapshots_are_refused_and_change_nothing() {
         );
     }
     // The good one still restores.
-    cli_ok(&d, &["restore", good.to_str().expect("utf-8")], "restore");
+    d.cli_ok(&["restore", good.to_str().expect("utf-8")], "restore");
     let _ = d.cli(&["destroy", name]);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -349,8 +340,7 @@ fn keep_running_save_and_restore_under_a_new_name() {
         d.dump()
     );
     let snap = dir.join("keep.snap");
-    let out = cli_ok(
-        &d,
+    let out = d.cli_ok(
         &[
             "save",
             "--keep-running",
@@ -367,8 +357,7 @@ fn keep_running_save_and_restore_under_a_new_name() {
     finishes_and_verifies(&d, &con, name);
     let _ = d.cli(&["destroy", name]);
 
-    cli_ok(
-        &d,
+    d.cli_ok(
         &[
             "restore",
             "--name",
@@ -500,7 +489,7 @@ fn restore_after_the_disk_backend_binary_was_upgraded() {
         d.dump()
     );
     let snap = dir.join("upg.snap");
-    cli_ok(&d, &["save", name, snap.to_str().expect("utf-8")], "save");
+    d.cli_ok(&["save", name, snap.to_str().expect("utf-8")], "save");
     let new_blk = dir.join("bulkhead-blk.new");
     let release = bin("bulkhead-blk")
         .parent()
@@ -516,7 +505,7 @@ fn restore_after_the_disk_backend_binary_was_upgraded() {
     d.terminate();
     d.extra_args = vec!["--blk".into(), new_blk.display().to_string()];
     d.launch();
-    cli_ok(&d, &["restore", snap.to_str().expect("utf-8")], "restore");
+    d.cli_ok(&["restore", snap.to_str().expect("utf-8")], "restore");
     let info = d.cli(&["info", name]).stdout;
     assert!(
         info.contains("bulkhead-blk.new"),
@@ -589,8 +578,8 @@ fn nic_echoes_udp_after_save_and_restore() {
     let dir = std::env::temp_dir().join(format!("bulkhead-snapnet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let snap = dir.join("net.snap");
-    cli_ok(&d, &["save", name, snap.to_str().expect("utf-8")], "save");
-    cli_ok(&d, &["restore", snap.to_str().expect("utf-8")], "restore");
+    d.cli_ok(&["save", name, snap.to_str().expect("utf-8")], "save");
+    d.cli_ok(&["restore", snap.to_str().expect("utf-8")], "restore");
     let before = echoes(&client);
     assert!(
         wait_until(Duration::from_secs(30), || echoes(&client) > before + 20),

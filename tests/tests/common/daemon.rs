@@ -295,6 +295,13 @@ impl Bulkheadd {
         run_complete(self.cli_cmd(args), CLI)
     }
 
+    /// `bulkhead ARGS` as root, which must succeed (`what` names the step in a failure).
+    pub fn cli_ok(&self, args: &[&str], what: &str) -> Finished {
+        let out = self.cli(args);
+        assert_eq!(out.code, Some(0), "{what}\n{}\n{}", out.dump(), self.dump());
+        out
+    }
+
     /// The CLI as `uid` (gid = uid, no supplementary groups).
     pub fn cli_as(&self, uid: u32, args: &[&str]) -> Finished {
         let mut c = self.cli_cmd(args);
