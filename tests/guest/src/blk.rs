@@ -107,6 +107,8 @@ struct Opts {
     rand_area: (u64, u64),
     /// `blk-nohash`: blk-write= and blk-read= skip the checksum (benchmarks).
     nohash: bool,
+    /// `blk-nogen`: blk-write= fills each buffer slot once (benchmarks).
+    nogen: bool,
 }
 
 /// One virtio-blk device and its driver state.
@@ -130,6 +132,8 @@ pub struct Disk {
     ms: u64,
     /// `blk-nohash`: stream() does not checksum the data.
     nohash: bool,
+    /// `blk-nogen`: stream() writes a slot's buffer as first filled, not each LBA's pattern.
+    nogen: bool,
 }
 
 impl Disk {
@@ -153,6 +157,7 @@ impl Disk {
             ready: false,
             ms: tsc_per_ms(),
             nohash: false,
+            nogen: false,
         }
     }
 
@@ -457,6 +462,8 @@ impl Disk {
         let mut next = start;
         let mut pat = [0u64; 64];
         let mut dirty = 0u32;
+        // blk-nogen: the slots whose buffer has been filled once.
+        let mut filled = 0u32;
         loop {
             while sub - ret < nslots && next < end {
                 let q = (sub % self.nq as u64) as usize;
@@ -466,7 +473,10 @@ impl Disk {
                 let n = req_sectors.min(end - next);
                 let buf = mem.0 + (sub % nslots) * req_bytes;
                 let write = matches!(mode, Mode::Write(_));
-                if let Mode::Write(seed) = mode {
+                let slot = (sub % nslots) as u32;
+                let fill = !(self.nogen && filled & (1 << slot) != 0);
+                filled |= 1 << slot;
+                if let (Mode::Write(seed), true) = (mode, fill) {
                     for i in 0..n {
                         gen_sector(seed, next + i, &mut pat);
                         let a = buf + i * SECTOR;
@@ -864,6 +874,10 @@ fn parse_opts(cmdline: &str) -> Opts {
             o.event_idx = true;
         } else if tok == "blk-nohash" {
             o.nohash = true;
+        } else if tok == "blk-nogen" {
+            // What is written is no longer a function of the range: no checksum either.
+            o.nogen = true;
+            o.nohash = true;
         } else if let Some(v) = tok.strip_prefix("blk-disk=") {
             if let Some(v) = parse_u64(v) {
                 o.disk = v as usize;
@@ -1026,6 +1040,7 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             continue;
         };
         d.nohash = o.nohash;
+        d.nogen = o.nogen;
         if tok == "blk-id" {
             let st = d.get_id();
             if st != 0 {
