@@ -1126,7 +1126,15 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             println!("blk-write: {} sectors ok status {}", r.ok_sectors, r.status);
             print_checksum(d.nohash, r.hash.value());
             let rb = req_sectors * SECTOR;
-            d.perf("write", rb, r.depth, count.div_ceil(req_sectors), count * SECTOR, ticks, None);
+            d.perf(
+                "write",
+                rb,
+                r.depth,
+                count.div_ceil(req_sectors),
+                count * SECTOR,
+                ticks,
+                None,
+            );
         } else if let Some(v) = tok.strip_prefix("blk-read=") {
             let Some((start, count)) = parse2(v) else {
                 continue;
@@ -1145,7 +1153,15 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             print_checksum(d.nohash, r.hash.value());
             println!("blk-read: {} sectors ok status {}", r.ok_sectors, r.status);
             let rb = req_sectors * SECTOR;
-            d.perf("read", rb, r.depth, count.div_ceil(req_sectors), count * SECTOR, ticks, None);
+            d.perf(
+                "read",
+                rb,
+                r.depth,
+                count.div_ceil(req_sectors),
+                count * SECTOR,
+                ticks,
+                None,
+            );
         } else if let Some(v) = tok.strip_prefix("blk-stream=") {
             let Some((seed, start, count, passes)) = parse4(v) else {
                 continue;
