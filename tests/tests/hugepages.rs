@@ -5,7 +5,7 @@
 //! finishes and verifies; the pool gives the pages back when the VM goes. A pool too short
 //! for the VM, or a size that is not a whole number of pages, is refused at create. A VM
 //! holding every free page reboots in place again and again (each boot's RAM given back
-//! before the next is made).
+//! before the next is made). A policy with `limits.hugepages = false` refuses them all.
 //!
 //! The tests change a global sysctl (`vm.nr_hugepages`): each holds [`POOL_LOCK`] for its
 //! whole body, and [`HugePool`] puts the sysctl back as it found it.
@@ -483,4 +483,33 @@ fn huge_page_vm_reboots_in_place_on_an_exact_pool() {
     d.cli_ok(&["destroy", name], "destroy");
     wait_pool_back(&d, before, "the rebooting VM was destroyed");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A policy with `[limits] hugepages = false` refuses a VM that asks for huge pages (status
+/// 3, naming the rule) before anything is started, and still creates one that does not.
+#[test]
+fn huge_pages_can_be_refused_by_policy() {
+    let test = "huge_pages_can_be_refused_by_policy";
+    if !root_available(test) || !kvm_available(test) {
+        return;
+    }
+    let policy = format!("[limits]\nhugepages = false\n{}", runner_uids(69300));
+    let d = Bulkheadd::start("hp-policy", Some(&policy), false);
+    let cfg = d.config_with("hugedenied", "echo", "128M", 1, "hugepages = true\n");
+    let out = d.cli(&["create", cfg.to_str().expect("utf-8")]);
+    assert_eq!(out.code, Some(3), "{}\n{}", out.dump(), d.dump());
+    assert!(
+        out.stderr.contains("denied by rule 'limits.hugepages'"),
+        "{}",
+        out.dump()
+    );
+    assert!(d.list().is_empty(), "{:?}", d.list());
+    assert!(
+        !d.daemon_log().contains("huge pages of 2 MiB"),
+        "no RAM was made for the refused VM\n{}",
+        d.dump()
+    );
+    let cfg = d.config_with("small", "echo", "128M", 1, "");
+    d.create_config("small", &cfg);
+    d.cli_ok(&["destroy", "small"], "destroy");
 }

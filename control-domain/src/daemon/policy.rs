@@ -90,6 +90,7 @@ struct LimitsFile {
     default_disk_iops: Option<u64>,
     default_nic_bandwidth: Option<ByteSize>,
     default_nic_pps: Option<u64>,
+    hugepages: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +119,8 @@ pub struct DomainPolicy {
     pub max_memory: u64,
     /// RAM of all live VMs together, bytes.
     pub host_memory: u64,
+    /// Whether a VM may take its RAM from the host's hugetlb pool (`limits.hugepages`).
+    pub hugepages: bool,
     /// Image files must lie under one of these directories.
     pub image_dirs: Vec<PathBuf>,
     /// First uid (and gid) given to runners.
@@ -214,6 +217,7 @@ impl DomainPolicy {
             max_vcpus: MAX_VCPUS,
             max_memory: host,
             host_memory: host,
+            hugepages: true,
             image_dirs: vec![PathBuf::from("/")],
             runner_uid_base: 61000,
             runner_uid_count: 1000,
@@ -268,6 +272,9 @@ impl DomainPolicy {
         }
         if let Some(m) = &f.limits.host_memory {
             p.host_memory = parse_memory_size(m).map_err(|e| format!("limits.host_memory: {e}"))?;
+        }
+        if let Some(h) = f.limits.hugepages {
+            p.hugepages = h;
         }
         let size = |v: &Option<ByteSize>, key: &str| {
             v.as_ref()
@@ -450,6 +457,15 @@ impl DomainPolicy {
         Ok(())
     }
 
+    /// May a VM take its RAM from the host's hugetlb pool (`hugepages = true`)?
+    pub fn check_hugepages(&self) -> Result<(), String> {
+        if self.hugepages {
+            Ok(())
+        } else {
+            Err("denied by rule 'limits.hugepages': this host gives no VM huge pages; remove hugepages = true from the VM config".into())
+        }
+    }
+
     /// May VM `vm` join network `net`?
     pub fn check_network(&self, vm: &str, net: &str) -> Result<&NetworkPolicy, String> {
         let n = self.networks.get(net).ok_or_else(|| {
@@ -593,6 +609,15 @@ mod tests {
             .check_limits(1, 512 << 20, 600 << 20)
             .unwrap_err()
             .contains("limits.host_memory"));
+        assert!(
+            p.check_hugepages().is_ok(),
+            "huge pages are allowed by default"
+        );
+        let no = DomainPolicy::parse("[limits]\nhugepages = false\n").expect("parse");
+        assert!(no
+            .check_hugepages()
+            .unwrap_err()
+            .contains("limits.hugepages"));
         assert!(DomainPolicy::parse("[limits]\nbogus = 1\n")
             .unwrap_err()
             .contains("bogus"));

@@ -136,6 +136,9 @@ impl Daemon {
             self.policy
                 .check_limits(spec.vcpus, spec.memory, in_use)
                 .map_err(denied)?;
+            if spec.hugepages {
+                self.policy.check_hugepages().map_err(denied)?;
+            }
             let id = vms.iter().map(|v| v.read(|r| r.id)).max().unwrap_or(0) + 1;
             let mut used: Vec<u32> = Vec::new();
             for v in &live {
