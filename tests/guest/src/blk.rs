@@ -161,6 +161,21 @@ impl Disk {
         }
     }
 
+    /// The `blk-perf:` line of a blk-write= or blk-read= of `count` sectors in requests of
+    /// `req_sectors`, `depth` in flight, that took `ticks`.
+    fn stream_perf(&self, mode: &str, req_sectors: u64, depth: usize, count: u64, ticks: u64) {
+        let requests = count.div_ceil(req_sectors);
+        self.perf(
+            mode,
+            req_sectors * SECTOR,
+            depth,
+            requests,
+            count * SECTOR,
+            ticks,
+            None,
+        );
+    }
+
     fn bdf(&self) -> Bdf {
         self.t.pci.bdf
     }
@@ -1125,16 +1140,7 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             failed |= r.status != 0 || r.ok_sectors != count;
             println!("blk-write: {} sectors ok status {}", r.ok_sectors, r.status);
             print_checksum(d.nohash, r.hash.value());
-            let rb = req_sectors * SECTOR;
-            d.perf(
-                "write",
-                rb,
-                r.depth,
-                count.div_ceil(req_sectors),
-                count * SECTOR,
-                ticks,
-                None,
-            );
+            d.stream_perf("write", req_sectors, r.depth, count, ticks);
         } else if let Some(v) = tok.strip_prefix("blk-read=") {
             let Some((start, count)) = parse2(v) else {
                 continue;
@@ -1152,16 +1158,7 @@ pub fn run(si: &StartInfo, cmdline: &str) -> bool {
             failed |= r.status != 0 || r.ok_sectors != count;
             print_checksum(d.nohash, r.hash.value());
             println!("blk-read: {} sectors ok status {}", r.ok_sectors, r.status);
-            let rb = req_sectors * SECTOR;
-            d.perf(
-                "read",
-                rb,
-                r.depth,
-                count.div_ceil(req_sectors),
-                count * SECTOR,
-                ticks,
-                None,
-            );
+            d.stream_perf("read", req_sectors, r.depth, count, ticks);
         } else if let Some(v) = tok.strip_prefix("blk-stream=") {
             let Some((seed, start, count, passes)) = parse4(v) else {
                 continue;
