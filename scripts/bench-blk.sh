@@ -53,15 +53,20 @@ cleanup() {
   if [ -n "$pool_was" ]; then echo "$pool_was" > "$pool"; fi
 }
 trap cleanup EXIT
+# 2 MiB pages free in the host's pool and not yet promised to a mapping.
+pool_free() {
+  local p=/sys/kernel/mm/hugepages/hugepages-2048kB
+  echo $(( $(cat "$p/free_hugepages") - $(cat "$p/resv_hugepages") ))
+}
 if [ "$huge" = 1 ]; then
   # 512 MiB of guest RAM, plus fio's buffers (at most 4 MiB in flight) and slack.
   need=264
-  free=$(( $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages) - $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages) ))
+  free=$(pool_free)
   if [ "$free" -lt "$need" ]; then
     [ "$(id -u)" -eq 0 ] || { echo "bench-blk: HUGEPAGES=1 needs $need free 2 MiB pages ($free free): reserve them (sysctl vm.nr_hugepages) or run as root" >&2; exit 1; }
     pool_was=$(cat "$pool")
     echo $(( pool_was + need - free )) > "$pool"
-    free=$(( $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages) - $(cat /sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages) ))
+    free=$(pool_free)
     [ "$free" -ge "$need" ] || { echo "bench-blk: the kernel gave only $free of $need huge pages (memory fragmented?)" >&2; exit 1; }
   fi
 fi

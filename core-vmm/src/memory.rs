@@ -113,6 +113,17 @@ pub enum RamBacking {
     HugePages,
 }
 
+impl RamBacking {
+    /// [`RamBacking::HugePages`] if `huge`, else [`RamBacking::Shmem`] (a config's flag).
+    pub fn huge_if(huge: bool) -> Self {
+        if huge {
+            RamBacking::HugePages
+        } else {
+            RamBacking::Shmem
+        }
+    }
+}
+
 /// Free 2 MiB pages in the host's pool that no mapping has reserved yet.
 pub fn free_huge_pages() -> std::io::Result<u64> {
     let read = |name: &str| -> std::io::Result<u64> {
@@ -243,11 +254,6 @@ impl GuestRam {
     /// RAM size in bytes.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// Whether the RAM is in huge pages from the host's hugetlb pool.
-    pub fn is_huge(&self) -> bool {
-        is_huge(&self.memfd)
     }
 
     /// The memfd (to share with backends or the control domain).

@@ -7,8 +7,8 @@
 //! holding every free page reboots in place again and again (each boot's RAM given back
 //! before the next is made). A policy with `limits.hugepages = false` refuses them all.
 //!
-//! The tests change a global sysctl (`vm.nr_hugepages`): each holds [`POOL_LOCK`] for its
-//! whole body, and [`HugePool`] puts the sysctl back as it found it.
+//! The tests change a global sysctl (`vm.nr_hugepages`): each holds a [`HugePool`] for its
+//! whole body, which takes [`POOL_LOCK`] and puts the sysctl back as it found it.
 
 mod common;
 #[path = "common/daemon.rs"]
@@ -17,7 +17,7 @@ mod daemon;
 mod stream;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::*;
@@ -90,12 +90,15 @@ fn wait_pool_back(d: &Bulkheadd, pages: u64, after: &str) {
     );
 }
 
-/// `vm.nr_hugepages` raised for one test and put back as it was when dropped.
+/// `vm.nr_hugepages` raised for one test and put back as it was when dropped; holds
+/// [`POOL_LOCK`] meanwhile, so the tests here take turns with the pool.
 struct HugePool {
     /// `vm.nr_hugepages` before the test.
     original: u64,
     /// What it read after the test raised it (None: left alone).
     set: Option<u64>,
+    /// Released after `drop` has put the sysctl back.
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl HugePool {
@@ -107,10 +110,12 @@ impl HugePool {
             eprintln!("\n*** SKIP: {test}: this host has no 2 MiB hugetlb pool ({POOL}) ***\n");
             return None;
         }
+        let turn = POOL_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
         let original = read_count(NR_HUGEPAGES);
         let mut guard = HugePool {
             original,
             set: None,
+            _turn: turn,
         };
         if pages == 0 {
             return Some(guard);
@@ -204,7 +209,6 @@ fn huge_page_vm_streams_through_backend_restart_and_save_restore() {
     if !root_available(test) || !kvm_available(test) {
         return;
     }
-    let _serial = POOL_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     // Declared before the daemon, so dropped after it: the VM's pages are given back (or
     // at least on their way) before the sysctl is put back.
     let Some(_pool) = HugePool::reserve(test, VM_PAGES) else {
@@ -337,7 +341,6 @@ fn huge_page_vm_is_refused_when_the_pool_is_short() {
     if !root_available(test) || !kvm_available(test) {
         return;
     }
-    let _serial = POOL_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     // Nothing reserved: the VM asks for 64 pages more than the pool could give.
     let Some(_pool) = HugePool::reserve(test, 0) else {
         return;
@@ -426,7 +429,6 @@ fn huge_page_vm_reboots_in_place_on_an_exact_pool() {
     if !root_available(test) || !kvm_available(test) {
         return;
     }
-    let _serial = POOL_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let Some(_pool) = HugePool::reserve(test, 64) else {
         return;
     };

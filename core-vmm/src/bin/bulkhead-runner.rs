@@ -129,17 +129,9 @@ fn run(args: Args) -> Result<i32, Failure> {
     let kvm = open_kvm(kvm_file).map_err(|e| Failure(e.exit_status(), e.to_string()))?;
     let ram = match memfd {
         Some(f) => GuestRam::from_memfd(f),
-        None => GuestRam::create(
-            config.memory,
-            if args.hugepages {
-                RamBacking::HugePages
-            } else {
-                RamBacking::Shmem
-            },
-        ),
+        None => GuestRam::create(config.memory, RamBacking::huge_if(args.hugepages)),
     }
     .map_err(fail(EXIT_SETUP_FAILURE))?;
-    let huge = ram.is_huge();
 
     let stdout = std::io::stdout()
         .as_fd()
@@ -201,7 +193,7 @@ fn run(args: Args) -> Result<i32, Failure> {
             b.initrd,
             config.vcpus,
             config.memory >> 20,
-            if huge { " in 2 MiB pages" } else { "" }
+            if args.hugepages { " in 2 MiB pages" } else { "" }
         );
     }
     let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();

@@ -486,9 +486,9 @@ impl Disk {
                     break;
                 }
                 let n = req_sectors.min(end - next);
-                let buf = mem.0 + (sub % nslots) * req_bytes;
+                let slot = sub % nslots;
+                let buf = mem.0 + slot * req_bytes;
                 let write = matches!(mode, Mode::Write(_));
-                let slot = (sub % nslots) as u32;
                 let fill = !(self.nogen && filled & (1 << slot) != 0);
                 filled |= 1 << slot;
                 if let (Mode::Write(seed), true) = (mode, fill) {

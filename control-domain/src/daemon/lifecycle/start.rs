@@ -438,12 +438,7 @@ pub(super) fn create_guest_memfd(
     spec: &VmSpec,
 ) -> Result<File, core_vmm::memory::MemoryError> {
     use core_vmm::memory::{create_memfd, RamBacking};
-    let backing = if spec.hugepages {
-        RamBacking::HugePages
-    } else {
-        RamBacking::Shmem
-    };
-    let file = create_memfd(spec.memory, backing)?;
+    let file = create_memfd(spec.memory, RamBacking::huge_if(spec.hugepages))?;
     if spec.hugepages {
         log(&format!(
             "VM '{vm}': guest RAM {} MiB in {} huge pages of 2 MiB",
