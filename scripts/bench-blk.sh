@@ -7,10 +7,12 @@
 # (blk-rand=/blk-rand-write=). The sequential patterns skip the guest's checksum
 # (blk-nohash): its byte-wise FNV-1a capped every VMM at ~650 MiB/s from a RAM-backed image
 # (the tests verify the data; this measures the path), and the writes fill each guest
-# buffer once (blk-nogen), as fio fills its buffers, rather than make each sector's pattern. Every number comes from the guest's own `blk-perf:` line
-# (TSC-timed, tsc-khz= from the host), so VMM start-up is not counted. Runs are interleaved:
-# for each repetition, for each pattern, each system in turn; the table shows medians of
-# REPS repetitions and the ratios of (a) to the others.
+# buffer once (blk-nogen), as fio fills its buffers, rather than make each sector's
+# pattern. Every number comes from the guest's own `blk-perf:` line (TSC-timed, tsc-khz=
+# from the host), so VMM start-up is not counted. Runs are interleaved: for each
+# repetition, for each pattern, each system in turn (each repetition starting with the next
+# system, so none always follows the previous pattern); the table shows medians of REPS
+# repetitions and the ratios of (a) to the others.
 #
 # CPU: for each run, the CPU time the VMM process (minus its vCPU threads, which spin in the
 # polling guest) and the backend process used between the guest's disk init and the end of
@@ -229,7 +231,11 @@ def fio_run(opts, nbytes):
 results = {(p[0], s): [] for p in PATTERNS for s in SYSTEMS}
 for rep in range(reps):
     for name, tokens, fio_opts, nbytes in PATTERNS:
-        for system in SYSTEMS:
+        # Each repetition starts with another system: the first after a pattern change may
+        # meet the disk still busy with what came before (a write's flush, say). With a
+        # fixed order, (a) read 1M after the 1M writes and trailed qsd in two huge-page
+        # runs, though it led in alternating pairs run alone.
+        for system in SYSTEMS[rep % len(SYSTEMS):] + SYSTEMS[:rep % len(SYSTEMS)]:
             r = fio_run(fio_opts, nbytes) if system == "host fio" else guest_run(system, tokens)
             if r is None:
                 print(f"bench-blk: rep {rep + 1} {name} {system}: failed", file=sys.stderr)

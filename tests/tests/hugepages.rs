@@ -121,8 +121,11 @@ impl HugePool {
             return Some(guard);
         }
         let want = original + pages;
-        std::fs::write(NR_HUGEPAGES, want.to_string())
-            .unwrap_or_else(|e| panic!("{test}: write {want} to {NR_HUGEPAGES}: {e}"));
+        if let Err(e) = std::fs::write(NR_HUGEPAGES, want.to_string()) {
+            // A read-only /proc/sys (a container) leaves the pool to the host's admin.
+            eprintln!("\n*** SKIP: {test}: cannot write {want} to {NR_HUGEPAGES}: {e} ***\n");
+            return None;
+        }
         guard.set = Some(read_count(NR_HUGEPAGES));
         let available = available_pages();
         if available < pages {
