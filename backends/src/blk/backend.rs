@@ -352,6 +352,10 @@ impl BlkBackend {
         let epoch = self.inner.inflight.epoch();
         if track.epoch != epoch {
             track.epoch = epoch;
+            // A new connection or activation: the frontend may have handed a new kick fd.
+            if let Some(w) = track.waiter.as_mut() {
+                w.forget_kick();
+            }
             track.region = self.inner.inflight.region();
             track.counter = 0;
             if let Some(region) = track.region.clone() {
@@ -669,13 +673,10 @@ impl BlkBackend {
             }
             kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
         }
+        // A kick that ends the sleep is left unread: vhost-user-backend's loop reads it
+        // (see `waiter`), and then finds this queue with nothing new, once.
         match waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS) {
-            Ok(true) => {
-                if let Some(k) = vring.get_ref().get_kick() {
-                    let _ = k.consume();
-                }
-            }
-            Ok(false) => {}
+            Ok(_) => {}
             Err(e) => {
                 eprintln!("bulkhead-blk: waiting for I/O failed ({e}); blocking in the engine from now on");
                 track.waiter = None;
