@@ -61,9 +61,10 @@ fn free_pages() -> u64 {
     pool("free_hugepages")
 }
 
-/// Free pages no mapping has reserved yet: what a new VM can take.
+/// Free pages no mapping has reserved yet: what a new VM can take (the count the control
+/// domain's refusal gives).
 fn available_pages() -> u64 {
-    free_pages().saturating_sub(pool("resv_hugepages"))
+    core_vmm::memory::free_huge_pages().unwrap_or_else(|e| panic!("{POOL}: {e}"))
 }
 
 /// The pool in words, for failure reports.
@@ -202,6 +203,27 @@ fn assert_info_says_huge(d: &Bulkheadd, name: &str, when: &str) {
             .any(|l| l.starts_with("memory:") && l.contains("256 MiB in 2 MiB huge pages")),
         "{when}: info does not say '256 MiB in 2 MiB huge pages'\n{info}"
     );
+}
+
+/// Creates VM `name` from `cfg`, which must be refused (`why` says what is wrong with it)
+/// and leave no VM listed; returns what the CLI said, stdout and stderr.
+fn assert_create_refused(d: &Bulkheadd, name: &str, cfg: &Path, why: &str) -> Finished {
+    let out = d.cli(&["create", cfg.to_str().expect("utf-8")]);
+    assert_ne!(
+        out.code,
+        Some(0),
+        "{why}, and yet it is created ({})\n{}\n{}",
+        pool_state(),
+        out.dump(),
+        d.dump()
+    );
+    assert!(
+        d.vm(name).is_none(),
+        "a refused VM is not listed: {:?}\n{}",
+        d.list(),
+        d.dump()
+    );
+    out
 }
 
 /// A guest whose RAM is 128 huge pages streams writes through a kill of its disk backend
@@ -359,16 +381,13 @@ fn huge_page_vm_is_refused_when_the_pool_is_short() {
         img.display()
     );
     let cfg = d.config_with(name, "echo", &format!("{}M", pages * 2), 1, &extra);
-    let out = d.cli(&["create", cfg.to_str().expect("utf-8")]);
-    let said = format!("{}{}", out.stdout, out.stderr);
-    assert_ne!(
-        out.code,
-        Some(0),
-        "a VM of {pages} huge pages is created from a pool of {before} free ({})\n{}\n{}",
-        pool_state(),
-        out.dump(),
-        d.dump()
+    let out = assert_create_refused(
+        &d,
+        name,
+        &cfg,
+        &format!("a VM of {pages} huge pages does not fit a pool of {before} free"),
     );
+    let said = format!("{}{}", out.stdout, out.stderr);
     eprintln!("refused as it should be: {}", said.trim());
     for needle in [
         format!("cannot allocate {pages} huge pages of 2 MiB"),
@@ -383,12 +402,6 @@ fn huge_page_vm_is_refused_when_the_pool_is_short() {
             d.dump()
         );
     }
-    assert!(
-        d.vm(name).is_none(),
-        "a refused VM is not listed: {:?}\n{}",
-        d.list(),
-        d.dump()
-    );
     // Its disk backend, started before the RAM was made, is gone too.
     assert!(
         wait_until(STEP, || d.disk_backends(name, 0).is_empty()),
@@ -401,23 +414,11 @@ fn huge_page_vm_is_refused_when_the_pool_is_short() {
     // 129 MiB is not a whole number of 2 MiB pages.
     let odd = "hugeodd";
     let cfg = d.config_with(odd, "echo", "129M", 1, "hugepages = true\n");
-    let out = d.cli(&["create", cfg.to_str().expect("utf-8")]);
-    assert_ne!(
-        out.code,
-        Some(0),
-        "129M in huge pages is created\n{}\n{}",
-        out.dump(),
-        d.dump()
-    );
+    let out = assert_create_refused(&d, odd, &cfg, "129M is no whole number of huge pages");
     assert!(
         format!("{}{}", out.stdout, out.stderr).contains("multiple of 2 MiB"),
         "the refusal of 129M does not say 'multiple of 2 MiB'\n{}",
         out.dump()
-    );
-    assert!(
-        d.vm(odd).is_none(),
-        "a refused VM is not listed: {:?}",
-        d.list()
     );
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -501,7 +502,7 @@ fn huge_pages_can_be_refused_by_policy() {
     let policy = format!("[limits]\nhugepages = false\n{}", runner_uids(69300));
     let d = Bulkheadd::start("hp-policy", Some(&policy), false);
     let cfg = d.config_with("hugedenied", "echo", "128M", 1, "hugepages = true\n");
-    let out = d.cli(&["create", cfg.to_str().expect("utf-8")]);
+    let out = assert_create_refused(&d, "hugedenied", &cfg, "the policy allows no huge pages");
     assert_eq!(out.code, Some(3), "{}\n{}", out.dump(), d.dump());
     assert!(
         out.stderr.contains("denied by rule 'limits.hugepages'"),

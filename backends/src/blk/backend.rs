@@ -36,7 +36,7 @@ use super::poll::{HostLoad, PollWindow, PREEMPTED_GAP};
 use super::request::{
     begin, chain_at, process_descriptors, IoOp, IoRequest, Started, Target, ID_LEN,
 };
-use super::stats::Stats;
+use super::stats::{bump, Stats};
 use super::waiter::IoWaiter;
 use crate::inflight::{InflightRegion, InflightSlot, Takeover};
 use crate::ratelimit::Limiter;
@@ -268,10 +268,7 @@ impl BlkBackend {
             return false;
         }
         if self.host_contended(start) {
-            self.inner
-                .stats
-                .poll_skipped
-                .fetch_add(1, Ordering::Relaxed);
+            bump(&self.inner.stats.poll_skipped);
             return false;
         }
         let Some(atomic) = self.inner.mem.lock().ok().and_then(|m| m.clone()) else {
@@ -298,24 +295,18 @@ impl BlkBackend {
             }
             if found {
                 self.with_poll(queue, PollWindow::found);
-                self.inner.stats.poll_found.fetch_add(1, Ordering::Relaxed);
+                bump(&self.inner.stats.poll_found);
                 return true;
             }
             let now = Instant::now();
             if now.saturating_duration_since(last) >= PREEMPTED_GAP {
                 // Descheduled mid-spin: the CPU is wanted elsewhere (a vCPU, likely).
                 self.with_poll(queue, |p| p.preempted(now));
-                self.inner
-                    .stats
-                    .poll_preempted
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.inner.stats.poll_preempted);
                 return false;
             }
             if now.saturating_duration_since(start) >= window {
-                self.inner
-                    .stats
-                    .poll_expired
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.inner.stats.poll_expired);
                 return false;
             }
             last = now;
@@ -675,12 +666,11 @@ impl BlkBackend {
         }
         // A kick that ends the sleep is left unread: vhost-user-backend's loop reads it
         // (see `waiter`), and then finds this queue with nothing new, once.
-        match waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS) {
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("bulkhead-blk: waiting for I/O failed ({e}); blocking in the engine from now on");
-                track.waiter = None;
-            }
+        if let Err(e) = waiter.wait(done_fd, kick, IO_WAIT_LIMIT_MS) {
+            eprintln!(
+                "bulkhead-blk: waiting for I/O failed ({e}); blocking in the engine from now on"
+            );
+            track.waiter = None;
         }
         if take_more {
             let _ = vring.disable_notification();

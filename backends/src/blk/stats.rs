@@ -31,6 +31,11 @@ pub struct Stats {
     log: Mutex<LogWindow>,
 }
 
+/// Adds one to counter `c` (the counters are statistics: no ordering with anything else).
+pub fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 #[derive(Debug)]
 struct LogWindow {
     start: Instant,

@@ -41,11 +41,7 @@ impl IoWaiter {
     /// For a frontend that may have replaced the kick (a new connection, a reset ring): a
     /// new file under the number of the old would otherwise go unwatched.
     pub fn forget_kick(&mut self) {
-        if let Some(old) = self.kick.take() {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, old, EpollEvent::default());
-        }
+        unwatch(&self.epoll, &mut self.kick);
     }
 
     /// Sleeps until `completion` is readable, `kick` (if given) is notified after it was
@@ -57,31 +53,21 @@ impl IoWaiter {
         kick: Option<RawFd>,
         timeout_ms: i32,
     ) -> io::Result<bool> {
-        if self.completion != Some(completion) {
-            if let Some(old) = self.completion.take() {
-                let _ = self
-                    .epoll
-                    .ctl(ControlOperation::Delete, old, EpollEvent::default());
-            }
-            self.epoll.ctl(
-                ControlOperation::Add,
-                completion,
-                EpollEvent::new(EventSet::IN, COMPLETION),
-            )?;
-            self.completion = Some(completion);
-        }
+        watch(
+            &self.epoll,
+            &mut self.completion,
+            completion,
+            EventSet::IN,
+            COMPLETION,
+        )?;
         if let Some(k) = kick {
-            if self.kick != Some(k) {
-                self.forget_kick();
-                let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, KICK);
-                match self.epoll.ctl(ControlOperation::Add, k, ev) {
-                    Ok(()) => {}
-                    // Registered under this number before and not forgotten: same file.
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(e),
-                }
-                self.kick = Some(k);
-            }
+            watch(
+                &self.epoll,
+                &mut self.kick,
+                k,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                KICK,
+            )?;
         }
         let mut events = [EpollEvent::default(); 2];
         let n = match self.epoll.wait(timeout_ms, &mut events) {
@@ -90,6 +76,36 @@ impl IoWaiter {
             Err(e) => return Err(e),
         };
         Ok(kick.is_some() && events.iter().take(n).any(|ev| ev.data() == KICK))
+    }
+}
+
+/// Makes `fd` the one registered in `slot` (with `events`, reported as `data`), dropping
+/// the one there before; nothing to do if it is already.
+fn watch(
+    epoll: &Epoll,
+    slot: &mut Option<RawFd>,
+    fd: RawFd,
+    events: EventSet,
+    data: u64,
+) -> io::Result<()> {
+    if *slot == Some(fd) {
+        return Ok(());
+    }
+    unwatch(epoll, slot);
+    match epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, data)) {
+        Ok(()) => {}
+        // Registered under this number before and not forgotten: the same file.
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e),
+    }
+    *slot = Some(fd);
+    Ok(())
+}
+
+/// Removes the registration in `slot`, if any (an fd closed since has lost it already).
+fn unwatch(epoll: &Epoll, slot: &mut Option<RawFd>) {
+    if let Some(old) = slot.take() {
+        let _ = epoll.ctl(ControlOperation::Delete, old, EpollEvent::default());
     }
 }
 

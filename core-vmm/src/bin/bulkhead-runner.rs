@@ -193,7 +193,7 @@ fn run(args: Args) -> Result<i32, Failure> {
             b.initrd,
             config.vcpus,
             config.memory >> 20,
-            if args.hugepages { " in 2 MiB pages" } else { "" }
+            if args.hugepages { " in 2 MiB huge pages" } else { "" }
         );
     }
     let stdin: Option<OwnedFd> = std::io::stdin().as_fd().try_clone_to_owned().ok();
